@@ -1,0 +1,113 @@
+"""Model shape and the named presets of the scaling ladder.
+
+Pure data: no torch import, so configs load and validate fast on any machine.
+Ranges and choices live in field metadata (``min``/``max``) and ``Literal`` types; the loader in
+``orchestration.config`` enforces them and names the key and file on failure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. Defaults are a tiny CPU-sized GPT."""
+
+    preset: Optional[str] = None  # a name from PRESETS; explicit keys override its values
+    vocab_size: int = field(default=512, metadata={"min": 2})
+    block_size: int = field(default=128, metadata={"min": 1})  # context length in tokens
+    n_layer: int = field(default=2, metadata={"min": 1})
+    n_head: int = field(default=2, metadata={"min": 1})
+    n_kv_head: Optional[int] = field(default=None, metadata={"min": 1})  # None: = n_head (MHA)
+    n_embd: int = field(default=64, metadata={"min": 1})
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp_hidden: Optional[int] = field(default=None, metadata={"min": 1})  # None: 4*d (gelu), 8/3*d (swiglu)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = field(default=1e-5, metadata={"min": 0.0})
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_theta: float = field(default=10000.0, metadata={"min": 1.0})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
+    bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = field(default=0.02, metadata={"min": 0.0})
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got n_embd/n_head = {self.head_dim}")
+        if self.kv_heads > self.n_head or self.n_head % self.kv_heads:
+            raise ValueError(
+                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) and be <= it"
+            )
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP width. SwiGLU's 8/3*d keeps its 3 matrices at the parameter count of GELU's 2 at 4*d;
+        rounded up to a multiple of 64 for efficient matmuls."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+
+def _gpt2(n_layer: int, n_head: int, n_embd: int) -> dict:
+    return dict(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                mlp="gelu", norm="layernorm", pos_encoding="learned", bias=True, tie_embeddings=True)
+
+
+def _modern(n_layer: int, n_embd: int, head_dim: int = 64, vocab_size: int = 32768) -> dict:
+    """Llama-style ladder rung: RoPE, SwiGLU, RMSNorm, no biases, aspect ratio d/L fixed by caller."""
+    return dict(vocab_size=vocab_size, block_size=2048, n_layer=n_layer, n_head=n_embd // head_dim,
+                n_embd=n_embd, mlp="swiglu", norm="rmsnorm", pos_encoding="rope", bias=False,
+                tie_embeddings=True)
+
+
+# Parameter counts (vocab as given, model.flops.count_params): tiny 0.14M, micro 1.09M, mini 3.5M,
+# shakespeare 1.31M, gpt2-small 124.4M, gpt2-medium 354.8M, gpt2-large 774.0M, gpt2-xl 1557.6M,
+# gpt3-xl 1315.7M, ladder-20m 23.2M, ladder-60m 70.5M, ladder-150m 165.9M, ladder-350m 438.5M
+# (ladder non-embedding: 10.6M, 49.6M, 136.5M, 396.5M); GPT-2 counts pinned
+# by tests/test_model.py.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64),
+    "micro": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "mini": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=192),
+    "shakespeare": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128,
+                        pos_encoding="rope", mlp="gelu", bias=False),
+    "gpt2-small": _gpt2(12, 12, 768),
+    "gpt2-medium": _gpt2(24, 16, 1024),
+    "gpt2-large": _gpt2(36, 20, 1280),
+    "gpt2-xl": _gpt2(48, 25, 1600),
+    "gpt3-xl": dict(_gpt2(24, 16, 2048), vocab_size=50257, block_size=2048),  # GPT-3 XL, ~1.3B
+    "ladder-20m": _modern(6, 384),
+    "ladder-60m": _modern(10, 640),
+    "ladder-150m": _modern(14, 896),
+    "ladder-350m": _modern(20, 1280),
+}
+
+
+def model_config_from_preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig for a named preset, with keyword overrides applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides, "preset": name})
+
+
+def with_vocab_size(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """The same shape with another vocabulary (a trained tokenizer's size decides it)."""
+    return replace(cfg, vocab_size=vocab_size)
+
+
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))

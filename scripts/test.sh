@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs raylm with its dev extra into .venv (CPU torch on CPU machines) and runs the test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh dev || exit 1
+# Loopback-only Ray, fast Ray Train reports, cached DeepSpeed CPU op builds (see tests/conftest.py).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 AWS_EC2_METADATA_DISABLED=true DS_ACCELERATOR=cpu
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/raylm/torch_extensions}
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests (exit 5): treating as a failure, the suite must not be empty" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,53 @@
+"""The `raylm` command line: help for every command, model-info output, config errors exit 2."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from orchestration.cli import build_parser, main
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in subcommands():
+        assert name in out
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"raylm {command}" in out and "--" in out
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "orchestration", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "model-info" in result.stdout
+
+
+def test_model_info_gpt2_small(capsys):
+    assert main(["model-info", "--preset", "gpt2-small", "--num-workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "85,056,000" in out
+    gpu_totals = [float(re.search(rf"^\s+{stage}\s+(?:[\d.]+\s+){{4}}([\d.]+)", out, re.M).group(1))
+                  for stage in range(4)]
+    assert gpu_totals == sorted(gpu_totals, reverse=True) and gpu_totals[0] > gpu_totals[3]
+
+
+def test_model_info_config_error_exits_2(capsys):
+    assert main(["model-info", "model.n_layr=3"]) == 2
+    assert "unknown key 'model.n_layr'" in capsys.readouterr().err
