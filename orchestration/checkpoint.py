@@ -1,0 +1,201 @@
+"""Checkpoints: DeepSpeed shards per rank + a consolidated ``model.safetensors`` + metadata.
+
+Layout of one checkpoint directory (all ranks' files merged into it by Ray Train):
+
+    ds/                     DeepSpeed's own files: model states, one optimizer partition per rank
+    rng_rank{r}.pt          each rank's torch/numpy/python RNG state
+    model.safetensors       full fp32 weights (gathered from ZeRO shards), loadable without DeepSpeed
+    model_config.json       the ModelConfig (vocab size from the tokenizer)
+    tokenizer.json          where the tokenizer lives (manifest URI + tokenizer hash)
+    raylm_meta.json         step, consumed sequences, config and every file's size: written LAST
+
+``raylm_meta.json`` is the completeness marker: a directory is a usable checkpoint only when it
+exists and every file it lists is present with the listed size (``is_complete``), so a partial
+upload is never picked as the latest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+META_FILE = "raylm_meta.json"
+MODEL_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+DS_TAG = "ds"
+_CKPT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the run, with its location."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def gather_fp32_state_dict(engine, raw_model: torch.nn.Module, rank: int) -> Optional[dict]:
+    """Full fp32 weights of a DeepSpeed-wrapped model on rank 0 (None on other ranks).
+
+    Collective: every rank must call it. Master weights come from the ZeRO optimizer partitions
+    (``safe_get_full_fp32_param`` all-reduces the shards) so a bf16 run saves its fp32 masters; with
+    no partitioned master copy (ZeRO-0 in fp32) the parameter itself is the master.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in raw_model.named_parameters():  # tied weights appear once
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            full = param.detach()
+        if rank == 0:
+            state[name] = full.detach().float().cpu().clone().contiguous()
+    if rank != 0:
+        return None
+    params = {n for n, _ in raw_model.named_parameters(remove_duplicate=False)}
+    for name, tensor in raw_model.state_dict().items():  # persistent buffers
+        if name not in params:
+            state[name] = tensor.detach().float().cpu().clone().contiguous()
+    return state
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _list_files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def save_checkpoint(engine, raw_model: torch.nn.Module, *, step: int, consumed_sequences: int,
+                    rank: int, world_size: int, model_config, tokenizer_files: dict[str, bytes], config: dict) -> str:
+    """Write this rank's part of a checkpoint to a fresh local temp dir and return its path.
+
+    Collective (DeepSpeed save, weight gather, file-list gather). Rank 0 also writes the consolidated
+    weights, model config, tokenizer reference and, last, ``raylm_meta.json`` listing every rank's
+    files so ``is_complete`` can tell a finished checkpoint from a partial one.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_{step:08d}_rank{rank}_"))
+    engine.save_checkpoint(str(tmp), tag=DS_TAG)
+    state = gather_fp32_state_dict(engine, raw_model, rank)
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config), indent=2))
+        for name, data in tokenizer_files.items():  # the tokenizer travels with the weights
+            (tmp / name).write_bytes(data)
+    files = _list_files(tmp)
+    all_files: list = [None] * world_size
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(all_files, files)
+    else:
+        all_files = [files]
+    if rank == 0:
+        merged: dict[str, int] = {}
+        for rank_files in all_files:
+            merged.update(rank_files)  # DeepSpeed names per-rank files apart; `latest` is identical
+        meta = {"step": step, "consumed_sequences": consumed_sequences, "world_size": world_size,
+                "zero_stage": config["train"]["zero_stage"], "files": merged, "config": config}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return str(tmp)
+
+
+def read_meta(fs: pafs.FileSystem, path: str) -> Optional[dict]:
+    """The checkpoint's ``raylm_meta.json``, or None when there is none yet."""
+    meta_path = f"{path.rstrip('/')}/{META_FILE}"
+    if fs.get_file_info(meta_path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(meta_path) as f:
+        return json.loads(f.read())
+
+
+def is_complete(fs: pafs.FileSystem, path: str) -> Optional[dict]:
+    """The checkpoint's meta when the marker exists and every file it lists is there at its size."""
+    meta = read_meta(fs, path)
+    if meta is None:
+        return None
+    paths = [f"{path.rstrip('/')}/{rel}" for rel in meta["files"]]
+    for info, size in zip(fs.get_file_info(paths), meta["files"].values()):
+        if info.type != pafs.FileType.File or info.size != size:
+            return None
+    return meta
+
+
+def latest_complete_checkpoint(run_uri: str, endpoint_url: Optional[str] = None) -> Optional[tuple[str, dict]]:
+    """(URI, meta) of the newest complete ``checkpoint_*`` directory in a run dir; None if none.
+
+    Incomplete directories (an upload cut short) are skipped, so the previous good one wins.
+    """
+    from data_pipeline.storage import filesystem_for
+
+    fs, root = filesystem_for(run_uri, endpoint_url)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    dirs = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            if i.type == pafs.FileType.Directory and _CKPT_DIR_RE.match(i.base_name)]
+    for info in sorted(dirs, key=lambda i: int(_CKPT_DIR_RE.match(i.base_name).group(1)), reverse=True):
+        meta = is_complete(fs, info.path)
+        if meta is not None:
+            return f"{run_uri.rstrip('/')}/{info.base_name}", meta
+    return None
+
+
+def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) -> dict:
+    """Load DeepSpeed model/optimizer state and this rank's RNG from a local checkpoint dir.
+
+    Returns the checkpoint's meta (step, consumed_sequences, ...). Raises CheckpointError when the
+    directory is incomplete or was written by a different number of workers (ZeRO shards the
+    optimizer by rank; ``model.safetensors`` still serves eval and fine-tuning at any scale).
+    """
+    fs = pafs.LocalFileSystem()
+    meta = is_complete(fs, local_dir)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {local_dir} is incomplete (no {META_FILE} or files missing); "
+                              "delete it to resume from the previous one")
+    if meta["world_size"] != world_size:
+        raise CheckpointError(f"checkpoint {local_dir} was written by {meta['world_size']} workers but this "
+                              f"run has {world_size}; set train.num_workers={meta['world_size']} to resume")
+    load_path, _ = engine.load_checkpoint(local_dir, tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint under {local_dir}/{DS_TAG}")
+    rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
+    """(state_dict, model_config dict, tokenizer ref, meta) from a checkpoint dir, no DeepSpeed."""
+    from safetensors.torch import load_file
+
+    root = Path(local_dir)
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{local_dir} has no {META_FILE}: not a complete raylm checkpoint")
+    meta: Any = json.loads(meta_path.read_text())
+    state = load_file(str(root / MODEL_FILE))
+    model_cfg = json.loads((root / MODEL_CONFIG_FILE).read_text())
+    tokenizer_ref = json.loads((root / TOKENIZER_FILE).read_text())
+    return state, model_cfg, tokenizer_ref, meta

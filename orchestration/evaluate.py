@@ -1,0 +1,137 @@
+"""Eval and generation from a consolidated checkpoint: plain PyTorch, no Ray Train, no DeepSpeed.
+
+A checkpoint URI is a ``checkpoint_<step>`` directory or a run directory (its newest complete
+checkpoint is used), local or on object storage.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tiktoken
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from orchestration.checkpoint import (META_FILE, MODEL_CONFIG_FILE, MODEL_FILE, CheckpointError,
+                                      is_complete, latest_complete_checkpoint, load_consolidated_state)
+
+
+def _resolve(uri: str, endpoint_url: Optional[str]) -> str:
+    """A complete checkpoint dir for ``uri`` (itself, or a run dir's newest complete checkpoint)."""
+    from data_pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(uri, endpoint_url)
+    if is_complete(fs, path) is not None:
+        return uri
+    latest = latest_complete_checkpoint(uri, endpoint_url)
+    if latest is None:
+        raise CheckpointError(f"{uri}: neither a complete checkpoint (with {META_FILE}) nor a run directory "
+                              "holding one; pass a checkpoint_<step> directory or a run directory")
+    return latest[0]
+
+
+def _local_copy(uri: str, endpoint_url: Optional[str]) -> str:
+    """Local directory with the checkpoint's inference files (downloads them from object storage)."""
+    from data_pipeline.storage import filesystem_for, read_bytes
+
+    if "://" not in uri:
+        return uri
+    fs, path = filesystem_for(uri, endpoint_url)
+    meta = is_complete(fs, path)
+    local = Path(tempfile.mkdtemp(prefix="raylm_ckpt_"))
+    wanted = [f for f in meta["files"] if not f.startswith("ds/") and not f.startswith("rng_rank")] + [META_FILE]
+    for name in wanted:
+        (local / name).write_bytes(read_bytes(f"{uri.rstrip('/')}/{name}", endpoint_url))
+    return str(local)
+
+
+def load_checkpoint_model(uri: str, *, endpoint_url: Optional[str] = None,
+                          device: str = "cpu") -> tuple[GPT, ModelConfig, tiktoken.Encoding, dict]:
+    """(model in eval mode, its ModelConfig, the tokenizer, checkpoint meta) from a checkpoint URI."""
+    from data_pipeline.tokenizer import encoding, load_spec
+
+    ckpt_uri = _resolve(uri, endpoint_url)
+    local = _local_copy(ckpt_uri, endpoint_url)
+    state, cfg_dict, _, meta = load_consolidated_state(local)
+    model_cfg = ModelConfig(**cfg_dict)
+    model = GPT(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = _tied_aliases(model)
+    if unexpected or set(missing) - aliases:
+        raise CheckpointError(f"{ckpt_uri}/{MODEL_FILE} does not fit {MODEL_CONFIG_FILE}: missing "
+                              f"{sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")
+    model.to(device).eval()
+    meta = {**meta, "checkpoint_uri": ckpt_uri}
+    return model, model_cfg, encoding(load_spec(local)), meta
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier name (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.add(name)
+        first.setdefault(id(p), name)
+    return aliases
+
+
+def _sequences(data: str, enc: tiktoken.Encoding, seq_len: int, max_sequences: int, split: str,
+               endpoint_url: Optional[str]) -> np.ndarray:
+    """[n, seq_len + 1] token windows from a manifest's split or from a text file."""
+    if data.endswith(".json"):
+        from data_pipeline.loader import sequence_dataset
+
+        ds = sequence_dataset(data, split, seed=0, num_sequences=max_sequences)
+        rows = [np.asarray(r["tokens"], dtype=np.int64) for r in ds.take(max_sequences)]
+        return np.stack(rows)[:, : seq_len + 1] if rows else np.zeros((0, seq_len + 1), np.int64)
+    from data_pipeline.storage import read_bytes
+
+    tokens = np.asarray(enc.encode(read_bytes(data, endpoint_url).decode("utf-8"), allowed_special="all"),
+                        dtype=np.int64)
+    n = min((len(tokens) - 1) // seq_len, max_sequences)
+    return np.stack([tokens[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)]) if n else \
+        np.zeros((0, seq_len + 1), np.int64)
+
+
+@torch.no_grad()
+def evaluate(checkpoint_uri: str, data: str, *, split: str = "val", max_sequences: int = 256,
+             batch_size: int = 8, endpoint_url: Optional[str] = None, device: str = "cpu") -> dict:
+    """Mean next-token loss of a checkpoint on ``data`` (a manifest URI's ``split``, or a text file).
+
+    Returns {"loss", "perplexity", "tokens", "sequences", "checkpoint"}. Text files are cut into
+    non-overlapping windows of the model's context length.
+    """
+    model, model_cfg, enc, meta = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    seqs = _sequences(data, enc, model_cfg.block_size, max_sequences, split, endpoint_url)
+    if len(seqs) == 0:
+        raise ValueError(f"{data}: fewer than {model_cfg.block_size + 1} tokens, nothing to evaluate")
+    total_loss, total_tokens = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = torch.from_numpy(seqs[i:i + batch_size]).to(device)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        n = batch[:, 1:].numel()
+        total_loss += float(loss) * n
+        total_tokens += n
+    loss = total_loss / total_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens,
+            "sequences": int(len(seqs)), "checkpoint": meta["checkpoint_uri"]}
+
+
+def generate_text(checkpoint_uri: str, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
+                  top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: Optional[int] = None,
+                  endpoint_url: Optional[str] = None, device: str = "cpu") -> str:
+    """The prompt's continuation (new text only) sampled from a checkpoint; stops at end-of-text."""
+    from data_pipeline.tokenizer import EOT
+    from model.generate import generate
+
+    model, _, enc, _ = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    eot = enc.encode_single_token(EOT)
+    ids = enc.encode(prompt, allowed_special="all") or [eot]  # an empty prompt starts a new document
+    new = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=eot, seed=seed)[0]
+    return enc.decode([t for t in new if t != eot])

@@ -1,0 +1,132 @@
+"""Loader: deterministic stream order, cheap exact resumption, worker-count independence, refusals."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
+from data_pipeline.loader import (ManifestMismatchError, _plan, read_manifest, sequence_dataset, worker_batches)
+from data_pipeline.prepare import prepare
+from data_pipeline.storage import embedded_corpus_dir
+
+PLAYS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt",
+         "comedy_of_errours_gut_f.txt"]
+
+
+def tiny_config(corpus: Path, out: Path, vocab_size: int) -> DataConfig:
+    return DataConfig(sources=SourceConfig(uris=[f"{corpus}/*.txt"]), clean=CleanConfig(min_chars=50),
+                      near_dedup=NearDedupConfig(enabled=False),
+                      tokenizer=TokenizerConfig(vocab_size=vocab_size, sample_bytes=1_000_000),
+                      output=OutputConfig(uri=str(out), seq_len=16, val_fraction=0.3, shard_tokens=6000, seed=1))
+
+
+@pytest.fixture(scope="module")
+def manifests(ray_session, tmp_path_factory) -> tuple[str, str]:
+    corpus = tmp_path_factory.mktemp("plays")
+    for p in PLAYS:
+        shutil.copy(embedded_corpus_dir() / p, corpus / p)
+    out = tmp_path_factory.mktemp("shards")
+    return prepare(tiny_config(corpus, out / "v300", 300)), prepare(tiny_config(corpus, out / "v280", 280))
+
+
+def rows_of(ds) -> tuple[list[int], np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=64, batch_format="numpy"))
+    return (np.concatenate([b["position"] for b in batches]).tolist(),
+            np.concatenate([b["tokens"] for b in batches]))
+
+
+def all_rows(manifest_uri: str, split: str) -> np.ndarray:
+    m = read_manifest(manifest_uri)
+    base = Path(manifest_uri).parent
+    return np.concatenate([pq.read_table(base / s["file"]).column("tokens").combine_chunks().flatten().to_numpy()
+                           .reshape(-1, m["row_tokens"]) for s in m["splits"][split]["shards"]])
+
+
+def as_set(rows: np.ndarray) -> list[bytes]:
+    return sorted(r.tobytes() for r in rows)
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch(manifests):
+    uri = manifests[0]
+    n = read_manifest(uri)["splits"]["train"]["sequences"]
+    assert read_manifest(uri)["splits"]["train"]["num_shards"] >= 3 and n > 200
+    pos, a = rows_of(sequence_dataset(uri, "train", seed=7, num_sequences=2 * n))
+    assert pos == list(range(2 * n))
+    _, again = rows_of(sequence_dataset(uri, "train", seed=7, num_sequences=2 * n))
+    _, other_seed = rows_of(sequence_dataset(uri, "train", seed=8, num_sequences=n))
+    assert np.array_equal(a, again)
+    assert not np.array_equal(a[:n], other_seed)
+    assert not np.array_equal(a[:n], a[n:])  # epoch 1 is another permutation ...
+    assert as_set(a[:n]) == as_set(a[n:]) == as_set(all_rows(uri, "train"))  # ... of the same rows
+
+
+def test_resume_skips_whole_shards_without_reading_them(manifests, tmp_path):
+    uri = manifests[0]
+    m = read_manifest(uri)
+    n = m["splits"]["train"]["sequences"]
+    _, full = rows_of(sequence_dataset(uri, "train", seed=7, num_sequences=n))
+    first = _plan(m, "train", 7, 0, n)[0]
+    start = first["hi"]  # the end of the first shard visited in epoch 0
+    assert [t["file"] for t in _plan(m, "train", 7, start, n)] == [t["file"] for t in _plan(m, "train", 7, 0, n)][1:]
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(uri).parent, copy)
+    (copy / first["file"]).unlink()  # a skipped shard is never opened
+    pos, resumed = rows_of(sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start))
+    assert pos == list(range(start, n)) and np.array_equal(resumed, full[start:])
+    with pytest.raises(Exception, match="No such file|not found|FileNotFound"):
+        rows_of(sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start - 1,
+                                 num_sequences=2))
+
+
+def test_batches_do_not_depend_on_world_size_or_resumption(manifests):
+    uri, global_batch = manifests[0], 8
+
+    def run(world_size: int, start: int = 0, skip_before: int = 0, steps: int = 6) -> list[np.ndarray]:
+        per_rank = []
+        for rank in range(world_size):
+            ds = sequence_dataset(uri, "train", seed=11, start_sequence=start,
+                                  num_sequences=global_batch * steps - start)
+            per_rank.append(list(worker_batches(ds.iterator(), rank=rank, world_size=world_size,
+                                                micro_batch_size=global_batch // world_size,
+                                                skip_before=skip_before)))
+        # the global batch at a step: interleave ranks back into stream order
+        return [np.stack([r[s] for r in per_rank], axis=1).reshape(global_batch, -1)
+                for s in range(len(per_rank[0]))]
+
+    one = run(1)
+    assert len(one) == 6 and one[0].dtype == np.int64 and one[0].shape == (8, 17)
+    two = run(2)
+    four_resumed = run(4, start=3 * global_batch)
+    two_skipped = run(2, start=2 * global_batch, skip_before=3 * global_batch)  # resume inside a fit
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert len(four_resumed) == 3 and all(np.array_equal(a, b) for a, b in zip(one[3:], four_resumed))
+    assert len(two_skipped) == 3 and all(np.array_equal(a, b) for a, b in zip(one[3:], two_skipped))
+
+
+def test_val_is_one_unshuffled_pass(manifests):
+    uri = manifests[0]
+    n = read_manifest(uri)["splits"]["val"]["sequences"]
+    pos, rows = rows_of(sequence_dataset(uri, "val", seed=123, num_sequences=10 * n))
+    assert pos == list(range(n)) and np.array_equal(rows, all_rows(uri, "val"))
+
+
+def test_refuses_another_tokenizer_or_seq_len(manifests, tmp_path):
+    uri, other = manifests
+    theirs = read_manifest(other)["tokenizer"]["hash"]
+    ours = read_manifest(uri)["tokenizer"]["hash"]
+    assert theirs != ours
+    with pytest.raises(ManifestMismatchError, match=f"{uri}.*{ours[:16]}.*expects {theirs[:16]}"):
+        sequence_dataset(uri, "train", seed=0, expected_tokenizer_hash=theirs)
+    with pytest.raises(ManifestMismatchError, match=f"{uri}.*seq_len=16.*expects seq_len=32"):
+        sequence_dataset(uri, "train", seed=0, expected_seq_len=32)
+    # a shard swapped in from the other tokenizer's run is caught by its own metadata
+    copy = tmp_path / "mixed"
+    shutil.copytree(Path(uri).parent, copy)
+    shard = read_manifest(uri)["splits"]["val"]["shards"][0]["file"]
+    shutil.copy(Path(other).parent / read_manifest(other)["splits"]["val"]["shards"][0]["file"], copy / shard)
+    with pytest.raises(Exception, match=f"shard {shard} has tokenizer {theirs[:16]}"):
+        rows_of(sequence_dataset(str(copy / "manifest.json"), "val", seed=0, expected_tokenizer_hash=ours))

@@ -1,0 +1,132 @@
+"""prepare() on local files: every format, every counted drop reason, byte-identical re-runs, bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipeline.clean import normalize_whitespace
+from data_pipeline.config import (CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig,
+                                  TokenizerConfig)
+from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest
+from data_pipeline.prepare import prepare
+from data_pipeline.storage import DataSourceError, embedded_corpus_dir
+
+PLAYS = ["comedy_of_errours_gut_f.txt", "lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt"]
+
+
+def small_config(uris: list[str], out: Path, **output) -> DataConfig:
+    return DataConfig(sources=SourceConfig(uris=uris), clean=CleanConfig(min_chars=50),
+                      near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
+                      tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
+                      output=OutputConfig(uri=str(out), seq_len=64, val_fraction=0.2, shard_tokens=8_000,
+                                          **output))
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    texts = [(embedded_corpus_dir() / p).read_text(encoding="utf-8") for p in PLAYS]
+    for name, text in zip(PLAYS, texts):
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "copy_of_lovers.txt").write_text(texts[1], encoding="utf-8")  # exact duplicate
+    (root / "near_lovers.txt").write_text(texts[1].replace("the", "thee", 5), encoding="utf-8")
+    (root / "page.txt").write_text("<html><body><p>" + texts[2][:3000] + "</p><script>x=1</script></body></html>")
+    (root / "gutenberg.txt").write_text("The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+                                        + texts[0][:4000] + "\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence")
+    (root / "latin1.txt").write_bytes(("Caf\xe9 society, " * 20).encode("latin-1"))  # 20 invalid bytes
+    (root / "empty.txt").write_bytes(b"")
+    sub = root / "nested"
+    sub.mkdir()
+    lines = [json.dumps({"text": f"Sonnet {i}: " + texts[2][i * 900:(i + 1) * 900], "id": i}) for i in range(4)]
+    lines.insert(2, "{not json")
+    lines.append(json.dumps({"body": "no text field here"}))
+    (sub / "docs.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    (sub / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        (json.dumps({"text": "Zstd " + texts[0][5000:7000]}) + "\n").encode()))
+    pq.write_table(pa.table({"text": ["Parquet " + texts[0][9000:11000], None, "tiny"]}), sub / "rows.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
+    out = tmp_path_factory.mktemp("out")
+    first = prepare(small_config([str(mixed_corpus)], out / "a"))
+    second = prepare(small_config([str(mixed_corpus)], out / "b"))
+    return first, second
+
+
+def test_counts_every_drop_reason_and_cleaning_step(prepared):
+    m = read_manifest(prepared[0])
+    c = m["cleaning"]
+    assert m["sources"][0]["files"] == 12
+    # 9 txt + 6 jsonl lines + 1 zst + 3 parquet rows
+    assert c["documents_in"] == 19
+    assert c["dropped"] == {"bad_json": 1, "missing_text_field": 2, "empty": 1, "too_short": 1,
+                            "exact_duplicate": 1, "near_duplicate": 1, "low_alpha": 0, "high_symbol": 0}
+    assert c["documents_out"] == 19 - 7
+    assert c["replacement_chars"] == 20
+    assert c["chars_removed"]["markup"] > 0 and c["chars_removed"]["gutenberg"] > 0
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 12
+
+
+def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus):
+    manifest_uri = prepared[0]
+    m = read_manifest(manifest_uri)
+    base = Path(manifest_uri).parent
+    assert m["dtype"] == "uint16" and m["row_tokens"] == 65 and m["tokenizer"]["n_vocab"] == 513
+    assert (base / "tokenizer.tiktoken").exists() and (base / "tokenizer.json").exists()
+    enc = load_tokenizer_from_manifest(manifest_uri)
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        assert s["sequences"] > 0 and s["tokens"] == s["sequences"] * 65
+        rows = 0
+        for shard in s["shards"]:
+            table = pq.read_table(base / shard["file"])
+            assert table.schema.field("tokens").type == pa.list_(pa.uint16(), 65)
+            assert table.num_rows == shard["sequences"]
+            rows += table.num_rows
+        assert rows == s["sequences"]
+    assert m["splits"]["train"]["num_shards"] >= 2
+    stream = [t for split in ("train", "val") for shard in m["splits"][split]["shards"]
+              for t in pq.read_table(base / shard["file"]).column("tokens").combine_chunks().flatten().to_pylist()]
+    pieces = enc.decode(stream).split("<|endoftext|>")
+    assert len(pieces) >= 5  # documents are separated by eot (shard tails are dropped)
+    longest = max(pieces, key=len)
+    window = longest[len(longest) // 2:len(longest) // 2 + 200]
+    plays = [normalize_whitespace((mixed_corpus / p).read_text(encoding="utf-8")) for p in PLAYS]
+    assert len(window) == 200 and any(window in play for play in plays)
+
+
+def test_rerun_is_byte_identical(prepared):
+    a, b = (Path(p).parent for p in prepared)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 5
+    for rel in files:
+        if rel.name == "manifest.json":  # holds the output uri, which differs
+            ma, mb = json.loads((a / rel).read_text()), json.loads((b / rel).read_text())
+            ma["config"]["output"].pop("uri"), mb["config"]["output"].pop("uri")
+            assert ma == mb
+        else:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_existing_output_needs_overwrite(prepared, mixed_corpus):
+    out = Path(prepared[0]).parent
+    with pytest.raises(DataSourceError, match="already exists.*output.overwrite"):
+        prepare(small_config([str(mixed_corpus)], out))
+
+
+def test_no_matching_files_and_missing_path(ray_session, tmp_path):
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    with pytest.raises(DataSourceError, match=f"{tmp_path}: no files matching extensions .txt"):
+        prepare(small_config([str(tmp_path)], tmp_path / "out"))
+    with pytest.raises(DataSourceError, match="no files matching the glob"):
+        prepare(small_config([str(tmp_path / "*.jsonl")], tmp_path / "out"))
+    with pytest.raises(DataSourceError, match="does_not_exist: no such file"):
+        prepare(small_config([str(tmp_path / "does_not_exist")], tmp_path / "out"))
