@@ -47,9 +47,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from orchestration.report import write_report
     from orchestration.trainer import run_training
 
-    run_training(_load(args), resume=not args.no_resume)
+    cfg = _load(args)
+    summary = run_training(cfg, resume=not args.no_resume)
+    written = write_report(summary["run_dir"], endpoint_url=cfg.train.endpoint_url)
+    print(f"[raylm] report: {written['report.html']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestration.report import write_report
+
+    for name, uri in write_report(args.path, out=args.out, endpoint_url=args.endpoint_url).items():
+        print(f"wrote {uri}")
     return 0
 
 
@@ -170,7 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="ROMEO:", help="prompt for the closing sample (default 'ROMEO:')")
     demo.add_argument("--max-new-tokens", type=int, default=200, help="length of the closing sample (default 200)")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser(
+        "report", help="HTML + Markdown + JSON report of a run, scaling sweep or tune directory",
+        description="Render a self-contained report.html (plots embedded), report.md and results.json for a "
+                    "run directory (metrics.jsonl + config.yaml), a scaling sweep (scaling_points.json) or a "
+                    "tune experiment (tune_results.json).")
+    report.add_argument("path", help="the run, sweep or tune directory (local or s3://)")
+    report.add_argument("--out", default=None, help="where to write the report (default: inside PATH)")
+    report.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
+    report.set_defaults(func=cmd_report)
+
+    from orchestration.submit import add_submit_parser
+
+    add_submit_parser(sub)  # `raylm submit [...] -- <command ...>`: any raylm command as a Ray Job
     return parser
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input (a URI, a manifest, a checkpoint, a directory), imported only
+    when something failed so `raylm --help` stays fast."""
+    from data_pipeline.loader import ManifestMismatchError
+    from data_pipeline.storage import DataSourceError
+    from data_pipeline.tokenizer import TokenizerError
+    from orchestration.checkpoint import CheckpointError
+    from orchestration.report import ReportError
+
+    return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raylm: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if isinstance(err, _input_errors()):  # bad input: its message says what and where; no traceback
+            print(f"raylm: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     """Run the whole pipeline once; print a summary and return it (also written to demo_summary.json)."""
     from data_pipeline.storage import filesystem_for, write_bytes
     from orchestration.evaluate import evaluate, generate_text
+    from orchestration.report import write_report
     from orchestration.ray_runtime import init_ray
     from orchestration.trainer import run_training
 
@@ -97,6 +98,7 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     }
     fs, run_path = filesystem_for(trained["run_dir"], cfg.train.endpoint_url)
     write_bytes(fs, f"{run_path}/demo_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    report = write_report(trained["run_dir"], endpoint_url=cfg.train.endpoint_url)["report.html"]
     print("\n" + "=" * 72)
     print(f"raylm demo: {summary['steps']} steps, {summary['train_tokens']:,} training tokens")
     print(f"  val loss {ev['loss']:.3f} nats/token (perplexity {ev['perplexity']:.1f}) on {ev['tokens']:,} tokens")
@@ -105,6 +107,6 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     print(f"  wall time: prepare {summary['prepare_s']:.0f} s, train {summary['train_s']:.0f} s, "
           f"total {summary['total_s']:.0f} s")
     print(f"--- sample ---\n{prompt}{sample}\n--------------")
-    print(f"run directory: {trained['run_dir']}")
+    print(f"run directory: {trained['run_dir']}\nreport: {report}")
     print("=" * 72)
     return summary

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from orchestration.checkpoint import checkpoint_dir_name, restore_checkpoint, save_checkpoint
 from orchestration.metrics import MetricsLog, peak_flops_per_device, throughput
+from orchestration.prom_metrics import TrainMetricsExporter
 from orchestration.schedule import lr_for
 
 # Test hook: the last rank kills its own process (a real crash, no Python cleanup) when it reaches
@@ -45,6 +46,7 @@ def train_loop_per_worker(plan: dict) -> None:
     flops_per_token = _flops_per_token(model_cfg, seq_len)
     peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     metrics_log = _metrics_log(ctx) if rank == 0 else None
+    exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent
     _seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
 
     # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick
@@ -107,14 +109,17 @@ def train_loop_per_worker(plan: dict) -> None:
         if do_eval:
             record.update(evaluate_loss(engine, ray.train.get_dataset_shard("val"), rank, world_size,
                                         train.micro_batch_size, plan["val_batches"], device))
+        exporter.record(record)
         if rank == 0:
             metrics_log.append(record)
             metrics_log.flush()
             print("[raylm] " + _format(record, total_steps), flush=True)
         if do_ckpt:
+            t_ckpt = time.perf_counter()
             ckpt_dir = save_checkpoint(engine, raw_model, step=step, consumed_sequences=step * train.global_batch_size,
                                        rank=rank, world_size=world_size, model_config=model_cfg,
                                        tokenizer_files=plan["tokenizer_files"], config=plan["config"])
+            exporter.record_checkpoint(time.perf_counter() - t_ckpt)  # local write; the upload is async
             # Async: the upload runs in the background while training continues; Ray registers the
             # checkpoint only once every rank's part has landed.
             ray.train.report(record, checkpoint=Checkpoint.from_directory(ckpt_dir),

@@ -51,3 +51,9 @@ def test_model_info_gpt2_small(capsys):
 def test_model_info_config_error_exits_2(capsys):
     assert main(["model-info", "model.n_layr=3"]) == 2
     assert "unknown key 'model.n_layr'" in capsys.readouterr().err
+
+
+def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "ReportError" in err and "not a directory" in err and "Traceback" not in err

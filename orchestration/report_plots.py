@@ -1,0 +1,80 @@
+"""Figures for `raylm report`: a run's loss and throughput curves, a tune sweep's trial curves.
+
+Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
+like ``scaling_plots``; the report renders each figure once to PNG.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+
+def _column(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that have a non-null ``key``."""
+    rows = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    steps, values = zip(*rows) if rows else ((), ())
+    return np.array(steps, dtype=float), np.array(values, dtype=float)
+
+
+def plot_loss(records: Sequence[dict], flops_per_token: float) -> Figure:
+    """Train and validation loss against tokens seen and against training FLOPs."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    tokens_at = {r["step"]: r["tokens"] for r in records}
+    train_steps, train = _column(records, "loss")
+    val_steps, val = _column(records, "val_loss")
+    for ax, scale, label in zip(fig.subplots(1, 2), (1.0, flops_per_token), ("tokens", "training FLOPs")):
+        ax.plot([tokens_at[s] * scale for s in train_steps], train, color="C0", lw=1.2, label="train")
+        if len(val):
+            ax.plot([tokens_at[s] * scale for s in val_steps], val, color="C3", marker="o", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def plot_throughput(records: Sequence[dict]) -> Figure:
+    """tokens/s, MFU (or achieved FLOP/s when the device peak is unknown, e.g. CPU) and the time
+    per step spent waiting for data, each against the step that closed its log window."""
+    fig = Figure(figsize=(8, 7.5), layout="constrained")
+    tput_ax, flops_ax, wait_ax = fig.subplots(3, 1, sharex=True)
+    steps, tokens_per_s = _column(records, "tokens_per_s")
+    tput_ax.plot(steps, tokens_per_s, color="C0")
+    tput_ax.set_ylabel("tokens/s")
+    mfu_steps, mfu = _column(records, "mfu")
+    if len(mfu):
+        flops_ax.plot(mfu_steps, 100.0 * mfu, color="C2")
+        flops_ax.set_ylabel("MFU (%)")
+    else:
+        flops_steps, flops_per_s = _column(records, "flops_per_s")
+        flops_ax.plot(flops_steps, flops_per_s / 1e9, color="C2")
+        flops_ax.set_ylabel("achieved GFLOP/s\n(no device peak: no MFU)")
+    wait_steps, wait_s = _column(records, "data_wait_s")
+    wait_ax.plot(wait_steps, 1e3 * wait_s, color="C1")
+    wait_ax.set_ylabel("data wait (ms/step)")
+    wait_ax.set_xlabel("step")
+    for ax in (tput_ax, flops_ax, wait_ax):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    return fig
+
+
+def plot_trials(curves: dict[str, Sequence[dict]]) -> Figure:
+    """Per trial (best first): training loss as a thin line, validation loss as markers, vs tokens."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    colors = colormaps["viridis"](np.linspace(0.0, 0.9, max(len(curves), 1)))
+    for (trial_id, records), color in zip(curves.items(), colors):
+        tokens_at = {r["step"]: r["tokens"] for r in records}
+        steps, loss = _column(records, "loss")
+        ax.plot([tokens_at[s] for s in steps], loss, color=color, lw=0.8, alpha=0.6)
+        val_steps, val = _column(records, "val_loss")
+        ax.plot([tokens_at[s] for s in val_steps], val, color=color, marker="o", label=trial_id)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token): line train, markers validation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
