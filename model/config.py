@@ -12,9 +12,15 @@ from typing import Literal, Optional
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer. Defaults are a tiny CPU-sized GPT."""
+    """A decoder-only transformer. Defaults are a tiny CPU-sized GPT.
+
+    arch "lstm" builds the ``model.lstm.LSTMLM`` baseline instead: it reads vocab_size, block_size
+    (training/eval window), n_layer, n_embd (embedding = hidden size), dropout, bias,
+    tie_embeddings and init_std, and ignores the attention, MLP, norm and position fields.
+    """
 
     preset: Optional[str] = None  # a name from PRESETS; explicit keys override its values
+    arch: Literal["gpt", "lstm"] = "gpt"
     vocab_size: int = field(default=512, metadata={"min": 2})
     block_size: int = field(default=128, metadata={"min": 1})  # context length in tokens
     n_layer: int = field(default=2, metadata={"min": 1})
@@ -33,6 +39,10 @@ class ModelConfig:
     init_std: float = field(default=0.02, metadata={"min": 0.0})
 
     def __post_init__(self) -> None:
+        if self.arch == "lstm":
+            if self.preset is not None:
+                raise ValueError(f"preset {self.preset!r} is a transformer shape; arch 'lstm' takes no preset")
+            return  # the attention fields below do not apply to an LSTM
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_encoding == "rope" and self.head_dim % 2:

@@ -19,6 +19,8 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     (wte, learned wpe, and an untied lm_head), so N counts the transformer body only and does not
     change with the tokenizer or with weight tying. Chinchilla's N is the full count.
     """
+    if cfg.arch == "lstm":
+        return _lstm_params(cfg, non_embedding)
     d, hd = cfg.n_embd, cfg.head_dim
 
     def linear(n_in: int, n_out: int) -> int:
@@ -47,7 +49,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     discount, times 3 for forward + backward.
     """
     n_matmul = count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
+    if cfg.arch == "lstm":
+        return 6.0 * n_matmul  # no attention term: an LSTM's cost per token does not grow with seq_len
     return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
+
+
+def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
+    """``model.lstm.LSTMLM``: per layer 4 gates x (input + recurrent matrix), plus PyTorch's two
+    bias vectors (b_ih, b_hh) per gate when cfg.bias. Embedding and untied head are the embedding part.
+
+    Training FLOPs/token follow the same 6 * N rule: 6 * (n_layer * 4 * (d_in * h + h * h) + h * V),
+    each gate matrix being one multiply-accumulate per weight per token forward."""
+    h = cfg.n_embd
+    body = cfg.n_layer * (4 * h * (h + h) + (8 * h if cfg.bias else 0))
+    if non_embedding:
+        return body
+    return body + cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
 
 
 def activation_bytes(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int, precision: Precision,

@@ -6,6 +6,7 @@ Heavy imports (torch, ray, deepspeed) happen inside the command that needs them,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from orchestration.report import write_report
+    from orchestration.tune import run_tune
+
+    cfg = _load(args)
+    summary = run_tune(cfg, resume=not args.no_resume)
+    written = write_report(summary["tune_dir"], endpoint_url=cfg.train.endpoint_url)
+    print(f"[raylm] best config: {summary['best_config']}\n[raylm] report: {written['report.html']}")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from orchestration.report import write_report
+    from orchestration.scaling import run_scaling
+
+    cfg = _load(args)
+    summary = run_scaling(cfg, resume=not args.no_resume)
+    written = write_report(summary["sweep_dir"], endpoint_url=cfg.train.endpoint_url)
+    print(f"[raylm] report: {written['report.html']}")
+    return 0
+
+
+def cmd_baseline_ngram(args: argparse.Namespace) -> int:
+    from orchestration.baselines import evaluate_ngram, train_ngram
+
+    fitted = train_ngram(args.data, args.out, n=args.n, discount=args.discount, endpoint_url=args.endpoint_url)
+    scores = evaluate_ngram(args.out, args.data, split="val", max_sequences=args.max_sequences,
+                            endpoint_url=args.endpoint_url)
+    print(f"{args.n}-gram Kneser-Ney on {fitted['train_tokens']:,} train tokens ({fitted['fit_s']:.1f} s): val loss "
+          f"{scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}")
+    print(f"model written to {args.out}")
+    return 0
+
+
+def cmd_baseline_compare(args: argparse.Namespace) -> int:
+    from orchestration.baselines import compare_baselines, markdown_table
+
+    result = compare_baselines(args.data, transformer_checkpoint=args.transformer, lstm_checkpoint=args.lstm,
+                               ngram_dir=args.ngram or None, out_dir=args.out, max_sequences=args.max_sequences,
+                               endpoint_url=args.endpoint_url)
+    print(markdown_table(result))
+    print(f"wrote {args.out}/baselines.json and {args.out}/baselines.md")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestration.report import write_report
 
@@ -66,13 +112,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from orchestration.evaluate import evaluate
+    from orchestration.eval_suites import format_summary, run_eval_suite
 
-    result = evaluate(args.checkpoint, args.data, split=args.split, max_sequences=args.max_sequences,
-                      batch_size=args.batch_size, endpoint_url=args.endpoint_url, device=args.device)
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"({result['tokens']:,} tokens in {result['sequences']} sequences of {args.data})")
-    print(f"checkpoint: {result['checkpoint']}")
+    # Only the options the user set: each suite keeps its own defaults, and an option that no
+    # chosen suite takes is an error rather than silently ignored.
+    options = {"split": args.split, "max_sequences": args.max_sequences, "batch_size": args.batch_size,
+               "num_items": args.num_items, "num_options": args.num_options, "seed": args.seed,
+               "prompt_tokens": args.prompt_tokens, "continuation_tokens": args.continuation_tokens,
+               "templates_path": args.templates, "endpoint_url": args.endpoint_url, "device": args.device}
+    result = run_eval_suite(args.suite, args.checkpoint, args.data,
+                            **{k: v for k, v in options.items() if v is not None})
+    print(format_summary(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -83,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed = None if args.seed is None else args.seed + i
         text = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=seed, endpoint_url=args.endpoint_url,
-                             device=args.device)
+                             device=args.device or "cpu")
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
     return 0
 
@@ -96,11 +150,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestration.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, fmt=args.format, endpoint_url=args.endpoint_url)
+    print(f"exported step {result['step']} of {result['checkpoint']} as {result['format']} to {result['out_dir']}:")
+    for name in result["files"]:
+        print(f"  {name}")
+    return 0
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint directory/URI (checkpoint_NNNNNN) or a run directory (its latest checkpoint)")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs (MinIO, R2)")
-    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda (default cpu)")
+    parser.add_argument("--device", default=None, help="torch device to run on, e.g. cpu, cuda (default cpu)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -154,14 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail if the run directory exists instead of resuming from its latest checkpoint")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
-                        description="Loss and perplexity of a checkpoint (loaded without DeepSpeed) on a "
-                                    "prepared manifest's split or on a plain text file.")
+    ev = sub.add_parser(
+        "eval", help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe",
+        description="Evaluate a checkpoint (loaded without DeepSpeed). Suites: lm = loss, perplexity and "
+                    "bits-per-byte; continuation = BLEU and ROUGE of greedy continuations of held-out text; "
+                    "mc = zero-shot multiple choice (cloze of held-out lines) with accuracy and standard error; "
+                    "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite.")
     _add_checkpoint_args(ev)
-    ev.add_argument("--data", required=True, help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file")
-    ev.add_argument("--split", default="val", choices=["train", "val"], help="manifest split to score (default val)")
-    ev.add_argument("--max-sequences", type=int, default=256, help="sequences to score at most (default 256)")
-    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    ev.add_argument("--data", default=None,
+                    help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file (all suites but bias)")
+    ev.add_argument("--suite", default="lm", choices=["lm", "continuation", "mc", "bias", "all"],
+                    help="what to evaluate (default lm)")
+    ev.add_argument("--split", default=None, choices=["train", "val"], help="manifest split to score (default val)")
+    ev.add_argument("--max-sequences", type=int, default=None, help="sequences to read at most (default 256)")
+    ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8)")
+    ev.add_argument("--num-items", type=int, default=None, help="continuation / mc items (defaults 50 / 200)")
+    ev.add_argument("--num-options", type=int, default=None, help="mc options per item (default 4)")
+    ev.add_argument("--seed", type=int, default=None, help="mc item sampling seed (default 0)")
+    ev.add_argument("--prompt-tokens", type=int, default=None, help="continuation prompt length (default 32)")
+    ev.add_argument("--continuation-tokens", type=int, default=None, help="continuation length scored (default 32)")
+    ev.add_argument("--templates", default=None, help="bias templates file (default configs/eval/bias_templates.yaml)")
+    ev.add_argument("--out", default=None, help="also write the full result as JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="sample text from a checkpoint (KV cache; greedy/temperature/top-k/top-p)",
@@ -183,6 +260,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=200, help="length of the closing sample (default 200)")
     demo.set_defaults(func=cmd_demo)
 
+    tune = sub.add_parser(
+        "tune", help="Ray Tune hyperparameter search (ASHA, optional Optuna/HyperOpt) over raylm train",
+        description="Search the tune.search_space of a config (keys are config paths, e.g. train.lr: "
+                    "{loguniform: [1e-4, 1e-2]}) with Ray Tune: each trial is a raylm training run, ASHA stops "
+                    "weak trials on validation loss, an existing experiment is restored. Writes "
+                    "tune_results.json, best_config.yaml (ready for `raylm train --config`) and a report.")
+    _add_config_args(tune)
+    tune.add_argument("--no-resume", action="store_true", help="fail if the experiment exists instead of restoring it")
+    tune.set_defaults(func=cmd_tune)
+
+    scaling = sub.add_parser(
+        "scaling", help="scaling-law sweep (size x tokens grid, IsoFLOP profiles, WSD branches) and fits",
+        description="Run the scaling.* sweep of a config: model sizes from a width/depth ladder trained at token "
+                    "budgets (grid) or compute budgets (IsoFLOP), optionally as warmup-stable-decay runs with "
+                    "decay branches; every point is a Ray Tune trial, finished points are reused. Fits IsoFLOP "
+                    "parabolas and L(N, D) = E + A/N^alpha + B/D^beta with bootstrap CIs; writes "
+                    "scaling_points.json, scaling_fit.json and a report.")
+    _add_config_args(scaling)
+    scaling.add_argument("--no-resume", action="store_true", help="fail if the sweep directory already exists")
+    scaling.set_defaults(func=cmd_scaling)
+
+    baseline = sub.add_parser(
+        "baseline", help="n-gram (Kneser-Ney) baseline and n-gram vs LSTM vs transformer comparison",
+        description="Baselines on the same shards and tokenizer: fit an interpolated modified Kneser-Ney "
+                    "n-gram model, or compare n-gram / LSTM / transformer on validation loss, perplexity and "
+                    "bits-per-byte. Train the LSTM with `raylm train --config configs/lstm_shakespeare.yaml`.")
+    kinds = baseline.add_subparsers(dest="baseline", metavar="KIND")
+    kinds.required = True
+    ngram = kinds.add_parser("ngram", help="fit and evaluate an n-gram model",
+                             description="Fit an n-gram model on a manifest's train split; score its val split.")
+    ngram.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
+    ngram.add_argument("--out", required=True, help="directory to write the model to")
+    ngram.add_argument("--n", type=int, default=3, help="order, 1-5 (default 3)")
+    ngram.add_argument("--discount", type=float, default=None,
+                       help="one fixed KN discount (default: modified KN's three estimated discounts per order)")
+    compare = kinds.add_parser("compare", help="n-gram vs LSTM vs transformer on the same val windows",
+                               description="Score baselines and a transformer on the same validation windows; "
+                                           "writes baselines.json and baselines.md.")
+    compare.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
+    compare.add_argument("--transformer", required=True, help="transformer checkpoint or run directory")
+    compare.add_argument("--lstm", default=None, help="LSTM checkpoint or run directory (model.arch=lstm)")
+    compare.add_argument("--ngram", action="append", default=[], help="n-gram model directory (repeatable)")
+    compare.add_argument("--out", required=True, help="directory for baselines.json / baselines.md")
+    for kind in (ngram, compare):
+        kind.add_argument("--max-sequences", type=int, default=256, help="val sequences scored (default 256)")
+        kind.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    ngram.set_defaults(func=cmd_baseline_ngram)
+    compare.set_defaults(func=cmd_baseline_compare)
+
     report = sub.add_parser(
         "report", help="HTML + Markdown + JSON report of a run, scaling sweep or tune directory",
         description="Render a self-contained report.html (plots embedded), report.md and results.json for a "
@@ -193,7 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
     report.set_defaults(func=cmd_report)
 
+    export = sub.add_parser(
+        "export", help="a checkpoint as a Hugging Face GPT-2 folder (or raylm's own safetensors format)",
+        description="Export a consolidated checkpoint. --format hf writes a GPT2LMHeadModel folder (config.json, "
+                    "model.safetensors, tokenizer.json) when the architecture is GPT-2's (learned positions, GELU, "
+                    "LayerNorm, biases, tied, multi-head); otherwise it names the mismatching fields and "
+                    "--format raylm writes raylm's own self-describing checkpoint.")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--format", choices=["hf", "raylm"], default="hf", help="output format (default hf)")
+    export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    export.set_defaults(func=cmd_export)
+
+    from orchestration.serve import add_serve_parser
     from orchestration.submit import add_submit_parser
+
+    add_serve_parser(sub)  # `raylm serve --checkpoint URI`: Ray Serve HTTP generate endpoint
 
     add_submit_parser(sub)  # `raylm submit [...] -- <command ...>`: any raylm command as a Ray Job
     return parser
@@ -206,9 +347,10 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from data_pipeline.storage import DataSourceError
     from data_pipeline.tokenizer import TokenizerError
     from orchestration.checkpoint import CheckpointError
+    from orchestration.export import ExportError
     from orchestration.report import ReportError
 
-    return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError
+    return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError, ExportError
 
 
 def main(argv: list[str] | None = None) -> int:

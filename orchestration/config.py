@@ -20,6 +20,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
 from orchestration.train_config import TrainConfig
+from orchestration.tune_config import SweepConfig, TuneConfig
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # `raylm tune` only
+    scaling: SweepConfig = field(default_factory=SweepConfig)  # `raylm scaling` only
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -215,6 +218,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " + overrides " + " ".join(overrides)
     return build_dataclass(schema, tree, source)
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The same config with its local run/data paths made absolute against the current directory.
+
+    Ray Tune runs each trial in a working directory of its own, where a relative path no longer
+    points at what the user meant; URIs (s3://, gs://, ...) are left as they are.
+    """
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, data=_absolute(cfg.train.data),
+                                  storage_path=_absolute(cfg.train.storage_path)),
+        tune=dataclasses.replace(cfg.tune, storage_path=_absolute(cfg.tune.storage_path)),
+        scaling=dataclasses.replace(cfg.scaling, storage_path=_absolute(cfg.scaling.storage_path)))
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -16,6 +16,7 @@ import torch
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.lstm import build_model
 from orchestration.checkpoint import (META_FILE, MODEL_CONFIG_FILE, MODEL_FILE, CheckpointError,
                                       is_complete, latest_complete_checkpoint, load_consolidated_state)
 
@@ -58,7 +59,7 @@ def load_checkpoint_model(uri: str, *, endpoint_url: Optional[str] = None,
     local = _local_copy(ckpt_uri, endpoint_url)
     state, cfg_dict, _, meta = load_consolidated_state(local)
     model_cfg = ModelConfig(**cfg_dict)
-    model = GPT(model_cfg)
+    model = build_model(model_cfg)  # GPT, or LSTMLM for arch "lstm"
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = _tied_aliases(model)
     if unexpected or set(missing) - aliases:
@@ -135,3 +136,67 @@ def generate_text(checkpoint_uri: str, prompt: str, max_new_tokens: int = 200, *
     new = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_id=eot, seed=seed)[0]
     return enc.decode([t for t in new if t != eot])
+
+
+def loaded_checkpoint(checkpoint, *, endpoint_url: Optional[str] = None,
+                      device: str = "cpu") -> tuple[GPT, ModelConfig, tiktoken.Encoding, dict]:
+    """``load_checkpoint_model``'s (model, config, tokenizer, meta) for a URI; an already loaded tuple
+    passes through, so a caller running several evals loads the weights once."""
+    if isinstance(checkpoint, str):
+        return load_checkpoint_model(checkpoint, endpoint_url=endpoint_url, device=device)
+    return checkpoint
+
+
+def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
+    """UTF-8 bytes each token id decodes to; 0 for special tokens (end-of-text is no text)."""
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    return np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                    dtype=np.int64)
+
+
+@torch.no_grad()
+def lm_metrics(model: GPT, enc: tiktoken.Encoding, seqs: np.ndarray, *, batch_size: int = 8) -> dict:
+    """Loss, perplexity and bits per byte of ``model`` on token windows [n, T + 1] (inputs [:, :-1],
+    targets [:, 1:]) -> {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "bpb_tokens"}.
+
+    loss and perplexity average every target token, as ``evaluate`` does. Bits per byte sums the
+    NLL of the targets that are text (``bpb_tokens``: special tokens decode to no bytes and are left
+    out, as nanochat does) over the bytes exactly those targets decode to.
+    """
+    from orchestration.text_metrics import bits_per_byte
+
+    if len(seqs) == 0:
+        raise ValueError("lm_metrics: no token windows to evaluate")
+    device = next(model.parameters()).device
+    byte_len = torch.from_numpy(token_byte_lengths(enc)).to(device)
+    total_nll = text_nll = 0.0
+    tokens = text_tokens = num_bytes = 0
+    for i in range(0, len(seqs), batch_size):
+        batch = torch.from_numpy(np.asarray(seqs[i:i + batch_size], dtype=np.int64)).to(device)
+        targets = batch[:, 1:]
+        logits, _ = model(batch[:, :-1])
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                                reduction="none").view_as(targets)
+        target_bytes = byte_len[targets]
+        is_text = target_bytes > 0
+        total_nll += float(nll.sum())
+        tokens += targets.numel()
+        text_nll += float(nll[is_text].sum())
+        text_tokens += int(is_text.sum())
+        num_bytes += int(target_bytes.sum())
+    loss = total_nll / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(text_nll, num_bytes),
+            "tokens": tokens, "bytes": num_bytes, "bpb_tokens": text_tokens}
+
+
+def evaluate_lm(checkpoint_uri, data: str, *, split: str = "val", max_sequences: int = 256, batch_size: int = 8,
+                endpoint_url: Optional[str] = None, device: str = "cpu") -> dict:
+    """``evaluate`` plus bits per byte: {"loss", "perplexity", "bits_per_byte", "tokens", "bytes",
+    "bpb_tokens", "sequences", "checkpoint"} on the same windows ``evaluate`` reads (manifest split or
+    text file). ``checkpoint_uri`` may also be a tuple ``load_checkpoint_model`` returned."""
+    model, model_cfg, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    seqs = _sequences(data, enc, model_cfg.block_size, max_sequences, split, endpoint_url)
+    if len(seqs) == 0:
+        raise ValueError(f"{data}: fewer than {model_cfg.block_size + 1} tokens, nothing to evaluate")
+    return {**lm_metrics(model, enc, seqs, batch_size=batch_size), "sequences": int(len(seqs)),
+            "checkpoint": meta["checkpoint_uri"]}

@@ -276,10 +276,10 @@ def _sweep_report(fs: pafs.FileSystem, base: str, uri: str) -> tuple[str, list[S
 
 def _tune_report(fs: pafs.FileSystem, base: str, uri: str,
                  endpoint_url: Optional[str]) -> tuple[str, list[Section], dict]:
-    trials = json.loads(_read_text(fs, f"{base}/tune_results.json"))
-    trials.sort(key=lambda t: (t.get("val_loss") is None, t.get("val_loss") or 0.0))
+    trials = json.loads(_read_text(fs, f"{base}/tune_results.json"))["trials"]
+    trials.sort(key=lambda t: (t.get("final_val_loss") is None, t.get("final_val_loss") or 0.0))
     keys = sorted({k for t in trials for k in t.get("overrides", {})})
-    rows = [[str(i + 1), t["trial_id"], t.get("status"), _fmt(t.get("steps")), _fmt(t.get("val_loss")),
+    rows = [[str(i + 1), t["trial_id"], t.get("status"), _fmt(t.get("steps")), _fmt(t.get("final_val_loss")),
              _fmt(t.get("best_val_loss")), *(_fmt(t.get("overrides", {}).get(k)) for k in keys)]
             for i, t in enumerate(trials)]
     sections: list[Section] = [("Trials, best first", [

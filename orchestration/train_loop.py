@@ -131,7 +131,7 @@ def train_loop_per_worker(plan: dict) -> None:
 
 
 def setup_engine(cfg, vocab_size: int):
-    """Build the GPT (seeded, so every rank starts identical) and wrap it with DeepSpeed.
+    """Build the model (GPT or LSTM, seeded, so every rank starts identical) and wrap it with DeepSpeed.
 
     Returns (engine, raw_model, model_cfg, device). ``raw_model`` is the unwrapped module, whose
     parameter names the consolidated checkpoint uses.
@@ -140,14 +140,14 @@ def setup_engine(cfg, vocab_size: int):
     import ray.train.torch
 
     from model.config import with_vocab_size
-    from model.gpt import GPT
+    from model.lstm import build_model
     from orchestration.deepspeed_config import build_optimizer, deepspeed_config
 
     train = cfg.train
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     _seed_everything(train.seed)
     model_cfg = with_vocab_size(cfg.model, vocab_size)
-    raw_model = GPT(model_cfg).to(device)
+    raw_model = build_model(model_cfg).to(device)  # GPT, or the LSTM baseline (model.arch=lstm)
     model = torch.compile(raw_model) if train.compile else raw_model
     optimizer = build_optimizer(raw_model, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train),

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -62,7 +62,14 @@ def validate(cfg: Config) -> dict:
             "tokenizer_files": tokenizer_files}
 
 
-def _check_resources(train) -> None:
+def _worker_resources(train, gpus_per_worker: Optional[float]) -> dict:
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
+    return resources
+
+
+def _check_resources(train, gpus_per_worker: Optional[float] = None) -> None:
     import ray
 
     resources = ray.cluster_resources()
@@ -70,9 +77,22 @@ def _check_resources(train) -> None:
     if resources.get("CPU", 0) < need_cpu:
         raise ConfigError(f"train.num_workers x train.cpus_per_worker = {need_cpu} CPUs but the Ray cluster "
                           f"has {resources.get('CPU', 0)}; lower them or add nodes")
-    if train.use_gpu and resources.get("GPU", 0) < train.num_workers:
-        raise ConfigError(f"train.use_gpu with {train.num_workers} workers needs {train.num_workers} GPUs; "
+    need_gpu = train.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
+    if train.use_gpu and resources.get("GPU", 0) < need_gpu:
+        raise ConfigError(f"train.use_gpu with {train.num_workers} workers needs {need_gpu} GPUs; "
                           f"the Ray cluster has {resources.get('GPU', 0)}")
+
+
+def _branch_checkpoint(uri: str, endpoint_url: Optional[str]) -> tuple[str, dict]:
+    """(uri, meta) of the complete checkpoint a branch run starts from."""
+    from data_pipeline.storage import filesystem_for
+    from orchestration.checkpoint import is_complete
+
+    fs, path = filesystem_for(uri, endpoint_url)
+    meta = is_complete(fs, path)
+    if meta is None:
+        raise ConfigError(f"branch checkpoint {uri} is missing or incomplete; rerun the run it belongs to")
+    return uri.rstrip("/"), meta
 
 
 def _storage(cfg: Config):
@@ -95,7 +115,8 @@ def _worker_env(train) -> dict:
     return env
 
 
-def run_training(cfg: Config, *, resume: bool = True) -> dict:
+def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
+                 gpus_per_worker: Optional[float] = None, branch_from: Optional[str] = None) -> dict:
     """Pretrain ``cfg.model`` on ``cfg.train.data`` with Ray Train + DeepSpeed; return a summary.
 
     The run directory ``<storage_path>/<run_name>`` gets the resolved config, ``metrics.jsonl`` and
@@ -103,6 +124,12 @@ def run_training(cfg: Config, *, resume: bool = True) -> dict:
     complete checkpoint continues from it (model, optimizer, schedule, data position, RNG); without
     it, an existing run directory is an error. Returns {run_dir, final_step, final_loss,
     final_val_loss, tokens, wall_s, checkpoint}.
+
+    Hooks for Tune trials and sweeps: ``callbacks`` are Ray Train ``UserCallback``s (e.g. Tune's
+    ``TuneReportCallback``); ``gpus_per_worker`` (with use_gpu) asks each worker for that share of
+    a GPU, so fractional values pack several small trials on one GPU; ``branch_from`` is a complete
+    checkpoint URI of another run with the same shapes that a *new* run directory starts from (its
+    step, data position, weights and optimizer), e.g. a WSD decay branch off a stable-phase run.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -121,6 +148,8 @@ def run_training(cfg: Config, *, resume: bool = True) -> dict:
     if run_exists and not resume:
         raise ConfigError(f"run directory {uri} already exists; pick another train.run_name or resume it")
     latest = latest_complete_checkpoint(uri, train.endpoint_url) if resume and run_exists else None
+    if latest is None and branch_from:
+        latest = _branch_checkpoint(branch_from, train.endpoint_url)
     start_step = latest[1]["step"] if latest else 0
     if latest:
         _check_same_run(latest[1], cfg, uri)
@@ -129,7 +158,7 @@ def run_training(cfg: Config, *, resume: bool = True) -> dict:
     total_sequences = facts["total_steps"] * train.global_batch_size
 
     init_ray()
-    _check_resources(train)
+    _check_resources(train, gpus_per_worker)
     resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts["vocab_size"]))
     write_bytes(fs, f"{run_path}/config.yaml", yaml.safe_dump(config_to_dict(resolved), sort_keys=False).encode())
 
@@ -157,11 +186,11 @@ def run_training(cfg: Config, *, resume: bool = True) -> dict:
         train_loop_per_worker,
         train_loop_config=plan,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker=_worker_resources(train, gpus_per_worker)),
         run_config=RunConfig(name=train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
-                             worker_runtime_env={"env_vars": _worker_env(train)}),
+                             worker_runtime_env={"env_vars": _worker_env(train)}, callbacks=list(callbacks)),
         datasets=datasets,
         dataset_config=_data_config(),
     )

@@ -26,7 +26,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+        # The dashboard hosts the state API that Ray Train's placement-group cleaner polls; without it, a
+        # finished (or ASHA-stopped) trial's worker reservations linger and starve later trainers.
+        ray.init(num_cpus=2, log_to_driver=True,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
                                            "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
     yield ray

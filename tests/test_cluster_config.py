@@ -94,7 +94,7 @@ def test_setup_installs_raylm_with_pinned_ray_and_syncs_no_outputs(path):
     config = _load(path)
     setup = " ".join(config["setup_commands"])
     assert "RAYLM_TORCH=torch bash scripts/install.sh" in setup  # CUDA torch + pyproject's pins
-    assert "ray[train,data,tune,default]==2.60.0" in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'"ray\[[a-z,]*\]==2\.60\.0"', (ROOT / "pyproject.toml").read_text())
     assert ".venv/bin/ray start" in _start_commands(config)  # the pinned Ray, not whatever the image has
     assert config["file_mounts"]["/home/ubuntu/raylm"] == "."
     for never in (".venv", "runs", "data"):

@@ -150,15 +150,15 @@ def test_sweep_report_says_why_a_fit_is_absent(tmp_path):
 def test_tune_report_sorts_trials_by_validation_loss(tmp_path):
     good, _ = write_run(tmp_path / "t-good", val_at_end=3.2)
     bad, _ = write_run(tmp_path / "t-bad", val_at_end=4.5)
-    trials = [{"trial_id": "t-bad", "overrides": {"train.lr": 0.01}, "val_loss": 4.5, "best_val_loss": 4.5,
+    trials = [{"trial_id": "t-bad", "overrides": {"train.lr": 0.01}, "final_val_loss": 4.5, "best_val_loss": 4.5,
                "steps": 100, "status": "TERMINATED", "run_dir": str(bad)},
-              {"trial_id": "t-crashed", "overrides": {"train.lr": 1.0}, "val_loss": None, "best_val_loss": None,
+              {"trial_id": "t-crashed", "overrides": {"train.lr": 1.0}, "final_val_loss": None, "best_val_loss": None,
                "steps": 3, "status": "ERROR", "run_dir": str(tmp_path / "gone")},
-              {"trial_id": "t-good", "overrides": {"train.lr": 0.001, "model.n_layer": 4}, "val_loss": 3.2,
+              {"trial_id": "t-good", "overrides": {"train.lr": 0.001, "model.n_layer": 4}, "final_val_loss": 3.2,
                "best_val_loss": 3.2, "steps": 100, "status": "TERMINATED", "run_dir": str(good)}]
     sweep = tmp_path / "tune"
     sweep.mkdir()
-    (sweep / "tune_results.json").write_text(json.dumps(trials))
+    (sweep / "tune_results.json").write_text(json.dumps({"metric": "val_loss", "mode": "min", "best_trial": "t-good", "trials": trials}))
     (sweep / "best_config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.001}, "model": {"n_layer": 4}}))
     written = write_report(str(sweep))
     results = json.loads((sweep / "results.json").read_text())

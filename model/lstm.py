@@ -1,0 +1,67 @@
+"""An LSTM language model, the pre-transformer neural baseline, behind the same seams as the GPT.
+
+``LSTMLM(cfg)`` takes a ``ModelConfig`` with ``arch="lstm"``: n_embd is both the embedding and the
+hidden size (so the output can reuse the embedding matrix when tie_embeddings), n_layer stacked
+LSTM layers, dropout on the embeddings, between layers and before the head (Zaremba et al. 2014),
+bias for the LSTM gates. The attention fields (n_head, pos_encoding, mlp, norm, ...) are ignored:
+recurrence carries position. ``forward(idx, targets)`` returns (logits, loss) like ``GPT.forward``,
+so the training loop, checkpoints and eval use it unchanged. ``build_model`` picks the class.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+
+class LSTMLM(nn.Module):
+    """Embedding -> dropout -> n_layer LSTM -> dropout -> lm_head (tied to the embedding by default)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch != "lstm":
+            raise ValueError(f"LSTMLM needs ModelConfig(arch='lstm'), got arch={cfg.arch!r}")
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(d, d, num_layers=cfg.n_layer, bias=cfg.bias, batch_first=True,
+                            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+        if cfg.bias:
+            # Forget-gate bias 1 (PyTorch gate order i, f, g, o; two bias vectors, so 0.5 each):
+            # remembering by default eases gradient flow early in training (Jozefowicz et al. 2015).
+            for name, p in self.lstm.named_parameters():
+                if name.startswith("bias"):
+                    nn.init.zeros_(p)
+                    p.data[d:2 * d] = 0.5
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None;
+        targets of -1 are ignored). Every sequence starts from a zero state."""
+        if kv_cache is not None:
+            raise NotImplementedError("LSTMLM has no KV cache: sampling with model.generate supports arch='gpt' only")
+        x = self.drop(self.wte(idx))
+        x, _ = self.lstm(x)
+        logits = self.lm_head(self.drop(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model ``cfg.arch`` names: ``GPT`` for "gpt", ``LSTMLM`` for "lstm"."""
+    if cfg.arch == "lstm":
+        return LSTMLM(cfg)
+    from model.gpt import GPT
+
+    return GPT(cfg)
