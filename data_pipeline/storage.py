@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -58,11 +59,24 @@ def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S
     return pafs.S3FileSystem(**kwargs)
 
 
+# Bucket names as AWS S3 and Google Cloud Storage accept them (lowercase, digits, '.', '-', '_' for GCS).
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def _check_bucket(uri: str, bucket: str) -> None:
+    """Fail on a malformed bucket before any credential lookup or request, naming the rule."""
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise DataSourceError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 characters for S3: lowercase "
+                              "letters, digits, '.' and '-', starting and ending with a letter or digit)")
+
+
 def filesystem_for(uri: str, endpoint_url: Optional[str] = None,
                    region: Optional[str] = None) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a URI or local path."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
+    if scheme in ("s3", "gs", "gcs"):
+        _check_bucket(uri, parsed.netloc)
     if scheme == "s3":
         return _s3_filesystem(endpoint_url, region), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if scheme in ("gs", "gcs"):

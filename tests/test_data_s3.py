@@ -89,3 +89,11 @@ def test_wrong_credentials_are_refused_with_a_clear_error(ray_session, s3_server
     with pytest.raises(DataSourceError, match="s3://raw-corpus/plays/: cannot list.*credentials") as err:
         prepare(s3_config(s3_server, ["s3://raw-corpus/plays/"], "/tmp/unused-output"))
     assert "ACCESS_DENIED" in str(err.value)
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3://Bad_Bucket/corpus", "gs://a/corpus", "s3://x..y/corpus"])
+def test_malformed_bucket_names_fail_before_any_request(uri):
+    from data_pipeline.storage import DataSourceError, filesystem_for
+
+    with pytest.raises(DataSourceError, match="not a valid bucket name"):
+        filesystem_for(uri)
