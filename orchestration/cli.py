@@ -47,36 +47,37 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _report(path: str, cfg: Config) -> None:
+    """train, tune and scaling end by writing the report of what they produced."""
     from orchestration.report import write_report
+
+    written = write_report(path, endpoint_url=cfg.train.endpoint_url)
+    print(f"[raylm] report: {written['report.html']}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from orchestration.trainer import run_training
 
     cfg = _load(args)
-    summary = run_training(cfg, resume=not args.no_resume)
-    written = write_report(summary["run_dir"], endpoint_url=cfg.train.endpoint_url)
-    print(f"[raylm] report: {written['report.html']}")
+    _report(run_training(cfg, resume=not args.no_resume)["run_dir"], cfg)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from orchestration.report import write_report
     from orchestration.tune import run_tune
 
     cfg = _load(args)
     summary = run_tune(cfg, resume=not args.no_resume)
-    written = write_report(summary["tune_dir"], endpoint_url=cfg.train.endpoint_url)
-    print(f"[raylm] best config: {summary['best_config']}\n[raylm] report: {written['report.html']}")
+    print(f"[raylm] best config: {summary['best_config']}")
+    _report(summary["tune_dir"], cfg)
     return 0
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from orchestration.report import write_report
     from orchestration.scaling import run_scaling
 
     cfg = _load(args)
-    summary = run_scaling(cfg, resume=not args.no_resume)
-    written = write_report(summary["sweep_dir"], endpoint_url=cfg.train.endpoint_url)
-    print(f"[raylm] report: {written['report.html']}")
+    _report(run_scaling(cfg, resume=not args.no_resume)["sweep_dir"], cfg)
     return 0
 
 
