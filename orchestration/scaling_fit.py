@@ -134,12 +134,20 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
     return float(_huber(r, delta).sum() * scale), grad
 
 
+# alpha and beta in [0, MAX_EXPONENT]: a negative exponent (loss growing with N or D) is not a
+# scaling law, and an unbounded one lets log A run past exp's range (A = inf) on data the form does
+# not fit; a fitted exponent at the bound says exactly that.
+MAX_EXPONENT = 10.0
+_BOUNDS = [(None, None)] * 3 + [(0.0, MAX_EXPONENT)] * 2
+
+
 def _best_theta(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
                 delta: float) -> tuple[np.ndarray, float, int]:
-    """L-BFGS from each start: the best theta, its objective, and how many starts reached it
+    """L-BFGS-B from each start: the best theta, its objective, and how many starts reached it
     (within 1e-6 relative), the evidence that it is the global minimum."""
     runs = [minimize(_objective, start, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                     options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9}) for start in starts]
+                     bounds=_BOUNDS, options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9})
+            for start in starts]
     best = min(runs, key=lambda res: res.fun)
     agreeing = sum(res.fun <= best.fun + 1e-6 * max(abs(best.fun), 1e-12) for res in runs)
     return best.x, float(best.fun), agreeing
@@ -163,7 +171,8 @@ class LawFit:
     """A fitted law. params_exponent a = beta / (alpha + beta) and tokens_exponent b = alpha /
     (alpha + beta) are the compute-optimal allocation exponents it implies (N_opt ~ C^a).
     ``ci`` maps E, A, B, alpha, beta, params_exponent, tokens_exponent to percentile intervals;
-    n_starts_agreeing counts the L-BFGS starts that reached the best loss (1 is a warning sign)."""
+    n_starts_agreeing counts the L-BFGS starts that reached the best loss (1 is a warning sign);
+    alpha or beta at 0 or MAX_EXPONENT means the form does not describe the runs."""
     law: LawParams
     param_kind: str
     n_points: int

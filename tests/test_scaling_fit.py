@@ -8,8 +8,8 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from orchestration.scaling_fit import (BESIROGLU_2024, CHINCHILLA_APPROACH3, LawParams, ScalingPoint,
-                                       compute_optimal, fit_isoflops, fit_law, holdout_check,
+from orchestration.scaling_fit import (BESIROGLU_2024, CHINCHILLA_APPROACH3, MAX_EXPONENT, LawParams,
+                                       ScalingPoint, compute_optimal, fit_isoflops, fit_law, holdout_check,
                                        predict_loss)
 from orchestration.scaling_plots import plot_frontier, plot_isoflops, plot_law_fit
 
@@ -80,6 +80,27 @@ def test_holdout_exposes_a_law_that_does_not_extrapolate():
               for p in grid_points()]
     check = holdout_check(points, n_holdout=3, n_starts=8)
     assert check.max_rel_error > 0.05
+
+
+# A real CPU sweep (configs/scaling_cpu.yaml's ladder at 1e12 / 1.8e12 / 3.2e12 FLOPs) the law fits badly:
+# (params, tokens, val loss). Unbounded, bootstrap fits drove alpha below 0 and log A past exp's range.
+CPU_SWEEP = [(68672, 2168832, 5.5036), (155840, 883712, 5.5167), (279936, 471040, 5.8242),
+             (459392, 282624, 6.3507), (68672, 3903488, 5.3913), (155840, 1590272, 5.2546),
+             (279936, 847872, 5.4604), (459392, 507904, 5.9263), (155840, 2827264, 5.1528),
+             (279936, 1508352, 5.2085), (459392, 903168, 5.5501), (712640, 581632, 5.7306)]
+
+
+@pytest.mark.filterwarnings("error")  # an overflow in exp is a failure, not a warning
+def test_fit_stays_finite_and_exponents_nonnegative_when_the_form_does_not_fit():
+    points = [ScalingPoint(params=n, tokens=d, loss=l) for n, d, l in CPU_SWEEP]
+    fit = fit_law(points, n_starts=8, n_boot=20)
+    check = holdout_check(points, n_holdout=2, n_starts=8)
+    for law, ci in ((fit.law, fit.ci), (check.fit.law, None)):
+        assert all(np.isfinite(v) for v in asdict(law).values())
+        assert 0.0 <= law.alpha <= MAX_EXPONENT and 0.0 <= law.beta <= MAX_EXPONENT
+    assert all(np.isfinite(low) and np.isfinite(high) for low, high in fit.ci.values())
+    assert fit.ci["alpha"][0] >= 0.0 and fit.ci["beta"][0] >= 0.0
+    assert check.max_rel_error < 0.05
 
 
 @pytest.mark.parametrize("law", [TRUE, CHINCHILLA_APPROACH3, BESIROGLU_2024])

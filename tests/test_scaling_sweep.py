@@ -161,6 +161,9 @@ def test_shipped_scaling_configs_plan():
 
     tiny = plan_points(load_config(CONFIGS / "scaling_tiny.yaml"), 256, 4097, "/s")
     assert len(tiny) == 6 and {p["budget"] for p in tiny} == {1.5e11, 3e11}
+    cpu = plan_points(load_config(CONFIGS / "scaling_cpu.yaml"), 256, 4097, "/s")
+    sizes = {b: sorted(p["n_layer"] for p in cpu if p["budget"] == b) for b in (1.8e12, 2.4e12, 3.2e12)}
+    assert len(cpu) == 13 and sizes == {1.8e12: [1, 2, 3, 4], 2.4e12: [1, 2, 3, 4], 3.2e12: [1, 2, 3, 4, 5]}
     gpu = plan_points(load_config(CONFIGS / "scaling_ladder_gpu.yaml"), 1024, 32768, "/s")
     params = [p["params"] for p in gpu]
     assert 1e7 < min(params) and max(params) < 3.6e8 and len({p["budget"] for p in gpu}) == 5
