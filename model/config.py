@@ -10,6 +10,15 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
 
+# LoRA target short names (as configs write them) -> the linear layers they select inside every block
+LORA_TARGETS = {
+    "attn": ("attn.c_attn", "attn.c_proj"),
+    "qkv": ("attn.c_attn",),
+    "attn_out": ("attn.c_proj",),
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+}
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only transformer. Defaults are a tiny CPU-sized GPT.

@@ -1,16 +1,23 @@
-"""Autoregressive sampling with a KV cache, for batches of prompts of different lengths.
+"""Autoregressive sampling for batches of prompts of different lengths, GPT or LSTM.
 
-Prompts are left-padded to a common length; the cache keeps each row's pad length so padded keys
-are masked out and every row's positions start at 0, which makes a batched row produce the same
-tokens as that prompt run alone.
+GPT: prompts are left-padded to a common length; the KV cache keeps each row's pad length so padded
+keys are masked out and every row's positions start at 0. LSTM: prompts are packed (padding never
+enters the recurrence) and each row's (h, c) state is carried from step to step. Either way a
+batched row produces the same tokens as that prompt run alone, and the prefix is never recomputed.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.lstm import LSTMLM
+
+# Prefill a batch of prompts -> (next-token logits (B, vocab), step: sampled tokens (B,) -> next logits)
+Decoder = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 class KVCache:
@@ -76,17 +83,45 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def _gpt_decoder(model: GPT, prompts: list[list[int]], steps: int) -> Decoder:
+    """Left-padded prompts prefilled into a KV cache sized for ``steps`` - 1 more tokens."""
+    param = next(model.parameters())
+    prompt_len = max(len(p) for p in prompts)
+    pads = [prompt_len - len(p) for p in prompts]
+    idx = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], device=param.device)
+    cache = KVCache(model.cfg, torch.tensor(pads, device=param.device), prompt_len + steps - 1, param.dtype)
+    logits, _ = model(idx, kv_cache=cache)
+    return logits[:, -1], lambda token: model(token[:, None], kv_cache=cache)[0][:, -1]
+
+
+def _lstm_decoder(model: LSTMLM, prompts: list[list[int]]) -> Decoder:
+    """Right-padded prompts run packed from a zero state; each step feeds one token per row."""
+    device = next(model.parameters()).device
+    prompt_len = max(len(p) for p in prompts)
+    idx = torch.tensor([p + [0] * (prompt_len - len(p)) for p in prompts], device=device)
+    logits, state = model.decode(idx, lengths=torch.tensor([len(p) for p in prompts], device=device))
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        nonlocal state
+        next_logits, state = model.decode(token[:, None], state)
+        return next_logits
+
+    return logits, step
+
+
 @torch.inference_mode()
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+def generate(model: GPT | LSTMLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              seed: int | None = None) -> list[list[int]]:
-    """Continue each prompt; return only the new tokens of each.
+    """Continue each prompt with a ``GPT`` (KV cache) or an ``LSTMLM`` (carried (h, c) state);
+    return only the new tokens of each.
 
     A row stops after it emits ``eos_id`` (the eos token is included, as the last token of that
     row) and generation stops once every row has. The whole sequence must fit the context: a prompt
     longer than block_size keeps its last block_size tokens, and max_new_tokens is cut so the longest
     row ends at block_size + 1 tokens (the last sampled token is never fed back). No sliding window:
-    past the context the cache would hold positions the model never saw in training.
+    past the context the cache would hold positions the model never saw in training, and the LSTM
+    was trained on block_size-token windows from a zero state, so it keeps the same limit.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt at least one token")
@@ -94,33 +129,29 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), "
                          f"top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])")
     cfg = model.cfg
-    param = next(model.parameters())
     prompts = [p[-cfg.block_size:] for p in prompts]
-    prompt_len = max(len(p) for p in prompts)
-    steps = min(max_new_tokens, cfg.block_size + 1 - prompt_len)
+    steps = min(max_new_tokens, cfg.block_size + 1 - max(len(p) for p in prompts))
     out: list[list[int]] = [[] for _ in prompts]
     if steps <= 0:
         return out
 
-    pads = [prompt_len - len(p) for p in prompts]
-    idx = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], device=param.device)
-    cache = KVCache(cfg, torch.tensor(pads, device=param.device), prompt_len + steps - 1, param.dtype)
-    generator = None if seed is None else torch.Generator(device=param.device).manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        logits, _ = model(idx, kv_cache=cache)
+        logits, step_fn = (_lstm_decoder(model, prompts) if isinstance(model, LSTMLM)
+                           else _gpt_decoder(model, prompts, steps))
         done = [False] * len(prompts)
         for step in range(steps):
-            token = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k,
-                                      top_p=top_p, generator=generator)
+            token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             for row, t in enumerate(token.tolist()):
                 if not done[row]:
                     out[row].append(t)
                     done[row] = t == eos_id
             if all(done) or step == steps - 1:
                 break
-            logits, _ = model(token[:, None], kv_cache=cache)
+            logits = step_fn(token)
     finally:
         model.train(was_training)
     return out

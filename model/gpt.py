@@ -64,7 +64,19 @@ class GPT(nn.Module):
         Generation (a ``model.generate.KVCache``): idx continues what the cache holds; only the
         last position's logits (B, 1, vocab) are computed, as that is all sampling needs.
         """
-        B, T = idx.shape
+        x = self.hidden_states(idx, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+            return self.lm_head(x[:, -1:, :]), None
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """idx (B, T) -> the final norm's output (B, T, n_embd): what the lm head (or a task head) reads."""
+        T = idx.size(1)
         cfg = self.cfg
         if kv_cache is None:
             if T > cfg.block_size:
@@ -84,13 +96,4 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, attn_mask)
-        x = self.transformer.ln_f(x)
-
-        if kv_cache is not None:
-            kv_cache.advance(T)
-            return self.lm_head(x[:, -1:, :]), None
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)

@@ -5,13 +5,15 @@ hidden size (so the output can reuse the embedding matrix when tie_embeddings), 
 LSTM layers, dropout on the embeddings, between layers and before the head (Zaremba et al. 2014),
 bias for the LSTM gates. The attention fields (n_head, pos_encoding, mlp, norm, ...) are ignored:
 recurrence carries position. ``forward(idx, targets)`` returns (logits, loss) like ``GPT.forward``,
-so the training loop, checkpoints and eval use it unchanged. ``build_model`` picks the class.
+so the training loop, checkpoints and eval use it unchanged; ``decode`` carries the (h, c) state
+for generation, the LSTM's counterpart of the GPT's KV cache. ``build_model`` picks the class.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from model.config import ModelConfig
 
@@ -48,7 +50,8 @@ class LSTMLM(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None;
         targets of -1 are ignored). Every sequence starts from a zero state."""
         if kv_cache is not None:
-            raise NotImplementedError("LSTMLM has no KV cache: sampling with model.generate supports arch='gpt' only")
+            raise NotImplementedError("LSTMLM has no KV cache: it carries (h, c) state; sample with "
+                                      "model.generate.generate, which calls LSTMLM.decode")
         x = self.drop(self.wte(idx))
         x, _ = self.lstm(x)
         logits = self.lm_head(self.drop(x))
@@ -56,6 +59,23 @@ class LSTMLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def decode(self, idx: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Generation step: idx (B, T) continues ``state`` (None: a zero state, as in training) ->
+        (logits (B, vocab) of the token after each row's last real token, the (h, c) state there).
+
+        ``lengths`` (B,) marks right-padded rows of different lengths: they are packed, so padding
+        never enters the state and a row of a batch ends exactly where that row run alone would.
+        """
+        x = self.drop(self.wte(idx))
+        if lengths is None:
+            out, state = self.lstm(x, state)
+            return self.lm_head(self.drop(out[:, -1])), state
+        packed, state = self.lstm(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False), state)
+        out, _ = pad_packed_sequence(packed, batch_first=True)
+        last = out[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        return self.lm_head(self.drop(last)), state
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

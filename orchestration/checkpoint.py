@@ -22,7 +22,7 @@ import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -51,12 +51,17 @@ def gather_fp32_state_dict(engine, raw_model: torch.nn.Module, rank: int) -> Opt
     (``safe_get_full_fp32_param`` all-reduces the shards) so a bf16 run saves its fp32 masters; with
     no partitioned master copy (ZeRO-0 in fp32) the parameter itself is the master.
     """
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     state: dict[str, torch.Tensor] = {}
     for name, param in raw_model.named_parameters():  # tied weights appear once
-        full = safe_get_full_fp32_param(param)
-        if full is None:
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None and hasattr(param, "ds_id"):
+            # ZeRO-3 partitions frozen parameters too (fine-tuning) but keeps no fp32 master for them
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.detach().clone()
+        elif full is None:
             full = param.detach()
         if rank == 0:
             state[name] = full.detach().float().cpu().clone().contiguous()
@@ -87,12 +92,16 @@ def _list_files(root: Path) -> dict[str, int]:
 
 
 def save_checkpoint(engine, raw_model: torch.nn.Module, *, step: int, consumed_sequences: int,
-                    rank: int, world_size: int, model_config, tokenizer_files: dict[str, bytes], config: dict) -> str:
+                    rank: int, world_size: int, model_config, tokenizer_files: dict[str, bytes], config: dict,
+                    weight_files: Optional[Callable[[dict], dict[str, dict]]] = None) -> str:
     """Write this rank's part of a checkpoint to a fresh local temp dir and return its path.
 
     Collective (DeepSpeed save, weight gather, file-list gather). Rank 0 also writes the consolidated
-    weights, model config, tokenizer reference and, last, ``raylm_meta.json`` listing every rank's
-    files so ``is_complete`` can tell a finished checkpoint from a partial one.
+    weights, model config, tokenizer files and, last, ``raylm_meta.json`` listing every rank's
+    files so ``is_complete`` can tell a finished checkpoint from a partial one. ``tokenizer_files``
+    (name -> bytes) may carry other small files too. ``weight_files`` maps the gathered state dict to
+    {file name: state dict} (default: all of it in ``model.safetensors``); fine-tuning uses it to
+    save merged LoRA weights, the adapters and a task head apart.
     """
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -102,7 +111,8 @@ def save_checkpoint(engine, raw_model: torch.nn.Module, *, step: int, consumed_s
     state = gather_fp32_state_dict(engine, raw_model, rank)
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        for file_name, tensors in (weight_files or (lambda full: {MODEL_FILE: full}))(state).items():
+            save_file(tensors, str(tmp / file_name), metadata={"format": "pt", "step": str(step)})
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config), indent=2))
         for name, data in tokenizer_files.items():  # the tokenizer travels with the weights
             (tmp / name).write_bytes(data)
@@ -184,6 +194,20 @@ def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) ->
     rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
     _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a consolidated state dict; tied aliases (lm_head = wte) may be absent, nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.add(name)
+        first.setdefault(id(p), name)
+    if unexpected or set(missing) - aliases:
+        raise CheckpointError(f"{source} does not fit the model: missing {sorted(set(missing) - aliases)}, "
+                              f"unexpected {sorted(unexpected)}")
 
 
 def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:

@@ -63,6 +63,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from orchestration.finetune import run_finetune
+
+    cfg = _load(args)
+    _report(run_finetune(cfg, resume=not args.no_resume)["run_dir"], cfg)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from orchestration.tune import run_tune
 
@@ -95,12 +103,14 @@ def cmd_baseline_ngram(args: argparse.Namespace) -> int:
 
 def cmd_baseline_compare(args: argparse.Namespace) -> int:
     from orchestration.baselines import compare_baselines, markdown_table
+    from orchestration.report import write_report
 
     result = compare_baselines(args.data, transformer_checkpoint=args.transformer, lstm_checkpoint=args.lstm,
                                ngram_dir=args.ngram or None, out_dir=args.out, max_sequences=args.max_sequences,
                                endpoint_url=args.endpoint_url)
     print(markdown_table(result))
     print(f"wrote {args.out}/baselines.json and {args.out}/baselines.md")
+    print(f"[raylm] report: {write_report(args.out)['report.html']}")
     return 0
 
 
@@ -154,7 +164,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestration.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, fmt=args.format, endpoint_url=args.endpoint_url)
+    result = export_checkpoint(args.checkpoint, args.out, fmt=args.format, lora=args.lora,
+                               endpoint_url=args.endpoint_url)
     print(f"exported step {result['step']} of {result['checkpoint']} as {result['format']} to {result['out_dir']}:")
     for name in result["files"]:
         print(f"  {name}")
@@ -219,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail if the run directory exists instead of resuming from its latest checkpoint")
     train.set_defaults(func=cmd_train)
 
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a checkpoint: continued pretraining, classification head or SFT; full/partial/LoRA",
+        description="Start from finetune.checkpoint and train on finetune.data through Ray Train + DeepSpeed "
+                    "(finetune.task lm | classification | sft; finetune.mode full | partial | lora), with early "
+                    "stopping on val loss. Scores the pretrained and the best fine-tuned checkpoint on the same "
+                    "val rows and writes finetune_summary.json, finetune.md and the report to the run dir.")
+    _add_config_args(finetune)
+    finetune.add_argument("--no-resume", action="store_true",
+                          help="fail if the run directory exists instead of resuming from its latest checkpoint")
+    finetune.set_defaults(func=cmd_finetune)
+
     ev = sub.add_parser(
         "eval", help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe",
         description="Evaluate a checkpoint (loaded without DeepSpeed). Suites: lm = loss, perplexity and "
@@ -242,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="also write the full result as JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="sample text from a checkpoint (KV cache; greedy/temperature/top-k/top-p)",
+    gen = sub.add_parser("generate", help="sample text from a checkpoint (GPT KV cache or LSTM state; greedy/temperature/top-k/top-p)",
                          description="Continue a prompt with a trained checkpoint; stops at end-of-text.")
     _add_checkpoint_args(gen)
     gen.add_argument("--prompt", required=True, help="text to continue")
@@ -311,11 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_baseline_compare)
 
     report = sub.add_parser(
-        "report", help="HTML + Markdown + JSON report of a run, scaling sweep or tune directory",
+        "report", help="HTML + Markdown + JSON report of a run, fine-tune, scaling sweep, tune or baselines directory",
         description="Render a self-contained report.html (plots embedded), report.md and results.json for a "
-                    "run directory (metrics.jsonl + config.yaml), a scaling sweep (scaling_points.json) or a "
-                    "tune experiment (tune_results.json).")
-    report.add_argument("path", help="the run, sweep or tune directory (local or s3://)")
+                    "run directory (metrics.jsonl + config.yaml; a fine-tune adds its before/after table), a "
+                    "scaling sweep (scaling_points.json), a tune experiment (tune_results.json) or a baseline "
+                    "comparison (baselines.json).")
+    report.add_argument("path", help="the run, sweep, tune or baselines directory (local or s3://)")
     report.add_argument("--out", default=None, help="where to write the report (default: inside PATH)")
     report.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
     report.set_defaults(func=cmd_report)
@@ -329,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--format", choices=["hf", "raylm"], default="hf", help="output format (default hf)")
+    export.add_argument("--lora", choices=["merged", "separate"], default="merged",
+                        help="a LoRA fine-tune: adapters merged into the weights (default), or the base model plus "
+                             "the adapters in OUT/adapter/ (hf: PEFT format)")
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
 

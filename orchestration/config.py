@@ -19,6 +19,7 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
+from orchestration.finetune_config import FinetuneConfig
 from orchestration.train_config import TrainConfig
 from orchestration.tune_config import SweepConfig, TuneConfig
 
@@ -36,6 +37,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # `raylm tune` only
     scaling: SweepConfig = field(default_factory=SweepConfig)  # `raylm scaling` only
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `raylm finetune` only
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -220,7 +222,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return build_dataclass(schema, tree, source)
 
 
-def _absolute(uri: str) -> str:
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute against the current directory; URIs (s3://, gs://, ...) unchanged."""
     return uri if "://" in uri else str(Path(uri).expanduser().absolute())
 
 
@@ -232,10 +235,10 @@ def with_absolute_paths(cfg: Config) -> Config:
     """
     return dataclasses.replace(
         cfg,
-        train=dataclasses.replace(cfg.train, data=_absolute(cfg.train.data),
-                                  storage_path=_absolute(cfg.train.storage_path)),
-        tune=dataclasses.replace(cfg.tune, storage_path=_absolute(cfg.tune.storage_path)),
-        scaling=dataclasses.replace(cfg.scaling, storage_path=_absolute(cfg.scaling.storage_path)))
+        train=dataclasses.replace(cfg.train, data=absolute_uri(cfg.train.data),
+                                  storage_path=absolute_uri(cfg.train.storage_path)),
+        tune=dataclasses.replace(cfg.tune, storage_path=absolute_uri(cfg.tune.storage_path)),
+        scaling=dataclasses.replace(cfg.scaling, storage_path=absolute_uri(cfg.scaling.storage_path)))
 
 
 def config_to_dict(cfg: Any) -> dict:

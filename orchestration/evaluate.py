@@ -18,7 +18,8 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.lstm import build_model
 from orchestration.checkpoint import (META_FILE, MODEL_CONFIG_FILE, MODEL_FILE, CheckpointError,
-                                      is_complete, latest_complete_checkpoint, load_consolidated_state)
+                                      is_complete, latest_complete_checkpoint, load_consolidated_state,
+                                      load_weights)
 
 
 def _resolve(uri: str, endpoint_url: Optional[str]) -> str:
@@ -60,25 +61,10 @@ def load_checkpoint_model(uri: str, *, endpoint_url: Optional[str] = None,
     state, cfg_dict, _, meta = load_consolidated_state(local)
     model_cfg = ModelConfig(**cfg_dict)
     model = build_model(model_cfg)  # GPT, or LSTMLM for arch "lstm"
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    aliases = _tied_aliases(model)
-    if unexpected or set(missing) - aliases:
-        raise CheckpointError(f"{ckpt_uri}/{MODEL_FILE} does not fit {MODEL_CONFIG_FILE}: missing "
-                              f"{sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")
+    load_weights(model, state, f"{ckpt_uri}/{MODEL_FILE} (with its {MODEL_CONFIG_FILE})")
     model.to(device).eval()
     meta = {**meta, "checkpoint_uri": ckpt_uri}
     return model, model_cfg, encoding(load_spec(local)), meta
-
-
-def _tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Parameter names that share storage with an earlier name (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases.add(name)
-        first.setdefault(id(p), name)
-    return aliases
 
 
 def _sequences(data: str, enc: tiktoken.Encoding, seq_len: int, max_sequences: int, split: str,

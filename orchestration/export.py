@@ -136,13 +136,19 @@ def _write_tokenizer_files(spec: dict, out: Path, *, hf: bool, block_size: int) 
     return written
 
 
-def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf",
+def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", lora: str = "merged",
                       endpoint_url: Optional[str] = None) -> dict:
     """Write ``checkpoint_uri`` (a checkpoint or run directory, local or s3://) to local ``out_dir``.
 
     Returns {"format", "out_dir", "files", "checkpoint"}. ``fmt="hf"`` raises ExportError naming the
     fields that are not GPT-2's when the architecture does not map (use ``fmt="raylm"`` then).
+    A LoRA fine-tune exports merged (its ``model.safetensors``) or, with ``lora="separate"``, as its
+    base checkpoint plus the adapters in ``out_dir/adapter/`` (``export_adapter``).
     """
+    if lora not in ("merged", "separate"):
+        raise ExportError(f"lora must be 'merged' or 'separate', got {lora!r}")
+    if lora == "separate":
+        return export_adapter(checkpoint_uri, out_dir, fmt=fmt, endpoint_url=endpoint_url)
     from safetensors.torch import save_file
 
     from data_pipeline.tokenizer import EOT, load_spec
@@ -192,3 +198,51 @@ def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf",
         files.append(META_FILE)
     print(f"exported {source['checkpoint']} as {fmt} to {out} ({len(files)} files)")
     return {"format": fmt, "out_dir": str(out), "files": files, **source}
+
+
+def peft_adapter(adapters: dict[str, torch.Tensor], lora: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """raylm adapters -> (tensors, adapter_config.json) in PEFT's LoRA format for GPT2LMHeadModel.
+
+    Module paths are GPT-2's own; PEFT keeps lora_A (r, in) / lora_B (out, r) even on GPT-2's Conv1D
+    layers (fan_in_fan_out transposes only the base weight), so the matrices copy over unchanged.
+    """
+    from model.config import LORA_TARGETS
+
+    tensors = {f"base_model.model.{name.replace('.lora_A', '.lora_A.weight').replace('.lora_B', '.lora_B.weight')}":
+               t.contiguous() for name, t in adapters.items()}
+    targets = sorted({suffix for target in lora["targets"] for suffix in LORA_TARGETS[target]})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
+              "lora_dropout": 0.0, "target_modules": targets, "fan_in_fan_out": True, "bias": "none",
+              "use_rslora": False, "inference_mode": True, "base_model_name_or_path": None}
+    return tensors, config
+
+
+def export_adapter(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", endpoint_url: Optional[str] = None) -> dict:
+    """A LoRA fine-tune kept separate: its base checkpoint exported to ``out_dir`` and the adapters to
+    ``out_dir/adapter/`` (hf: PEFT's adapter_config.json + adapter_model.safetensors, loadable with
+    ``PeftModel.from_pretrained``; raylm: adapter.safetensors + adapter_config.json)."""
+    from safetensors.torch import load_file, save_file
+
+    from orchestration.evaluate import _local_copy, _resolve
+    from orchestration.finetune_loop import ADAPTER_FILE, FINETUNE_FILE
+
+    ckpt_uri = _resolve(checkpoint_uri, endpoint_url)
+    local = Path(_local_copy(ckpt_uri, endpoint_url))
+    info = json.loads((local / FINETUNE_FILE).read_text()) if (local / FINETUNE_FILE).is_file() else {}
+    if not info.get("lora"):
+        raise ExportError(f"{ckpt_uri} is not a LoRA fine-tune (no adapters in it); export it with lora='merged'")
+    result = export_checkpoint(info["base_checkpoint"], out_dir, fmt=fmt, endpoint_url=endpoint_url)
+    adapters = load_file(str(local / ADAPTER_FILE))
+    adapter_dir = Path(out_dir) / "adapter"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        tensors, config = peft_adapter(adapters, info["lora"])
+        config["base_model_name_or_path"] = str(Path(out_dir).absolute())
+        save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        config = {**info["lora"], "base_checkpoint": info["base_checkpoint"]}
+        save_file(adapters, str(adapter_dir / ADAPTER_FILE), metadata={"format": "pt"})
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    files = sorted(f"adapter/{p.name}" for p in adapter_dir.iterdir())
+    print(f"exported the adapters of {ckpt_uri} to {adapter_dir} ({', '.join(files)})")
+    return {**result, "files": result["files"] + files, "adapter_of": ckpt_uri}

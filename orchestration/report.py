@@ -1,4 +1,5 @@
-"""`raylm report`: one self-contained page for a training run, a scaling sweep or a tune sweep.
+"""`raylm report`: one self-contained page for a training run, a scaling sweep, a tune sweep or a
+baseline comparison.
 
 A report is data first: each kind builds a title, sections of blocks (text, table, figure, code)
 and a ``results`` dict; two small renderers turn the blocks into ``report.html`` (PNGs inlined as
@@ -22,9 +23,10 @@ from matplotlib.figure import Figure
 
 from data_pipeline.storage import filesystem_for, join, write_bytes
 from model.flops import count_params, flops_per_token
+from orchestration.baselines import BASELINES_JSON
 from orchestration.config import Config, build_dataclass
 from orchestration.metrics import read_metrics
-from orchestration.report_plots import plot_loss, plot_throughput, plot_trials
+from orchestration.report_plots import plot_baselines, plot_loss, plot_throughput, plot_trials
 from orchestration.scaling_fit import (BESIROGLU_2024, CHINCHILLA_APPROACH3, CHINCHILLA_ISOFLOP_EXPONENTS,
                                        ScalingPoint, compute_optimal, fit_isoflops, fit_law)
 from orchestration.scaling_plots import plot_frontier, plot_isoflops, plot_law_fit
@@ -44,23 +46,27 @@ class ReportError(ValueError):
 
 
 def write_report(path: str, *, out: Optional[str] = None, endpoint_url: Optional[str] = None) -> dict[str, str]:
-    """Report on a run directory (metrics.jsonl + config.yaml), a scaling sweep (scaling_points.json)
-    or a tune sweep (tune_results.json) at ``path`` (local or s3://). Writes report.html, report.md,
-    results.json and the figures' PNGs to ``out`` (default: ``path``); returns {file name: URI}."""
+    """Report on a run directory (metrics.jsonl + config.yaml), a scaling sweep (scaling_points.json),
+    a tune sweep (tune_results.json) or a baseline comparison (baselines.json) at ``path`` (local or
+    s3://). Writes report.html, report.md, results.json and the figures' PNGs to ``out`` (default:
+    ``path``); returns {file name: URI}."""
     fs, base = filesystem_for(path, endpoint_url)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise ReportError(f"{path} is not a directory; give a run, sweep or tune directory")
+        raise ReportError(f"{path} is not a directory; give a run, sweep, tune or baselines directory")
     names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(base))}
     if "scaling_points.json" in names:
         title, sections, results = _sweep_report(fs, base, path)
     elif "tune_results.json" in names:
         title, sections, results = _tune_report(fs, base, path, endpoint_url)
+    elif BASELINES_JSON in names:
+        title, sections, results = _baselines_report(fs, base, path)
     elif {"metrics.jsonl", "config.yaml"} <= names:
         title, sections, results = _run_report(fs, base, path, names)
     else:
-        raise ReportError(f"{path} is not a run, sweep or tune directory: expected metrics.jsonl and config.yaml "
-                          "(`raylm train`), scaling_points.json (`raylm scaling`) or tune_results.json "
-                          f"(`raylm tune`); found {', '.join(sorted(names)) or 'nothing'}")
+        raise ReportError(f"{path} is not a run, sweep, tune or baselines directory: expected metrics.jsonl and "
+                          "config.yaml (`raylm train`), scaling_points.json (`raylm scaling`), tune_results.json "
+                          f"(`raylm tune`) or {BASELINES_JSON} (`raylm baseline compare`); "
+                          f"found {', '.join(sorted(names)) or 'nothing'}")
     out = out or path
     out_fs, out_base = filesystem_for(out, endpoint_url)
     pngs = {block[1]: _png(block[2]) for _, blocks in sections for block in blocks if block[0] == "figure"}
@@ -124,7 +130,7 @@ def _run_report(fs: pafs.FileSystem, base: str, uri: str, names: set[str]) -> tu
         "median_flops_per_s": statistics.median(r["flops_per_s"] for r in records),
         "median_mfu": statistics.median(mfu) if mfu else None,
     }
-    final_eval = ({k: evals[-1][k] for k in ("step", "tokens", "val_loss", "val_perplexity")} if evals else None)
+    final_eval = ({k: evals[-1].get(k) for k in ("step", "tokens", "val_loss", "val_perplexity")} if evals else None)
     results = {"kind": "run", "source": uri, "final": last, "final_eval": final_eval, "summary": summary,
                "checkpoints": complete, "demo": demo}
 
@@ -139,7 +145,8 @@ def _run_report(fs: pafs.FileSystem, base: str, uri: str, names: set[str]) -> tu
              f"{summary['median_mfu']:.1%}" if mfu else summary["median_flops_per_s"]),
             ("time waiting for data", f"{summary['data_wait_share']:.1%}"),
             ("last lr, grad norm", f"{_fmt(last['lr'])}, {_fmt(last.get('grad_norm'))}"),
-            ("optimizer state elements per rank", ", ".join(f"{n:,}" for n in last["optimizer_state_numel_per_rank"])),
+            ("optimizer state elements per rank", ", ".join(f"{n:,}" for n in last.get("optimizer_state_numel_per_rank", []))
+             or "-"),
             ("checkpoints", ", ".join(f"{n}{'' if ok else ' (incomplete)'}" for n, ok in complete.items()) or "none")]
     sections: list[Section] = [
         ("Final metrics", [("table", ("metric", "value"), [(k, _fmt(v)) for k, v in rows])]),
@@ -158,8 +165,36 @@ def _run_report(fs: pafs.FileSystem, base: str, uri: str, names: set[str]) -> tu
                 ("unigram entropy of the data", _fmt(demo["unigram_entropy"])),
                 ("below the unigram baseline, nats/token", _fmt(gap))]),
             ("code", demo["prompt"] + demo["sample"])]))
+    if "finetune_summary.json" in names:
+        finetune = json.loads(_read_text(fs, f"{base}/finetune_summary.json"))
+        results["finetune"] = finetune
+        sections.insert(0, ("Fine-tuning: before / after", _finetune_blocks(finetune)))
     sections.append(("Config", [("code", config_text)]))
     return f"Run {uri.rstrip('/').rsplit('/', 1)[-1]}", sections, results
+
+
+def _finetune_blocks(summary: dict) -> list:
+    """The before/after table of a fine-tune (same val rows, same metric code), plus SFT answers."""
+    from orchestration.finetune import headline
+
+    task = summary["task"]
+    before, after = headline(task, summary["before"], False), headline(task, summary["after"], True)
+    blocks: list = [
+        ("text", f"Task {task}, mode {summary['mode']}, {summary['trainable_params']:,} trainable parameters; "
+                 f"base {summary['base_checkpoint']}; best checkpoint {summary['best_checkpoint']} (step "
+                 f"{summary['best_step']} of {summary['total_steps']}"
+                 + (", stopped early on val loss" if summary["stopped_early"] else "") + ")."),
+        ("table", ("metric", "before", "after"),
+         [(k, _fmt(before.get(k)), _fmt(after.get(k))) for k in dict.fromkeys([*before, *after])])]
+    if task == "classification":
+        blocks.append(("text", "Before there is no classification head: the pretrained LM scores each label as a "
+                               f"continuation of {summary['before']['zero_shot']['template']!r} (zero-shot); the "
+                               "majority class is the floor a classifier must beat."))
+    if task == "sft" and summary["after"].get("samples"):
+        blocks.append(("table", ("prompt (end)", "reference", "before", "after"),
+                       [(a["prompt"][-80:], a["reference"], b["answer"], a["answer"])
+                        for b, a in zip(summary["before"]["samples"], summary["after"]["samples"])]))
+    return blocks
 
 
 # ---- a scaling sweep ----------------------------------------------------------------------------------
@@ -257,8 +292,16 @@ def _sweep_report(fs: pafs.FileSystem, base: str, uri: str) -> tuple[str, list[S
     if not isinstance(law_all, str):
         figures.append(("figure", "law_fit.png", plot_law_fit(points, law_all)))
     sections.append(("Fits", fit_blocks + figures))
+    holdout = _holdout_blocks(fs, base)
+    if holdout:
+        sections.append(("Holdout check", holdout))
     if predictions:
+        ratios = [p.flops / (6.0 * p.params * p.tokens) for p in points if p.flops]
         sections.append((f"Prediction at {target:.3g} FLOPs ({TARGET_FACTOR:.0f}x the largest run)", [
+            ("text", "The IsoFLOP power laws are in the sweep's measured compute (FLOPs per token x D, attention "
+                     "included); the law's frontier spends C = 6ND"
+                     + (f", which for these runs is {min(ratios):.2f}-{max(ratios):.2f}x less than the measured "
+                        "compute (FLOPs / 6ND)" if ratios else "") + "."),
             ("table", ("source", "N_opt", "D_opt", "tokens per parameter", "predicted loss"),
              [(name, _fmt(n), _fmt(d), _fmt(d / n), _fmt(loss)) for name, n, d, loss in predictions])]))
     sections.append(("Sweep config", [("code", yaml.safe_dump({"grid": sweep.get("grid"), "config": sweep.get("config")},
@@ -270,6 +313,25 @@ def _sweep_report(fs: pafs.FileSystem, base: str, uri: str) -> tuple[str, list[S
                "predictions": [{"source": name, "params": n, "tokens": d, "loss": loss}
                                for name, n, d, loss in predictions]}
     return f"Scaling sweep {uri.rstrip('/').rsplit('/', 1)[-1]}", sections, results
+
+
+def _holdout_blocks(fs: pafs.FileSystem, base: str) -> list[Block]:
+    """The sweep's holdout check (scaling.holdout): the law fitted without the largest-compute runs,
+    predicting them. Read from scaling_fit.json, which the sweep writes."""
+    if fs.get_file_info(f"{base}/scaling_fit.json").type != pafs.FileType.File:
+        return []
+    check = json.loads(_read_text(fs, f"{base}/scaling_fit.json")).get("holdout")
+    if not check:
+        return []
+    if "skipped" in check:
+        return [("text", f"Holdout check skipped: {check['skipped']}")]
+    law = check["fit"]["law"]
+    rows = [(_fmt(h["params"]), _fmt(h["tokens"]), _fmt(h["compute"]), _fmt(h["loss"]), _fmt(h["predicted_loss"]),
+             f"{h['rel_error']:.2%}") for h in check["held_out"]]
+    return [("text", f"The law fitted on the other {check['fit']['n_points']} runs (E {law['E']:.3f}, alpha "
+                     f"{law['alpha']:.3f}, beta {law['beta']:.3f}) predicts the {len(rows)} largest-compute run(s): "
+                     f"max relative error {check['max_rel_error']:.2%} ({check['max_abs_error']:.3f} nats)."),
+            ("table", ("params", "tokens", "FLOPs", "observed loss", "predicted loss", "relative error"), rows)]
 
 
 # ---- a tune sweep ------------------------------------------------------------------------------------
@@ -302,6 +364,31 @@ def _tune_report(fs: pafs.FileSystem, base: str, uri: str,
     results = {"kind": "tune", "source": uri, "trials": trials, "best": trials[0] if trials else None,
                "best_config": yaml.safe_load(best_config) if best_config else None}
     return f"Tune sweep {uri.rstrip('/').rsplit('/', 1)[-1]}", sections, results
+
+
+# ---- a baseline comparison -----------------------------------------------------------------------------
+
+def _baselines_report(fs: pafs.FileSystem, base: str, uri: str) -> tuple[str, list[Section], dict]:
+    comparison = json.loads(_read_text(fs, f"{base}/{BASELINES_JSON}"))
+    rows = sorted(comparison.get("rows") or [], key=lambda r: r["bits_per_byte"])
+    if not rows:
+        raise ReportError(f"{uri}/{BASELINES_JSON} has no rows; re-run `raylm baseline compare`")
+    columns = ("model", "arch", "params", "train tokens", "train FLOPs", "tokens scored",
+               "val loss (nats/token)", "perplexity", "bits per byte")
+    table = [(r["model"], r.get("arch"), _fmt(r.get("params")), _fmt(r.get("train_tokens")), _fmt(r.get("train_flops")),
+              _fmt(r["tokens"]), f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")
+             for r in rows]
+    sections: list[Section] = [("Comparison, lowest bits per byte first", [
+        ("text", f"{len(rows)} models scored on the same {comparison['sequences']} {comparison['split']} windows of "
+                 f"{comparison['manifest']}. Bits per byte sums the NLL of the text tokens over the bytes they "
+                 "decode to, so it compares across tokenizers; n-gram models have no FLOPs (counting is not "
+                 "matmul work), and training tokens are consumed sequences x seq_len."),
+        ("table", columns, table),
+        ("figure", "baselines.png", plot_baselines(rows))]),
+        ("Sources", [("table", ("model", "checkpoint or model directory"), [(r["model"], r["source"]) for r in rows])])]
+    results = {"kind": "baselines", "source": uri, **{k: comparison[k] for k in ("manifest", "split", "sequences")},
+               "best": rows[0]["model"], "rows": rows}
+    return f"Baselines {uri.rstrip('/').rsplit('/', 1)[-1]}", sections, results
 
 
 # ---- rendering -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Figures for `raylm report`: a run's loss and throughput curves, a tune sweep's trial curves.
+"""Figures for `raylm report`: a run's loss and throughput curves, a tune sweep's trial curves, the
+baseline comparison's bars.
 
 Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
 like ``scaling_plots``; the report renders each figure once to PNG.
@@ -77,4 +78,24 @@ def plot_trials(curves: dict[str, Sequence[dict]]) -> Figure:
     ax.set_ylabel("loss (nats/token): line train, markers validation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+ARCH_COLORS = {"gpt": "C0", "lstm": "C1", "ngram": "C2"}
+
+
+def plot_baselines(rows: Sequence[dict]) -> Figure:
+    """Bits per byte and validation loss per model, as horizontal bars, rows in the order given
+    (top to bottom), colored by architecture and labelled with their values."""
+    fig = Figure(figsize=(10, 1.0 + 0.5 * len(rows)), layout="constrained")
+    names = [r["model"] for r in rows][::-1]  # barh draws bottom up
+    colors = [ARCH_COLORS.get(r.get("arch"), "C7") for r in rows][::-1]
+    for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("bits_per_byte", "loss"),
+                              ("bits per byte (lower is better)", "validation loss (nats/token)")):
+        values = [r[key] for r in rows][::-1]
+        bars = ax.barh(names, values, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, 1.15 * max(values))
+        ax.grid(axis="x", alpha=0.3)
     return fig

@@ -10,7 +10,6 @@ Outputs in ``<scaling.storage_path>/<scaling.name>/``: ``scaling_points.json``, 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -347,7 +346,7 @@ def fit_sweep(records: list[dict], sc) -> dict:
             out["isoflop"] = {"skipped": str(err)}
             out["messages"].append(f"IsoFLOP fit failed: {err}")
     else:
-        why = (f"too few points for the IsoFLOP fit: it needs >= 2 budgets with >= 3 model sizes each; got "
+        why = ("too few points for the IsoFLOP fit: it needs >= 2 budgets with >= 3 model sizes each; got "
                + (", ".join(f"{b:.3g} FLOPs: {len(s)} sizes" for b, s in sorted(sizes_per_budget.items())) or "none"))
         out["isoflop"] = {"skipped": why}
         out["messages"].append(why)

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -69,24 +69,14 @@ def train_loop_per_worker(plan: dict) -> None:
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = _Window()
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
+    def lm_loss(batch) -> torch.Tensor:
+        tokens = torch.from_numpy(batch).to(device, non_blocking=True)
+        return engine(tokens[:, :-1], tokens[:, 1:])[1]
+
     while step < total_steps:
         if step == fail_at and rank == world_size - 1:
             _crash_once(os.environ.get(FAIL_MARKER_ENV))
-        lr = lr_for(train, step, total_steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
-        # --- batch, forward, backward, step (DeepSpeed steps the optimizer on the last micro-batch)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(train.grad_accum_steps):
-            t0 = time.perf_counter()
-            tokens = torch.from_numpy(next(batches))
-            window.data_wait_s += time.perf_counter() - t0
-            tokens = tokens.to(device, non_blocking=True)
-            _, loss = engine(tokens[:, :-1], tokens[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
+        lr, loss_sum = optimizer_step(engine, train, step, total_steps, batches, window, lm_loss)
         step += 1
         window.steps += 1
 
@@ -130,29 +120,60 @@ def train_loop_per_worker(plan: dict) -> None:
         window = _Window()  # after eval/checkpoint, so their time does not count as training
 
 
+def optimizer_step(engine, train, step: int, total_steps: int, batches: Iterator, window: "_Window",
+                   loss_of: Callable) -> tuple[float, torch.Tensor]:
+    """One optimizer step: set the scheduled lr, then forward/backward ``grad_accum_steps`` micro-batches
+    (DeepSpeed steps the optimizer on the last one). Returns (lr, the micro-batch losses summed);
+    time spent waiting for batches goes to ``window.data_wait_s``."""
+    lr = lr_for(train, step, total_steps)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros(())
+    for _ in range(train.grad_accum_steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window.data_wait_s += time.perf_counter() - t0
+        loss = loss_of(batch)
+        engine.backward(loss)
+        engine.step()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().float()
+    return lr, loss_sum
+
+
 def setup_engine(cfg, vocab_size: int):
     """Build the model (GPT or LSTM, seeded, so every rank starts identical) and wrap it with DeepSpeed.
 
     Returns (engine, raw_model, model_cfg, device). ``raw_model`` is the unwrapped module, whose
     parameter names the consolidated checkpoint uses.
     """
-    import deepspeed
-    import ray.train.torch
-
     from model.config import with_vocab_size
     from model.lstm import build_model
-    from orchestration.deepspeed_config import build_optimizer, deepspeed_config
 
     train = cfg.train
-    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    device = worker_device(train)
     _seed_everything(train.seed)
     model_cfg = with_vocab_size(cfg.model, vocab_size)
     raw_model = build_model(model_cfg).to(device)  # GPT, or the LSTM baseline (model.arch=lstm)
+    return wrap_with_deepspeed(raw_model, train), raw_model, model_cfg, device
+
+
+def worker_device(train) -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+
+
+def wrap_with_deepspeed(raw_model: torch.nn.Module, train):
+    """A DeepSpeed engine over ``raw_model`` (compiled first if asked) with AdamW on its trainable parameters."""
+    import deepspeed
+
+    from orchestration.deepspeed_config import build_optimizer, deepspeed_config
+
     model = torch.compile(raw_model) if train.compile else raw_model
     optimizer = build_optimizer(raw_model, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train),
                                            dist_init_required=False)
-    return engine, raw_model, model_cfg, device
+    return engine
 
 
 def evaluate_loss(engine, val_shard, rank: int, world_size: int, micro_batch_size: int, num_batches: int,

@@ -131,9 +131,6 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
     checkpoint URI of another run with the same shapes that a *new* run directory starts from (its
     step, data position, weights and optimizer), e.g. a WSD decay branch off a stable-phase run.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from data_pipeline.loader import sequence_dataset
     from data_pipeline.storage import write_bytes
     from orchestration.metrics import read_metrics
@@ -142,7 +139,7 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
     t0 = time.time()
     train = cfg.train
     facts = validate(cfg)
-    fs, run_path, storage_path, storage_fs = _storage(cfg)
+    fs, run_path, _, _ = _storage(cfg)
     uri = run_uri(cfg)
     run_exists = fs.get_file_info(run_path).type.name == "Directory"
     if run_exists and not resume:
@@ -182,18 +179,8 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
             "total_steps": facts["total_steps"], "start_sequence": start_sequence,
             "val_batches": facts["val_batches"], "tokenizer_files": facts["tokenizer_files"],
             "resume_uri": latest[0] if latest else None}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=plan,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=_worker_resources(train, gpus_per_worker)),
-        run_config=RunConfig(name=train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
-                             worker_runtime_env={"env_vars": _worker_env(train)}, callbacks=list(callbacks)),
-        datasets=datasets,
-        dataset_config=_data_config(),
-    )
+    trainer = make_trainer(cfg, train_loop_per_worker, plan, datasets, callbacks=callbacks,
+                           gpus_per_worker=gpus_per_worker)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -207,6 +194,29 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
     print(f"[raylm] done: step {summary['final_step']}, loss {summary['final_loss']}, val {summary['final_val_loss']}; "
           f"run dir {uri}; checkpoint {summary['checkpoint']}", flush=True)
     return summary
+
+
+def make_trainer(cfg: Config, loop, plan: dict, datasets: dict, *, callbacks: Sequence = (),
+                 gpus_per_worker: Optional[float] = None, checkpoint_config=None):
+    """The TorchTrainer every raylm job runs: ``loop(plan)`` on train.num_workers workers, the run dir as
+    Ray's storage, worker-failure retries, ordered data ingest and the worker environment."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = cfg.train
+    _, _, storage_path, storage_fs = _storage(cfg)
+    return TorchTrainer(
+        loop,
+        train_loop_config=plan,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=_worker_resources(train, gpus_per_worker)),
+        run_config=RunConfig(name=train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
+                             worker_runtime_env={"env_vars": _worker_env(train)}, callbacks=list(callbacks)),
+        datasets=datasets,
+        dataset_config=_data_config(),
+    )
 
 
 def _data_config():

