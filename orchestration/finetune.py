@@ -32,6 +32,9 @@ def _check_config(cfg: Config) -> None:
                           "(shakespeare-genre, shakespeare-play-qa) or a JSONL URI with {split}")
     if train.data != TrainConfig().data:
         raise ConfigError("fine-tuning reads finetune.data; train.data is for pretraining, remove it")
+    if train.eval_steps != TrainConfig().eval_steps:
+        raise ConfigError("fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
+                          "set that instead of train.eval_steps")
     changed = [f.name for f in dataclasses.fields(ModelConfig)
                if f.name != "dropout" and getattr(cfg.model, f.name) != getattr(ModelConfig(), f.name)]
     if changed:

@@ -147,6 +147,7 @@ def test_finetune_section_is_validated(overrides, message):
     (["finetune.checkpoint=x"], "finetune.data is required"),
     (["finetune.checkpoint=x", "finetune.data=y", "model.n_layer=8"], "remove model.n_layer"),
     (["finetune.checkpoint=x", "finetune.data=y", "train.data=z"], "train.data is for pretraining"),
+    (["finetune.checkpoint=x", "finetune.data=y", "train.eval_steps=3"], "instead of train.eval_steps"),
     (["finetune.checkpoint=x", "finetune.data=y", "train.eval_interval=0"], "needs train.eval_interval"),
     (["finetune.checkpoint=x", "finetune.data=y", "train.checkpoint_interval=7"], "checkpoints at every evaluation"),
 ])
