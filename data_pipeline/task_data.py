@@ -99,7 +99,7 @@ def passages(text: str, passage_chars: int) -> list[tuple[float, str]]:
     return out
 
 
-def _spread(items: list, k: int) -> list:
+def spread(items: list, k: int) -> list:
     """At most k items evenly spaced through the list (deterministic, covers the whole play)."""
     if len(items) <= k:
         return items
@@ -126,7 +126,7 @@ def shakespeare_task(task: str, split: str, *, passage_chars: int = 400, val_fra
         chunks = [p for frac, p in passages(path.read_text(encoding="utf-8", errors="replace"), passage_chars)
                   if (frac >= 1 - val_fraction) == (split == "val")]
         folio = path.stem.endswith("_gut_f")
-        for i, passage in enumerate(_spread(chunks, per_document)):
+        for i, passage in enumerate(spread(chunks, per_document)):
             if task == "shakespeare-genre":
                 rows.append({"text": passage, "label": genre})
             elif task == "shakespeare-instruct" and i % 2:

@@ -72,19 +72,15 @@ def _model_config(local: str, cfg: Config) -> ModelConfig:
     return dataclasses.replace(model_cfg, dropout=cfg.model.dropout)
 
 
-def _spread(rows: list, k: int) -> list:
-    return rows if len(rows) <= k else [rows[int(i * len(rows) / k)] for i in range(k)]
-
-
 def task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train rows, val rows) of a classification/SFT task; val capped at finetune.max_val_examples."""
-    from data_pipeline.task_data import SHIPPED_TASKS, load_examples
+    from data_pipeline.task_data import SHIPPED_TASKS, load_examples, spread
 
     ft = cfg.finetune
     kwargs = {"max_per_document": ft.max_per_document} if ft.data in SHIPPED_TASKS else {}
     train_rows = load_examples(ft.data, ft.task, "train", endpoint_url=cfg.train.endpoint_url, **kwargs)
     val_rows = load_examples(ft.data, ft.task, "val", endpoint_url=cfg.train.endpoint_url, **kwargs)
-    return train_rows, _spread(val_rows, ft.max_val_examples)
+    return train_rows, spread(val_rows, ft.max_val_examples)
 
 
 def _encode(cfg: Config, enc, rows: list[dict], seq_len: int, labels: Optional[list[str]]) -> dict[str, np.ndarray]:
@@ -131,7 +127,7 @@ def _stream(columns: dict[str, np.ndarray], num_rows: int, seed: int, shuffle: b
     return ds
 
 
-def _before_after(cfg: Config, uri: str, local_or_ckpt: str, val: dict, rows_val: list[dict], rows_train: list[dict],
+def _before_after(cfg: Config, uri: str, val: dict, rows_val: list[dict], rows_train: list[dict],
                   labels: Optional[list[str]], tuned: bool) -> dict:
     """Task metrics of the pretrained (tuned=False) or fine-tuned checkpoint on the val rows."""
     from orchestration.evaluate import evaluate, load_checkpoint_model
@@ -249,7 +245,7 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
         print(f"[raylm] resuming {uri} from step {latest[1]['step']}", flush=True)
     _check_resources(train)
     print("[raylm] scoring the pretrained checkpoint on the val rows (before)", flush=True)
-    before = _before_after(cfg, init_uri, local, val_arrays, rows_val, rows_train, labels, tuned=False)
+    before = _before_after(cfg, init_uri, val_arrays, rows_val, rows_train, labels, tuned=False)
     resolved = dataclasses.replace(cfg, model=model_cfg)
     write_bytes(fs, f"{run_path}/config.yaml", yaml.safe_dump(config_to_dict(resolved), sort_keys=False).encode())
 
@@ -276,7 +272,7 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
     best = min(evals, key=lambda r: r["val_loss"])
     best_uri = f"{uri}/{checkpoint_dir_name(best['step'])}"
     print(f"[raylm] scoring the best checkpoint (step {best['step']}, val {best['val_loss']:.4f}) (after)", flush=True)
-    after = _before_after(cfg, best_uri, best_uri, val_arrays, rows_val, rows_train, labels, tuned=True)
+    after = _before_after(cfg, best_uri, val_arrays, rows_val, rows_train, labels, tuned=True)
     summary = {**finetune_info, "run_dir": uri, "best_checkpoint": best_uri, "best_step": best["step"],
                "final_step": records[-1]["step"], "total_steps": total_steps,
                "stopped_early": bool(evals[-1].get("stopped_early")), "trainable_params": records[-1]["trainable_params"],

@@ -23,6 +23,7 @@ def sft_metrics(model, enc, tokens: np.ndarray, targets: np.ndarray, rows: list[
                 max_generate: int = 64, sample_prompts: int = 3) -> dict:
     """Response-token loss over all val rows; greedy exact match on ``max_generate`` rows spread over
     them (per row ``kind`` too, when rows carry one)."""
+    from data_pipeline.task_data import spread
     from model.generate import generate
 
     total, count = 0.0, 0
@@ -33,8 +34,7 @@ def sft_metrics(model, enc, tokens: np.ndarray, targets: np.ndarray, rows: list[
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
                                        ignore_index=-1, reduction="sum"))
         count += int((y != -1).sum())
-    picked = rows if len(rows) <= max_generate else [rows[int(i * len(rows) / max_generate)]
-                                                      for i in range(max_generate)]
+    picked = spread(rows, max_generate)
     answer_len = max(len(enc.encode_ordinary(r["response"])) for r in picked) + 2 if picked else 0
     prompts = [enc.encode_ordinary(r["prompt"])[-(model.cfg.block_size - answer_len):] for r in picked]
     answers = []
