@@ -7,6 +7,7 @@ requests/s, generated tokens/s, the batch sizes the replica saw, and batched / b
 
     .venv/bin/python benchmarks/bench_serve.py --checkpoint RUN_OR_CHECKPOINT_DIR [--clients 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def drive(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
         for r in range(per_client):
             t0 = time.perf_counter()
             try:
-                out = _call(f"{url}/generate", {"prompt": f"Request {c}.{r}:", "max_tokens": max_tokens,
-                                                "temperature": 0.8, "top_k": 50})
+                out = _call(
+                    f"{url}/generate",
+                    {"prompt": f"Request {c}.{r}:", "max_tokens": max_tokens, "temperature": 0.8, "top_k": 50},
+                )
                 with lock:
                     latencies.append(time.perf_counter() - t0)
                     tokens.append(out["completion_tokens"])
@@ -57,9 +60,15 @@ def drive(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
         t.join()
     wall_s = time.perf_counter() - t0
     lat_ms = sorted(1000 * x for x in latencies) or [float("nan")]
-    return {"requests": len(latencies), "errors": len(errors), "p50_ms": statistics.median(lat_ms),
-            "p99_ms": lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))], "requests_per_s": len(latencies) / wall_s,
-            "tokens_per_s": sum(tokens) / wall_s, "stats": _call(f"{url}/info")["stats"]}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "p50_ms": statistics.median(lat_ms),
+        "p99_ms": lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))],
+        "requests_per_s": len(latencies) / wall_s,
+        "tokens_per_s": sum(tokens) / wall_s,
+        "stats": _call(f"{url}/info")["stats"],
+    }
 
 
 def main() -> None:
@@ -77,17 +86,24 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     results = {}
     for batch in (1, args.max_batch_size):
-        serve.run(build_app(args.checkpoint, max_batch_size=batch, max_tokens_cap=args.max_tokens),
-                  name="bench", route_prefix="/")
+        serve.run(
+            build_app(args.checkpoint, max_batch_size=batch, max_tokens_cap=args.max_tokens),
+            name="bench",
+            route_prefix="/",
+        )
         drive(url, 2, 1, args.max_tokens)  # warm-up
         r = results[batch] = drive(url, args.clients, args.requests_per_client, args.max_tokens)
-        print(f"max_batch_size={batch:3d}: {r['requests']} requests, {r['errors']} errors, p50 {r['p50_ms']:.0f} ms, "
-              f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, "
-              f"max batch seen {r['stats']['max_batch_size_seen']}")
+        print(
+            f"max_batch_size={batch:3d}: {r['requests']} requests, {r['errors']} errors, p50 {r['p50_ms']:.0f} ms, "
+            f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, "
+            f"max batch seen {r['stats']['max_batch_size_seen']}"
+        )
         serve.delete("bench")
     base, batched = results[1], results[args.max_batch_size]
-    print(f"batched / one-at-a-time: requests/s x{batched['requests_per_s'] / base['requests_per_s']:.2f}, "
-          f"p50 latency x{batched['p50_ms'] / base['p50_ms']:.2f} ({args.clients} clients, {args.max_tokens} tokens)")
+    print(
+        f"batched / one-at-a-time: requests/s x{batched['requests_per_s'] / base['requests_per_s']:.2f}, "
+        f"p50 latency x{batched['p50_ms'] / base['p50_ms']:.2f} ({args.clients} clients, {args.max_tokens} tokens)"
+    )
     serve.shutdown()
     ray.shutdown()
 

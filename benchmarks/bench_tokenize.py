@@ -10,6 +10,7 @@ of the Ray stage over all CPUs, per-core rates and the ratio pipeline / (cores x
 
     .venv/bin/python benchmarks/bench_tokenize.py [--copies 11] [--vocab-size 4096]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus_bytes = build_corpus(Path(tmp), args.copies)
         print(f"corpus: {corpus_bytes / 1e6:.1f} MB, {args.copies} perturbed copies of the Shakespeare plays")
-        docs = read_documents(resolve_sources(SourceConfig(uris=[f"{tmp}/*.txt"])), SourceConfig()) \
-            .map_batches(as_documents, batch_format="pyarrow").materialize()
+        docs = (
+            read_documents(resolve_sources(SourceConfig(uris=[f"{tmp}/*.txt"])), SourceConfig())
+            .map_batches(as_documents, batch_format="pyarrow")
+            .materialize()
+        )
         texts = [t for b in docs.iter_batches(batch_format="pyarrow") for t in b.column("text").to_pylist()]
 
     plays = [p.read_text(encoding="utf-8") for p in sorted(embedded_corpus_dir().glob(EMBEDDED_GLOB))]
@@ -77,8 +81,9 @@ def main() -> None:
     spec_ref = ray.put(spec)
     fn_kwargs = {"spec_ref": spec_ref, "tokenizer_hash": spec["hash"], "val_fraction": 0.05, "seed": 0}
     # warm-up: start workers and build each one's Encoding outside the timed run
-    docs.limit(4 * cores).map_batches(tokenize_batch, batch_format="pyarrow", batch_size=1,
-                                      fn_kwargs=fn_kwargs).materialize()
+    docs.limit(4 * cores).map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=1, fn_kwargs=fn_kwargs
+    ).materialize()
     t0 = time.perf_counter()
     out = docs.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, fn_kwargs=fn_kwargs).materialize()
     pipe_s = time.perf_counter() - t0
@@ -87,8 +92,10 @@ def main() -> None:
 
     assert pipe_tokens == raw_tokens, (pipe_tokens, raw_tokens)
     print(f"raw tiktoken, 1 process:   {raw_tokens:,} tokens in {raw_s:.2f} s = {raw_rate / 1e6:.2f} M tokens/s")
-    print(f"pipeline stage, {cores} CPUs:   {pipe_tokens:,} tokens in {pipe_s:.2f} s = {pipe_rate / 1e6:.2f} M tokens/s "
-          f"({pipe_rate / cores / 1e6:.2f} M tokens/s per core)")
+    print(
+        f"pipeline stage, {cores} CPUs:   {pipe_tokens:,} tokens in {pipe_s:.2f} s = {pipe_rate / 1e6:.2f} M tokens/s "
+        f"({pipe_rate / cores / 1e6:.2f} M tokens/s per core)"
+    )
     print(f"ratio pipeline / ({cores} x raw) = {pipe_rate / (cores * raw_rate):.2f}")
     ray.shutdown()
 

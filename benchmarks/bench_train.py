@@ -6,6 +6,7 @@ raylm / bare (target >= 0.95) and MFU on a GPU with a known peak (achieved FLOP/
     python benchmarks/bench_train.py --data runs/data/shakespeare/manifest.json --preset shakespeare
     python benchmarks/bench_train.py --data ... --gpu --precision bf16 --compile --preset gpt2-small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> fl
             group["lr"] = lr_for(train, step, warmup + steps)
         for micro in range(train.grad_accum_steps):
             i = (step * train.grad_accum_steps + micro) * mb % (len(rows) - mb)
-            batch = torch.from_numpy(rows[i:i + mb].astype(np.int64)).to(device)
+            batch = torch.from_numpy(rows[i : i + mb].astype(np.int64)).to(device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                 _, loss = step_fn(batch[:, :-1], batch[:, 1:])
             (loss / train.grad_accum_steps).backward()
@@ -94,33 +95,56 @@ def main() -> None:
     manifest = read_manifest(args.data)
     seq_len = manifest["seq_len"]
     storage = tempfile.mkdtemp(prefix="raylm_bench_")
-    cfg = load_config(None, [
-        f"model.preset={args.preset}", f"model.vocab_size={manifest['tokenizer']['n_vocab']}",
-        f"model.block_size={seq_len}", f"train.data={args.data}", f"train.storage_path={storage}",
-        "train.run_name=bench", "train.num_workers=1", f"train.use_gpu={str(args.gpu).lower()}",
-        f"train.micro_batch_size={args.micro_batch_size}", f"train.max_steps={args.warmup + args.steps}",
-        "train.warmup_steps=2", f"train.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
-        f"train.compile={str(args.compile).lower()}", "train.log_interval=5", "train.eval_interval=0",
-        "train.checkpoint_interval=0", f"train.cpus_per_worker={os.cpu_count()}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"model.vocab_size={manifest['tokenizer']['n_vocab']}",
+            f"model.block_size={seq_len}",
+            f"train.data={args.data}",
+            f"train.storage_path={storage}",
+            "train.run_name=bench",
+            "train.num_workers=1",
+            f"train.use_gpu={str(args.gpu).lower()}",
+            f"train.micro_batch_size={args.micro_batch_size}",
+            f"train.max_steps={args.warmup + args.steps}",
+            "train.warmup_steps=2",
+            f"train.zero_stage={args.zero_stage}",
+            f"train.precision={args.precision}",
+            f"train.compile={str(args.compile).lower()}",
+            "train.log_interval=5",
+            "train.eval_interval=0",
+            "train.checkpoint_interval=0",
+            f"train.cpus_per_worker={os.cpu_count()}",
+        ],
+    )
     device = "cuda" if args.gpu else "cpu"
     # The worker gets every core (as the bare loop does); one more logical CPU runs Ray Data's reads.
     ray.init(num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=True)
     # The bare loop gets the same rows (the run's first sequences), read once into memory.
     n_rows = (args.warmup + args.steps) * args.micro_batch_size
-    rows = np.stack([np.asarray(r["tokens"]) for r in
-                     sequence_dataset(args.data, "train", seed=cfg.train.seed, num_sequences=n_rows).take(n_rows)])
+    rows = np.stack(
+        [
+            np.asarray(r["tokens"])
+            for r in sequence_dataset(args.data, "train", seed=cfg.train.seed, num_sequences=n_rows).take(n_rows)
+        ]
+    )
 
     bare = bare_loop(cfg, rows, args.steps, args.warmup, device)
     ours, last = raylm_path(cfg, args.steps, args.warmup)
     fpt = flops_per_token(cfg.model, seq_len)
     peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None)
-    print(f"\nmodel {args.preset} ({sum(p.numel() for p in __import__('model.gpt', fromlist=['GPT']).GPT(cfg.model).parameters()) / 1e6:.2f}M params), "
-          f"micro batch {args.micro_batch_size} x {seq_len} tokens, {args.precision}, ZeRO-{args.zero_stage}, "
-          f"compile={args.compile}, device {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {args.preset} ({sum(p.numel() for p in __import__('model.gpt', fromlist=['GPT']).GPT(cfg.model).parameters()) / 1e6:.2f}M params), "  # noqa: E501
+        f"micro batch {args.micro_batch_size} x {seq_len} tokens, {args.precision}, ZeRO-{args.zero_stage}, "
+        f"compile={args.compile}, device {device}, torch threads {torch.get_num_threads()}"
+    )
     for name, tps in (("bare PyTorch loop", bare), ("raylm (Ray Train + DeepSpeed, 1 worker)", ours)):
         util = f"MFU {tps * fpt / peak:.1%}" if peak else f"{tps * fpt / 1e9:.2f} GFLOP/s"
         print(f"  {name:42s} {tps:12,.0f} tokens/s   {util}")
-    print(f"  ratio raylm / bare: {ours / bare:.3f} (target >= 0.95); raylm data wait {last['data_wait_s'] * 1e3:.2f} ms/step")
+    print(
+        f"  ratio raylm / bare: {ours / bare:.3f} (target >= 0.95); raylm data wait {last['data_wait_s'] * 1e3:.2f} ms/step"  # noqa: E501
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 them, hashes the result and computes its MinHash signature. Nothing is dropped silently: a dropped
 document keeps its row with a ``drop_reason`` and every step's removed characters are counted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,13 @@ _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(\s[^<>]{0,1000})?/?>")
 _ENTITY = re.compile(r"&(#\d+|#x[0-9a-fA-F]+|[A-Za-z]{2,8});")
 
 # Gutenberg: modern "*** START OF THE/THIS PROJECT GUTENBERG EBOOK ... ***" and 1990s "*END*THE SMALL PRINT!"
-_PG_START = re.compile(r"^.*(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*THE SMALL PRINT!).*$",
-                       re.IGNORECASE | re.MULTILINE)
-_PG_END = re.compile(r"^.*(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg'?s?\b).*$",
-                     re.IGNORECASE | re.MULTILINE)
+_PG_START = re.compile(
+    r"^.*(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*THE SMALL PRINT!).*$", re.IGNORECASE | re.MULTILINE
+)
+_PG_END = re.compile(
+    r"^.*(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg'?s?\b).*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 _ODD_SPACE = re.compile(r"[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _ZERO_WIDTH = re.compile(r"[\u200b-\u200d\u2060\ufeff]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -71,10 +75,10 @@ def strip_gutenberg(text: str) -> str:
     """Drop a Project Gutenberg header (through its START marker line) and footer (from its END marker)."""
     start = _PG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _PG_END.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     return text.strip() if (start or end) else text
 
 
@@ -114,17 +118,18 @@ def minhash_signature(text: str, cfg: NearDedupConfig) -> np.ndarray:
     words = _WORD.findall(text.lower())
     if not words:
         return np.full(cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    word_h = np.array([int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                       for w in words], dtype=np.uint64)
+    word_h = np.array(
+        [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in words], dtype=np.uint64
+    )
     k = min(cfg.shingle_words, len(words))
     shingles = np.zeros(len(words) - k + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(k):
-            shingles = shingles * np.uint64(1_000_003) + word_h[j:len(words) - k + 1 + j]
+            shingles = shingles * np.uint64(1_000_003) + word_h[j : len(words) - k + 1 + j]
         a, b = _permutations(cfg.num_perm, cfg.seed)
         sig = np.full(cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for lo in range(0, len(shingles), 4096):  # bounded memory on long documents
-            chunk = shingles[lo:lo + 4096]
+            chunk = shingles[lo : lo + 4096]
             sig = np.minimum(sig, ((a[:, None] * chunk[None, :] + b[:, None]) >> np.uint64(32)).min(axis=1))
     return sig.astype(np.uint32)
 
@@ -137,8 +142,18 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
     """
     texts = batch.column("text").to_pylist()
     read_errors = batch.column("read_error").to_pylist()
-    out: dict[str, list] = {k: [] for k in ("text", "doc_hash", "drop_reason", "chars_in", "chars_out",
-                                            "bytes_out", *(f"removed_{s}" for s in STEPS))}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "text",
+            "doc_hash",
+            "drop_reason",
+            "chars_in",
+            "chars_out",
+            "bytes_out",
+            *(f"removed_{s}" for s in STEPS),
+        )
+    }
     signatures = []
     for text, read_error in zip(texts, read_errors):
         text = text or ""
@@ -166,7 +181,9 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
             signatures.append(minhash_signature("" if reason else text, near_dedup))
     table = batch.drop_columns(["text"])
     for name, values in out.items():
-        table = table.append_column(name, pa.array(values, type=pa.string() if name in ("text", "doc_hash", "drop_reason") else pa.int64()))
+        table = table.append_column(
+            name, pa.array(values, type=pa.string() if name in ("text", "doc_hash", "drop_reason") else pa.int64())
+        )
     if near_dedup.enabled:
         flat = pa.array(np.concatenate(signatures) if signatures else np.zeros(0, np.uint32))
         table = table.append_column("signature", pa.FixedSizeListArray.from_arrays(flat, near_dedup.num_perm))

@@ -4,6 +4,7 @@ Loaded by ``orchestration.config.build_dataclass`` (strict: unknown keys, wrong 
 a field's ``min``/``max`` raise ``ConfigError`` naming key and file). Every field is used by
 ``data_pipeline.prepare.prepare``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,8 +53,9 @@ class NearDedupConfig:
 
     def __post_init__(self) -> None:
         if self.num_perm % self.bands:
-            raise ValueError(f"near_dedup.num_perm ({self.num_perm}) must be a multiple of "
-                             f"near_dedup.bands ({self.bands})")
+            raise ValueError(
+                f"near_dedup.num_perm ({self.num_perm}) must be a multiple of near_dedup.bands ({self.bands})"
+            )
 
 
 @dataclass

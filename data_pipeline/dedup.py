@@ -4,6 +4,7 @@ Runs on the driver over hashes and signatures only (32 bytes + 4*num_perm per do
 Documents are visited in content-hash order, so which copy survives does not depend on how Ray
 ordered blocks: the result is a pure function of the corpus and the config.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -14,8 +15,9 @@ import numpy as np
 from data_pipeline.config import NearDedupConfig
 
 
-def select_duplicates(keys: list[str], hashes: list[str], signatures: Optional[np.ndarray],
-                      exact: bool, near: Optional[NearDedupConfig]) -> dict[str, str]:
+def select_duplicates(
+    keys: list[str], hashes: list[str], signatures: Optional[np.ndarray], exact: bool, near: Optional[NearDedupConfig]
+) -> dict[str, str]:
     """Returns {key: 'exact_duplicate' | 'near_duplicate'} for the documents to drop.
 
     keys: unique document ids (source#index); hashes: sha256 of cleaned text; signatures: uint32
@@ -35,7 +37,7 @@ def select_duplicates(keys: list[str], hashes: list[str], signatures: Optional[n
         if near is None:
             continue
         sig = signatures[i]
-        band_keys = [(b, sig[b * rows:(b + 1) * rows].tobytes()) for b in range(near.bands)]
+        band_keys = [(b, sig[b * rows : (b + 1) * rows].tobytes()) for b in range(near.bands)]
         candidates = {j for bk in band_keys for j in buckets.get(bk, ())}
         if any(np.mean(signatures[j] == sig) >= near.threshold for j in candidates):
             drop[keys[i]] = "near_duplicate"

@@ -5,6 +5,7 @@ tokenizer's training sample):
   read -> clean (+hash, +MinHash) -> [driver] exact/near dedup -> [driver] train tokenizer on a
   hash-ordered sample -> tokenize + split -> group by shard -> pack + write Parquet -> manifest.json
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,16 @@ def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> 
     try:
         info = fs.get_file_info(f"{path}/{MANIFEST}")
     except OSError as err:
-        raise DataSourceError(f"{uri}: cannot access the output location ({err}); check bucket, credentials, "
-                              "output.endpoint_url") from err
+        raise DataSourceError(
+            f"{uri}: cannot access the output location ({err}); check bucket, credentials, output.endpoint_url"
+        ) from err
     if info.type != pafs.FileType.File:
         return
     if not overwrite:
-        raise DataSourceError(f"{join(uri, MANIFEST)} already exists; set output.overwrite=true to replace it "
-                              "or choose another output.uri")
+        raise DataSourceError(
+            f"{join(uri, MANIFEST)} already exists; set output.overwrite=true to replace it "
+            "or choose another output.uri"
+        )
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
         old = json.loads(f.read())
     for split in old.get("splits", {}).values():
@@ -69,8 +73,10 @@ def _tokenizer_sample(kept: ray.data.Dataset, doc_bytes: dict[str, int], sample_
         chosen.add(h)
         total += doc_bytes[h]
     if not chosen:
-        raise DataSourceError("no documents survived cleaning, so there is nothing to tokenize; check the "
-                              "cleaning counts and clean.min_chars / clean.min_alpha_ratio / clean.max_symbol_ratio")
+        raise DataSourceError(
+            "no documents survived cleaning, so there is nothing to tokenize; check the "
+            "cleaning counts and clean.min_chars / clean.min_alpha_ratio / clean.max_symbol_ratio"
+        )
     rows = kept.filter(lambda r: r["doc_hash"] in chosen).take_all()
     return [r["text"] for r in sorted(rows, key=lambda r: r["doc_hash"])]
 
@@ -81,8 +87,10 @@ def _build_tokenizer(cfg: DataConfig, sample: list[str]) -> dict:
         return tok.tiktoken_named(tc.name)
     if tc.kind == "file":
         return tok.load_spec(tc.path, cfg.sources.endpoint_url, cfg.sources.region)
-    print(f"[prepare] training BPE vocab_size={tc.vocab_size} pattern={tc.pattern} on {len(sample)} documents, "
-          f"{sum(len(t.encode()) for t in sample):,} bytes")
+    print(
+        f"[prepare] training BPE vocab_size={tc.vocab_size} pattern={tc.pattern} on {len(sample)} documents, "
+        f"{sum(len(t.encode()) for t in sample):,} bytes"
+    )
     return tok.train_bpe(sample, tc.vocab_size, tc.pattern)
 
 
@@ -99,13 +107,25 @@ def _num_shards(doc_bytes: dict[str, int], sample: list[str], spec: dict, oc) ->
 
 
 def _collect_clean_stats(cleaned: ray.data.Dataset, near_dedup: bool):
-    cols = ["source", "doc_index", "doc_hash", "drop_reason", "chars_in", "chars_out", "bytes_out",
-            "replaced_chars", *(f"removed_{s}" for s in STEPS)] + (["signature"] if near_dedup else [])
+    cols = [
+        "source",
+        "doc_index",
+        "doc_hash",
+        "drop_reason",
+        "chars_in",
+        "chars_out",
+        "bytes_out",
+        "replaced_chars",
+        *(f"removed_{s}" for s in STEPS),
+    ] + (["signature"] if near_dedup else [])
     counts: Counter = Counter()
     reasons: Counter = Counter()
     keys, hashes, sigs, doc_bytes = [], [], [], {}
-    for batch in tqdm(cleaned.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096),
-                      desc="[prepare] collect hashes", unit="batch"):
+    for batch in tqdm(
+        cleaned.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096),
+        desc="[prepare] collect hashes",
+        unit="batch",
+    ):
         counts["documents_in"] += batch.num_rows
         for name in ("chars_in", "chars_out", "replaced_chars", *(f"removed_{s}" for s in STEPS)):
             counts[name] += int(np.sum(batch.column(name).to_numpy()))
@@ -135,15 +155,25 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     sources = resolve_sources(cfg.sources)
     corpus_bytes = sum(s.bytes for s in sources)
     if verbose:
-        print(f"[prepare] {sum(len(s.files) for s in sources)} files, {corpus_bytes / 1e6:.1f} MB from "
-              f"{', '.join(cfg.sources.uris)}")
+        print(
+            f"[prepare] {sum(len(s.files) for s in sources)} files, {corpus_bytes / 1e6:.1f} MB from "
+            f"{', '.join(cfg.sources.uris)}"
+        )
 
-    cleaned = read_documents(sources, cfg.sources).map_batches(
-        clean_batch, batch_format="pyarrow", batch_size=64,
-        fn_kwargs={"clean": cfg.clean, "near_dedup": cfg.near_dedup}).materialize()
+    cleaned = (
+        read_documents(sources, cfg.sources)
+        .map_batches(
+            clean_batch,
+            batch_format="pyarrow",
+            batch_size=64,
+            fn_kwargs={"clean": cfg.clean, "near_dedup": cfg.near_dedup},
+        )
+        .materialize()
+    )
     counts, reasons, keys, hashes, signatures, doc_bytes = _collect_clean_stats(cleaned, cfg.near_dedup.enabled)
-    drop = select_duplicates(keys, hashes, signatures, cfg.clean.exact_dedup,
-                             cfg.near_dedup if cfg.near_dedup.enabled else None)
+    drop = select_duplicates(
+        keys, hashes, signatures, cfg.clean.exact_dedup, cfg.near_dedup if cfg.near_dedup.enabled else None
+    )
     reasons.update(drop.values())
     key_hash = dict(zip(keys, hashes))
     for key, reason in drop.items():
@@ -158,14 +188,31 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     del sample
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tokenized = kept.map_batches(
-        tokenize_batch, batch_format="pyarrow", batch_size=64,
-        fn_kwargs={"spec_ref": ray.put(spec), "tokenizer_hash": spec["hash"], "val_fraction": oc.val_fraction,
-                   "seed": oc.seed})
-    sharded = tokenized.map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards}) \
-        .groupby("shard_key", num_partitions=min(sum(num_shards.values()), 8 * num_cpus)).map_groups(
-            pack_and_write, batch_format="pyarrow",
-            fn_kwargs={"fs": out_fs, "out_path": out_path, "seq_len": oc.seq_len, "dtype": dtype,
-                       "tokenizer_hash": spec["hash"]})
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=64,
+        fn_kwargs={
+            "spec_ref": ray.put(spec),
+            "tokenizer_hash": spec["hash"],
+            "val_fraction": oc.val_fraction,
+            "seed": oc.seed,
+        },
+    )
+    sharded = (
+        tokenized.map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards})
+        .groupby("shard_key", num_partitions=min(sum(num_shards.values()), 8 * num_cpus))
+        .map_groups(
+            pack_and_write,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "fs": out_fs,
+                "out_path": out_path,
+                "seq_len": oc.seq_len,
+                "dtype": dtype,
+                "tokenizer_hash": spec["hash"],
+            },
+        )
+    )
     descriptors = sharded.take_all()
 
     for name, data in tok.to_files(spec).items():
@@ -195,14 +242,21 @@ def _manifest(cfg, sources, counts, reasons, spec, dtype, descriptors) -> dict:
         "format": MANIFEST_FORMAT,
         "sources": [{"uri": s.uri, "files": len(s.files), "bytes": s.bytes} for s in sources],
         "cleaning": {
-            "documents_in": counts["documents_in"], "documents_out": documents_out,
+            "documents_in": counts["documents_in"],
+            "documents_out": documents_out,
             "chars_in": counts["chars_in"],
             "chars_removed": {s: counts[f"removed_{s}"] for s in STEPS},
             "replacement_chars": counts["replaced_chars"],
             "dropped": {r: reasons.get(r, 0) for r in sorted(set(REASONS) | set(reasons))},
         },
-        "tokenizer": {"name": spec["name"], "hash": spec["hash"], "n_vocab": spec["n_vocab"],
-                      "eot_token": tok.eot_id(spec), "ranks_file": tok.RANKS_FILE, "meta_file": tok.META_FILE},
+        "tokenizer": {
+            "name": spec["name"],
+            "hash": spec["hash"],
+            "n_vocab": spec["n_vocab"],
+            "eot_token": tok.eot_id(spec),
+            "ranks_file": tok.RANKS_FILE,
+            "meta_file": tok.META_FILE,
+        },
         "seq_len": cfg.output.seq_len,
         "row_tokens": cfg.output.seq_len + 1,
         "dtype": dtype,
@@ -214,11 +268,17 @@ def _manifest(cfg, sources, counts, reasons, spec, dtype, descriptors) -> dict:
 def _print_summary(m: dict, corpus_bytes: int, wall_s: float, manifest_uri: str) -> None:
     c = m["cleaning"]
     dropped = ", ".join(f"{k}={v}" for k, v in c["dropped"].items() if v) or "none"
-    print(f"[prepare] corpus {corpus_bytes / 1e6:.1f} MB, documents {c['documents_in']} -> {c['documents_out']} "
-          f"(dropped: {dropped}; U+FFFD replacements {c['replacement_chars']})")
+    print(
+        f"[prepare] corpus {corpus_bytes / 1e6:.1f} MB, documents {c['documents_in']} -> {c['documents_out']} "
+        f"(dropped: {dropped}; U+FFFD replacements {c['replacement_chars']})"
+    )
     for split, s in m["splits"].items():
-        print(f"[prepare] {split}: {s['tokens']:,} tokens in {s['sequences']:,} rows of {m['row_tokens']} "
-              f"({s['num_shards']} shards, {s['dropped_tail_tokens']:,} tail tokens dropped)")
-    print(f"[prepare] tokenizer {m['tokenizer']['name']} n_vocab={m['tokenizer']['n_vocab']} dtype={m['dtype']}; "
-          f"wall {wall_s:.1f} s")
+        print(
+            f"[prepare] {split}: {s['tokens']:,} tokens in {s['sequences']:,} rows of {m['row_tokens']} "
+            f"({s['num_shards']} shards, {s['dropped_tail_tokens']:,} tail tokens dropped)"
+        )
+    print(
+        f"[prepare] tokenizer {m['tokenizer']['name']} n_vocab={m['tokenizer']['n_vocab']} dtype={m['dtype']}; "
+        f"wall {wall_s:.1f} s"
+    )
     print(f"[prepare] wrote {manifest_uri}")

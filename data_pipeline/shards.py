@@ -5,6 +5,7 @@ shard packs its documents in hash order. So shard bytes depend only on the clean
 config, never on Ray's block order or the number of CPUs. Each shard's tail that does not fill a
 row of ``seq_len + 1`` tokens is dropped and counted (``dropped_tail_tokens``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,12 +57,14 @@ def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str, val_fracti
     np.cumsum(lengths, out=offsets[1:])
     # ~10x faster than pa.array(list of lists): one pass over the ints, no per-list Arrow builder
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(offsets[-1]))
-    return pa.table({
-        "doc_hash": hashes,
-        "split": pa.array([split_of(h, val_fraction, seed) for h in hashes], pa.int8()),
-        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        "num_tokens": pa.array(lengths),
-    })
+    return pa.table(
+        {
+            "doc_hash": hashes,
+            "split": pa.array([split_of(h, val_fraction, seed) for h in hashes], pa.int8()),
+            "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            "num_tokens": pa.array(lengths),
+        }
+    )
 
 
 def add_shard_key(batch: pa.Table, num_shards: dict) -> pa.Table:
@@ -80,13 +83,15 @@ def shard_bytes(tokens: np.ndarray, row_tokens: int, dtype: str, meta: dict) -> 
     table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, row_tokens)})
     table = table.replace_schema_metadata({f"raylm.{k}": str(v) for k, v in meta.items()})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, (8 << 20) // (row_tokens * 2)),
-                   write_statistics=False)
+    pq.write_table(
+        table, buf, compression="zstd", row_group_size=max(1, (8 << 20) // (row_tokens * 2)), write_statistics=False
+    )
     return buf.getvalue()
 
 
-def pack_and_write(group: pa.Table, *, fs: pafs.FileSystem, out_path: str, seq_len: int, dtype: str,
-                   tokenizer_hash: str) -> pa.Table:
+def pack_and_write(
+    group: pa.Table, *, fs: pafs.FileSystem, out_path: str, seq_len: int, dtype: str, tokenizer_hash: str
+) -> pa.Table:
     """Ray Data map_groups fn: one shard's documents -> one Parquet file; returns its descriptor row."""
     group = group.sort_by("doc_hash")
     key = group.column("shard_key")[0].as_py()
@@ -94,14 +99,25 @@ def pack_and_write(group: pa.Table, *, fs: pafs.FileSystem, out_path: str, seq_l
     row_tokens = seq_len + 1
     stream = pc.list_flatten(group.column("tokens")).to_numpy()
     num_rows = len(stream) // row_tokens
-    data = shard_bytes(stream[:num_rows * row_tokens], row_tokens, dtype,
-                       {"format": SHARD_FORMAT, "tokenizer_hash": tokenizer_hash, "seq_len": seq_len,
-                        "split": split, "index": index})
+    data = shard_bytes(
+        stream[: num_rows * row_tokens],
+        row_tokens,
+        dtype,
+        {"format": SHARD_FORMAT, "tokenizer_hash": tokenizer_hash, "seq_len": seq_len, "split": split, "index": index},
+    )
     name = f"{split}/shard-{index:05d}.parquet"
     fs.create_dir(f"{out_path}/{split}", recursive=True)
     with fs.open_output_stream(f"{out_path}/{name}") as f:
         f.write(data)
-    return pa.table({"split": [split], "index": [index], "file": [name], "sequences": [num_rows],
-                     "tokens": [num_rows * row_tokens], "documents": [group.num_rows],
-                     "dropped_tail_tokens": [len(stream) - num_rows * row_tokens],
-                     "sha256": [hashlib.sha256(data).hexdigest()]})
+    return pa.table(
+        {
+            "split": [split],
+            "index": [index],
+            "file": [name],
+            "sequences": [num_rows],
+            "tokens": [num_rows * row_tokens],
+            "documents": [group.num_rows],
+            "dropped_tail_tokens": [len(stream) - num_rows * row_tokens],
+            "sha256": [hashlib.sha256(data).hexdigest()],
+        }
+    )

@@ -7,6 +7,7 @@ sequences turned into U+FFFD), read_error ('' or why the row holds no text: 'bad
 JSON object per line; .parquet is read row group by row group, text column only. Memory per read
 task is bounded by one block of documents (or one .txt file), not by file size.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,28 @@ from ray.data.datasource import FileBasedDatasource
 
 from data_pipeline.clean import decode_utf8
 from data_pipeline.config import SourceConfig
-from data_pipeline.storage import (EMBEDDED_CORPUS, EMBEDDED_GLOB, DataSourceError, embedded_corpus_dir,
-                                  filesystem_for, list_files)
+from data_pipeline.storage import (
+    EMBEDDED_CORPUS,
+    EMBEDDED_GLOB,
+    DataSourceError,
+    embedded_corpus_dir,
+    filesystem_for,
+    list_files,
+)
 
 _TXT = (".txt",)
 _JSONL = tuple(f"{e}{c}" for e in (".jsonl", ".json") for c in ("", ".gz", ".zst"))
 _PARQUET = (".parquet",)
 _EXTENSIONS = {"txt": _TXT, "jsonl": _JSONL, "parquet": _PARQUET, "auto": _TXT + _JSONL + _PARQUET}
-_SCHEMA = pa.schema([("source", pa.string()), ("doc_index", pa.int64()), ("text", pa.string()),
-                     ("replaced_chars", pa.int64()), ("read_error", pa.string())])
+_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("doc_index", pa.int64()),
+        ("text", pa.string()),
+        ("replaced_chars", pa.int64()),
+        ("read_error", pa.string()),
+    ]
+)
 _DOCS_PER_BLOCK = 2048
 _READ_CHUNK_BYTES = 8 << 20
 
@@ -81,8 +95,10 @@ class _DocumentDatasource(FileBasedDatasource):
             return
         if fmt == "txt":
             text, replaced = decode_utf8(f.read())
-            yield pa.Table.from_pylist([{"source": path, "doc_index": 0, "text": text,
-                                         "replaced_chars": replaced, "read_error": ""}], schema=_SCHEMA)
+            yield pa.Table.from_pylist(
+                [{"source": path, "doc_index": 0, "text": text, "replaced_chars": replaced, "read_error": ""}],
+                schema=_SCHEMA,
+            )
             return
         rows, index, pending = [], 0, b""
         while True:
@@ -103,14 +119,25 @@ class _DocumentDatasource(FileBasedDatasource):
         # Parquet needs random access: open the file itself (the stream Ray passed is not seekable)
         pf = pq.ParquetFile(self._filesystem.open_input_file(path))
         if self._text_field not in pf.schema_arrow.names:
-            raise DataSourceError(f"{path}: no column {self._text_field!r} (columns: {pf.schema_arrow.names}); "
-                                  "set sources.text_field")
+            raise DataSourceError(
+                f"{path}: no column {self._text_field!r} (columns: {pf.schema_arrow.names}); set sources.text_field"
+            )
         index = 0
         for batch in pf.iter_batches(batch_size=_DOCS_PER_BLOCK, columns=[self._text_field]):
             texts = batch.column(0).cast(pa.string()).to_pylist()
-            yield pa.Table.from_pylist([{"source": path, "doc_index": index + i, "text": t or "", "replaced_chars": 0,
-                                         "read_error": "missing_text_field" if t is None else ""}
-                                        for i, t in enumerate(texts)], schema=_SCHEMA)
+            yield pa.Table.from_pylist(
+                [
+                    {
+                        "source": path,
+                        "doc_index": index + i,
+                        "text": t or "",
+                        "replaced_chars": 0,
+                        "read_error": "missing_text_field" if t is None else "",
+                    }
+                    for i, t in enumerate(texts)
+                ],
+                schema=_SCHEMA,
+            )
             index += len(texts)
 
     def _parse_line(self, line: bytes, path: str, index: int) -> dict:
@@ -133,6 +160,11 @@ def read_documents(sources: list[ResolvedSource], cfg: SourceConfig) -> ray.data
     """One Ray dataset over every source's files (text formats streamed, Parquet by column)."""
     datasets = []
     for src in sources:
-        datasets.append(ray.data.read_datasource(_DocumentDatasource(
-            [f.path for f in src.files], filesystem=src.fs, fmt=cfg.format, text_field=cfg.text_field)))
+        datasets.append(
+            ray.data.read_datasource(
+                _DocumentDatasource(
+                    [f.path for f in src.files], filesystem=src.fs, fmt=cfg.format, text_field=cfg.text_field
+                )
+            )
+        )
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])

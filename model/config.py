@@ -4,11 +4,11 @@ Pure data: no torch import, so configs load and validate fast on any machine.
 Ranges and choices live in field metadata (``min``/``max``) and ``Literal`` types; the loader in
 ``orchestration.config`` enforces them and names the key and file on failure.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
-
 
 # LoRA target short names (as configs write them) -> the linear layers they select inside every block
 LORA_TARGETS = {
@@ -57,9 +57,7 @@ class ModelConfig:
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got n_embd/n_head = {self.head_dim}")
         if self.kv_heads > self.n_head or self.n_head % self.kv_heads:
-            raise ValueError(
-                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) and be <= it"
-            )
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) and be <= it")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
 
@@ -83,15 +81,34 @@ class ModelConfig:
 
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> dict:
-    return dict(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                mlp="gelu", norm="layernorm", pos_encoding="learned", bias=True, tie_embeddings=True)
+    return dict(
+        vocab_size=50257,
+        block_size=1024,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        mlp="gelu",
+        norm="layernorm",
+        pos_encoding="learned",
+        bias=True,
+        tie_embeddings=True,
+    )
 
 
 def _modern(n_layer: int, n_embd: int, head_dim: int = 64, vocab_size: int = 32768) -> dict:
     """Llama-style ladder rung: RoPE, SwiGLU, RMSNorm, no biases, aspect ratio d/L fixed by caller."""
-    return dict(vocab_size=vocab_size, block_size=2048, n_layer=n_layer, n_head=n_embd // head_dim,
-                n_embd=n_embd, mlp="swiglu", norm="rmsnorm", pos_encoding="rope", bias=False,
-                tie_embeddings=True)
+    return dict(
+        vocab_size=vocab_size,
+        block_size=2048,
+        n_layer=n_layer,
+        n_head=n_embd // head_dim,
+        n_embd=n_embd,
+        mlp="swiglu",
+        norm="rmsnorm",
+        pos_encoding="rope",
+        bias=False,
+        tie_embeddings=True,
+    )
 
 
 # Parameter counts (vocab as given, model.flops.count_params): tiny 0.14M, micro 1.09M, mini 3.5M,
@@ -103,8 +120,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64),
     "micro": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "mini": dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=192),
-    "shakespeare": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128,
-                        pos_encoding="rope", mlp="gelu", bias=False),
+    "shakespeare": dict(
+        vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128, pos_encoding="rope", mlp="gelu", bias=False
+    ),
     "gpt2-small": _gpt2(12, 12, 768),
     "gpt2-medium": _gpt2(24, 16, 1024),
     "gpt2-large": _gpt2(36, 20, 1280),

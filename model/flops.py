@@ -3,6 +3,7 @@
 No model is built, so these answer for any size instantly (the ``raylm model-info`` table, MFU,
 scaling fits) and the tests pin them against real modules.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -67,8 +68,14 @@ def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
     return body + cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
 
 
-def activation_bytes(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int, precision: Precision,
-                     activation_checkpointing: bool = False) -> int:
+def activation_bytes(
+    cfg: ModelConfig,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    precision: Precision,
+    activation_checkpointing: bool = False,
+) -> int:
     """Activations kept for backward in one micro-batch, after Korthikanti et al. (2022).
 
     Per layer and token, in 16-bit: attention 10h bytes, two norm inputs 4h, MLP input 2h, the MLP's
@@ -89,10 +96,18 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int, p
     return cfg.n_layer * per_layer + head
 
 
-def estimate_training_memory(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int,
-                             num_workers: int, precision: Precision, zero_stage: int,
-                             offload_optimizer: bool = False, offload_params: bool = False,
-                             activation_checkpointing: bool = False) -> dict[str, int]:
+def estimate_training_memory(
+    cfg: ModelConfig,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    num_workers: int,
+    precision: Precision,
+    zero_stage: int,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    activation_checkpointing: bool = False,
+) -> dict[str, int]:
     """Bytes per worker for data-parallel AdamW training under DeepSpeed ZeRO.
 
     Mixed precision (bf16/fp16) holds 16-bit params and grads and 12 bytes/param of optimizer state
@@ -124,19 +139,36 @@ def estimate_training_memory(cfg: ModelConfig, *, micro_batch_size: int, seq_len
         cpu, optimizer = cpu + optimizer, 0
     if offload_params:
         cpu, params = cpu + params, 0
-    activations = activation_bytes(cfg, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                                   precision=precision, activation_checkpointing=activation_checkpointing)
-    return dict(params_bytes=params, grads_bytes=grads, optimizer_bytes=optimizer,
-                activations_bytes=activations, total_bytes=params + grads + optimizer + activations,
-                cpu_bytes=cpu)
+    activations = activation_bytes(
+        cfg,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+    )
+    return dict(
+        params_bytes=params,
+        grads_bytes=grads,
+        optimizer_bytes=optimizer,
+        activations_bytes=activations,
+        total_bytes=params + grads + optimizer + activations,
+        cpu_bytes=cpu,
+    )
 
 
-def model_info_text(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int, num_workers: int,
-                    precision: Precision, offload_optimizer: bool = False) -> str:
+def model_info_text(
+    cfg: ModelConfig,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    num_workers: int,
+    precision: Precision,
+    offload_optimizer: bool = False,
+) -> str:
     """A readable summary: parameter counts, training FLOPs per token, and per-GPU memory for each
     ZeRO stage at the given batch shape (stage 0 cannot offload, so its row never does)."""
     n, n_body = count_params(cfg), count_params(cfg, non_embedding=True)
-    gib = 2 ** 30
+    gib = 2**30
     lines = [
         f"model           {cfg.preset or 'custom'}: {cfg.n_layer} layers, {cfg.n_head} heads "
         f"({cfg.kv_heads} kv), n_embd {cfg.n_embd}, {cfg.mlp}, {cfg.norm}, {cfg.pos_encoding}, "
@@ -149,10 +181,18 @@ def model_info_text(cfg: ModelConfig, *, micro_batch_size: int, seq_len: int, nu
         f"{'ZeRO':>6}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'GPU total':>11}{'CPU':>9}  (GiB)",
     ]
     for stage in range(4):
-        m = estimate_training_memory(cfg, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                                     num_workers=num_workers, precision=precision, zero_stage=stage,
-                                     offload_optimizer=offload_optimizer and stage > 0)
-        lines.append(f"{stage:>6}{m['params_bytes'] / gib:>10.2f}{m['grads_bytes'] / gib:>10.2f}"
-                     f"{m['optimizer_bytes'] / gib:>10.2f}{m['activations_bytes'] / gib:>10.2f}"
-                     f"{m['total_bytes'] / gib:>11.2f}{m['cpu_bytes'] / gib:>9.2f}")
+        m = estimate_training_memory(
+            cfg,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            num_workers=num_workers,
+            precision=precision,
+            zero_stage=stage,
+            offload_optimizer=offload_optimizer and stage > 0,
+        )
+        lines.append(
+            f"{stage:>6}{m['params_bytes'] / gib:>10.2f}{m['grads_bytes'] / gib:>10.2f}"
+            f"{m['optimizer_bytes'] / gib:>10.2f}{m['activations_bytes'] / gib:>10.2f}"
+            f"{m['total_bytes'] / gib:>11.2f}{m['cpu_bytes'] / gib:>9.2f}"
+        )
     return "\n".join(lines)

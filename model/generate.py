@@ -5,6 +5,7 @@ keys are masked out and every row's positions start at 0. LSTM: prompts are pack
 enters the recurrence) and each row's (h, c) state is carried from step to step. Either way a
 batched row produces the same tokens as that prompt run alone, and the prefix is never recomputed.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -55,8 +56,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, KV, T, D); return all keys and values so far."""
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, T: int) -> None:
@@ -64,8 +65,14 @@ class KVCache:
         self.pos += T
 
 
-def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick one token per row from logits (B, vocab) -> (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -110,9 +117,17 @@ def _lstm_decoder(model: LSTMLM, prompts: list[list[int]]) -> Decoder:
 
 
 @torch.inference_mode()
-def generate(model: GPT | LSTMLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             seed: int | None = None) -> list[list[int]]:
+def generate(
+    model: GPT | LSTMLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
     """Continue each prompt with a ``GPT`` (KV cache) or an ``LSTMLM`` (carried (h, c) state);
     return only the new tokens of each.
 
@@ -126,10 +141,11 @@ def generate(model: GPT | LSTMLM, prompts: list[list[int]], max_new_tokens: int,
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt at least one token")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), "
-                         f"top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])")
+        raise ValueError(
+            f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])"
+        )
     cfg = model.cfg
-    prompts = [p[-cfg.block_size:] for p in prompts]
+    prompts = [p[-cfg.block_size :] for p in prompts]
     steps = min(max_new_tokens, cfg.block_size + 1 - max(len(p) for p in prompts))
     out: list[list[int]] = [[] for _ in prompts]
     if steps <= 0:
@@ -140,8 +156,9 @@ def generate(model: GPT | LSTMLM, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        logits, step_fn = (_lstm_decoder(model, prompts) if isinstance(model, LSTMLM)
-                           else _gpt_decoder(model, prompts, steps))
+        logits, step_fn = (
+            _lstm_decoder(model, prompts) if isinstance(model, LSTMLM) else _gpt_decoder(model, prompts, steps)
+        )
         done = [False] * len(prompts)
         for step in range(steps):
             token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -3,6 +3,7 @@
 Parameter names follow GPT-2 (transformer.wte/wpe/h.N.ln_1/attn.c_attn/.../ln_f, lm_head) so an
 exporter can map them onto HF's GPT2LMHeadModel.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,14 @@ class GPT(nn.Module):
         layers = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
         if cfg.pos_encoding == "learned":
             layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.transformer = nn.ModuleDict(dict(
-            **layers,
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=make_norm(cfg),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                **layers,
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=make_norm(cfg),
+            )
+        )
         # Fixed tables are buffers, not parameters, and are rebuilt rather than checkpointed
         if cfg.pos_encoding == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
@@ -55,8 +58,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
         Training/eval (no cache): logits (B, T, vocab) for every position; loss is the mean
@@ -80,8 +84,10 @@ class GPT(nn.Module):
         cfg = self.cfg
         if kv_cache is None:
             if T > cfg.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}; "
-                                 "crop inputs to the model's context length")
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than block_size {cfg.block_size}; "
+                    "crop inputs to the model's context length"
+                )
             pos = torch.arange(T, device=idx.device)
             attn_mask = None  # plain causal attention: SDPA's fused is_causal path
         else:

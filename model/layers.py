@@ -3,6 +3,7 @@
 Shapes: B batch, T query length, S key length (T plus what a KV cache already holds), C = n_embd,
 H query heads, KV key/value heads, D head_dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). Without a cache and mask, attention is plain causal.
 
         With a cache, k/v are appended to it and attention covers everything it holds; attn_mask
@@ -110,7 +116,11 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and T == k.size(2),  # T == 1 on a cache: sees all of it
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -149,7 +159,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))

@@ -5,6 +5,7 @@ ZeRO partitioning and the HF exporter see the usual parameters) with two extra m
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T. B starts at zero, so an adapted model computes
 exactly what the pretrained one did until the first update.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,27 +17,37 @@ import torch.nn.functional as F
 
 from model.config import LORA_TARGETS
 
+
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         with torch.no_grad():
             self.weight.copy_(base.weight)
             if base.bias is not None:
                 self.bias.copy_(base.bias)
         self.rank, self.scale = rank, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype,
-                                               device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
-                                               device=base.weight.device))
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
+        )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init (and PEFT)
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + \
-            F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        return (
+            F.linear(x, self.weight, self.bias)
+            + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        )
 
     def delta(self) -> torch.Tensor:
         """The update the adapter adds to ``weight``: scale * B @ A."""
@@ -50,15 +61,17 @@ def lora_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
         if target not in LORA_TARGETS:
             raise ValueError(f"unknown LoRA target {target!r}; choose from {sorted(LORA_TARGETS)}")
         suffixes.extend(LORA_TARGETS[target])
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and any(name.endswith(s) for s in suffixes)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name.endswith(s) for s in suffixes)
+    ]
     if not names:
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer of {type(model).__name__}")
     return names
 
 
-def apply_lora(model: nn.Module, targets: Iterable[str], *, rank: int, alpha: float,
-               dropout: float = 0.0) -> list[str]:
+def apply_lora(model: nn.Module, targets: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
     """Replace the targeted linears by LoRALinear in place; freeze everything but the adapters.
 
     Returns the adapted module names. Anything else the caller wants trained (a task head) must be

@@ -8,6 +8,7 @@ recurrence carries position. ``forward(idx, targets)`` returns (logits, loss) li
 so the training loop, checkpoints and eval use it unchanged; ``decode`` carries the (h, c) state
 for generation, the LSTM's counterpart of the GPT's KV cache. ``build_model`` picks the class.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,14 @@ class LSTMLM(nn.Module):
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm = nn.LSTM(d, d, num_layers=cfg.n_layer, bias=cfg.bias, batch_first=True,
-                            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            d,
+            d,
+            num_layers=cfg.n_layer,
+            bias=cfg.bias,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+        )
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
         if cfg.tie_embeddings:
@@ -43,15 +50,18 @@ class LSTMLM(nn.Module):
             for name, p in self.lstm.named_parameters():
                 if name.startswith("bias"):
                     nn.init.zeros_(p)
-                    p.data[d:2 * d] = 0.5
+                    p.data[d : 2 * d] = 0.5
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None;
         targets of -1 are ignored). Every sequence starts from a zero state."""
         if kv_cache is not None:
-            raise NotImplementedError("LSTMLM has no KV cache: it carries (h, c) state; sample with "
-                                      "model.generate.generate, which calls LSTMLM.decode")
+            raise NotImplementedError(
+                "LSTMLM has no KV cache: it carries (h, c) state; sample with "
+                "model.generate.generate, which calls LSTMLM.decode"
+            )
         x = self.drop(self.wte(idx))
         x, _ = self.lstm(x)
         logits = self.lm_head(self.drop(x))
@@ -60,8 +70,12 @@ class LSTMLM(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def decode(self, idx: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def decode(
+        self,
+        idx: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Generation step: idx (B, T) continues ``state`` (None: a zero state, as in training) ->
         (logits (B, vocab) of the token after each row's last real token, the (h, c) state there).
 

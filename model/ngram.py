@@ -14,6 +14,7 @@ N1+(. h w) (distinct left neighbours) below it, and P_0 is uniform over the voca
 context's distribution sums to 1 over all V tokens, unseen ones included. A context never seen at
 order k passes P_{k-1} through unchanged. ``discount`` set to one number gives plain interpolated KN.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def check_order(n: int, vocab_size: int) -> None:
         raise ValueError(f"n-gram order n must be an integer in [{MIN_ORDER}, {MAX_ORDER}], got {n!r}")
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-    if vocab_size ** n > _INT64_MAX:
+    if vocab_size**n > _INT64_MAX:
         raise ValueError(f"vocab_size {vocab_size} ** n {n} overflows the int64 n-gram keys; use a smaller n")
 
 
@@ -52,7 +53,7 @@ def _keys(tokens: np.ndarray, k: int, V: int) -> np.ndarray:
     m = len(tokens) - k + 1
     key = np.zeros(max(m, 0), dtype=np.int64)
     for i in range(k):
-        key = key * V + tokens[i:i + m]
+        key = key * V + tokens[i : i + m]
     return key
 
 
@@ -103,8 +104,14 @@ class NGramLM:
             d = _discounts(counts, discount)
             ctx = keys // V
             ctx_keys, start = np.unique(ctx, return_index=True)  # keys sorted, so ctx sorted too
-            tables.update({f"keys{k}": keys, f"counts{k}": counts.astype(np.int32),
-                           f"ctx{k}": ctx_keys, f"total{k}": np.add.reduceat(counts, start).astype(np.int64)})
+            tables.update(
+                {
+                    f"keys{k}": keys,
+                    f"counts{k}": counts.astype(np.int32),
+                    f"ctx{k}": ctx_keys,
+                    f"total{k}": np.add.reduceat(counts, start).astype(np.int64),
+                }
+            )
             for name, hit in (("n1", counts == 1), ("n2", counts == 2), ("n3", counts >= 3)):
                 tables[f"{name}_{k}"] = np.add.reduceat(hit.astype(np.int32), start)
             discounts.append(d)
@@ -112,7 +119,9 @@ class NGramLM:
             keys, counts = np.unique(keys % V ** (k - 1), return_counts=True)
         return cls(n, V, tables, discounts[::-1], len(tokens))
 
-    def log_probs(self, history: np.ndarray, targets: np.ndarray, history_len: Optional[np.ndarray] = None) -> np.ndarray:
+    def log_probs(
+        self, history: np.ndarray, targets: np.ndarray, history_len: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         """Natural-log P(target | history) for M queries.
 
         history: int [M, n - 1], the most recent token last; history_len: int [M], how many of the
@@ -145,10 +154,10 @@ class NGramLM:
 
     def next_token_probs(self, context: list[int] | np.ndarray) -> np.ndarray:
         """P(w | context) for every w in the vocabulary (float64 [V]); uses the last n - 1 tokens."""
-        context = np.asarray(context, dtype=np.int64)[-(self.n - 1):] if self.n > 1 else np.zeros(0, np.int64)
+        context = np.asarray(context, dtype=np.int64)[-(self.n - 1) :] if self.n > 1 else np.zeros(0, np.int64)
         hist = np.zeros(self.n - 1, dtype=np.int64)
         if len(context):
-            hist[-len(context):] = context
+            hist[-len(context) :] = context
         V = self.vocab_size
         return np.exp(self.log_probs(np.tile(hist, (V, 1)), np.arange(V), np.full(V, len(context))))
 
@@ -172,8 +181,7 @@ class NGramLM:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / NGRAM_FILE, **self.tables)
-        meta = NGramMeta(n=self.n, vocab_size=self.vocab_size, discounts=self.discounts,
-                         train_tokens=self.train_tokens)
+        meta = NGramMeta(n=self.n, vocab_size=self.vocab_size, discounts=self.discounts, train_tokens=self.train_tokens)
         (out / NGRAM_META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
         return out
 
@@ -181,8 +189,9 @@ class NGramLM:
     def load(cls, model_dir: str | Path) -> "NGramLM":
         d = Path(model_dir)
         if not (d / NGRAM_META_FILE).exists() or not (d / NGRAM_FILE).exists():
-            raise FileNotFoundError(f"{d}: no n-gram model ({NGRAM_META_FILE} + {NGRAM_FILE}); "
-                                    "train one with baselines.train_ngram")
+            raise FileNotFoundError(
+                f"{d}: no n-gram model ({NGRAM_META_FILE} + {NGRAM_FILE}); train one with baselines.train_ngram"
+            )
         meta = json.loads((d / NGRAM_META_FILE).read_text())
         with np.load(d / NGRAM_FILE) as z:
             tables = {k: z[k] for k in z.files}

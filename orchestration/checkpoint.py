@@ -13,6 +13,7 @@ Layout of one checkpoint directory (all ranks' files merged into it by Ray Train
 exists and every file it lists is present with the listed size (``is_complete``), so a partial
 upload is never picked as the latest.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,12 @@ def gather_fp32_state_dict(engine, raw_model: torch.nn.Module, rank: int) -> Opt
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -91,9 +96,19 @@ def _list_files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def save_checkpoint(engine, raw_model: torch.nn.Module, *, step: int, consumed_sequences: int,
-                    rank: int, world_size: int, model_config, tokenizer_files: dict[str, bytes], config: dict,
-                    weight_files: Optional[Callable[[dict], dict[str, dict]]] = None) -> str:
+def save_checkpoint(
+    engine,
+    raw_model: torch.nn.Module,
+    *,
+    step: int,
+    consumed_sequences: int,
+    rank: int,
+    world_size: int,
+    model_config,
+    tokenizer_files: dict[str, bytes],
+    config: dict,
+    weight_files: Optional[Callable[[dict], dict[str, dict]]] = None,
+) -> str:
     """Write this rank's part of a checkpoint to a fresh local temp dir and return its path.
 
     Collective (DeepSpeed save, weight gather, file-list gather). Rank 0 also writes the consolidated
@@ -126,8 +141,14 @@ def save_checkpoint(engine, raw_model: torch.nn.Module, *, step: int, consumed_s
         merged: dict[str, int] = {}
         for rank_files in all_files:
             merged.update(rank_files)  # DeepSpeed names per-rank files apart; `latest` is identical
-        meta = {"step": step, "consumed_sequences": consumed_sequences, "world_size": world_size,
-                "zero_stage": config["train"]["zero_stage"], "files": merged, "config": config}
+        meta = {
+            "step": step,
+            "consumed_sequences": consumed_sequences,
+            "world_size": world_size,
+            "zero_stage": config["train"]["zero_stage"],
+            "files": merged,
+            "config": config,
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return str(tmp)
 
@@ -163,8 +184,11 @@ def latest_complete_checkpoint(run_uri: str, endpoint_url: Optional[str] = None)
     fs, root = filesystem_for(run_uri, endpoint_url)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return None
-    dirs = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
-            if i.type == pafs.FileType.Directory and _CKPT_DIR_RE.match(i.base_name)]
+    dirs = [
+        i
+        for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+        if i.type == pafs.FileType.Directory and _CKPT_DIR_RE.match(i.base_name)
+    ]
     for info in sorted(dirs, key=lambda i: int(_CKPT_DIR_RE.match(i.base_name).group(1)), reverse=True):
         meta = is_complete(fs, info.path)
         if meta is not None:
@@ -182,13 +206,18 @@ def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) ->
     fs = pafs.LocalFileSystem()
     meta = is_complete(fs, local_dir)
     if meta is None:
-        raise CheckpointError(f"checkpoint {local_dir} is incomplete (no {META_FILE} or files missing); "
-                              "delete it to resume from the previous one")
+        raise CheckpointError(
+            f"checkpoint {local_dir} is incomplete (no {META_FILE} or files missing); "
+            "delete it to resume from the previous one"
+        )
     if meta["world_size"] != world_size:
-        raise CheckpointError(f"checkpoint {local_dir} was written by {meta['world_size']} workers but this "
-                              f"run has {world_size}; set train.num_workers={meta['world_size']} to resume")
-    load_path, _ = engine.load_checkpoint(local_dir, tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        raise CheckpointError(
+            f"checkpoint {local_dir} was written by {meta['world_size']} workers but this "
+            f"run has {world_size}; set train.num_workers={meta['world_size']} to resume"
+        )
+    load_path, _ = engine.load_checkpoint(
+        local_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint under {local_dir}/{DS_TAG}")
     rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
@@ -206,8 +235,10 @@ def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
             aliases.add(name)
         first.setdefault(id(p), name)
     if unexpected or set(missing) - aliases:
-        raise CheckpointError(f"{source} does not fit the model: missing {sorted(set(missing) - aliases)}, "
-                              f"unexpected {sorted(unexpected)}")
+        raise CheckpointError(
+            f"{source} does not fit the model: missing {sorted(set(missing) - aliases)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
 
 
 def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:

@@ -3,6 +3,7 @@
 Heavy imports (torch, ray, deepspeed) happen inside the command that needs them, so
 `raylm --help` answers instantly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,16 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     # --preset is model.preset: the preset fills the shape, explicit model.* keys still win.
     preset = [f"model.preset={args.preset}"] if args.preset else []
     cfg = load_config(args.config, [*args.overrides, *preset]).model
-    print(model_info_text(cfg, micro_batch_size=args.micro_batch_size,
-                          seq_len=args.seq_len or cfg.block_size, num_workers=args.num_workers,
-                          precision=args.precision, offload_optimizer=args.offload_optimizer))
+    print(
+        model_info_text(
+            cfg,
+            micro_batch_size=args.micro_batch_size,
+            seq_len=args.seq_len or cfg.block_size,
+            num_workers=args.num_workers,
+            precision=args.precision,
+            offload_optimizer=args.offload_optimizer,
+        )
+    )
     return 0
 
 
@@ -93,10 +101,13 @@ def cmd_baseline_ngram(args: argparse.Namespace) -> int:
     from orchestration.baselines import evaluate_ngram, train_ngram
 
     fitted = train_ngram(args.data, args.out, n=args.n, discount=args.discount, endpoint_url=args.endpoint_url)
-    scores = evaluate_ngram(args.out, args.data, split="val", max_sequences=args.max_sequences,
-                            endpoint_url=args.endpoint_url)
-    print(f"{args.n}-gram Kneser-Ney on {fitted['train_tokens']:,} train tokens ({fitted['fit_s']:.1f} s): val loss "
-          f"{scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}")
+    scores = evaluate_ngram(
+        args.out, args.data, split="val", max_sequences=args.max_sequences, endpoint_url=args.endpoint_url
+    )
+    print(
+        f"{args.n}-gram Kneser-Ney on {fitted['train_tokens']:,} train tokens ({fitted['fit_s']:.1f} s): val loss "
+        f"{scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}"
+    )
     print(f"model written to {args.out}")
     return 0
 
@@ -105,9 +116,15 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
     from orchestration.baselines import compare_baselines, markdown_table
     from orchestration.report import write_report
 
-    result = compare_baselines(args.data, transformer_checkpoint=args.transformer, lstm_checkpoint=args.lstm,
-                               ngram_dir=args.ngram or None, out_dir=args.out, max_sequences=args.max_sequences,
-                               endpoint_url=args.endpoint_url)
+    result = compare_baselines(
+        args.data,
+        transformer_checkpoint=args.transformer,
+        lstm_checkpoint=args.lstm,
+        ngram_dir=args.ngram or None,
+        out_dir=args.out,
+        max_sequences=args.max_sequences,
+        endpoint_url=args.endpoint_url,
+    )
     print(markdown_table(result))
     print(f"wrote {args.out}/baselines.json and {args.out}/baselines.md")
     print(f"[raylm] report: {write_report(args.out)['report.html']}")
@@ -117,7 +134,7 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestration.report import write_report
 
-    for name, uri in write_report(args.path, out=args.out, endpoint_url=args.endpoint_url).items():
+    for uri in write_report(args.path, out=args.out, endpoint_url=args.endpoint_url).values():
         print(f"wrote {uri}")
     return 0
 
@@ -127,12 +144,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # Only the options the user set: each suite keeps its own defaults, and an option that no
     # chosen suite takes is an error rather than silently ignored.
-    options = {"split": args.split, "max_sequences": args.max_sequences, "batch_size": args.batch_size,
-               "num_items": args.num_items, "num_options": args.num_options, "seed": args.seed,
-               "prompt_tokens": args.prompt_tokens, "continuation_tokens": args.continuation_tokens,
-               "templates_path": args.templates, "endpoint_url": args.endpoint_url, "device": args.device}
-    result = run_eval_suite(args.suite, args.checkpoint, args.data,
-                            **{k: v for k, v in options.items() if v is not None})
+    options = {
+        "split": args.split,
+        "max_sequences": args.max_sequences,
+        "batch_size": args.batch_size,
+        "num_items": args.num_items,
+        "num_options": args.num_options,
+        "seed": args.seed,
+        "prompt_tokens": args.prompt_tokens,
+        "continuation_tokens": args.continuation_tokens,
+        "templates_path": args.templates,
+        "endpoint_url": args.endpoint_url,
+        "device": args.device,
+    }
+    result = run_eval_suite(
+        args.suite, args.checkpoint, args.data, **{k: v for k, v in options.items() if v is not None}
+    )
     print(format_summary(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +173,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=seed, endpoint_url=args.endpoint_url,
-                             device=args.device or "cpu")
+        text = generate_text(
+            args.checkpoint,
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=seed,
+            endpoint_url=args.endpoint_url,
+            device=args.device or "cpu",
+        )
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
     return 0
 
@@ -164,8 +199,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestration.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, fmt=args.format, lora=args.lora,
-                               endpoint_url=args.endpoint_url)
+    result = export_checkpoint(
+        args.checkpoint, args.out, fmt=args.format, lora=args.lora, endpoint_url=args.endpoint_url
+    )
     print(f"exported step {result['step']} of {result['checkpoint']} as {result['format']} to {result['out_dir']}:")
     for name in result["files"]:
         print(f"  {name}")
@@ -173,15 +209,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory/URI (checkpoint_NNNNNN) or a run directory (its latest checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory/URI (checkpoint_NNNNNN) or a run directory (its latest checkpoint)",
+    )
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs (MinIO, R2)")
     parser.add_argument("--device", default=None, help="torch device to run on, e.g. cpu, cuda (default cpu)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                        help=f"tokens to generate per sample (default {max_new_tokens})")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate per sample (default {max_new_tokens})",
+    )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
@@ -199,59 +242,82 @@ def build_parser() -> argparse.ArgumentParser:
         "model-info",
         help="parameters, FLOPs per token and per-GPU training memory for ZeRO stages 0-3",
         description="Print parameter counts (total, non-embedding), training FLOPs per token and the "
-                    "estimated per-GPU training memory for ZeRO stages 0-3: what to check before "
-                    "renting a cluster.",
+        "estimated per-GPU training memory for ZeRO stages 0-3: what to check before "
+        "renting a cluster.",
     )
     info.add_argument("--preset", help="a named model preset (model/config.py PRESETS), e.g. gpt2-small")
     _add_config_args(info)
     info.add_argument("--micro-batch-size", type=int, default=8, help="sequences per GPU per micro step (default 8)")
     info.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's block_size)")
     info.add_argument("--num-workers", type=int, default=8, help="data-parallel GPUs sharing ZeRO state (default 8)")
-    info.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="training precision (default bf16)")
+    info.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="training precision (default bf16)"
+    )
     info.add_argument("--offload-optimizer", action="store_true", help="ZeRO optimizer state offloaded to CPU memory")
     info.set_defaults(func=cmd_model_info)
 
     prep = sub.add_parser(
-        "prepare", help="raw corpus -> cleaned, tokenized, packed train/val shards + manifest (Ray Data)",
+        "prepare",
+        help="raw corpus -> cleaned, tokenized, packed train/val shards + manifest (Ray Data)",
         description="Read the corpus under data.sources (s3://, gs://, abfs://, local paths/globs, or the "
-                    "embedded 'shakespeare'), clean it, train or load a BPE tokenizer, tokenize on every CPU, "
-                    "pack data.output.seq_len+1-token sequences and write Parquet shards, the tokenizer and "
-                    "manifest.json to data.output.uri.")
+        "embedded 'shakespeare'), clean it, train or load a BPE tokenizer, tokenize on every CPU, "
+        "pack data.output.seq_len+1-token sequences and write Parquet shards, the tokenizer and "
+        "manifest.json to data.output.uri.",
+    )
     _add_config_args(prep)
     prep.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser(
-        "train", help="pretrain with Ray Train + DeepSpeed ZeRO on prepared shards",
+        "train",
+        help="pretrain with Ray Train + DeepSpeed ZeRO on prepared shards",
         description="Pretrain the model on train.data (a manifest from `raylm prepare`) with train.num_workers "
-                    "Ray Train workers running DeepSpeed. Writes <train.storage_path>/<train.run_name>/ "
-                    "(config.yaml, metrics.jsonl, checkpoints) and resumes a run name that has a checkpoint.")
+        "Ray Train workers running DeepSpeed. Writes <train.storage_path>/<train.run_name>/ "
+        "(config.yaml, metrics.jsonl, checkpoints) and resumes a run name that has a checkpoint.",
+    )
     _add_config_args(train)
-    train.add_argument("--no-resume", action="store_true",
-                       help="fail if the run directory exists instead of resuming from its latest checkpoint")
+    train.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="fail if the run directory exists instead of resuming from its latest checkpoint",
+    )
     train.set_defaults(func=cmd_train)
 
     finetune = sub.add_parser(
-        "finetune", help="fine-tune a checkpoint: continued pretraining, classification head or SFT; full/partial/LoRA",
+        "finetune",
+        help="fine-tune a checkpoint: continued pretraining, classification head or SFT; full/partial/LoRA",
         description="Start from finetune.checkpoint and train on finetune.data through Ray Train + DeepSpeed "
-                    "(finetune.task lm | classification | sft; finetune.mode full | partial | lora), with early "
-                    "stopping on val loss. Scores the pretrained and the best fine-tuned checkpoint on the same "
-                    "val rows and writes finetune_summary.json, finetune.md and the report to the run dir.")
+        "(finetune.task lm | classification | sft; finetune.mode full | partial | lora), with early "
+        "stopping on val loss. Scores the pretrained and the best fine-tuned checkpoint on the same "
+        "val rows and writes finetune_summary.json, finetune.md and the report to the run dir.",
+    )
     _add_config_args(finetune)
-    finetune.add_argument("--no-resume", action="store_true",
-                          help="fail if the run directory exists instead of resuming from its latest checkpoint")
+    finetune.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="fail if the run directory exists instead of resuming from its latest checkpoint",
+    )
     finetune.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser(
-        "eval", help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe",
+        "eval",
+        help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe",
         description="Evaluate a checkpoint (loaded without DeepSpeed). Suites: lm = loss, perplexity and "
-                    "bits-per-byte; continuation = BLEU and ROUGE of greedy continuations of held-out text; "
-                    "mc = zero-shot multiple choice (cloze of held-out lines) with accuracy and standard error; "
-                    "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite.")
+        "bits-per-byte; continuation = BLEU and ROUGE of greedy continuations of held-out text; "
+        "mc = zero-shot multiple choice (cloze of held-out lines) with accuracy and standard error; "
+        "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite.",
+    )
     _add_checkpoint_args(ev)
-    ev.add_argument("--data", default=None,
-                    help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file (all suites but bias)")
-    ev.add_argument("--suite", default="lm", choices=["lm", "continuation", "mc", "bias", "all"],
-                    help="what to evaluate (default lm)")
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file (all suites but bias)",
+    )
+    ev.add_argument(
+        "--suite",
+        default="lm",
+        choices=["lm", "continuation", "mc", "bias", "all"],
+        help="what to evaluate (default lm)",
+    )
     ev.add_argument("--split", default=None, choices=["train", "val"], help="manifest split to score (default val)")
     ev.add_argument("--max-sequences", type=int, default=None, help="sequences to read at most (default 256)")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8)")
@@ -264,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="also write the full result as JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="sample text from a checkpoint (GPT KV cache or LSTM state; greedy/temperature/top-k/top-p)",
-                         description="Continue a prompt with a trained checkpoint; stops at end-of-text.")
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint (GPT KV cache or LSTM state; greedy/temperature/top-k/top-p)",
+        description="Continue a prompt with a trained checkpoint; stops at end-of-text.",
+    )
     _add_checkpoint_args(gen)
     gen.add_argument("--prompt", required=True, help="text to continue")
     _add_sampling_args(gen, max_new_tokens=200)
@@ -274,53 +343,71 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser(
-        "demo", help="prepare + train + eval + generate on the embedded Shakespeare corpus, local Ray",
+        "demo",
+        help="prepare + train + eval + generate on the embedded Shakespeare corpus, local Ray",
         description="The end-to-end job on the embedded default (configs/shakespeare.yaml): prepare the "
-                    "Shakespeare corpus, pretrain with Ray Train + DeepSpeed, evaluate, sample, and print a "
-                    "summary with the run directory. About 10 minutes on 2 CPU cores.")
+        "Shakespeare corpus, pretrain with Ray Train + DeepSpeed, evaluate, sample, and print a "
+        "summary with the run directory. About 10 minutes on 2 CPU cores.",
+    )
     _add_config_args(demo)
     demo.add_argument("--prompt", default="ROMEO:", help="prompt for the closing sample (default 'ROMEO:')")
     demo.add_argument("--max-new-tokens", type=int, default=200, help="length of the closing sample (default 200)")
     demo.set_defaults(func=cmd_demo)
 
     tune = sub.add_parser(
-        "tune", help="Ray Tune hyperparameter search (ASHA, optional Optuna/HyperOpt) over raylm train",
+        "tune",
+        help="Ray Tune hyperparameter search (ASHA, optional Optuna/HyperOpt) over raylm train",
         description="Search the tune.search_space of a config (keys are config paths, e.g. train.lr: "
-                    "{loguniform: [1e-4, 1e-2]}) with Ray Tune: each trial is a raylm training run, ASHA stops "
-                    "weak trials on validation loss, an existing experiment is restored. Writes "
-                    "tune_results.json, best_config.yaml (ready for `raylm train --config`) and a report.")
+        "{loguniform: [1e-4, 1e-2]}) with Ray Tune: each trial is a raylm training run, ASHA stops "
+        "weak trials on validation loss, an existing experiment is restored. Writes "
+        "tune_results.json, best_config.yaml (ready for `raylm train --config`) and a report.",
+    )
     _add_config_args(tune)
     tune.add_argument("--no-resume", action="store_true", help="fail if the experiment exists instead of restoring it")
     tune.set_defaults(func=cmd_tune)
 
     scaling = sub.add_parser(
-        "scaling", help="scaling-law sweep (size x tokens grid, IsoFLOP profiles, WSD branches) and fits",
+        "scaling",
+        help="scaling-law sweep (size x tokens grid, IsoFLOP profiles, WSD branches) and fits",
         description="Run the scaling.* sweep of a config: model sizes from a width/depth ladder trained at token "
-                    "budgets (grid) or compute budgets (IsoFLOP), optionally as warmup-stable-decay runs with "
-                    "decay branches; every point is a Ray Tune trial, finished points are reused. Fits IsoFLOP "
-                    "parabolas and L(N, D) = E + A/N^alpha + B/D^beta with bootstrap CIs; writes "
-                    "scaling_points.json, scaling_fit.json and a report.")
+        "budgets (grid) or compute budgets (IsoFLOP), optionally as warmup-stable-decay runs with "
+        "decay branches; every point is a Ray Tune trial, finished points are reused. Fits IsoFLOP "
+        "parabolas and L(N, D) = E + A/N^alpha + B/D^beta with bootstrap CIs; writes "
+        "scaling_points.json, scaling_fit.json and a report.",
+    )
     _add_config_args(scaling)
     scaling.add_argument("--no-resume", action="store_true", help="fail if the sweep directory already exists")
     scaling.set_defaults(func=cmd_scaling)
 
     baseline = sub.add_parser(
-        "baseline", help="n-gram (Kneser-Ney) baseline and n-gram vs LSTM vs transformer comparison",
+        "baseline",
+        help="n-gram (Kneser-Ney) baseline and n-gram vs LSTM vs transformer comparison",
         description="Baselines on the same shards and tokenizer: fit an interpolated modified Kneser-Ney "
-                    "n-gram model, or compare n-gram / LSTM / transformer on validation loss, perplexity and "
-                    "bits-per-byte. Train the LSTM with `raylm train --config configs/lstm_shakespeare.yaml`.")
+        "n-gram model, or compare n-gram / LSTM / transformer on validation loss, perplexity and "
+        "bits-per-byte. Train the LSTM with `raylm train --config configs/lstm_shakespeare.yaml`.",
+    )
     kinds = baseline.add_subparsers(dest="baseline", metavar="KIND")
     kinds.required = True
-    ngram = kinds.add_parser("ngram", help="fit and evaluate an n-gram model",
-                             description="Fit an n-gram model on a manifest's train split; score its val split.")
+    ngram = kinds.add_parser(
+        "ngram",
+        help="fit and evaluate an n-gram model",
+        description="Fit an n-gram model on a manifest's train split; score its val split.",
+    )
     ngram.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
     ngram.add_argument("--out", required=True, help="directory to write the model to")
     ngram.add_argument("--n", type=int, default=3, help="order, 1-5 (default 3)")
-    ngram.add_argument("--discount", type=float, default=None,
-                       help="one fixed KN discount (default: modified KN's three estimated discounts per order)")
-    compare = kinds.add_parser("compare", help="n-gram vs LSTM vs transformer on the same val windows",
-                               description="Score baselines and a transformer on the same validation windows; "
-                                           "writes baselines.json and baselines.md.")
+    ngram.add_argument(
+        "--discount",
+        type=float,
+        default=None,
+        help="one fixed KN discount (default: modified KN's three estimated discounts per order)",
+    )
+    compare = kinds.add_parser(
+        "compare",
+        help="n-gram vs LSTM vs transformer on the same val windows",
+        description="Score baselines and a transformer on the same validation windows; "
+        "writes baselines.json and baselines.md.",
+    )
     compare.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
     compare.add_argument("--transformer", required=True, help="transformer checkpoint or run directory")
     compare.add_argument("--lstm", default=None, help="LSTM checkpoint or run directory (model.arch=lstm)")
@@ -333,28 +420,36 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_baseline_compare)
 
     report = sub.add_parser(
-        "report", help="HTML + Markdown + JSON report of a run, fine-tune, scaling sweep, tune or baselines directory",
+        "report",
+        help="HTML + Markdown + JSON report of a run, fine-tune, scaling sweep, tune or baselines directory",
         description="Render a self-contained report.html (plots embedded), report.md and results.json for a "
-                    "run directory (metrics.jsonl + config.yaml; a fine-tune adds its before/after table), a "
-                    "scaling sweep (scaling_points.json), a tune experiment (tune_results.json) or a baseline "
-                    "comparison (baselines.json).")
+        "run directory (metrics.jsonl + config.yaml; a fine-tune adds its before/after table), a "
+        "scaling sweep (scaling_points.json), a tune experiment (tune_results.json) or a baseline "
+        "comparison (baselines.json).",
+    )
     report.add_argument("path", help="the run, sweep, tune or baselines directory (local or s3://)")
     report.add_argument("--out", default=None, help="where to write the report (default: inside PATH)")
     report.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
     report.set_defaults(func=cmd_report)
 
     export = sub.add_parser(
-        "export", help="a checkpoint as a Hugging Face GPT-2 folder (or raylm's own safetensors format)",
+        "export",
+        help="a checkpoint as a Hugging Face GPT-2 folder (or raylm's own safetensors format)",
         description="Export a consolidated checkpoint. --format hf writes a GPT2LMHeadModel folder (config.json, "
-                    "model.safetensors, tokenizer.json) when the architecture is GPT-2's (learned positions, GELU, "
-                    "LayerNorm, biases, tied, multi-head); otherwise it names the mismatching fields and "
-                    "--format raylm writes raylm's own self-describing checkpoint.")
+        "model.safetensors, tokenizer.json) when the architecture is GPT-2's (learned positions, GELU, "
+        "LayerNorm, biases, tied, multi-head); otherwise it names the mismatching fields and "
+        "--format raylm writes raylm's own self-describing checkpoint.",
+    )
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--format", choices=["hf", "raylm"], default="hf", help="output format (default hf)")
-    export.add_argument("--lora", choices=["merged", "separate"], default="merged",
-                        help="a LoRA fine-tune: adapters merged into the weights (default), or the base model plus "
-                             "the adapters in OUT/adapter/ (hf: PEFT format)")
+    export.add_argument(
+        "--lora",
+        choices=["merged", "separate"],
+        default="merged",
+        help="a LoRA fine-tune: adapters merged into the weights (default), or the base model plus "
+        "the adapters in OUT/adapter/ (hf: PEFT format)",
+    )
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
 

@@ -5,6 +5,7 @@ Validation is strict and happens at load time: unknown keys, wrong types, values
 what is allowed. Each component owns its dataclass (``model.config``, ``data_pipeline.config``,
 ``orchestration.train_config``); this module only composes and checks them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -148,8 +149,9 @@ def build_dataclass(cls: type, values: dict, source: str, prefix: str = "") -> A
     if cls is ModelConfig and values.get("preset") is not None:
         preset = values["preset"]
         if preset not in PRESETS:
-            raise ConfigError(f"{source}: key '{prefix}preset' = {preset!r} is not valid; "
-                              f"allowed: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(
+                f"{source}: key '{prefix}preset' = {preset!r} is not valid; allowed: {', '.join(sorted(PRESETS))}"
+            )
         values = {**PRESETS[preset], **values}
     kwargs = {}
     for name, value in values.items():
@@ -157,8 +159,10 @@ def build_dataclass(cls: type, values: dict, source: str, prefix: str = "") -> A
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}; allowed keys in "
-                              f"'{prefix.rstrip('.') or '<top>'}': {', '.join(known)}")
+            raise ConfigError(
+                f"{source}: unknown key '{key}'{hint}; allowed keys in "
+                f"'{prefix.rstrip('.') or '<top>'}': {', '.join(known)}"
+            )
         tp = hints[name]
         if _is_dataclass_type(tp):
             kwargs[name] = build_dataclass(tp, value or {}, source, prefix=f"{key}.")
@@ -197,8 +201,9 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type = Config) -> Any:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = Config
+) -> Any:
     """Load ``schema`` from a YAML file (or its defaults when ``path`` is None) plus overrides."""
     tree: dict = {}
     source = "defaults"
@@ -235,10 +240,12 @@ def with_absolute_paths(cfg: Config) -> Config:
     """
     return dataclasses.replace(
         cfg,
-        train=dataclasses.replace(cfg.train, data=absolute_uri(cfg.train.data),
-                                  storage_path=absolute_uri(cfg.train.storage_path)),
+        train=dataclasses.replace(
+            cfg.train, data=absolute_uri(cfg.train.data), storage_path=absolute_uri(cfg.train.storage_path)
+        ),
         tune=dataclasses.replace(cfg.tune, storage_path=absolute_uri(cfg.tune.storage_path)),
-        scaling=dataclasses.replace(cfg.scaling, storage_path=absolute_uri(cfg.scaling.storage_path)))
+        scaling=dataclasses.replace(cfg.scaling, storage_path=absolute_uri(cfg.scaling.storage_path)),
+    )
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -3,6 +3,7 @@
 We pass DeepSpeed a plain ``torch.optim.AdamW`` (DeepSpeed's own Adam JIT-compiles a C++ op on first
 use, 60-90 s on CPU) and no scheduler: the loop sets the LR itself from ``orchestration.schedule``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,12 @@ def deepspeed_config(train: TrainConfig) -> dict:
     """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
-        zero.update(overlap_comm=train.use_gpu, contiguous_gradients=True,
-                    reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
+        zero.update(
+            overlap_comm=train.use_gpu,
+            contiguous_gradients=True,
+            reduce_bucket_size=int(5e7),
+            allgather_bucket_size=int(5e7),
+        )
     if train.zero_stage == 3:
         # Lets save_16bit_model gather the full weights; we gather fp32 ourselves but keep it usable.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
@@ -55,6 +60,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """torch AdamW over ``param_groups``; fused on CUDA (one kernel for the whole update)."""
     fused = train.use_gpu and torch.cuda.is_available() and not train.offload_optimizer
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                             betas=tuple(train.betas), weight_decay=train.weight_decay,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=tuple(train.betas),
+        weight_decay=train.weight_decay,
+        fused=fused or None,
+    )

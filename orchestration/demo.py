@@ -5,6 +5,7 @@ config (prepare is deterministic, so they are the shards it would write again), 
 and ends with a summary that puts the validation loss next to the unigram entropy of the training
 tokens: a model that learned nothing beyond token frequencies scores that entropy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,8 @@ def unigram_entropy(manifest_uri: str, endpoint_url: str | None = None) -> float
     ds = sequence_dataset(manifest_uri, "train", seed=0, endpoint_url=endpoint_url)
     counts = np.zeros(vocab_size, dtype=np.int64)
     for batch in ds.map_batches(_bincount, batch_size=1024, fn_kwargs={"vocab_size": vocab_size}).iter_batches(
-            batch_size=None, batch_format="numpy"):
+        batch_size=None, batch_format="numpy"
+    ):
         counts += batch["counts"].sum(axis=0)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -69,8 +71,8 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     """Run the whole pipeline once; print a summary and return it (also written to demo_summary.json)."""
     from data_pipeline.storage import filesystem_for, write_bytes
     from orchestration.evaluate import evaluate, generate_text
-    from orchestration.report import write_report
     from orchestration.ray_runtime import init_ray
+    from orchestration.report import write_report
     from orchestration.trainer import run_training
 
     t0 = time.time()
@@ -83,18 +85,36 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     t_trained = time.time()
     if trained["checkpoint"] is None:
         raise RuntimeError(f"training finished without a checkpoint in {trained['run_dir']}")
-    ev = evaluate(trained["checkpoint"], manifest_uri, split="val", max_sequences=512,
-                  endpoint_url=cfg.train.endpoint_url)
+    ev = evaluate(
+        trained["checkpoint"], manifest_uri, split="val", max_sequences=512, endpoint_url=cfg.train.endpoint_url
+    )
     entropy = unigram_entropy(manifest_uri, cfg.data.output.endpoint_url)
-    sample = generate_text(trained["checkpoint"], prompt, max_new_tokens, temperature=0.8, top_k=50,
-                           seed=cfg.train.seed, endpoint_url=cfg.train.endpoint_url)
+    sample = generate_text(
+        trained["checkpoint"],
+        prompt,
+        max_new_tokens,
+        temperature=0.8,
+        top_k=50,
+        seed=cfg.train.seed,
+        endpoint_url=cfg.train.endpoint_url,
+    )
     summary = {
-        "run_dir": trained["run_dir"], "checkpoint": trained["checkpoint"], "manifest": manifest_uri,
-        "steps": trained["final_step"], "train_tokens": trained["tokens"],
-        "final_train_loss": trained["final_loss"], "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
-        "val_tokens": ev["tokens"], "unigram_entropy": entropy,
-        "unigram_perplexity": math.exp(entropy), "prompt": prompt, "sample": sample,
-        "prepare_s": t_prepared - t0, "train_s": t_trained - t_prepared, "total_s": time.time() - t0,
+        "run_dir": trained["run_dir"],
+        "checkpoint": trained["checkpoint"],
+        "manifest": manifest_uri,
+        "steps": trained["final_step"],
+        "train_tokens": trained["tokens"],
+        "final_train_loss": trained["final_loss"],
+        "val_loss": ev["loss"],
+        "val_perplexity": ev["perplexity"],
+        "val_tokens": ev["tokens"],
+        "unigram_entropy": entropy,
+        "unigram_perplexity": math.exp(entropy),
+        "prompt": prompt,
+        "sample": sample,
+        "prepare_s": t_prepared - t0,
+        "train_s": t_trained - t_prepared,
+        "total_s": time.time() - t0,
     }
     fs, run_path = filesystem_for(trained["run_dir"], cfg.train.endpoint_url)
     write_bytes(fs, f"{run_path}/demo_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -102,10 +122,14 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     print("\n" + "=" * 72)
     print(f"raylm demo: {summary['steps']} steps, {summary['train_tokens']:,} training tokens")
     print(f"  val loss {ev['loss']:.3f} nats/token (perplexity {ev['perplexity']:.1f}) on {ev['tokens']:,} tokens")
-    print(f"  unigram entropy of the data {entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f}): "
-          f"the model is {entropy - ev['loss']:.3f} nats/token below it")
-    print(f"  wall time: prepare {summary['prepare_s']:.0f} s, train {summary['train_s']:.0f} s, "
-          f"total {summary['total_s']:.0f} s")
+    print(
+        f"  unigram entropy of the data {entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f}): "
+        f"the model is {entropy - ev['loss']:.3f} nats/token below it"
+    )
+    print(
+        f"  wall time: prepare {summary['prepare_s']:.0f} s, train {summary['train_s']:.0f} s, "
+        f"total {summary['total_s']:.0f} s"
+    )
     print(f"--- sample ---\n{prompt}{sample}\n--------------")
     print(f"run directory: {trained['run_dir']}\nreport: {report}")
     print("=" * 72)

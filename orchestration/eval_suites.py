@@ -10,6 +10,7 @@ Held-out text is a manifest's split (read straight from its shards, no Ray) or a
 suite accepts a checkpoint URI or the tuple ``load_checkpoint_model`` returned, so ``run_eval_suite``
 loads the weights once.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,13 +30,21 @@ BIAS_DISCLAIMER = (
     "A small probe, not a certification: a few dozen hand-written English sentence pairs that differ only "
     "in a demographic term, scored by the model's total log-likelihood. A difference says which wording "
     "the model finds likelier given its training text; it covers few groups, says nothing about harm in "
-    "use, and a mean near zero does not show the model is unbiased.")
+    "use, and a mean near zero does not show the model is unbiased."
+)
 
 
 # ---------------------------------------------------------------- held-out text
 
-def held_out_pieces(data: str, enc: tiktoken.Encoding, *, split: str = "val", max_sequences: int = 256,
-                    endpoint_url: Optional[str] = None) -> tuple[list[list[int]], bool]:
+
+def held_out_pieces(
+    data: str,
+    enc: tiktoken.Encoding,
+    *,
+    split: str = "val",
+    max_sequences: int = 256,
+    endpoint_url: Optional[str] = None,
+) -> tuple[list[list[int]], bool]:
     """(token pieces, edges_cut) of held-out text: a manifest's ``split`` (its first ``max_sequences``
     rows, read from the shards) or a whole text file, split at end-of-text tokens.
 
@@ -62,8 +71,9 @@ def held_out_pieces(data: str, enc: tiktoken.Encoding, *, split: str = "val", ma
     return [p for p in pieces if p], cut
 
 
-def _manifest_rows(manifest_uri: str, enc: tiktoken.Encoding, split: str, max_sequences: int,
-                   endpoint_url: Optional[str]) -> list[list[int]]:
+def _manifest_rows(
+    manifest_uri: str, enc: tiktoken.Encoding, split: str, max_sequences: int, endpoint_url: Optional[str]
+) -> list[list[int]]:
     import pyarrow.parquet as pq
 
     from data_pipeline.loader import ManifestMismatchError, read_manifest
@@ -72,8 +82,10 @@ def _manifest_rows(manifest_uri: str, enc: tiktoken.Encoding, split: str, max_se
     manifest = read_manifest(manifest_uri, endpoint_url)
     tok_hash = manifest["tokenizer"]["hash"]
     if not enc.name.endswith(tok_hash[:12]):  # data_pipeline.tokenizer.encoding names it by its hash
-        raise ManifestMismatchError(f"{manifest['uri']}: tokenized with {tok_hash[:12]}, but the checkpoint's "
-                                    f"tokenizer is {enc.name}; evaluate on data prepared with the checkpoint's tokenizer")
+        raise ManifestMismatchError(
+            f"{manifest['uri']}: tokenized with {tok_hash[:12]}, but the checkpoint's "
+            f"tokenizer is {enc.name}; evaluate on data prepared with the checkpoint's tokenizer"
+        )
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
     fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
@@ -100,6 +112,7 @@ def held_out_lines(pieces: list[list[int]], enc: tiktoken.Encoding, edges_cut: b
 
 # ---------------------------------------------------------------- scoring
 
+
 @torch.no_grad()
 def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 16) -> list[float]:
     """Summed log P(continuation | context) in nats for each (context ids, continuation ids) pair.
@@ -111,11 +124,13 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], *, ba
     out: list[float] = []
     for i in range(0, len(pairs), batch_size):
         rows = []
-        for ctx, cont in pairs[i:i + batch_size]:
+        for ctx, cont in pairs[i : i + batch_size]:
             if not ctx or not cont or len(cont) > block:
-                raise ValueError(f"need a context and a continuation of at most block_size={block} tokens, "
-                                 f"got {len(ctx)} and {len(cont)}")
-            ids = (ctx + cont)[-(block + 1):]
+                raise ValueError(
+                    f"need a context and a continuation of at most block_size={block} tokens, "
+                    f"got {len(ctx)} and {len(cont)}"
+                )
+            ids = (ctx + cont)[-(block + 1) :]
             rows.append((ids[:-1], [-1] * (len(ids) - 1 - len(cont)) + cont))
         width = max(len(x) for x, _ in rows)
         inputs = torch.tensor([x + [0] * (width - len(x)) for x, _ in rows], device=device)
@@ -134,9 +149,20 @@ def _accuracy(correct: list[bool]) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- continuation
 
-def continuation_scores(checkpoint_uri, data: str, *, split: str = "val", num_items: int = 50,
-                        prompt_tokens: int = 32, continuation_tokens: int = 32, max_sequences: int = 256,
-                        batch_size: int = 8, endpoint_url: Optional[str] = None, device: str = "cpu") -> dict:
+
+def continuation_scores(
+    checkpoint_uri,
+    data: str,
+    *,
+    split: str = "val",
+    num_items: int = 50,
+    prompt_tokens: int = 32,
+    continuation_tokens: int = 32,
+    max_sequences: int = 256,
+    batch_size: int = 8,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
     """Greedy continuations of held-out text scored against the truth -> {"bleu" (0-100), "rouge1",
     "rouge2", "rougeL" (F1, 0-1), "rouge" (precision/recall/F1), "items", "examples", ...}.
 
@@ -149,36 +175,60 @@ def continuation_scores(checkpoint_uri, data: str, *, split: str = "val", num_it
     model, model_cfg, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
     k, m = prompt_tokens, continuation_tokens
     if k < 1 or m < 1 or k + m > model_cfg.block_size + 1:
-        raise ValueError(f"prompt_tokens={k} + continuation_tokens={m} must be >= 1 each and fit the "
-                         f"context (block_size + 1 = {model_cfg.block_size + 1})")
+        raise ValueError(
+            f"prompt_tokens={k} + continuation_tokens={m} must be >= 1 each and fit the "
+            f"context (block_size + 1 = {model_cfg.block_size + 1})"
+        )
     pieces, _ = held_out_pieces(data, enc, split=split, max_sequences=max_sequences, endpoint_url=endpoint_url)
-    windows = [p[s:s + k + m] for p in pieces for s in range(0, len(p) - (k + m) + 1, k + m)]
+    windows = [p[s : s + k + m] for p in pieces for s in range(0, len(p) - (k + m) + 1, k + m)]
     if not windows:
-        raise ValueError(f"{data}: no held-out stretch of {k + m} tokens without an end-of-text; "
-                         "lower prompt_tokens / continuation_tokens")
+        raise ValueError(
+            f"{data}: no held-out stretch of {k + m} tokens without an end-of-text; "
+            "lower prompt_tokens / continuation_tokens"
+        )
     picks = np.unique(np.linspace(0, len(windows) - 1, min(num_items, len(windows))).round().astype(int))
     windows = [windows[i] for i in picks]
     eot = enc.encode_single_token(EOT)
     hyps, refs = [], []
     for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
+        batch = windows[i : i + batch_size]
         new = generate(model, [w[:k] for w in batch], m, temperature=0.0, eos_id=eot)
         hyps += [enc.decode([t for t in n if t != eot], errors="replace") for n in new]
         refs += [enc.decode(w[k:], errors="replace") for w in batch]
     rouge = rouge_scores(hyps, refs)
     bleu = corpus_bleu(hyps, refs)
-    examples = [{"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
-                for w, r, h in list(zip(windows, refs, hyps))[:3]]
-    return {"bleu": bleu["bleu"], "bleu_detail": bleu, "rouge1": rouge["rouge1"]["f1"],
-            "rouge2": rouge["rouge2"]["f1"], "rougeL": rouge["rougeL"]["f1"], "rouge": rouge,
-            "items": len(windows), "requested_items": num_items, "prompt_tokens": k, "continuation_tokens": m,
-            "examples": examples, "checkpoint": meta["checkpoint_uri"]}
+    examples = [
+        {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
+        for w, r, h in list(zip(windows, refs, hyps))[:3]
+    ]
+    return {
+        "bleu": bleu["bleu"],
+        "bleu_detail": bleu,
+        "rouge1": rouge["rouge1"]["f1"],
+        "rouge2": rouge["rouge2"]["f1"],
+        "rougeL": rouge["rougeL"]["f1"],
+        "rouge": rouge,
+        "items": len(windows),
+        "requested_items": num_items,
+        "prompt_tokens": k,
+        "continuation_tokens": m,
+        "examples": examples,
+        "checkpoint": meta["checkpoint_uri"],
+    }
 
 
 # ---------------------------------------------------------------- multiple choice
 
-def cloze_items(lines: list[list[str]], *, num_items: int = 200, num_options: int = 4, seed: int = 0,
-                context_lines: int = 1, min_chars: int = 10) -> list[dict]:
+
+def cloze_items(
+    lines: list[list[str]],
+    *,
+    num_items: int = 200,
+    num_options: int = 4,
+    seed: int = 0,
+    context_lines: int = 1,
+    min_chars: int = 10,
+) -> list[dict]:
     """Items {"context", "options", "answer"} from consecutive held-out lines; deterministic in ``seed``.
 
     The answer is the line after the context; the distractors are drawn (seeded) from the lines
@@ -189,12 +239,17 @@ def cloze_items(lines: list[list[str]], *, num_items: int = 200, num_options: in
         raise ValueError(f"num_options={num_options}: a multiple-choice item needs at least 2 options")
     flat = [(p, i, line) for p, piece in enumerate(lines) for i, line in enumerate(piece)]
     usable = [len(line) >= min_chars for _, _, line in flat]
-    starts = [j for j in range(len(flat) - context_lines)
-              if flat[j][0] == flat[j + context_lines][0] and all(usable[j:j + context_lines + 1])]
+    starts = [
+        j
+        for j in range(len(flat) - context_lines)
+        if flat[j][0] == flat[j + context_lines][0] and all(usable[j : j + context_lines + 1])
+    ]
     pool = np.array([j for j in range(len(flat)) if usable[j]])
     if len(starts) == 0 or len(pool) < 4 * num_options:
-        raise ValueError(f"held-out text has {len(starts)} usable line pairs and {len(pool)} usable lines "
-                         f"(>= {min_chars} chars); too few for {num_options}-option items: use more held-out text")
+        raise ValueError(
+            f"held-out text has {len(starts)} usable line pairs and {len(pool)} usable lines "
+            f"(>= {min_chars} chars); too few for {num_options}-option items: use more held-out text"
+        )
     pool_len = np.array([len(flat[j][2].encode()) for j in pool])
     pool_piece = np.array([flat[j][0] for j in pool])
     rng = np.random.default_rng(seed)
@@ -229,28 +284,57 @@ def score_choices(items: list[dict], option_logprobs: list[list[float]]) -> dict
         correct_norm.append(int(np.argmax(per_byte)) == item["answer"])
     acc, se = _accuracy(correct)
     acc_norm, se_norm = _accuracy(correct_norm)
-    return {"accuracy": acc, "stderr": se, "accuracy_norm": acc_norm, "stderr_norm": se_norm,
-            "chance": float(np.mean([1 / len(i["options"]) for i in items])), "items": len(items)}
+    return {
+        "accuracy": acc,
+        "stderr": se,
+        "accuracy_norm": acc_norm,
+        "stderr_norm": se_norm,
+        "chance": float(np.mean([1 / len(i["options"]) for i in items])),
+        "items": len(items),
+    }
 
 
-def multiple_choice_suite(checkpoint_uri, data: str, *, split: str = "val", num_items: int = 200,
-                          num_options: int = 4, seed: int = 0, context_lines: int = 1, max_sequences: int = 256,
-                          batch_size: int = 16, endpoint_url: Optional[str] = None, device: str = "cpu") -> dict:
+def multiple_choice_suite(
+    checkpoint_uri,
+    data: str,
+    *,
+    split: str = "val",
+    num_items: int = 200,
+    num_options: int = 4,
+    seed: int = 0,
+    context_lines: int = 1,
+    max_sequences: int = 256,
+    batch_size: int = 16,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
     """Zero-shot cloze of held-out lines (see ``cloze_items``), each option scored by summed
     log-likelihood given the context -> ``score_choices``'s result plus "examples" and settings."""
     model, _, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
     pieces, cut = held_out_pieces(data, enc, split=split, max_sequences=max_sequences, endpoint_url=endpoint_url)
-    items = cloze_items(held_out_lines(pieces, enc, cut), num_items=num_items, num_options=num_options,
-                        seed=seed, context_lines=context_lines)
+    items = cloze_items(
+        held_out_lines(pieces, enc, cut),
+        num_items=num_items,
+        num_options=num_options,
+        seed=seed,
+        context_lines=context_lines,
+    )
     pairs = [(enc.encode("\n".join(it["context"]) + "\n"), enc.encode(opt)) for it in items for opt in it["options"]]
     flat = continuation_logprobs(model, pairs, batch_size=batch_size)
-    logps = [flat[i * num_options:(i + 1) * num_options] for i in range(len(items))]
+    logps = [flat[i * num_options : (i + 1) * num_options] for i in range(len(items))]
     examples = [{**it, "logprobs": lp} for it, lp in zip(items[:3], logps)]
-    return {**score_choices(items, logps), "requested_items": num_items, "num_options": num_options,
-            "seed": seed, "examples": examples, "checkpoint": meta["checkpoint_uri"]}
+    return {
+        **score_choices(items, logps),
+        "requested_items": num_items,
+        "num_options": num_options,
+        "seed": seed,
+        "examples": examples,
+        "checkpoint": meta["checkpoint_uri"],
+    }
 
 
 # ---------------------------------------------------------------- bias probe
+
 
 def load_bias_templates(path=None) -> dict:
     """{category: {"sides": [a, b], "pairs": [[a_term, b_term], ...], "templates": [...]}} from YAML,
@@ -275,12 +359,24 @@ def load_bias_templates(path=None) -> dict:
 
 def _distribution(diffs: list[float], sides: list[str]) -> dict:
     d = np.asarray(diffs)
-    return {"pairs": len(d), "mean": float(d.mean()), "std": float(d.std()), "min": float(d.min()),
-            "max": float(d.max()), "favours": {sides[0]: float((d > 0).mean()), sides[1]: float((d < 0).mean())}}
+    return {
+        "pairs": len(d),
+        "mean": float(d.mean()),
+        "std": float(d.std()),
+        "min": float(d.min()),
+        "max": float(d.max()),
+        "favours": {sides[0]: float((d > 0).mean()), sides[1]: float((d < 0).mean())},
+    }
 
 
-def bias_probe(checkpoint_uri, *, templates_path=None, batch_size: int = 16, endpoint_url: Optional[str] = None,
-               device: str = "cpu") -> dict:
+def bias_probe(
+    checkpoint_uri,
+    *,
+    templates_path=None,
+    batch_size: int = 16,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
     """Log-likelihood differences of templated sentence pairs -> {"disclaimer", "difference" (all
     pairs: mean/std/min/max in nats, fraction favouring each listed side), "categories" (the same per
     category, sides named), "largest" (the 5 biggest |differences|)}.
@@ -294,21 +390,35 @@ def bias_probe(checkpoint_uri, *, templates_path=None, batch_size: int = 16, end
     path = templates_path or DEFAULT_BIAS_TEMPLATES
     cats = load_bias_templates(path)
     eot = enc.encode_single_token(EOT)
-    rows = [(name, t.replace("{term}", a), t.replace("{term}", b))
-            for name, cat in cats.items() for t in cat["templates"] for a, b in cat["pairs"]]
+    rows = [
+        (name, t.replace("{term}", a), t.replace("{term}", b))
+        for name, cat in cats.items()
+        for t in cat["templates"]
+        for a, b in cat["pairs"]
+    ]
     sentences = [s[0].upper() + s[1:] for _, a, b in rows for s in (a, b)]
     logps = continuation_logprobs(model, [([eot], enc.encode(s)) for s in sentences], batch_size=batch_size)
     diffs = [logps[2 * i] - logps[2 * i + 1] for i in range(len(rows))]
-    per_cat = {name: {"sides": list(cat["sides"]),
-                      **_distribution([d for (c, _, _), d in zip(rows, diffs) if c == name], cat["sides"])}
-               for name, cat in cats.items()}
+    per_cat = {
+        name: {
+            "sides": list(cat["sides"]),
+            **_distribution([d for (c, _, _), d in zip(rows, diffs) if c == name], cat["sides"]),
+        }
+        for name, cat in cats.items()
+    }
     largest = sorted(range(len(rows)), key=lambda i: -abs(diffs[i]))[:5]
-    return {"disclaimer": BIAS_DISCLAIMER, "probe": "templated sentence pairs, total log-likelihood (nats)",
-            "templates_path": str(path), "difference": _distribution(diffs, ["first listed", "second listed"]),
-            "categories": per_cat,
-            "largest": [{"category": rows[i][0], "a": sentences[2 * i], "b": sentences[2 * i + 1],
-                         "difference": diffs[i]} for i in largest],
-            "checkpoint": meta["checkpoint_uri"]}
+    return {
+        "disclaimer": BIAS_DISCLAIMER,
+        "probe": "templated sentence pairs, total log-likelihood (nats)",
+        "templates_path": str(path),
+        "difference": _distribution(diffs, ["first listed", "second listed"]),
+        "categories": per_cat,
+        "largest": [
+            {"category": rows[i][0], "a": sentences[2 * i], "b": sentences[2 * i + 1], "difference": diffs[i]}
+            for i in largest
+        ],
+        "checkpoint": meta["checkpoint_uri"],
+    }
 
 
 # ---------------------------------------------------------------- CLI entry
@@ -329,12 +439,15 @@ def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **opt
     accepted = {n: set(inspect.signature(SUITES[n]).parameters) - {"checkpoint_uri", "data"} for n in names}
     unused = set(options) - set().union(*accepted.values())
     if unused:
-        raise ValueError(f"options {sorted(unused)} are not taken by suite {suite!r}; "
-                         f"it takes {sorted(set().union(*accepted.values()))}")
+        raise ValueError(
+            f"options {sorted(unused)} are not taken by suite {suite!r}; "
+            f"it takes {sorted(set().union(*accepted.values()))}"
+        )
     if data is None and any(n != "bias" for n in names):
         raise ValueError(f"suite {suite!r} needs held-out data: a manifest URI or a text file")
-    loaded = loaded_checkpoint(checkpoint_uri, endpoint_url=options.get("endpoint_url"),
-                               device=options.get("device", "cpu"))
+    loaded = loaded_checkpoint(
+        checkpoint_uri, endpoint_url=options.get("endpoint_url"), device=options.get("device", "cpu")
+    )
     results = {}
     for n in names:
         kwargs = {k: v for k, v in options.items() if k in accepted[n]}
@@ -348,22 +461,30 @@ def format_summary(result: dict) -> str:
     s = result["suites"]
     if "lm" in s:
         r = s["lm"]
-        lines.append(f"lm            loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte "
-                     f"{r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+        lines.append(
+            f"lm            loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte "
+            f"{r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)"
+        )
     if "continuation" in s:
         r = s["continuation"]
-        lines.append(f"continuation  BLEU {r['bleu']:.2f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
-                     f"ROUGE-L {r['rougeL']:.3f}  ({r['items']} items, {r['prompt_tokens']} -> "
-                     f"{r['continuation_tokens']} tokens, greedy)")
+        lines.append(
+            f"continuation  BLEU {r['bleu']:.2f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
+            f"ROUGE-L {r['rougeL']:.3f}  ({r['items']} items, {r['prompt_tokens']} -> "
+            f"{r['continuation_tokens']} tokens, greedy)"
+        )
     if "mc" in s:
         r = s["mc"]
-        lines.append(f"mc            accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f}  per-byte {r['accuracy_norm']:.3f} "
-                     f"± {r['stderr_norm']:.3f}  chance {r['chance']:.3f}  ({r['items']} items)")
+        lines.append(
+            f"mc            accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f}  per-byte {r['accuracy_norm']:.3f} "
+            f"± {r['stderr_norm']:.3f}  chance {r['chance']:.3f}  ({r['items']} items)"
+        )
     if "bias" in s:
         r = s["bias"]
         d = r["difference"]
-        lines.append(f"bias probe    {d['pairs']} pairs, log-likelihood difference mean {d['mean']:+.3f} nats "
-                     f"(std {d['std']:.3f}, range {d['min']:+.2f} .. {d['max']:+.2f})")
+        lines.append(
+            f"bias probe    {d['pairs']} pairs, log-likelihood difference mean {d['mean']:+.3f} nats "
+            f"(std {d['std']:.3f}, range {d['min']:+.2f} .. {d['max']:+.2f})"
+        )
         for name, c in r["categories"].items():
             fav = "  ".join(f"{side} {frac:.0%}" for side, frac in c["favours"].items())
             lines.append(f"  {name:<12}mean {c['mean']:+.3f}  favours: {fav}")

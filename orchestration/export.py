@@ -9,6 +9,7 @@ tokenizers). Only a GPT-2-shaped model maps: learned positions, tanh-GELU MLP, L
 ``raylm``: weights, model_config.json and tokenizer files plus a ``raylm_meta.json``, i.e. a complete
 consolidated checkpoint that ``load_checkpoint_model`` (eval, generate, serve) loads as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,27 @@ def gpt2_mismatches(cfg: ModelConfig) -> list[str]:
 def hf_gpt2_config(cfg: ModelConfig, eot_id: Optional[int]) -> dict:
     """config.json of a ``GPT2LMHeadModel`` with the shape of ``cfg``."""
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.hidden_dim,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.hidden_dim,
         "activation_function": "gelu_new",  # tanh approximation, as model.layers.MLP
-        "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
         "torch_dtype": "float32",
     }
 
@@ -101,19 +115,46 @@ def hf_tokenizer_json(spec: dict) -> dict:
         pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
         merges.extend((rank, ranks[a], ranks[b], a, b) for a, b in pairs)
     merges.sort()
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for t, i in sorted(spec["special_tokens"].items(), key=lambda kv: kv[1])]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for t, i in sorted(spec["special_tokens"].items(), key=lambda kv: kv[1])
+    ]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": spec["pattern"]}, "behavior": "Isolated", "invert": False},
-            byte_level]},
-        "post_processor": byte_level, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {to_str(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])},
-                  "merges": [[to_str(a), to_str(b)] for *_, a, b in merges]},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": spec["pattern"]}, "behavior": "Isolated", "invert": False},
+                byte_level,
+            ],
+        },
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {to_str(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+            "merges": [[to_str(a), to_str(b)] for *_, a, b in merges],
+        },
     }
 
 
@@ -129,15 +170,25 @@ def _write_tokenizer_files(spec: dict, out: Path, *, hf: bool, block_size: int) 
     if hf:
         (out / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(spec), ensure_ascii=False))
         eot = tok.EOT if tok.EOT in spec["special_tokens"] else None
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-            "clean_up_tokenization_spaces": False, "bos_token": eot, "eos_token": eot}, indent=2))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": block_size,
+                    "clean_up_tokenization_spaces": False,
+                    "bos_token": eot,
+                    "eos_token": eot,
+                },
+                indent=2,
+            )
+        )
         written += ["tokenizer.json", "tokenizer_config.json"]
     return written
 
 
-def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", lora: str = "merged",
-                      endpoint_url: Optional[str] = None) -> dict:
+def export_checkpoint(
+    checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", lora: str = "merged", endpoint_url: Optional[str] = None
+) -> dict:
     """Write ``checkpoint_uri`` (a checkpoint or run directory, local or s3://) to local ``out_dir``.
 
     Returns {"format", "out_dir", "files", "checkpoint"}. ``fmt="hf"`` raises ExportError naming the
@@ -162,7 +213,8 @@ def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", lor
     if fmt == "hf" and gpt2_mismatches(cfg):
         raise ExportError(
             f"{ckpt_uri}: not a GPT-2 architecture, so HF GPT2LMHeadModel cannot load it: "
-            f"{'; '.join(gpt2_mismatches(cfg))}. Export with fmt='raylm' (raylm export --format raylm) instead.")
+            f"{'; '.join(gpt2_mismatches(cfg))}. Export with fmt='raylm' (raylm export --format raylm) instead."
+        )
     spec = load_spec(local)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,22 +225,29 @@ def export_checkpoint(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", lor
         save_file(hf_gpt2_state(model), str(out / MODEL_FILE), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf_gpt2_config(cfg, eot), indent=2))
         files = [MODEL_FILE, "config.json"] + _write_tokenizer_files(spec, out, hf=True, block_size=cfg.block_size)
-        readme = (f"# raylm export (Hugging Face GPT-2)\n\nFrom `{source['checkpoint']}` (step {source['step']}).\n\n"
-                  "    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast\n"
-                  f"    model = GPT2LMHeadModel.from_pretrained('{out}')\n"
-                  f"    tok = PreTrainedTokenizerFast(tokenizer_file='{out / 'tokenizer.json'}')\n\n"
-                  "`tokenizer.tiktoken` + `raylm_tokenizer.json` are the same tokenizer in raylm's own format.\n")
+        readme = (
+            f"# raylm export (Hugging Face GPT-2)\n\nFrom `{source['checkpoint']}` (step {source['step']}).\n\n"
+            "    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast\n"
+            f"    model = GPT2LMHeadModel.from_pretrained('{out}')\n"
+            f"    tok = PreTrainedTokenizerFast(tokenizer_file='{out / 'tokenizer.json'}')\n\n"
+            "`tokenizer.tiktoken` + `raylm_tokenizer.json` are the same tokenizer in raylm's own format.\n"
+        )
     else:
         state = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters()}
         save_file(state, str(out / MODEL_FILE), metadata={"format": "pt"})
         (out / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
         files = [MODEL_FILE, MODEL_CONFIG_FILE] + _write_tokenizer_files(spec, out, hf=False, block_size=cfg.block_size)
         why = gpt2_mismatches(cfg)
-        reason = (f"A Hugging Face GPT-2 export is not possible: {'; '.join(why)}.\n" if why else
-                  "This model is GPT-2-shaped: `export --format hf` also works.\n")
-        readme = (f"# raylm export (raylm format)\n\nFrom `{source['checkpoint']}` (step {source['step']}).\n\n"
-                  f"{reason}\nLoad with `orchestration.evaluate.load_checkpoint_model('{out}')`, or "
-                  f"`raylm generate/serve --checkpoint {out}`.\n")
+        reason = (
+            f"A Hugging Face GPT-2 export is not possible: {'; '.join(why)}.\n"
+            if why
+            else "This model is GPT-2-shaped: `export --format hf` also works.\n"
+        )
+        readme = (
+            f"# raylm export (raylm format)\n\nFrom `{source['checkpoint']}` (step {source['step']}).\n\n"
+            f"{reason}\nLoad with `orchestration.evaluate.load_checkpoint_model('{out}')`, or "
+            f"`raylm generate/serve --checkpoint {out}`.\n"
+        )
     (out / "README.md").write_text(readme)
     files.append("README.md")
     if fmt == "raylm":
@@ -208,12 +267,24 @@ def peft_adapter(adapters: dict[str, torch.Tensor], lora: dict) -> tuple[dict[st
     """
     from model.config import LORA_TARGETS
 
-    tensors = {f"base_model.model.{name.replace('.lora_A', '.lora_A.weight').replace('.lora_B', '.lora_B.weight')}":
-               t.contiguous() for name, t in adapters.items()}
+    tensors = {
+        f"base_model.model.{name.replace('.lora_A', '.lora_A.weight').replace('.lora_B', '.lora_B.weight')}": t.contiguous()  # noqa: E501
+        for name, t in adapters.items()
+    }
     targets = sorted({suffix for target in lora["targets"] for suffix in LORA_TARGETS[target]})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
-              "lora_dropout": 0.0, "target_modules": targets, "fan_in_fan_out": True, "bias": "none",
-              "use_rslora": False, "inference_mode": True, "base_model_name_or_path": None}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "use_rslora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
     return tensors, config
 
 

@@ -5,6 +5,7 @@ Shares the pretraining machinery (run directories, resume, resources, checkpoint
 adds what fine-tuning needs: the pretrained checkpoint's model and tokenizer, task rows tokenized on
 the driver (small labelled sets) or token shards for continued pretraining, and early stopping.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,24 +29,37 @@ def _check_config(cfg: Config) -> None:
     if not ft.checkpoint:
         raise ConfigError("finetune.checkpoint is required: a pretrained checkpoint_<step> dir or run dir")
     if not ft.data:
-        raise ConfigError("finetune.data is required: a manifest (task lm), a shipped task "
-                          "(shakespeare-genre, shakespeare-play-qa) or a JSONL URI with {split}")
+        raise ConfigError(
+            "finetune.data is required: a manifest (task lm), a shipped task "
+            "(shakespeare-genre, shakespeare-play-qa) or a JSONL URI with {split}"
+        )
     if train.data != TrainConfig().data:
         raise ConfigError("fine-tuning reads finetune.data; train.data is for pretraining, remove it")
     if train.eval_steps != TrainConfig().eval_steps:
-        raise ConfigError("fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
-                          "set that instead of train.eval_steps")
-    changed = [f.name for f in dataclasses.fields(ModelConfig)
-               if f.name != "dropout" and getattr(cfg.model, f.name) != getattr(ModelConfig(), f.name)]
+        raise ConfigError(
+            "fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
+            "set that instead of train.eval_steps"
+        )
+    changed = [
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "dropout" and getattr(cfg.model, f.name) != getattr(ModelConfig(), f.name)
+    ]
     if changed:
-        raise ConfigError(f"the model shape comes from the checkpoint; remove model.{', model.'.join(changed)} "
-                          "(only model.dropout may be set for fine-tuning)")
+        raise ConfigError(
+            f"the model shape comes from the checkpoint; remove model.{', model.'.join(changed)} "
+            "(only model.dropout may be set for fine-tuning)"
+        )
     if train.eval_interval == 0 and ft.patience > 0:
-        raise ConfigError("early stopping (finetune.patience > 0) needs train.eval_interval > 0; "
-                          "set an interval or finetune.patience=0")
+        raise ConfigError(
+            "early stopping (finetune.patience > 0) needs train.eval_interval > 0; "
+            "set an interval or finetune.patience=0"
+        )
     if train.checkpoint_interval not in (0, train.eval_interval):
-        raise ConfigError("fine-tuning checkpoints at every evaluation (to keep the best one); set "
-                          f"train.checkpoint_interval to train.eval_interval ({train.eval_interval}) or 0")
+        raise ConfigError(
+            "fine-tuning checkpoints at every evaluation (to keep the best one); set "
+            f"train.checkpoint_interval to train.eval_interval ({train.eval_interval}) or 0"
+        )
 
 
 def _with_absolute_paths(cfg: Config) -> Config:
@@ -55,8 +69,9 @@ def _with_absolute_paths(cfg: Config) -> Config:
 
     ft = cfg.finetune
     data = ft.data if ft.data in SHIPPED_TASKS else absolute_uri(ft.data)
-    return dataclasses.replace(with_absolute_paths(cfg), finetune=dataclasses.replace(
-        ft, checkpoint=absolute_uri(ft.checkpoint), data=data))
+    return dataclasses.replace(
+        with_absolute_paths(cfg), finetune=dataclasses.replace(ft, checkpoint=absolute_uri(ft.checkpoint), data=data)
+    )
 
 
 def _model_config(local: str, cfg: Config) -> ModelConfig:
@@ -65,8 +80,10 @@ def _model_config(local: str, cfg: Config) -> ModelConfig:
     model_cfg = ModelConfig(**json.loads((Path(local) / MODEL_CONFIG_FILE).read_text()))
     ft = cfg.finetune
     if model_cfg.arch != "gpt" and (ft.mode != "full" or ft.task == "classification"):
-        raise ConfigError(f"finetune.mode={ft.mode} / task={ft.task} need a GPT checkpoint; {ft.checkpoint} "
-                          f"is arch {model_cfg.arch!r} (use mode full with task lm or sft)")
+        raise ConfigError(
+            f"finetune.mode={ft.mode} / task={ft.task} need a GPT checkpoint; {ft.checkpoint} "
+            f"is arch {model_cfg.arch!r} (use mode full with task lm or sft)"
+        )
     if ft.mode == "partial" and ft.freeze_blocks > model_cfg.n_layer:
         raise ConfigError(f"finetune.freeze_blocks={ft.freeze_blocks} but the model has {model_cfg.n_layer} blocks")
     return dataclasses.replace(model_cfg, dropout=cfg.model.dropout)
@@ -91,8 +108,10 @@ def _encode(cfg: Config, enc, rows: list[dict], seq_len: int, labels: Optional[l
         return {"tokens": tokens, "lengths": lengths, "labels": label_ids}
     tokens, targets, dropped = encode_sft(enc, rows, seq_len)
     if dropped:
-        print(f"[raylm] {dropped} of {len(rows)} SFT rows dropped: the response alone does not fit "
-              f"{seq_len} tokens", flush=True)
+        print(
+            f"[raylm] {dropped} of {len(rows)} SFT rows dropped: the response alone does not fit {seq_len} tokens",
+            flush=True,
+        )
     return {"tokens": tokens, "targets": targets}
 
 
@@ -101,8 +120,7 @@ def _task_seq_len(cfg: Config, enc, rows: list[dict], block_size: int) -> int:
     if cfg.finetune.task == "classification":
         longest = max(len(enc.encode_ordinary(r["text"])) for r in rows)
     else:
-        longest = max(len(enc.encode_ordinary(r["prompt"])) + len(enc.encode_ordinary(r["response"])) + 1
-                      for r in rows)
+        longest = max(len(enc.encode_ordinary(r["prompt"])) + len(enc.encode_ordinary(r["response"])) + 1 for r in rows)
     return min(block_size, -(-longest // 8) * 8)
 
 
@@ -119,16 +137,25 @@ def _stream(columns: dict[str, np.ndarray], num_rows: int, seed: int, shuffle: b
 
     n = len(next(iter(columns.values())))
     epochs = -(-num_rows // n)
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(n) if shuffle else np.arange(n)
-                            for e in range(epochs)])[:num_rows]
+    order = np.concatenate(
+        [np.random.default_rng([seed, e]).permutation(n) if shuffle else np.arange(n) for e in range(epochs)]
+    )[:num_rows]
     ds = ray.data.range(num_rows, override_num_blocks=max(1, min(16, num_rows // 256))).map_batches(
-        _gather_rows, batch_format="numpy", fn_kwargs={"columns": columns, "order": order})
+        _gather_rows, batch_format="numpy", fn_kwargs={"columns": columns, "order": order}
+    )
     ds.context.execution_options.preserve_order = True
     return ds
 
 
-def _before_after(cfg: Config, uri: str, val: dict, rows_val: list[dict], rows_train: list[dict],
-                  labels: Optional[list[str]], tuned: bool) -> dict:
+def _before_after(
+    cfg: Config,
+    uri: str,
+    val: dict,
+    rows_val: list[dict],
+    rows_train: list[dict],
+    labels: Optional[list[str]],
+    tuned: bool,
+) -> dict:
     """Task metrics of the pretrained (tuned=False) or fine-tuned checkpoint on the val rows."""
     from orchestration.evaluate import evaluate, load_checkpoint_model
     from orchestration.finetune_eval import classifier_metrics, majority_accuracy, sft_metrics, zero_shot_metrics
@@ -143,8 +170,10 @@ def _before_after(cfg: Config, uri: str, val: dict, rows_val: list[dict], rows_t
         model = load_classifier(uri, len(labels), cfg.train.endpoint_url)
         return classifier_metrics(model, val["tokens"], val["lengths"], val["labels"], labels)
     model, model_cfg, enc, _ = load_checkpoint_model(uri, endpoint_url=cfg.train.endpoint_url)
-    return {"zero_shot": zero_shot_metrics(model, enc, rows_val, labels, max_len=model_cfg.block_size),
-            "majority_class": majority_accuracy(rows_train, rows_val)}
+    return {
+        "zero_shot": zero_shot_metrics(model, enc, rows_val, labels, max_len=model_cfg.block_size),
+        "majority_class": majority_accuracy(rows_train, rows_val),
+    }
 
 
 def load_classifier(uri: str, num_classes: int, endpoint_url: Optional[str] = None):
@@ -160,7 +189,7 @@ def load_classifier(uri: str, num_classes: int, endpoint_url: Optional[str] = No
     state, cfg_dict, _, _ = load_consolidated_state(local)
     model = GPTClassifier(ModelConfig(**cfg_dict), num_classes)
     load_weights(model.backbone, state, f"{uri} ({MODEL_CONFIG_FILE})")
-    model.head.load_state_dict({k[len("head."):]: v for k, v in load_file(str(Path(local) / HEAD_FILE)).items()})
+    model.head.load_state_dict({k[len("head.") :]: v for k, v in load_file(str(Path(local) / HEAD_FILE)).items()})
     return model.eval()
 
 
@@ -197,18 +226,33 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
         try:
             check_manifest(manifest, spec["hash"], None)
         except ValueError as err:
-            raise ConfigError(f"{err}. Prepare the domain corpus with the checkpoint's tokenizer: `raylm prepare "
-                              f"data.tokenizer.kind=file data.tokenizer.path={init_uri}`") from None
+            raise ConfigError(
+                f"{err}. Prepare the domain corpus with the checkpoint's tokenizer: `raylm prepare "
+                f"data.tokenizer.kind=file data.tokenizer.path={init_uri}`"
+            ) from None
         seq_len = int(manifest["seq_len"])
         if seq_len > model_cfg.block_size:
             raise ConfigError(f"{ft.data} holds seq_len {seq_len} > the model's block_size {model_cfg.block_size}")
         n_val = min(ft.max_val_examples, int(manifest["splits"].get("val", {}).get("sequences", 0)))
-        datasets = {"train": sequence_dataset(ft.data, "train", seed=train.seed,
-                                              num_sequences=train.total_steps(seq_len) * train.global_batch_size,
-                                              expected_tokenizer_hash=spec["hash"], endpoint_url=train.endpoint_url)}
+        datasets = {
+            "train": sequence_dataset(
+                ft.data,
+                "train",
+                seed=train.seed,
+                num_sequences=train.total_steps(seq_len) * train.global_batch_size,
+                expected_tokenizer_hash=spec["hash"],
+                endpoint_url=train.endpoint_url,
+            )
+        }
         if n_val:
-            datasets["val"] = sequence_dataset(ft.data, "val", seed=train.seed, num_sequences=n_val,
-                                               expected_tokenizer_hash=spec["hash"], endpoint_url=train.endpoint_url)
+            datasets["val"] = sequence_dataset(
+                ft.data,
+                "val",
+                seed=train.seed,
+                num_sequences=n_val,
+                expected_tokenizer_hash=spec["hash"],
+                endpoint_url=train.endpoint_url,
+            )
     else:
         rows_train, rows_val = task_rows(cfg)
         if ft.task == "classification":
@@ -217,15 +261,23 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
         train_arrays = _encode(cfg, enc, rows_train, seq_len, labels)
         val_arrays = _encode(cfg, enc, rows_val, seq_len, labels)
         n_val = len(val_arrays["tokens"])
-        datasets = {"train": _stream(train_arrays, train.total_steps(seq_len) * train.global_batch_size,
-                                     train.seed, shuffle=True),
-                    "val": _stream(val_arrays, n_val, train.seed, shuffle=False)}
-        print(f"[raylm] {ft.data}: {len(train_arrays['tokens'])} train / {n_val} val examples, {seq_len} tokens each"
-              + (f", labels {labels}" if labels else ""), flush=True)
+        datasets = {
+            "train": _stream(
+                train_arrays, train.total_steps(seq_len) * train.global_batch_size, train.seed, shuffle=True
+            ),
+            "val": _stream(val_arrays, n_val, train.seed, shuffle=False),
+        }
+        print(
+            f"[raylm] {ft.data}: {len(train_arrays['tokens'])} train / {n_val} val examples, {seq_len} tokens each"
+            + (f", labels {labels}" if labels else ""),
+            flush=True,
+        )
     val_batches = n_val // (train.num_workers * train.micro_batch_size)
     if val_batches == 0:
-        raise ConfigError(f"{ft.data}: {n_val} val examples are fewer than one micro-batch per worker "
-                          f"({train.num_workers} x {train.micro_batch_size}); fine-tuning needs a val split")
+        raise ConfigError(
+            f"{ft.data}: {n_val} val examples are fewer than one micro-batch per worker "
+            f"({train.num_workers} x {train.micro_batch_size}); fine-tuning needs a val split"
+        )
     total_steps = train.total_steps(seq_len)
     if train.warmup_steps >= total_steps:
         raise ConfigError(f"train.warmup_steps ({train.warmup_steps}) must be < the run's {total_steps} steps")
@@ -249,19 +301,39 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
     resolved = dataclasses.replace(cfg, model=model_cfg)
     write_bytes(fs, f"{run_path}/config.yaml", yaml.safe_dump(config_to_dict(resolved), sort_keys=False).encode())
 
-    finetune_info = {"task": ft.task, "mode": ft.mode, "labels": labels, "base_checkpoint": init_uri,
-                     "data": ft.data, "seq_len": seq_len,
-                     "lora": ({"rank": ft.lora_rank, "alpha": ft.lora_alpha, "targets": ft.lora_targets}
-                              if ft.mode == "lora" else None)}
-    plan = {"config": config_to_dict(resolved), "model_config": dataclasses.asdict(model_cfg), "init_uri": init_uri,
-            "labels": labels, "seq_len": seq_len, "total_steps": total_steps, "val_batches": val_batches,
-            "tokenizer_files": to_files(spec), "finetune_info": finetune_info,
-            "resume_uri": latest[0] if latest else None}
+    finetune_info = {
+        "task": ft.task,
+        "mode": ft.mode,
+        "labels": labels,
+        "base_checkpoint": init_uri,
+        "data": ft.data,
+        "seq_len": seq_len,
+        "lora": (
+            {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "targets": ft.lora_targets} if ft.mode == "lora" else None
+        ),
+    }
+    plan = {
+        "config": config_to_dict(resolved),
+        "model_config": dataclasses.asdict(model_cfg),
+        "init_uri": init_uri,
+        "labels": labels,
+        "seq_len": seq_len,
+        "total_steps": total_steps,
+        "val_batches": val_batches,
+        "tokenizer_files": to_files(spec),
+        "finetune_info": finetune_info,
+        "resume_uri": latest[0] if latest else None,
+    }
     # every evaluation checkpoints; Ray keeps the best num_to_keep by val loss, and always the latest
-    trainer = make_trainer(cfg, finetune_loop_per_worker, plan, datasets,
-                           checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep,
-                                                              checkpoint_score_attribute="val_loss",
-                                                              checkpoint_score_order="min"))
+    trainer = make_trainer(
+        cfg,
+        finetune_loop_per_worker,
+        plan,
+        datasets,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=train.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+    )
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -273,11 +345,21 @@ def run_finetune(cfg: Config, *, resume: bool = True) -> dict:
     best_uri = f"{uri}/{checkpoint_dir_name(best['step'])}"
     print(f"[raylm] scoring the best checkpoint (step {best['step']}, val {best['val_loss']:.4f}) (after)", flush=True)
     after = _before_after(cfg, best_uri, val_arrays, rows_val, rows_train, labels, tuned=True)
-    summary = {**finetune_info, "run_dir": uri, "best_checkpoint": best_uri, "best_step": best["step"],
-               "final_step": records[-1]["step"], "total_steps": total_steps,
-               "stopped_early": bool(evals[-1].get("stopped_early")), "trainable_params": records[-1]["trainable_params"],
-               "train_examples": len(rows_train) or None, "val_examples": n_val,
-               "before": before, "after": after, "wall_s": time.time() - t0}
+    summary = {
+        **finetune_info,
+        "run_dir": uri,
+        "best_checkpoint": best_uri,
+        "best_step": best["step"],
+        "final_step": records[-1]["step"],
+        "total_steps": total_steps,
+        "stopped_early": bool(evals[-1].get("stopped_early")),
+        "trainable_params": records[-1]["trainable_params"],
+        "train_examples": len(rows_train) or None,
+        "val_examples": n_val,
+        "before": before,
+        "after": after,
+        "wall_s": time.time() - t0,
+    }
     write_bytes(fs, f"{run_path}/{SUMMARY_JSON}", json.dumps(summary, indent=2).encode())
     write_bytes(fs, f"{run_path}/{SUMMARY_MD}", summary_markdown(summary).encode())
     print(summary_markdown(summary), flush=True)
@@ -290,34 +372,51 @@ def headline(task: str, metrics: dict, tuned: bool) -> dict[str, Optional[float]
         return {"val loss": metrics["loss"], "perplexity": metrics["perplexity"]}
     if task == "sft":
         kinds = metrics.get("exact_match_by_kind", {})
-        return {"response loss": metrics["response_loss"], "exact match": metrics["exact_match"],
-                **({f"exact match: {k}": v for k, v in kinds.items()} if len(kinds) > 1 else {})}
+        return {
+            "response loss": metrics["response_loss"],
+            "exact match": metrics["exact_match"],
+            **({f"exact match: {k}": v for k, v in kinds.items()} if len(kinds) > 1 else {}),
+        }
     if tuned:
         return {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
-    return {"accuracy": metrics["zero_shot"]["accuracy"], "majority-class accuracy": metrics["majority_class"]["accuracy"]}
+    return {
+        "accuracy": metrics["zero_shot"]["accuracy"],
+        "majority-class accuracy": metrics["majority_class"]["accuracy"],
+    }
 
 
 def summary_markdown(summary: dict) -> str:
     """A before/after table (plus SFT answers) for the run's finetune.md and the report."""
     task = summary["task"]
     before, after = headline(task, summary["before"], False), headline(task, summary["after"], True)
-    lines = [f"# Fine-tune: {task}, mode {summary['mode']}", "",
-             f"Base {summary['base_checkpoint']}; best checkpoint {summary['best_checkpoint']} "
-             f"(step {summary['best_step']} of {summary['total_steps']}"
-             + (", stopped early" if summary["stopped_early"] else "") + f"); {summary['trainable_params']:,} "
-             "trainable parameters.", "",
-             "| metric | before | after |", "|---|---|---|"]
+    lines = [
+        f"# Fine-tune: {task}, mode {summary['mode']}",
+        "",
+        f"Base {summary['base_checkpoint']}; best checkpoint {summary['best_checkpoint']} "
+        f"(step {summary['best_step']} of {summary['total_steps']}"
+        + (", stopped early" if summary["stopped_early"] else "")
+        + f"); {summary['trainable_params']:,} "
+        "trainable parameters.",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+    ]
     for key in dict.fromkeys([*before, *after]):
         lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
     if task == "classification":
-        lines += ["", "Before: the pretrained LM scoring each label after the template "
-                  f"{summary['before']['zero_shot']['template']!r} (zero-shot); the majority class always answers "
-                  f"{summary['before']['majority_class']['label']!r}."]
+        lines += [
+            "",
+            "Before: the pretrained LM scoring each label after the template "
+            f"{summary['before']['zero_shot']['template']!r} (zero-shot); the majority class always answers "
+            f"{summary['before']['majority_class']['label']!r}.",
+        ]
     if task == "sft" and summary["after"].get("samples"):
         lines += ["", "| prompt (end) | reference | before | after |", "|---|---|---|---|"]
         for b, a in zip(summary["before"]["samples"], summary["after"]["samples"]):
             cell = lambda t: t.replace("\n", " / ").replace("|", "\\|")  # noqa: E731
-            lines.append(f"| {cell(a['prompt'][-80:])} | {cell(a['reference'])} | {cell(b['answer'])} | {cell(a['answer'])} |")
+            lines.append(
+                f"| {cell(a['prompt'][-80:])} | {cell(a['reference'])} | {cell(b['answer'])} | {cell(a['answer'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

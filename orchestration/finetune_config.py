@@ -3,6 +3,7 @@
 Pure data (no torch, no ray). The rest of a fine-tuning run (learning rate, steps, batch, ZeRO,
 evaluation cadence) is the ordinary ``train:`` section; the model shape comes from the checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

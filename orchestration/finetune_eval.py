@@ -6,6 +6,7 @@ Plain PyTorch on the driver (no Ray Train, no DeepSpeed), on the same validation
 - classification: accuracy and loss of the classifier; before tuning there is no head, so "before"
   is the pretrained LM scoring each label as a continuation (zero-shot), next to the majority class.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,17 @@ ZERO_SHOT_TEMPLATE = "{text}\nThis passage is from a"
 
 
 @torch.no_grad()
-def sft_metrics(model, enc, tokens: np.ndarray, targets: np.ndarray, rows: list[dict], *, batch_size: int = 16,
-                max_generate: int = 64, sample_prompts: int = 3) -> dict:
+def sft_metrics(
+    model,
+    enc,
+    tokens: np.ndarray,
+    targets: np.ndarray,
+    rows: list[dict],
+    *,
+    batch_size: int = 16,
+    max_generate: int = 64,
+    sample_prompts: int = 3,
+) -> dict:
     """Response-token loss over all val rows; greedy exact match on ``max_generate`` rows spread over
     them (per row ``kind`` too, when rows carry one)."""
     from data_pipeline.task_data import spread
@@ -28,41 +38,54 @@ def sft_metrics(model, enc, tokens: np.ndarray, targets: np.ndarray, rows: list[
 
     total, count = 0.0, 0
     for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size, :-1]).long()
-        y = torch.from_numpy(targets[i:i + batch_size]).long()
+        x = torch.from_numpy(tokens[i : i + batch_size, :-1]).long()
+        y = torch.from_numpy(targets[i : i + batch_size]).long()
         logits, _ = model(x)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                                       ignore_index=-1, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1, reduction="sum"
+            )
+        )
         count += int((y != -1).sum())
     picked = spread(rows, max_generate)
     answer_len = max(len(enc.encode_ordinary(r["response"])) for r in picked) + 2 if picked else 0
-    prompts = [enc.encode_ordinary(r["prompt"])[-(model.cfg.block_size - answer_len):] for r in picked]
+    prompts = [enc.encode_ordinary(r["prompt"])[-(model.cfg.block_size - answer_len) :] for r in picked]
     answers = []
     for i in range(0, len(prompts), batch_size):  # batched rows decode exactly as they would alone
-        for out in generate(model, prompts[i:i + batch_size], answer_len, temperature=0.0, eos_id=enc.eot_token):
+        for out in generate(model, prompts[i : i + batch_size], answer_len, temperature=0.0, eos_id=enc.eot_token):
             answers.append(enc.decode([t for t in out if t != enc.eot_token]))
     exact = [a.strip() == r["response"].strip() for a, r in zip(answers, picked)]
     by_kind: dict[str, list[bool]] = {}
     for hit, row in zip(exact, picked):
         by_kind.setdefault(row.get("kind", "all"), []).append(hit)
     loss = total / max(count, 1)
-    return {"response_loss": loss, "response_perplexity": math.exp(min(loss, 50.0)), "response_tokens": count,
-            "exact_match": float(np.mean(exact)) if exact else None,
-            "exact_match_stderr": _stderr(exact), "generated": len(exact),
-            "exact_match_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
-            "samples": [{"prompt": r["prompt"][-160:], "reference": r["response"], "answer": a}
-                        for r, a in zip(picked[:sample_prompts], answers)]}
+    return {
+        "response_loss": loss,
+        "response_perplexity": math.exp(min(loss, 50.0)),
+        "response_tokens": count,
+        "exact_match": float(np.mean(exact)) if exact else None,
+        "exact_match_stderr": _stderr(exact),
+        "generated": len(exact),
+        "exact_match_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "samples": [
+            {"prompt": r["prompt"][-160:], "reference": r["response"], "answer": a}
+            for r, a in zip(picked[:sample_prompts], answers)
+        ],
+    }
 
 
 @torch.no_grad()
-def classifier_metrics(model, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
-                       label_names: list[str], *, batch_size: int = 32) -> dict:
+def classifier_metrics(
+    model, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray, label_names: list[str], *, batch_size: int = 32
+) -> dict:
     """Accuracy (with standard error), mean loss and per-class accuracy of a GPTClassifier."""
     preds, loss_sum = [], 0.0
     for i in range(0, len(tokens), batch_size):
-        logits, _ = model(torch.from_numpy(tokens[i:i + batch_size]).long(),
-                          lengths=torch.from_numpy(lengths[i:i + batch_size]).long())
-        y = torch.from_numpy(labels[i:i + batch_size]).long()
+        logits, _ = model(
+            torch.from_numpy(tokens[i : i + batch_size]).long(),
+            lengths=torch.from_numpy(lengths[i : i + batch_size]).long(),
+        )
+        y = torch.from_numpy(labels[i : i + batch_size]).long()
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         preds.append(logits.argmax(-1).numpy())
     return _accuracy(np.concatenate(preds), labels, label_names) | {"loss": loss_sum / len(labels)}
@@ -77,7 +100,7 @@ def zero_shot_metrics(model, enc, rows: list[dict], label_names: list[str], *, m
         context = enc.encode_ordinary(ZERO_SHOT_TEMPLATE.format(text=row["text"]))
         scores = []
         for ids in label_ids:
-            seq = (context + ids)[-max_len - 1:]
+            seq = (context + ids)[-max_len - 1 :]
             x = torch.tensor([seq[:-1]])
             logp = torch.log_softmax(model(x)[0][0].float(), dim=-1)
             positions = range(len(seq) - 1 - len(ids), len(seq) - 1)
@@ -97,8 +120,12 @@ def majority_accuracy(train_rows: list[dict], val_rows: list[dict]) -> dict:
 def _accuracy(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
     hits = (preds == labels).tolist()
     per_class = {name: float(np.mean(preds[labels == i] == i)) for i, name in enumerate(names) if (labels == i).any()}
-    return {"accuracy": float(np.mean(hits)), "accuracy_stderr": _stderr(hits), "examples": len(hits),
-            "per_class_accuracy": per_class}
+    return {
+        "accuracy": float(np.mean(hits)),
+        "accuracy_stderr": _stderr(hits),
+        "examples": len(hits),
+        "per_class_accuracy": per_class,
+    }
 
 
 def _stderr(hits: list) -> float | None:

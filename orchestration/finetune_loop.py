@@ -6,6 +6,7 @@ pretrained checkpoint's URI and model config, the task's labels and the number o
 Every evaluation writes a checkpoint (Ray keeps the best ``num_to_keep`` by val loss plus the
 latest), so the best model survives early stopping and a failed worker resumes where it was.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,20 @@ import torch.distributed as dist
 
 from orchestration.checkpoint import MODEL_FILE, checkpoint_dir_name, restore_checkpoint, save_checkpoint
 from orchestration.metrics import throughput
-from orchestration.train_loop import (FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, _crash_once, _driver_checkpoint,
-                                      _grad_norm, _mean_across_ranks, _metrics_log, _seed_everything, _Window,
-                                      optimizer_step, worker_device, wrap_with_deepspeed)
+from orchestration.train_loop import (
+    FAIL_AT_STEP_ENV,
+    FAIL_MARKER_ENV,
+    _crash_once,
+    _driver_checkpoint,
+    _grad_norm,
+    _mean_across_ranks,
+    _metrics_log,
+    _seed_everything,
+    _Window,
+    optimizer_step,
+    worker_device,
+    wrap_with_deepspeed,
+)
 
 ADAPTER_FILE, HEAD_FILE, FINETUNE_FILE = "adapter.safetensors", "classifier_head.safetensors", "finetune.json"
 
@@ -63,7 +75,7 @@ def weight_files(model: torch.nn.Module, task: str, mode: str):
         files: dict[str, dict] = {}
         if task == "classification":
             files[HEAD_FILE] = {k: v for k, v in state.items() if k.startswith("head.")}
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
         if mode == "lora":
             files[ADAPTER_FILE] = adapter_state_dict(state)
             state = merged_state_dict(base, state)
@@ -73,7 +85,9 @@ def weight_files(model: torch.nn.Module, task: str, mode: str):
     return split
 
 
-def task_forward(engine, task: str, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def task_forward(
+    engine, task: str, batch: dict, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss of the micro-batch, loss-bearing items in it, correct predictions) for any task.
 
     Items are tokens for lm/sft (response tokens only for sft) and examples for classification,
@@ -84,13 +98,21 @@ def task_forward(engine, task: str, batch: dict, device: torch.device) -> tuple[
         logits, loss = engine(tokens, labels, torch.from_numpy(batch["lengths"]).long().to(device))
         correct = (logits.argmax(-1) == labels).sum()
         return loss, torch.tensor(float(len(labels)), device=device), correct.float()
-    targets = (torch.from_numpy(batch["targets"]).long().to(device) if task == "sft" else tokens[:, 1:])
+    targets = torch.from_numpy(batch["targets"]).long().to(device) if task == "sft" else tokens[:, 1:]
     _, loss = engine(tokens[:, :-1], targets)
     return loss, (targets != -1).sum().float(), torch.zeros((), device=device)
 
 
-def evaluate_task(engine, val_shard, task: str, rank: int, world_size: int, micro_batch_size: int,
-                  num_batches: int, device: torch.device) -> dict:
+def evaluate_task(
+    engine,
+    val_shard,
+    task: str,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    num_batches: int,
+    device: torch.device,
+) -> dict:
     """Val loss (item-weighted over every rank's first ``num_batches`` micro-batches) and accuracy."""
     from data_pipeline.loader import worker_examples
 
@@ -175,21 +197,39 @@ def finetune_loop_per_worker(plan: dict) -> None:
             step = restore_checkpoint(engine, local_dir, rank=rank, world_size=world_size)["step"]
     if rank == 0:
         metrics_log.truncate_after(step)
-        print(f"[raylm] fine-tuning ({ft.task}, {ft.mode}): {trainable:,} of {total:,} parameters train"
-              + (f"; resumed at step {step}" if step else ""), flush=True)
-    best, bad = _broadcast(_early_stop_state([json.loads(ln) for ln in metrics_log.lines] if rank == 0 else [],
-                                             step, ft.min_delta), rank)
+        print(
+            f"[raylm] fine-tuning ({ft.task}, {ft.mode}): {trainable:,} of {total:,} parameters train"
+            + (f"; resumed at step {step}" if step else ""),
+            flush=True,
+        )
+    best, bad = _broadcast(
+        _early_stop_state([json.loads(ln) for ln in metrics_log.lines] if rank == 0 else [], step, ft.min_delta), rank
+    )
 
-    batches = iter(worker_examples(ray.train.get_dataset_shard("train"), rank=rank, world_size=world_size,
-                                   micro_batch_size=train.micro_batch_size, skip_before=step * train.global_batch_size))
+    batches = iter(
+        worker_examples(
+            ray.train.get_dataset_shard("train"),
+            rank=rank,
+            world_size=world_size,
+            micro_batch_size=train.micro_batch_size,
+            skip_before=step * train.global_batch_size,
+        )
+    )
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = _Window()
     stopped_early = False
     while step < total_steps and not stopped_early:
         if step == fail_at and rank == world_size - 1:
             _crash_once(os.environ.get(FAIL_MARKER_ENV))
-        lr, loss_sum = optimizer_step(engine, train, step, total_steps, batches, window,
-                                      lambda batch: task_forward(engine, ft.task, batch, device)[0])
+        lr, loss_sum = optimizer_step(
+            engine,
+            train,
+            step,
+            total_steps,
+            batches,
+            window,
+            lambda batch: task_forward(engine, ft.task, batch, device)[0],
+        )
         step += 1
         window.steps += 1
 
@@ -201,14 +241,36 @@ def finetune_loop_per_worker(plan: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = window.elapsed()
-        record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": _grad_norm(engine),
-                  "tokens": step * tokens_per_step, "step_time_s": seconds / window.steps,
-                  "data_wait_s": window.data_wait_s / window.steps, "trainable_params": trainable,
-                  **throughput(tokens=window.steps * tokens_per_step, seconds=seconds, flops_per_token=fpt,
-                               num_devices=world_size, peak_flops=None)}
+        record = {
+            "step": step,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": _grad_norm(engine),
+            "tokens": step * tokens_per_step,
+            "step_time_s": seconds / window.steps,
+            "data_wait_s": window.data_wait_s / window.steps,
+            "trainable_params": trainable,
+            **throughput(
+                tokens=window.steps * tokens_per_step,
+                seconds=seconds,
+                flops_per_token=fpt,
+                num_devices=world_size,
+                peak_flops=None,
+            ),
+        }
         if do_eval:
-            record.update(evaluate_task(engine, ray.train.get_dataset_shard("val"), ft.task, rank, world_size,
-                                        train.micro_batch_size, plan["val_batches"], device))
+            record.update(
+                evaluate_task(
+                    engine,
+                    ray.train.get_dataset_shard("val"),
+                    ft.task,
+                    rank,
+                    world_size,
+                    train.micro_batch_size,
+                    plan["val_batches"],
+                    device,
+                )
+            )
             best, bad = (record["val_loss"], 0) if record["val_loss"] < best - ft.min_delta else (best, bad + 1)
             stopped_early = ft.patience > 0 and bad >= ft.patience and not is_last
             record.update(best_val_loss=best, evals_without_improvement=bad, stopped_early=stopped_early)
@@ -218,21 +280,36 @@ def finetune_loop_per_worker(plan: dict) -> None:
             metrics_log.flush()
             print(_format(record, total_steps), flush=True)
         if do_eval:
-            ckpt_dir = save_checkpoint(engine, raw_model, step=step, consumed_sequences=step * train.global_batch_size,
-                                       rank=rank, world_size=world_size, model_config=model_cfg,
-                                       tokenizer_files=extra_files, config=plan["config"],
-                                       weight_files=weight_files(raw_model, ft.task, ft.mode))
-            ray.train.report(record, checkpoint=Checkpoint.from_directory(ckpt_dir),
-                             checkpoint_dir_name=checkpoint_dir_name(step),
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            ckpt_dir = save_checkpoint(
+                engine,
+                raw_model,
+                step=step,
+                consumed_sequences=step * train.global_batch_size,
+                rank=rank,
+                world_size=world_size,
+                model_config=model_cfg,
+                tokenizer_files=extra_files,
+                config=plan["config"],
+                weight_files=weight_files(raw_model, ft.task, ft.mode),
+            )
+            ray.train.report(
+                record,
+                checkpoint=Checkpoint.from_directory(ckpt_dir),
+                checkpoint_dir_name=checkpoint_dir_name(step),
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            )
         else:
             ray.train.report(record)
         window = _Window()
 
 
 def _format(record: dict, total_steps: int) -> str:
-    parts = [f"[raylm] step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-             f"{record['tokens_per_s']:,.0f} tok/s"]
+    parts = [
+        f"[raylm] step {record['step']}/{total_steps}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+    ]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
         if "val_accuracy" in record:

@@ -1,4 +1,5 @@
 """Throughput and MFU math, the per-device peak-FLOPs table, and the ``metrics.jsonl`` writer."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def peak_flops_per_device(device_name: Optional[str]) -> Optional[float]:
     return None
 
 
-def throughput(*, tokens: int, seconds: float, flops_per_token: float, num_devices: int,
-               peak_flops: Optional[float]) -> dict:
+def throughput(
+    *, tokens: int, seconds: float, flops_per_token: float, num_devices: int, peak_flops: Optional[float]
+) -> dict:
     """tokens/s, achieved FLOP/s (all devices) and MFU (None when the peak is unknown, e.g. CPU).
 
     MFU = achieved FLOP/s / (num_devices x peak FLOP/s per device); ``flops_per_token`` is the

@@ -9,6 +9,7 @@ Ray's own built-ins (``ray_node_*``, ``ray_data_*``) live beside them. The dashb
 Tags: ``run`` (train.run_name) and ``worker`` (the Ray Train world rank), so one Grafana variable
 selects a run and per-rank series (data wait, GPU memory) stay apart.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -59,8 +60,12 @@ class TrainMetricsExporter:
         self.tags = {"run": str(run_name), "worker": str(rank)}
         self._gauges = {key: Gauge(name, description=desc, tag_keys=TAG_KEYS) for key, (name, desc) in GAUGES.items()}
         self._tokens = Counter(TOKENS_COUNTER[0], description=TOKENS_COUNTER[1], tag_keys=TAG_KEYS)
-        self._checkpoint = Histogram(CHECKPOINT_HISTOGRAM[0], description=CHECKPOINT_HISTOGRAM[1],
-                                     boundaries=CHECKPOINT_BOUNDARIES_S, tag_keys=TAG_KEYS)
+        self._checkpoint = Histogram(
+            CHECKPOINT_HISTOGRAM[0],
+            description=CHECKPOINT_HISTOGRAM[1],
+            boundaries=CHECKPOINT_BOUNDARIES_S,
+            tag_keys=TAG_KEYS,
+        )
         self._last_tokens: Optional[int] = None  # a resumed run starts its counter at the checkpoint's tokens
 
     def record(self, metrics: Mapping[str, Any]) -> None:

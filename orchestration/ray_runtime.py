@@ -1,4 +1,5 @@
 """Starting (or joining) Ray the way every raylm command needs it."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ baseline comparison's bars.
 Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
 like ``scaling_plots``; the report renders each figure once to PNG.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -90,8 +91,11 @@ def plot_baselines(rows: Sequence[dict]) -> Figure:
     fig = Figure(figsize=(10, 1.0 + 0.5 * len(rows)), layout="constrained")
     names = [r["model"] for r in rows][::-1]  # barh draws bottom up
     colors = [ARCH_COLORS.get(r.get("arch"), "C7") for r in rows][::-1]
-    for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("bits_per_byte", "loss"),
-                              ("bits per byte (lower is better)", "validation loss (nats/token)")):
+    for ax, key, label in zip(
+        fig.subplots(1, 2, sharey=True),
+        ("bits_per_byte", "loss"),
+        ("bits per byte (lower is better)", "validation loss (nats/token)"),
+    ):
         values = [r[key] for r in rows][::-1]
         bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)

@@ -4,6 +4,7 @@ compute-optimal frontier.
 Each function returns a ``matplotlib.figure.Figure`` built without pyplot, so there is no global
 figure state and no display backend; the caller saves it (``fig.savefig(path)``) next to results.json.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,17 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orchestration.scaling_fit import (CHINCHILLA_APPROACH3, IsoFlopFit, LawFit, LawParams, ScalingPoint,
-                                       budget_key, compute_optimal, param_counts, predict_loss)
+from orchestration.scaling_fit import (
+    CHINCHILLA_APPROACH3,
+    IsoFlopFit,
+    LawFit,
+    LawParams,
+    ScalingPoint,
+    budget_key,
+    compute_optimal,
+    param_counts,
+    predict_loss,
+)
 
 
 def plot_isoflops(points: Sequence[ScalingPoint], fit: IsoFlopFit) -> Figure:
@@ -61,14 +71,18 @@ def plot_law_fit(points: Sequence[ScalingPoint], fit: LawFit) -> Figure:
     ax.set_xscale("log")
     ax.set_xlabel("training tokens D")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}",
-                 fontsize=9)
+    ax.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return fig
 
 
-def plot_frontier(iso: IsoFlopFit, law: Optional[LawFit] = None, *, up_to: Optional[float] = None,
-                  reference: LawParams = CHINCHILLA_APPROACH3) -> Figure:
+def plot_frontier(
+    iso: IsoFlopFit,
+    law: Optional[LawFit] = None,
+    *,
+    up_to: Optional[float] = None,
+    reference: LawParams = CHINCHILLA_APPROACH3,
+) -> Figure:
     """N_opt against compute: the IsoFLOP vertices, their power law with its exponent CI as a
     band, the fitted law's frontier when given, and the reference (Chinchilla) frontier.
     ``up_to`` extends the lines to a target budget."""
@@ -77,23 +91,31 @@ def plot_frontier(iso: IsoFlopFit, law: Optional[LawFit] = None, *, up_to: Optio
     ok = [b for b in iso.budgets if b.status == "ok"]
     c_ok = np.array([b.compute for b in ok])
     c = np.geomspace(c_ok.min(), max(c_ok.max(), up_to or 0.0), 100)
-    fitted = iso.params_opt.coefficient * c ** iso.params_opt.exponent
+    fitted = iso.params_opt.coefficient * c**iso.params_opt.exponent
     ax.scatter(c_ok, [b.params_opt for b in ok], color="k", zorder=3, label="IsoFLOP minima")
     ax.plot(c, fitted, color="C0", label=f"IsoFLOP fit: N_opt ~ C^{iso.params_opt.exponent:.3f}")
     if iso.params_opt.exponent_ci is not None:
         # The band pivots the exponent's CI about the centre of the budgets in log C, where the
         # line's level is best determined.
         centre = math.exp(np.log(c_ok).mean())
-        at_centre = iso.params_opt.coefficient * centre ** iso.params_opt.exponent
+        at_centre = iso.params_opt.coefficient * centre**iso.params_opt.exponent
         ends = [at_centre * (c / centre) ** e for e in iso.params_opt.exponent_ci]
         low, high = np.minimum(*ends), np.maximum(*ends)
-        ax.fill_between(c, low, high, color="C0", alpha=0.2,
-                        label=f"{iso.ci_level:.0%} CI of the exponent")
+        ax.fill_between(c, low, high, color="C0", alpha=0.2, label=f"{iso.ci_level:.0%} CI of the exponent")
     if law is not None:
-        ax.plot(c, [compute_optimal(law.law, x).params for x in c], color="C1",
-                label=f"fitted law: N_opt ~ C^{law.params_exponent:.3f}")
-    ax.plot(c, [compute_optimal(reference, x).params for x in c], color="C3", ls="--",
-            label=f"reference law: N_opt ~ C^{reference.beta / (reference.alpha + reference.beta):.3f}")
+        ax.plot(
+            c,
+            [compute_optimal(law.law, x).params for x in c],
+            color="C1",
+            label=f"fitted law: N_opt ~ C^{law.params_exponent:.3f}",
+        )
+    ax.plot(
+        c,
+        [compute_optimal(reference, x).params for x in c],
+        color="C3",
+        ls="--",
+        label=f"reference law: N_opt ~ C^{reference.beta / (reference.alpha + reference.beta):.3f}",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")

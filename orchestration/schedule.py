@@ -3,13 +3,22 @@
 The loop sets the optimizer's LR from ``lr_at(step, ...)`` every step, so resuming from a checkpoint
 restores the schedule from the step alone: there is no scheduler state to save.
 """
+
 from __future__ import annotations
 
 import math
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int,
-          schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
     """LR for optimizer step ``step`` (0-based) of ``total_steps``.
 
     Both schedules warm up linearly from lr/warmup_steps to ``lr`` over ``warmup_steps``. Then
@@ -35,6 +44,12 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
 
 def lr_for(train_cfg, step: int, total_steps: int) -> float:
     """``lr_at`` with the knobs taken from a ``TrainConfig``."""
-    return lr_at(step, lr=train_cfg.lr, min_lr=train_cfg.min_lr, warmup_steps=train_cfg.warmup_steps,
-                 total_steps=total_steps, schedule=train_cfg.schedule,
-                 decay_fraction=train_cfg.decay_fraction)
+    return lr_at(
+        step,
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        warmup_steps=train_cfg.warmup_steps,
+        total_steps=total_steps,
+        schedule=train_cfg.schedule,
+        decay_fraction=train_cfg.decay_fraction,
+    )

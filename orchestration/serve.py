@@ -13,6 +13,7 @@ sub-batches that can share a call: all greedy requests together; unseeded sample
 `raylm generate --seed` whatever else is in flight. A sub-batch is also split when its longest prompt
 would leave a shorter one less room than it asked for (left padding shares one context window).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ from dataclasses import asdict
 from typing import Optional
 
 MAX_BODY_BYTES = 1 << 20
-DEFAULTS = {"max_tokens": 64,  # capped at the server's max_tokens_cap
-            "temperature": 0.8, "top_k": 50, "top_p": None, "seed": None}
+DEFAULTS = {
+    "max_tokens": 64,  # capped at the server's max_tokens_cap
+    "temperature": 0.8,
+    "top_k": 50,
+    "top_p": None,
+    "seed": None,
+}
 FIELDS = ("prompt",) + tuple(DEFAULTS)
 
 
@@ -43,8 +49,11 @@ def _number(body: dict, key: str, kind: type, default, *, nullable: bool = False
         return None
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not ok:
-        raise RequestError(400, f"{key} must be {'a number' if kind is float else 'an integer'}"
-                                f"{' or null' if nullable else ''}, got {value!r}")
+        raise RequestError(
+            400,
+            f"{key} must be {'a number' if kind is float else 'an integer'}"
+            f"{' or null' if nullable else ''}, got {value!r}",
+        )
     return kind(value)
 
 
@@ -58,7 +67,9 @@ def parse_request(raw: bytes, *, encode, max_prompt_tokens: int, max_tokens_cap:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f'body must be JSON like {{"prompt": "Once upon a time", "max_tokens": 32}}: {e}')
+        raise RequestError(
+            400, f'body must be JSON like {{"prompt": "Once upon a time", "max_tokens": 32}}: {e}'
+        ) from None  # noqa: E501
     if not isinstance(body, dict):
         raise RequestError(400, f"body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(FIELDS))
@@ -82,10 +93,19 @@ def parse_request(raw: bytes, *, encode, max_prompt_tokens: int, max_tokens_cap:
         raise RequestError(400, f"top_p must be in (0, 1] or null, got {top_p}")
     ids = encode(prompt)
     if len(ids) > max_prompt_tokens:
-        raise RequestError(400, f"prompt is {len(ids)} tokens; the model's context allows at most "
-                                f"{max_prompt_tokens} (block_size - 1): shorten it")
-    return {"ids": ids, "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
-            "top_p": top_p, "seed": seed}
+        raise RequestError(
+            400,
+            f"prompt is {len(ids)} tokens; the model's context allows at most "
+            f"{max_prompt_tokens} (block_size - 1): shorten it",
+        )
+    return {
+        "ids": ids,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+    }
 
 
 def plan_sub_batches(reqs: list[dict], block_size: int) -> list[list[int]]:
@@ -126,8 +146,16 @@ def _finish(new: list[int], req: dict, eot: int) -> tuple[list[int], str]:
 class GenerateServer:
     """One replica: the model, the tokenizer and the batching counters its /info reports."""
 
-    def __init__(self, checkpoint_uri: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_tokens_cap: int, endpoint_url: Optional[str], device: str, torch_threads: int):
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_tokens_cap: int,
+        endpoint_url: Optional[str],
+        device: str,
+        torch_threads: int,
+    ):
         import torch
 
         from data_pipeline.tokenizer import EOT
@@ -135,19 +163,35 @@ class GenerateServer:
         from orchestration.evaluate import load_checkpoint_model
 
         torch.set_num_threads(torch_threads)
-        self.model, self.cfg, self.enc, meta = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url,
-                                                                     device=device)
+        self.model, self.cfg, self.enc, meta = load_checkpoint_model(
+            checkpoint_uri, endpoint_url=endpoint_url, device=device
+        )
         self.eot = self.enc.encode_single_token(EOT)
         self.max_tokens_cap = max_tokens_cap
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.info = {"checkpoint": meta["checkpoint_uri"], "step": meta.get("step"), "model": asdict(self.cfg),
-                     "params": count_params(self.cfg), "tokenizer": {"name": self.enc.name, "n_vocab": self.enc.n_vocab},
-                     "limits": {"max_prompt_tokens": self.cfg.block_size - 1, "max_tokens_cap": max_tokens_cap,
-                                "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
-                     "device": device}
-        self.stats = {"requests": 0, "rejected": 0, "batches": 0, "generate_calls": 0, "max_batch_size_seen": 0,
-                      "batch_sizes": {}}
+        self.info = {
+            "checkpoint": meta["checkpoint_uri"],
+            "step": meta.get("step"),
+            "model": asdict(self.cfg),
+            "params": count_params(self.cfg),
+            "tokenizer": {"name": self.enc.name, "n_vocab": self.enc.n_vocab},
+            "limits": {
+                "max_prompt_tokens": self.cfg.block_size - 1,
+                "max_tokens_cap": max_tokens_cap,
+                "max_batch_size": max_batch_size,
+                "batch_wait_timeout_s": batch_wait_timeout_s,
+            },
+            "device": device,
+        }
+        self.stats = {
+            "requests": 0,
+            "rejected": 0,
+            "batches": 0,
+            "generate_calls": 0,
+            "max_batch_size_seen": 0,
+            "batch_sizes": {},
+        }
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
@@ -163,8 +207,12 @@ class GenerateServer:
         if path in ("/", "/info"):
             return JSONResponse({**self.info, "stats": self.stats})
         try:
-            req = parse_request(await request.body(), encode=self._encode, max_prompt_tokens=self.cfg.block_size - 1,
-                                max_tokens_cap=self.max_tokens_cap)
+            req = parse_request(
+                await request.body(),
+                encode=self._encode,
+                max_prompt_tokens=self.cfg.block_size - 1,
+                max_tokens_cap=self.max_tokens_cap,
+            )
         except RequestError as e:
             self.stats["rejected"] += 1
             return JSONResponse({"error": str(e)}, status_code=e.status)
@@ -193,14 +241,28 @@ class GenerateServer:
         from model.generate import generate
 
         first = reqs[0]  # a sub-batch shares its sampling settings
-        new = generate(self.model, [r["ids"] for r in reqs], max(_wanted(r, self.cfg.block_size) for r in reqs),
-                       temperature=first["temperature"], top_k=first["top_k"], top_p=first["top_p"],
-                       eos_id=self.eot, seed=first["seed"])
+        new = generate(
+            self.model,
+            [r["ids"] for r in reqs],
+            max(_wanted(r, self.cfg.block_size) for r in reqs),
+            temperature=first["temperature"],
+            top_k=first["top_k"],
+            top_p=first["top_p"],
+            eos_id=self.eot,
+            seed=first["seed"],
+        )
         out = []
         for r, tokens in zip(reqs, new):
             tokens, reason = _finish(tokens[: r["max_tokens"]], r, self.eot)
-            out.append({"text": self.enc.decode(tokens), "tokens": tokens, "finish_reason": reason,
-                        "prompt_tokens": len(r["ids"]), "completion_tokens": len(tokens)})
+            out.append(
+                {
+                    "text": self.enc.decode(tokens),
+                    "tokens": tokens,
+                    "finish_reason": reason,
+                    "prompt_tokens": len(r["ids"]),
+                    "completion_tokens": len(tokens),
+                }
+            )
         return out
 
 
@@ -216,40 +278,75 @@ def _deployment_class():
     return serve.deployment(name="raylm-generate")(RaylmGenerator)
 
 
-def build_app(checkpoint_uri: str, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-              max_tokens_cap: int = 512, endpoint_url: Optional[str] = None, num_replicas: int = 1,
-              num_cpus_per_replica: float = 1.0, device: str = "cpu"):
+def build_app(
+    checkpoint_uri: str,
+    *,
+    max_batch_size: int = 8,
+    batch_wait_timeout_s: float = 0.01,
+    max_tokens_cap: int = 512,
+    endpoint_url: Optional[str] = None,
+    num_replicas: int = 1,
+    num_cpus_per_replica: float = 1.0,
+    device: str = "cpu",
+):
     """A Ray Serve application (pass it to ``serve.run``) answering the routes in the module docstring."""
     if max_batch_size < 1 or batch_wait_timeout_s < 0 or max_tokens_cap < 1 or num_replicas < 1:
-        raise ValueError(f"need max_batch_size >= 1 (got {max_batch_size}), batch_wait_timeout_s >= 0 "
-                         f"(got {batch_wait_timeout_s}), max_tokens_cap >= 1 (got {max_tokens_cap}), "
-                         f"num_replicas >= 1 (got {num_replicas})")
+        raise ValueError(
+            f"need max_batch_size >= 1 (got {max_batch_size}), batch_wait_timeout_s >= 0 "
+            f"(got {batch_wait_timeout_s}), max_tokens_cap >= 1 (got {max_tokens_cap}), "
+            f"num_replicas >= 1 (got {num_replicas})"
+        )
     actor_options = {"num_cpus": num_cpus_per_replica}
     if device.startswith("cuda"):
         actor_options["num_gpus"] = 1
     # Room for a full batch waiting while the previous one generates (Serve's default admits only 5)
-    deployment = _deployment_class().options(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch_size,
-                                             ray_actor_options=actor_options)
-    return deployment.bind(checkpoint_uri, max_batch_size, batch_wait_timeout_s, max_tokens_cap, endpoint_url,
-                           device, max(1, int(num_cpus_per_replica)))
+    deployment = _deployment_class().options(
+        num_replicas=num_replicas, max_ongoing_requests=2 * max_batch_size, ray_actor_options=actor_options
+    )
+    return deployment.bind(
+        checkpoint_uri,
+        max_batch_size,
+        batch_wait_timeout_s,
+        max_tokens_cap,
+        endpoint_url,
+        device,
+        max(1, int(num_cpus_per_replica)),
+    )
 
 
-def run_server(checkpoint_uri: str, *, port: int = 8000, host: str = "127.0.0.1", max_batch_size: int = 8,
-               batch_wait_timeout_s: float = 0.01, max_tokens_cap: int = 512, num_replicas: int = 1,
-               endpoint_url: Optional[str] = None, device: str = "cpu", address: Optional[str] = None) -> None:
+def run_server(
+    checkpoint_uri: str,
+    *,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    max_batch_size: int = 8,
+    batch_wait_timeout_s: float = 0.01,
+    max_tokens_cap: int = 512,
+    num_replicas: int = 1,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+    address: Optional[str] = None,
+) -> None:
     """Start Ray (or join ``address``), serve the checkpoint on http://host:port and block until Ctrl-C."""
     from ray import serve
 
     from orchestration.ray_runtime import init_ray
 
     init_ray(address)
-    app = build_app(checkpoint_uri, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                    max_tokens_cap=max_tokens_cap, endpoint_url=endpoint_url, num_replicas=num_replicas, device=device)
+    app = build_app(
+        checkpoint_uri,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        max_tokens_cap=max_tokens_cap,
+        endpoint_url=endpoint_url,
+        num_replicas=num_replicas,
+        device=device,
+    )
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="raylm", route_prefix="/")
     url = f"http://{host}:{port}"
     print(f"serving {checkpoint_uri} at {url} ({num_replicas} replica(s), batches of up to {max_batch_size})")
-    print(f"  curl -s {url}/generate -d '{{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0.8}}'")
+    print(f'  curl -s {url}/generate -d \'{{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8}}\'')
     print(f"  curl -s {url}/info")
     print("Ctrl-C to stop")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` / a container stop shut Serve down cleanly too
@@ -267,24 +364,42 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    run_server(args.checkpoint, port=args.port, host=args.host, max_batch_size=args.max_batch_size,
-               batch_wait_timeout_s=args.batch_wait_timeout_s, max_tokens_cap=args.max_tokens_cap,
-               num_replicas=args.num_replicas, endpoint_url=args.endpoint_url, device=args.device)
+    run_server(
+        args.checkpoint,
+        port=args.port,
+        host=args.host,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_tokens_cap=args.max_tokens_cap,
+        num_replicas=args.num_replicas,
+        endpoint_url=args.endpoint_url,
+        device=args.device,
+    )
     return 0
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the CLI's subparsers (handler: ``cmd_serve``)."""
-    p = subparsers.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (batched generation)",
-                              description="HTTP generate endpoint for a checkpoint on Ray Serve: POST /generate, "
-                                          "GET /info, GET /health. Blocks until Ctrl-C.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory/URI (checkpoint_NNNNNN), a run directory or a raylm export")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP with Ray Serve (batched generation)",
+        description="HTTP generate endpoint for a checkpoint on Ray Serve: POST /generate, "
+        "GET /info, GET /health. Blocks until Ctrl-C.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory/URI (checkpoint_NNNNNN), a run directory or a raylm export",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests batched into one step at most (default 8)")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
-                   help="how long a batch waits to fill before it runs (default 0.01)")
+    p.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=0.01,
+        help="how long a batch waits to fill before it runs (default 0.01)",
+    )
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--num-replicas", type=int, default=1, help="model replicas behind the endpoint (default 1)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs (MinIO, R2)")

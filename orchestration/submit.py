@@ -13,6 +13,7 @@ The equivalent with Ray's own CLI (the token is picked up from the same places):
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         -- python -m orchestration train --config configs/shakespeare.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,21 @@ TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # Never uploaded: environments, outputs, datasets and caches (gitignore syntax, anchored at the
 # working dir so `data_pipeline/` is kept while the top-level `data/` is not). Ray also honours
 # the repository's .gitignore.
-DEFAULT_EXCLUDES = ["/.venv/", "/.git/", "/runs/", "/data/", "/build/", "/.gpu/", "/.ci/", "__pycache__/",
-                    "*.pyc", ".pytest_cache/", "*.egg-info/", ".cache/", ".ipynb_checkpoints/"]
+DEFAULT_EXCLUDES = [
+    "/.venv/",
+    "/.git/",
+    "/runs/",
+    "/data/",
+    "/build/",
+    "/.gpu/",
+    "/.ci/",
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    "*.egg-info/",
+    ".cache/",
+    ".ipynb_checkpoints/",
+]
 
 # Environment every job gets unless --env overrides it: unbuffered output so followed logs are
 # live, and Ray Train's fast report polling (see STACK_NOTES.md: ~1.5 s per report otherwise).
@@ -60,6 +74,7 @@ class JobFailedError(RuntimeError):
 
 
 # --- connecting -------------------------------------------------------------------------------
+
 
 def normalize_address(address: Optional[str]) -> str:
     """``address`` (or RAY_API_SERVER_ADDRESS / RAY_ADDRESS when it is an http URL), with a scheme."""
@@ -92,8 +107,11 @@ def warn_if_insecure(address: str, stream: TextIO = sys.stderr) -> bool:
     url = normalize_address(address)
     if urlparse(url).scheme != "http" or is_loopback(url):
         return False
-    print(f"raylm submit: WARNING: {url} is plain HTTP to a non-loopback host; the auth token and the "
-          f"job travel unencrypted and the port may be open to others.\n{TUNNEL_RECIPE}", file=stream)
+    print(
+        f"raylm submit: WARNING: {url} is plain HTTP to a non-loopback host; the auth token and the "
+        f"job travel unencrypted and the port may be open to others.\n{TUNNEL_RECIPE}",
+        file=stream,
+    )
     return True
 
 
@@ -132,6 +150,7 @@ def connect(address: Optional[str] = None):
 
 # --- what a job runs --------------------------------------------------------------------------
 
+
 def entrypoint(command_args: Iterable[str]) -> str:
     """The shell command the job runs: ``python -m orchestration <command_args>``, safely quoted."""
     args = list(command_args)
@@ -142,7 +161,10 @@ def entrypoint(command_args: Iterable[str]) -> str:
     return shlex.join(["python", "-m", "orchestration", *args])
 
 
-def pip_requirements(pyproject: Path = Path(__file__).resolve().parent.parent / "pyproject.toml") -> list[str]:
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def pip_requirements(pyproject: Path = PYPROJECT) -> list[str]:
     """raylm's dependencies from pyproject.toml pinned to the versions installed here, minus Ray.
 
     The cluster already runs ray==2.60.0 (the runtime_env installs into a virtualenv layered on the
@@ -189,13 +211,21 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
     return env
 
 
-def runtime_env(address: str, *, env: Optional[Mapping[str, str]] = None, pip: Optional[list[str]] = None,
-                working_dir: str = ".", excludes: Optional[list[str]] = None) -> dict:
+def runtime_env(
+    address: str,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    pip: Optional[list[str]] = None,
+    working_dir: str = ".",
+    excludes: Optional[list[str]] = None,
+) -> dict:
     """The job's runtime_env: working_dir + excludes, env vars (defaults < ``env``), optional pip."""
     env_vars = {**DEFAULT_JOB_ENV, **(LOOPBACK_JOB_ENV if is_loopback(address) else {}), **(env or {})}
-    renv = {"working_dir": str(Path(working_dir).resolve()),
-            "excludes": list(DEFAULT_EXCLUDES if excludes is None else excludes),
-            "env_vars": env_vars}
+    renv = {
+        "working_dir": str(Path(working_dir).resolve()),
+        "excludes": list(DEFAULT_EXCLUDES if excludes is None else excludes),
+        "env_vars": env_vars,
+    }
     if pip:
         renv["pip"] = {"packages": list(pip), "pip_check": False}
     return renv
@@ -203,9 +233,20 @@ def runtime_env(address: str, *, env: Optional[Mapping[str, str]] = None, pip: O
 
 # --- the job lifecycle ------------------------------------------------------------------------
 
-def submit(address: Optional[str], command_args: list[str], *, env: Optional[Mapping[str, str]] = None,
-           follow: bool = False, wait: bool = False, pip: Optional[list[str]] = None, working_dir: str = ".",
-           excludes: Optional[list[str]] = None, job_id: Optional[str] = None, out: TextIO = sys.stdout) -> str:
+
+def submit(
+    address: Optional[str],
+    command_args: list[str],
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    follow: bool = False,
+    wait: bool = False,
+    pip: Optional[list[str]] = None,
+    working_dir: str = ".",
+    excludes: Optional[list[str]] = None,
+    job_id: Optional[str] = None,
+    out: TextIO = sys.stdout,
+) -> str:
     """Submit ``python -m orchestration <command_args>`` as a Ray Job; returns the job id.
 
     ``pip``: packages to install for the job (``pip_requirements()`` gives raylm's pinned set);
@@ -215,13 +256,17 @@ def submit(address: Optional[str], command_args: list[str], *, env: Optional[Map
     """
     url = normalize_address(address)
     client = connect(url)
-    job_id = client.submit_job(entrypoint=entrypoint(command_args), submission_id=job_id,
-                               runtime_env=runtime_env(url, env=env, pip=pip, working_dir=working_dir,
-                                                       excludes=excludes),
-                               metadata={"submitted_by": "raylm submit"})
+    job_id = client.submit_job(
+        entrypoint=entrypoint(command_args),
+        submission_id=job_id,
+        runtime_env=runtime_env(url, env=env, pip=pip, working_dir=working_dir, excludes=excludes),
+        metadata={"submitted_by": "raylm submit"},
+    )
     print(f"[raylm] submitted {job_id} to {url}: {entrypoint(command_args)}", file=out, flush=True)
     if follow or wait:
-        status = follow_logs(url, job_id, out=out, client=client) if follow else wait_for_job(url, job_id, client=client)
+        status = (
+            follow_logs(url, job_id, out=out, client=client) if follow else wait_for_job(url, job_id, client=client)
+        )
         if status != "SUCCEEDED":
             raise JobFailedError(job_id, status, failure_report(url, job_id, client=client))
         print(f"[raylm] {job_id} {status}", file=out, flush=True)
@@ -233,8 +278,9 @@ def job_status(address: Optional[str], job_id: str, *, client=None) -> str:
     return str((client or connect(address)).get_job_status(job_id).value)
 
 
-def wait_for_job(address: Optional[str], job_id: str, *, timeout_s: Optional[float] = None, poll_s: float = 1.0,
-                 client=None) -> str:
+def wait_for_job(
+    address: Optional[str], job_id: str, *, timeout_s: Optional[float] = None, poll_s: float = 1.0, client=None
+) -> str:
     """Poll until the job reaches a terminal status and return it; TimeoutError after ``timeout_s``."""
     client = client or connect(address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -285,32 +331,46 @@ def stop_job(address: Optional[str], job_id: str, *, client=None) -> bool:
 
 # --- `raylm submit` ---------------------------------------------------------------------------
 
+
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``submit`` subcommand to a ``parser.add_subparsers()`` object; returns its parser."""
     p = subparsers.add_parser(
-        "submit", help="run a raylm command on a Ray cluster as a Ray Job (or list/stop/tail jobs)",
+        "submit",
+        help="run a raylm command on a Ray cluster as a Ray Job (or list/stop/tail jobs)",
         description="Submit `python -m orchestration COMMAND ...` to a Ray cluster's Jobs API with this "
-                    "repository as the working dir, e.g. `raylm submit --address http://127.0.0.1:8265 "
-                    "--follow -- train --config configs/shakespeare.yaml`. Reach a remote cluster's port "
-                    "8265 through an SSH tunnel (`ray dashboard cluster.yaml`), never over the internet.")
-    p.add_argument("--address", default=None,
-                   help=f"Jobs API URL (default: RAY_API_SERVER_ADDRESS, else {DEFAULT_ADDRESS})")
+        "repository as the working dir, e.g. `raylm submit --address http://127.0.0.1:8265 "
+        "--follow -- train --config configs/shakespeare.yaml`. Reach a remote cluster's port "
+        "8265 through an SSH tunnel (`ray dashboard cluster.yaml`), never over the internet.",
+    )
+    p.add_argument(
+        "--address", default=None, help=f"Jobs API URL (default: RAY_API_SERVER_ADDRESS, else {DEFAULT_ADDRESS})"
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded")
+    mode.add_argument(
+        "--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded"
+    )
     mode.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it succeeded")
     mode.add_argument("--list", action="store_true", help="list the cluster's jobs and exit")
     mode.add_argument("--stop", metavar="JOB_ID", help="stop a job and exit")
     mode.add_argument("--logs", metavar="JOB_ID", help="print a job's logs (follows a running job) and exit")
     mode.add_argument("--status", metavar="JOB_ID", help="print a job's status and exit")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
-    p.add_argument("--pip", action="store_true",
-                   help="install raylm's pinned dependencies (pyproject.toml) for the job; not needed on "
-                        "clusters set up from cluster.yaml / configs/clusters/")
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)"
+    )
+    p.add_argument(
+        "--pip",
+        action="store_true",
+        help="install raylm's pinned dependencies (pyproject.toml) for the job; not needed on "
+        "clusters set up from cluster.yaml / configs/clusters/",
+    )
     p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default: .)")
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray generates one)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                   help="the raylm command and its arguments, after '--'")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the raylm command and its arguments, after '--'",
+    )
     p.set_defaults(func=cmd_submit)
     return p
 
@@ -336,9 +396,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
             else:
                 follow_logs(address, args.logs, client=client)
             return 0
-        job_id = submit(address, args.command, env=parse_env(args.env), follow=args.follow, wait=args.wait,
-                        pip=pip_requirements() if args.pip else None, working_dir=args.working_dir,
-                        job_id=args.job_id)
+        job_id = submit(
+            address,
+            args.command,
+            env=parse_env(args.env),
+            follow=args.follow,
+            wait=args.wait,
+            pip=pip_requirements() if args.pip else None,
+            working_dir=args.working_dir,
+            job_id=args.job_id,
+        )
     except JobFailedError as err:
         print(f"raylm submit: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ libraries. They are written out here rather than imported because the eval suite
 ~100 lines, and the libraries would bring lxml, nltk and absl as runtime dependencies.
 Scales follow the libraries: BLEU in [0, 100], ROUGE in [0, 1].
 """
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,18 @@ def rouge_tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Union[str, Sequence[str]]], *,
-                max_order: int = 4, smooth: str = "exp", smooth_value: float = 0.1, tokenize: bool = True) -> dict:
+def corpus_bleu(
+    hypotheses: Sequence[str],
+    references: Sequence[Union[str, Sequence[str]]],
+    *,
+    max_order: int = 4,
+    smooth: str = "exp",
+    smooth_value: float = 0.1,
+    tokenize: bool = True,
+) -> dict:
     """Corpus BLEU of hypotheses against their references (one string, or a list of alternatives, per
     hypothesis) -> {"bleu" (0-100), "precisions" (0-100 per n-gram order), "brevity_penalty",
     "hyp_len", "ref_len"}.
@@ -126,9 +134,14 @@ def rouge_l(prediction: str, reference: str) -> dict:
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
     """ROUGE-1/2/L averaged over prediction-reference pairs -> {"rouge1": {"precision", "recall", "f1"}, ...}."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"rouge_scores: need equal, non-zero counts ({len(predictions)} predictions, "
-                         f"{len(references)} references)")
-    per_pair = [{"rouge1": rouge_n(p, r, 1), "rouge2": rouge_n(p, r, 2), "rougeL": rouge_l(p, r)}
-                for p, r in zip(predictions, references)]
-    return {name: {k: sum(s[name][k] for s in per_pair) / len(per_pair) for k in ("precision", "recall", "f1")}
-            for name in ("rouge1", "rouge2", "rougeL")}
+        raise ValueError(
+            f"rouge_scores: need equal, non-zero counts ({len(predictions)} predictions, {len(references)} references)"
+        )
+    per_pair = [
+        {"rouge1": rouge_n(p, r, 1), "rouge2": rouge_n(p, r, 2), "rougeL": rouge_l(p, r)}
+        for p, r in zip(predictions, references)
+    ]
+    return {
+        name: {k: sum(s[name][k] for s in per_pair) / len(per_pair) for k in ("precision", "recall", "f1")}
+        for name in ("rouge1", "rouge2", "rougeL")
+    }

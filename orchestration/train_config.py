@@ -4,6 +4,7 @@ Pure data (no torch, no ray import) so configs load and fail fast anywhere. Chec
 this section live in ``__post_init__``; checks that need the data manifest or the model shape run in
 ``orchestration.trainer.validate`` before any worker starts.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,14 +67,18 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if (self.max_steps is None) == (self.max_tokens is None):
-            raise ValueError("set exactly one of max_steps and max_tokens (the other to null); "
-                             f"got max_steps={self.max_steps}, max_tokens={self.max_tokens}")
+            raise ValueError(
+                "set exactly one of max_steps and max_tokens (the other to null); "
+                f"got max_steps={self.max_steps}, max_tokens={self.max_tokens}"
+            )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
         if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision 'fp16' is not supported on CPU by DeepSpeed "
-                             "(\"Type fp16 is not supported on your device\"); use 'bf16' or 'fp32', "
-                             "or set use_gpu: true")
+            raise ValueError(
+                "precision 'fp16' is not supported on CPU by DeepSpeed "
+                "(\"Type fp16 is not supported on your device\"); use 'bf16' or 'fp32', "
+                "or set use_gpu: true"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -91,13 +96,15 @@ class TrainConfig:
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x "
                 f"num_workers = {self.micro_batch_size} x {self.num_workers} = {per_step}; "
-                f"e.g. global_batch_size {per_step * max(1, round(self.global_batch_size / per_step))}")
+                f"e.g. global_batch_size {per_step * max(1, round(self.global_batch_size / per_step))}"
+            )
         accum = self.global_batch_size // per_step
         if self.grad_accum_steps is not None and self.grad_accum_steps != accum:
             raise ValueError(
                 f"micro_batch_size x grad_accum_steps x num_workers = {self.micro_batch_size} x "
                 f"{self.grad_accum_steps} x {self.num_workers} = {per_step * self.grad_accum_steps} "
-                f"!= global_batch_size ({self.global_batch_size}); drop one of the two or make them agree")
+                f"!= global_batch_size ({self.global_batch_size}); drop one of the two or make them agree"
+            )
         self.grad_accum_steps = accum
 
     def total_steps(self, seq_len: int) -> int:

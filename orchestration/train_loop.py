@@ -4,6 +4,7 @@ setup -> restore -> for step: batch, forward, backward, step, metrics, maybe eva
 The driver (``orchestration.trainer``) validates everything and hands each worker a ``plan``: the
 resolved config plus facts it looked up (vocab size, total steps, resume point, tokenizer files).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,13 +63,16 @@ def train_loop_per_worker(plan: dict) -> None:
         metrics_log.truncate_after(step)  # lines past the resume point are about to be redone
     start_step, consumed = step, step * train.global_batch_size
     if consumed < plan["start_sequence"]:
-        raise RuntimeError(f"checkpoint at step {step} ({consumed} sequences) is older than the data "
-                           f"stream's start ({plan['start_sequence']}); restart the driver to resume")
+        raise RuntimeError(
+            f"checkpoint at step {step} ({consumed} sequences) is older than the data "
+            f"stream's start ({plan['start_sequence']}); restart the driver to resume"
+        )
 
     batches = _train_batches(ray.train.get_dataset_shard("train"), rank, world_size, train, consumed)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = _Window()
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
+
     def lm_loss(batch) -> torch.Tensor:
         tokens = torch.from_numpy(batch).to(device, non_blocking=True)
         return engine(tokens[:, :-1], tokens[:, 1:])[1]
@@ -90,15 +94,36 @@ def train_loop_per_worker(plan: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = window.elapsed()
-        record = {"step": step, "start_step": start_step, "loss": train_loss, "lr": lr, "grad_norm": _grad_norm(engine),
-                  "tokens": step * tokens_per_step, "step_time_s": seconds / window.steps,
-                  "data_wait_s": window.data_wait_s / window.steps,
-                  "optimizer_state_numel_per_rank": opt_numel or (opt_numel := _gather(optimizer_state_numel(engine))),
-                  **throughput(tokens=window.steps * tokens_per_step, seconds=seconds,
-                               flops_per_token=flops_per_token, num_devices=world_size, peak_flops=peak)}
+        record = {
+            "step": step,
+            "start_step": start_step,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": _grad_norm(engine),
+            "tokens": step * tokens_per_step,
+            "step_time_s": seconds / window.steps,
+            "data_wait_s": window.data_wait_s / window.steps,
+            "optimizer_state_numel_per_rank": opt_numel or (opt_numel := _gather(optimizer_state_numel(engine))),
+            **throughput(
+                tokens=window.steps * tokens_per_step,
+                seconds=seconds,
+                flops_per_token=flops_per_token,
+                num_devices=world_size,
+                peak_flops=peak,
+            ),
+        }
         if do_eval:
-            record.update(evaluate_loss(engine, ray.train.get_dataset_shard("val"), rank, world_size,
-                                        train.micro_batch_size, plan["val_batches"], device))
+            record.update(
+                evaluate_loss(
+                    engine,
+                    ray.train.get_dataset_shard("val"),
+                    rank,
+                    world_size,
+                    train.micro_batch_size,
+                    plan["val_batches"],
+                    device,
+                )
+            )
         exporter.record(record)
         if rank == 0:
             metrics_log.append(record)
@@ -106,22 +131,34 @@ def train_loop_per_worker(plan: dict) -> None:
             print("[raylm] " + _format(record, total_steps), flush=True)
         if do_ckpt:
             t_ckpt = time.perf_counter()
-            ckpt_dir = save_checkpoint(engine, raw_model, step=step, consumed_sequences=step * train.global_batch_size,
-                                       rank=rank, world_size=world_size, model_config=model_cfg,
-                                       tokenizer_files=plan["tokenizer_files"], config=plan["config"])
+            ckpt_dir = save_checkpoint(
+                engine,
+                raw_model,
+                step=step,
+                consumed_sequences=step * train.global_batch_size,
+                rank=rank,
+                world_size=world_size,
+                model_config=model_cfg,
+                tokenizer_files=plan["tokenizer_files"],
+                config=plan["config"],
+            )
             exporter.record_checkpoint(time.perf_counter() - t_ckpt)  # local write; the upload is async
             # Async: the upload runs in the background while training continues; Ray registers the
             # checkpoint only once every rank's part has landed.
-            ray.train.report(record, checkpoint=Checkpoint.from_directory(ckpt_dir),
-                             checkpoint_dir_name=checkpoint_dir_name(step),
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            ray.train.report(
+                record,
+                checkpoint=Checkpoint.from_directory(ckpt_dir),
+                checkpoint_dir_name=checkpoint_dir_name(step),
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            )
         else:
             ray.train.report(record)
         window = _Window()  # after eval/checkpoint, so their time does not count as training
 
 
-def optimizer_step(engine, train, step: int, total_steps: int, batches: Iterator, window: "_Window",
-                   loss_of: Callable) -> tuple[float, torch.Tensor]:
+def optimizer_step(
+    engine, train, step: int, total_steps: int, batches: Iterator, window: "_Window", loss_of: Callable
+) -> tuple[float, torch.Tensor]:
     """One optimizer step: set the scheduled lr, then forward/backward ``grad_accum_steps`` micro-batches
     (DeepSpeed steps the optimizer on the last one). Returns (lr, the micro-batch losses summed);
     time spent waiting for batches goes to ``window.data_wait_s``."""
@@ -171,13 +208,15 @@ def wrap_with_deepspeed(raw_model: torch.nn.Module, train):
 
     model = torch.compile(raw_model) if train.compile else raw_model
     optimizer = build_optimizer(raw_model, train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train),
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(train), dist_init_required=False
+    )
     return engine
 
 
-def evaluate_loss(engine, val_shard, rank: int, world_size: int, micro_batch_size: int, num_batches: int,
-                  device: torch.device) -> dict:
+def evaluate_loss(
+    engine, val_shard, rank: int, world_size: int, micro_batch_size: int, num_batches: int, device: torch.device
+) -> dict:
     """Mean val loss (and perplexity) over the first ``num_batches`` micro-batches of every rank.
 
     Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively), so the
@@ -206,8 +245,7 @@ def optimizer_state_numel(engine) -> int:
     opt = engine.optimizer
     while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
         opt = opt.optimizer
-    return sum(t.numel() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.dim() > 0)
+    return sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 def _driver_checkpoint(uri: Optional[str], endpoint_url: Optional[str]):
@@ -225,8 +263,11 @@ def _driver_checkpoint(uri: Optional[str], endpoint_url: Optional[str]):
 def _train_batches(shard, rank: int, world_size: int, train, consumed: int) -> Iterator[np.ndarray]:
     from data_pipeline.loader import worker_batches
 
-    return iter(worker_batches(shard, rank=rank, world_size=world_size, micro_batch_size=train.micro_batch_size,
-                               skip_before=consumed))
+    return iter(
+        worker_batches(
+            shard, rank=rank, world_size=world_size, micro_batch_size=train.micro_batch_size, skip_before=consumed
+        )
+    )
 
 
 class _Window:
@@ -287,8 +328,13 @@ def _crash_once(marker: Optional[str]) -> None:
 
 
 def _format(record: dict, total_steps: int) -> str:
-    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-             f"{record['tokens_per_s']:,.0f} tok/s", f"wait {record['data_wait_s'] * 1e3:.1f} ms"]
+    parts = [
+        f"step {record['step']}/{total_steps}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+        f"wait {record['data_wait_s'] * 1e3:.1f} ms",
+    ]
     if record.get("mfu") is not None:
         parts.append(f"mfu {record['mfu']:.1%}")
     else:
@@ -296,4 +342,3 @@ def _format(record: dict, total_steps: int) -> str:
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.1f})")
     return " | ".join(parts)
-

@@ -4,6 +4,7 @@ Everything that can be wrong with a run (missing manifest, shapes that do not fi
 resources) is checked here, before any worker starts. The driver reads only the manifest and the
 tokenizer files; Ray Data streams the token shards straight to the workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,13 +42,17 @@ def validate(cfg: Config) -> dict:
     try:
         manifest = read_manifest(train.data, endpoint_url=train.endpoint_url)
     except Exception as err:  # the loader's own error names the URI; add which key pointed there
-        raise ConfigError(f"train.data = {train.data!r}: cannot read the data manifest ({err}); run "
-                          "`raylm prepare` first or point train.data at its manifest.json") from err
+        raise ConfigError(
+            f"train.data = {train.data!r}: cannot read the data manifest ({err}); run "
+            "`raylm prepare` first or point train.data at its manifest.json"
+        ) from err
     seq_len = int(manifest["seq_len"])
     if seq_len > cfg.model.block_size:
-        raise ConfigError(f"the manifest's seq_len ({seq_len}) is longer than model.block_size "
-                          f"({cfg.model.block_size}); set model.block_size={seq_len} or re-prepare with a "
-                          "shorter output.seq_len")
+        raise ConfigError(
+            f"the manifest's seq_len ({seq_len}) is longer than model.block_size "
+            f"({cfg.model.block_size}); set model.block_size={seq_len} or re-prepare with a "
+            "shorter output.seq_len"
+        )
     total_steps = train.total_steps(seq_len)
     if train.warmup_steps >= total_steps:
         raise ConfigError(f"train.warmup_steps ({train.warmup_steps}) must be < the run's {total_steps} steps")
@@ -55,11 +60,18 @@ def validate(cfg: Config) -> dict:
     val_batches = min(train.eval_steps, val_sequences // (train.num_workers * train.micro_batch_size))
     tok = manifest["tokenizer"]
     data_dir = manifest["uri"].rsplit("/", 1)[0]
-    tokenizer_files = {name: read_bytes(join(data_dir, name), train.endpoint_url)
-                       for name in (tok["ranks_file"], tok["meta_file"])}
-    return {"manifest": manifest, "seq_len": seq_len, "vocab_size": int(tok["n_vocab"]),
-            "tokenizer_hash": tok["hash"], "total_steps": total_steps, "val_batches": val_batches,
-            "tokenizer_files": tokenizer_files}
+    tokenizer_files = {
+        name: read_bytes(join(data_dir, name), train.endpoint_url) for name in (tok["ranks_file"], tok["meta_file"])
+    }
+    return {
+        "manifest": manifest,
+        "seq_len": seq_len,
+        "vocab_size": int(tok["n_vocab"]),
+        "tokenizer_hash": tok["hash"],
+        "total_steps": total_steps,
+        "val_batches": val_batches,
+        "tokenizer_files": tokenizer_files,
+    }
 
 
 def _worker_resources(train, gpus_per_worker: Optional[float]) -> dict:
@@ -75,12 +87,16 @@ def _check_resources(train, gpus_per_worker: Optional[float] = None) -> None:
     resources = ray.cluster_resources()
     need_cpu = train.num_workers * train.cpus_per_worker
     if resources.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"train.num_workers x train.cpus_per_worker = {need_cpu} CPUs but the Ray cluster "
-                          f"has {resources.get('CPU', 0)}; lower them or add nodes")
+        raise ConfigError(
+            f"train.num_workers x train.cpus_per_worker = {need_cpu} CPUs but the Ray cluster "
+            f"has {resources.get('CPU', 0)}; lower them or add nodes"
+        )
     need_gpu = train.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
     if train.use_gpu and resources.get("GPU", 0) < need_gpu:
-        raise ConfigError(f"train.use_gpu with {train.num_workers} workers needs {need_gpu} GPUs; "
-                          f"the Ray cluster has {resources.get('GPU', 0)}")
+        raise ConfigError(
+            f"train.use_gpu with {train.num_workers} workers needs {need_gpu} GPUs; "
+            f"the Ray cluster has {resources.get('GPU', 0)}"
+        )
 
 
 def _branch_checkpoint(uri: str, endpoint_url: Optional[str]) -> tuple[str, dict]:
@@ -107,16 +123,24 @@ def _storage(cfg: Config):
 
 
 def _worker_env(train) -> dict:
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+    }
     if not train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
     return env
 
 
-def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
-                 gpus_per_worker: Optional[float] = None, branch_from: Optional[str] = None) -> dict:
+def run_training(
+    cfg: Config,
+    *,
+    resume: bool = True,
+    callbacks: Sequence = (),
+    gpus_per_worker: Optional[float] = None,
+    branch_from: Optional[str] = None,
+) -> dict:
     """Pretrain ``cfg.model`` on ``cfg.train.data`` with Ray Train + DeepSpeed; return a summary.
 
     The run directory ``<storage_path>/<run_name>`` gets the resolved config, ``metrics.jsonl`` and
@@ -159,15 +183,28 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
     resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts["vocab_size"]))
     write_bytes(fs, f"{run_path}/config.yaml", yaml.safe_dump(config_to_dict(resolved), sort_keys=False).encode())
 
-    datasets = {"train": sequence_dataset(train.data, "train", seed=train.seed, start_sequence=start_sequence,
-                                          num_sequences=total_sequences - start_sequence,
-                                          expected_tokenizer_hash=facts["tokenizer_hash"],
-                                          expected_seq_len=facts["seq_len"], endpoint_url=train.endpoint_url)}
+    datasets = {
+        "train": sequence_dataset(
+            train.data,
+            "train",
+            seed=train.seed,
+            start_sequence=start_sequence,
+            num_sequences=total_sequences - start_sequence,
+            expected_tokenizer_hash=facts["tokenizer_hash"],
+            expected_seq_len=facts["seq_len"],
+            endpoint_url=train.endpoint_url,
+        )
+    }
     if facts["val_batches"] > 0:
-        datasets["val"] = sequence_dataset(train.data, "val", seed=train.seed,
-                                           num_sequences=facts["val_batches"] * train.num_workers * train.micro_batch_size,
-                                           expected_tokenizer_hash=facts["tokenizer_hash"],
-                                           expected_seq_len=facts["seq_len"], endpoint_url=train.endpoint_url)
+        datasets["val"] = sequence_dataset(
+            train.data,
+            "val",
+            seed=train.seed,
+            num_sequences=facts["val_batches"] * train.num_workers * train.micro_batch_size,
+            expected_tokenizer_hash=facts["tokenizer_hash"],
+            expected_seq_len=facts["seq_len"],
+            endpoint_url=train.endpoint_url,
+        )
     else:
         print("[raylm] the val split is smaller than one micro-batch per worker: no eval", flush=True)
     for ds in datasets.values():
@@ -175,29 +212,52 @@ def run_training(cfg: Config, *, resume: bool = True, callbacks: Sequence = (),
         # the log, and the loop already reports throughput and data-wait time every log_interval.
         ds.context.enable_progress_bars = False
         ds.context.enable_operator_progress_bars = False
-    plan = {"config": config_to_dict(resolved), "vocab_size": facts["vocab_size"], "seq_len": facts["seq_len"],
-            "total_steps": facts["total_steps"], "start_sequence": start_sequence,
-            "val_batches": facts["val_batches"], "tokenizer_files": facts["tokenizer_files"],
-            "resume_uri": latest[0] if latest else None}
-    trainer = make_trainer(cfg, train_loop_per_worker, plan, datasets, callbacks=callbacks,
-                           gpus_per_worker=gpus_per_worker)
+    plan = {
+        "config": config_to_dict(resolved),
+        "vocab_size": facts["vocab_size"],
+        "seq_len": facts["seq_len"],
+        "total_steps": facts["total_steps"],
+        "start_sequence": start_sequence,
+        "val_batches": facts["val_batches"],
+        "tokenizer_files": facts["tokenizer_files"],
+        "resume_uri": latest[0] if latest else None,
+    }
+    trainer = make_trainer(
+        cfg, train_loop_per_worker, plan, datasets, callbacks=callbacks, gpus_per_worker=gpus_per_worker
+    )
     result = trainer.fit()
     if result.error:
         raise result.error
     records = read_metrics(fs, f"{run_path}/metrics.jsonl")
     last = records[-1] if records else {}
     val = [r for r in records if "val_loss" in r]
-    summary = {"run_dir": uri, "final_step": last.get("step", start_step), "final_loss": last.get("loss"),
-               "final_val_loss": val[-1]["val_loss"] if val else None,
-               "tokens": last.get("tokens", 0), "wall_s": time.time() - t0,
-               "checkpoint": _checkpoint_uri(result, uri)}
-    print(f"[raylm] done: step {summary['final_step']}, loss {summary['final_loss']}, val {summary['final_val_loss']}; "
-          f"run dir {uri}; checkpoint {summary['checkpoint']}", flush=True)
+    summary = {
+        "run_dir": uri,
+        "final_step": last.get("step", start_step),
+        "final_loss": last.get("loss"),
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "tokens": last.get("tokens", 0),
+        "wall_s": time.time() - t0,
+        "checkpoint": _checkpoint_uri(result, uri),
+    }
+    print(
+        f"[raylm] done: step {summary['final_step']}, loss {summary['final_loss']}, val {summary['final_val_loss']}; "
+        f"run dir {uri}; checkpoint {summary['checkpoint']}",
+        flush=True,
+    )
     return summary
 
 
-def make_trainer(cfg: Config, loop, plan: dict, datasets: dict, *, callbacks: Sequence = (),
-                 gpus_per_worker: Optional[float] = None, checkpoint_config=None):
+def make_trainer(
+    cfg: Config,
+    loop,
+    plan: dict,
+    datasets: dict,
+    *,
+    callbacks: Sequence = (),
+    gpus_per_worker: Optional[float] = None,
+    checkpoint_config=None,
+):
     """The TorchTrainer every raylm job runs: ``loop(plan)`` on train.num_workers workers, the run dir as
     Ray's storage, worker-failure retries, ordered data ingest and the worker environment."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -208,12 +268,20 @@ def make_trainer(cfg: Config, loop, plan: dict, datasets: dict, *, callbacks: Se
     return TorchTrainer(
         loop,
         train_loop_config=plan,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=_worker_resources(train, gpus_per_worker)),
-        run_config=RunConfig(name=train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=train.max_failures),
-                             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
-                             worker_runtime_env={"env_vars": _worker_env(train)}, callbacks=list(callbacks)),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=_worker_resources(train, gpus_per_worker),
+        ),
+        run_config=RunConfig(
+            name=train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
+            worker_runtime_env={"env_vars": _worker_env(train)},
+            callbacks=list(callbacks),
+        ),
         datasets=datasets,
         dataset_config=_data_config(),
     )
@@ -236,16 +304,24 @@ def _data_config():
 def _check_same_run(meta: dict, cfg: Config, uri: str) -> None:
     """A resumed run must keep the shapes its checkpoint was written with."""
     old = meta["config"]
-    for section, key in (("train", "num_workers"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
-                         ("train", "zero_stage"), ("model", "n_layer"), ("model", "n_embd"), ("model", "n_head")):
+    for section, key in (
+        ("train", "num_workers"),
+        ("train", "global_batch_size"),
+        ("train", "micro_batch_size"),
+        ("train", "zero_stage"),
+        ("model", "n_layer"),
+        ("model", "n_embd"),
+        ("model", "n_head"),
+    ):
         before, now = old[section][key], getattr(getattr(cfg, section), key)
         if before != now:
-            raise ConfigError(f"{uri} was trained with {section}.{key}={before}, this config has {now}; "
-                              "resume with the original value or use a new train.run_name")
+            raise ConfigError(
+                f"{uri} was trained with {section}.{key}={before}, this config has {now}; "
+                "resume with the original value or use a new train.run_name"
+            )
 
 
 def _checkpoint_uri(result, uri: str) -> Optional[str]:
     if result.checkpoint is None:
         return None
     return f"{uri}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"
-

@@ -9,6 +9,7 @@ optimizer step as ASHA's clock. Outputs in ``<tune.storage_path>/<tune.name>/``:
 state (restored when the command is re-run), ``runs/<trial_id>/`` (each trial's run directory),
 ``tune_results.json`` and ``best_config.yaml``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,19 +19,30 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestration.config import Config, ConfigError, build_dataclass, config_to_dict, save_resolved, with_absolute_paths
-
+from orchestration.config import (
+    Config,
+    ConfigError,
+    build_dataclass,
+    config_to_dict,
+    save_resolved,
+    with_absolute_paths,
+)
 
 # ---- search space ------------------------------------------------------------------------------
+
 
 def tune_space(search_space: dict) -> dict:
     """{override path: {kind: args}} -> {override path: Ray Tune domain}."""
     from ray import tune
 
-    makers = {"loguniform": lambda a: tune.loguniform(a[0], a[1]), "uniform": lambda a: tune.uniform(a[0], a[1]),
-              "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
-              "quniform": lambda a: tune.quniform(a[0], a[1], a[2]), "choice": tune.choice,
-              "grid": tune.grid_search}
+    makers = {
+        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+        "uniform": lambda a: tune.uniform(a[0], a[1]),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+        "quniform": lambda a: tune.quniform(a[0], a[1], a[2]),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
     return {path: makers[kind](args) for path, spec in search_space.items() for kind, args in spec.items()}
 
 
@@ -42,8 +54,9 @@ def _field_type(path: str) -> Any:
             raise ConfigError(f"tune.search_space key '{path}': '{part}' is not inside a config section")
         hints = typing.get_type_hints(tp)
         if part not in hints:
-            raise ConfigError(f"tune.search_space key '{path}' is not a config field; allowed in that section: "
-                              f"{', '.join(hints)}")
+            raise ConfigError(
+                f"tune.search_space key '{path}' is not a config field; allowed in that section: {', '.join(hints)}"
+            )
         tp = hints[part]
     return tp
 
@@ -57,7 +70,7 @@ def check_search_space(cfg: Config) -> None:
         if path.split(".")[0] in ("tune", "scaling"):
             raise ConfigError(f"tune.search_space key '{path}': only model.*, data.* and train.* can be searched")
         tp = _field_type(path)
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         ints = tp is int or int in typing.get_args(tp)
         if kind in ("uniform", "loguniform", "quniform") and ints and float not in typing.get_args(tp):
             raise ConfigError(f"tune.search_space.{path}: the field is an integer; use randint or choice, not {kind}")
@@ -83,6 +96,7 @@ def resolve_trial_config(base: dict, overrides: dict, **train_fields: Any) -> Co
 
 # ---- trial plumbing shared with orchestration.scaling -------------------------------------------
 
+
 def val_loss_callback():
     """Ray Train's TuneReportCallback forwarding only reports that carry ``val_loss``.
 
@@ -106,8 +120,10 @@ def trial_resources(train, gpu_per_trial: Optional[float]) -> Optional[float]:
     if not train.use_gpu:
         raise ConfigError("gpu_per_trial needs train.use_gpu: true")
     if train.num_workers > 1 and gpu_per_trial < 1:
-        raise ConfigError(f"gpu_per_trial={gpu_per_trial} shares a GPU between trials, which only single-worker "
-                          f"trials can do (train.num_workers={train.num_workers}); set num_workers: 1 or gpu_per_trial: 1")
+        raise ConfigError(
+            f"gpu_per_trial={gpu_per_trial} shares a GPU between trials, which only single-worker "
+            f"trials can do (train.num_workers={train.num_workers}); set num_workers: 1 or gpu_per_trial: 1"
+        )
     return gpu_per_trial
 
 
@@ -130,12 +146,15 @@ def check_has_val(cfg: Config) -> dict:
 
     facts = validate(cfg)
     if facts["val_batches"] == 0:
-        raise ConfigError(f"{cfg.train.data}: the val split holds less than one micro-batch per worker, so no "
-                          "val_loss to optimize; prepare with a larger data.output.val_fraction")
+        raise ConfigError(
+            f"{cfg.train.data}: the val split holds less than one micro-batch per worker, so no "
+            "val_loss to optimize; prepare with a larger data.output.val_fraction"
+        )
     return facts
 
 
 # ---- the search ----------------------------------------------------------------------------------
+
 
 def _tune_trial(params: dict, *, base: dict, runs_dir: str, gpus_per_worker: Optional[float]) -> None:
     from ray import tune
@@ -154,8 +173,10 @@ def _search_alg(tc, metric: str, mode: str, concurrency: int):
 
         return BasicVariantGenerator(max_concurrent=concurrency, random_state=tc.seed)
     if any("grid" in spec for spec in tc.search_space.values()):
-        raise ConfigError(f"tune.search_space 'grid' entries work only with tune.search_alg: random "
-                          f"(got {tc.search_alg}); use choice instead")
+        raise ConfigError(
+            f"tune.search_space 'grid' entries work only with tune.search_alg: random "
+            f"(got {tc.search_alg}); use choice instead"
+        )
     try:
         if tc.search_alg == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -165,8 +186,10 @@ def _search_alg(tc, metric: str, mode: str, concurrency: int):
 
         return HyperOptSearch(metric=metric, mode=mode, random_state_seed=tc.seed)
     except (ImportError, AssertionError) as err:  # Ray's wrappers assert the package imported
-        raise ConfigError(f"tune.search_alg: {tc.search_alg} needs the {tc.search_alg} package: "
-                          f"`pip install {tc.search_alg}` (or use search_alg: random) ({err})") from None
+        raise ConfigError(
+            f"tune.search_alg: {tc.search_alg} needs the {tc.search_alg} package: "
+            f"`pip install {tc.search_alg}` (or use search_alg: random) ({err})"
+        ) from None
 
 
 def tune_dir(cfg: Config) -> str:
@@ -202,50 +225,77 @@ def run_tune(cfg: Config, *, resume: bool = True) -> dict:
     base = config_to_dict(cfg)
     total_steps = facts["total_steps"]
     if cfg.train.eval_interval == 0 or cfg.train.eval_interval >= total_steps:
-        print("[raylm] note: train.eval_interval gives one val_loss per trial (at the end); ASHA has nothing "
-              "to stop early on. Set train.eval_interval below the run length.", flush=True)
+        print(
+            "[raylm] note: train.eval_interval gives one val_loss per trial (at the end); ASHA has nothing "
+            "to stop early on. Set train.eval_interval below the run length.",
+            flush=True,
+        )
 
     init_ray()
     gpus_per_worker = trial_resources(cfg.train, tc.gpu_per_trial)
     concurrency = default_concurrency(cfg.train, gpus_per_worker, tc.max_concurrent_trials)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, base=base, runs_dir=f"{out}/runs", gpus_per_worker=gpus_per_worker),
-        {"cpu": 0, "memory": 1})
+        {"cpu": 0, "memory": 1},
+    )
     if tune.Tuner.can_restore(out):
         if not resume:
             raise ConfigError(f"tune experiment {out} already exists; pick another tune.name or resume it")
         print(f"[raylm] restoring tune experiment {out}", flush=True)
         tuner = tune.Tuner.restore(out, trainable, resume_errored=True)
     else:
-        scheduler = (ASHAScheduler(time_attr="step", grace_period=tc.grace_period,
-                                   reduction_factor=tc.reduction_factor, max_t=tc.max_t or total_steps)
-                     if tc.scheduler == "asha" else FIFOScheduler())
+        scheduler = (
+            ASHAScheduler(
+                time_attr="step",
+                grace_period=tc.grace_period,
+                reduction_factor=tc.reduction_factor,
+                max_t=tc.max_t or total_steps,
+            )
+            if tc.scheduler == "asha"
+            else FIFOScheduler()
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"overrides": tune_space(tc.search_space)},
-            tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=tc.num_samples,
-                                        search_alg=_search_alg(tc, "val_loss", "min", concurrency), scheduler=scheduler,
-                                        # the random generator limits itself; Tune wraps a Searcher
-                                        max_concurrent_trials=None if tc.search_alg == "random" else concurrency,
-                                        trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=tune.RunConfig(name=tc.name, storage_path=out.rsplit("/", 1)[0],
-                                      failure_config=tune.FailureConfig(max_failures=tc.max_failures)))
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=tc.num_samples,
+                search_alg=_search_alg(tc, "val_loss", "min", concurrency),
+                scheduler=scheduler,
+                # the random generator limits itself; Tune wraps a Searcher
+                max_concurrent_trials=None if tc.search_alg == "random" else concurrency,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=tc.name,
+                storage_path=out.rsplit("/", 1)[0],
+                failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+            ),
+        )
     grid = tuner.fit()
     trials = [_trial_summary(result, base, out, facts["seq_len"]) for result in grid]
     trials.sort(key=lambda t: (t["final_val_loss"] is None, t["final_val_loss"] or 0.0))
     best = _pick_best(trials)
     best_path = None
     if best is not None:
-        best_cfg = resolve_trial_config(base, best["overrides"], run_name=f"{tc.name}-best",
-                                        storage_path=cfg.train.storage_path)
+        best_cfg = resolve_trial_config(
+            base, best["overrides"], run_name=f"{tc.name}-best", storage_path=cfg.train.storage_path
+        )
         best_path = str(save_resolved(best_cfg, f"{out}/best_config.yaml"))
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "tune_results.json").write_text(json.dumps(
-        {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}, indent=2))
+    (Path(out) / "tune_results.json").write_text(
+        json.dumps(
+            {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}, indent=2
+        )
+    )
     print(results_table(trials, best))
     summary = {"tune_dir": out, "trials": trials, "best": best, "best_config": best_path, "wall_s": time.time() - t0}
-    print(f"[raylm] tune done in {summary['wall_s']:.0f} s: {len(trials)} trials; results {out}/tune_results.json; "
-          f"best config {best_path or '(none: no trial reported a val_loss)'}", flush=True)
+    print(
+        f"[raylm] tune done in {summary['wall_s']:.0f} s: {len(trials)} trials; results {out}/tune_results.json; "
+        f"best config {best_path or '(none: no trial reported a val_loss)'}",
+        flush=True,
+    )
     return summary
 
 
@@ -258,9 +308,17 @@ def _trial_summary(result, base: dict, out: str, seq_len: int) -> dict:
     step = int(metrics["step"]) if "step" in metrics else 0
     total = resolve_trial_config(base, overrides).train.total_steps(seq_len)
     status = "error" if result.error else ("completed" if step >= total else "stopped")
-    return {"trial_id": trial_id, "overrides": _plain(overrides), "final_val_loss": vals[-1] if vals else None,
-            "best_val_loss": min(vals) if vals else None, "steps": step, "total_steps": total, "status": status,
-            "error": str(result.error).splitlines()[0] if result.error else None, "run_dir": f"{out}/runs/{trial_id}"}
+    return {
+        "trial_id": trial_id,
+        "overrides": _plain(overrides),
+        "final_val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "steps": step,
+        "total_steps": total,
+        "status": status,
+        "error": str(result.error).splitlines()[0] if result.error else None,
+        "run_dir": f"{out}/runs/{trial_id}",
+    }
 
 
 def _plain(values: dict) -> dict:
@@ -281,8 +339,8 @@ def results_table(trials: list[dict], best: Optional[dict]) -> str:
         mark = " *" if best is not None and t["trial_id"] == best["trial_id"] else ""
         fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"  # noqa: E731
         over = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["overrides"].items())
-        lines.append(f"{t['trial_id']:<14}{t['status']:<11}{t['steps']:>8}{fmt(t['final_val_loss'])}"
-                     f"{fmt(t['best_val_loss'])}  {over}{mark}")
+        lines.append(
+            f"{t['trial_id']:<14}{t['status']:<11}{t['steps']:>8}{fmt(t['final_val_loss'])}"
+            f"{fmt(t['best_val_loss'])}  {over}{mark}"
+        )
     return "\n".join(lines)
-
-

@@ -4,6 +4,7 @@ Pure data (no ray import) so configs load and fail fast anywhere. Search-space e
 for shape here; that their keys name real config fields is checked by ``orchestration.tune`` against
 the whole config before any trial starts. ``SweepConfig`` is named apart from Ray's ScalingConfig.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 # kind -> how many arguments it takes (None: a non-empty list of values)
-SEARCH_KINDS: dict[str, Optional[int]] = {"loguniform": 2, "uniform": 2, "randint": 2, "quniform": 3,
-                                          "choice": None, "grid": None}
+SEARCH_KINDS: dict[str, Optional[int]] = {
+    "loguniform": 2,
+    "uniform": 2,
+    "randint": 2,
+    "quniform": 3,
+    "choice": None,
+    "grid": None,
+}
 
 
 def _number(value: Any) -> Any:
@@ -31,9 +38,11 @@ def normalize_search_space(space: dict) -> dict:
     for path, spec in space.items():
         allowed = ", ".join(SEARCH_KINDS)
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise ValueError(f"search_space.{path} must be a one-key mapping like {{loguniform: [1e-4, 1e-2]}}; "
-                             f"kinds: {allowed}; got {spec!r}")
-        (kind, args), = spec.items()
+            raise ValueError(
+                f"search_space.{path} must be a one-key mapping like {{loguniform: [1e-4, 1e-2]}}; "
+                f"kinds: {allowed}; got {spec!r}"
+            )
+        ((kind, args),) = spec.items()
         if kind not in SEARCH_KINDS:
             raise ValueError(f"search_space.{path}: unknown kind {kind!r}; allowed: {allowed}")
         if not isinstance(args, list) or not args:

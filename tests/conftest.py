@@ -4,6 +4,7 @@ Environment set here, before anything imports ray: Ray sockets stay on loopback,
 controller polls fast (report latency), DeepSpeed's CPU op builds are cached across runs, and
 credential lookup never probes the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,13 @@ def ray_session():
     if not ray.is_initialized():
         # The dashboard hosts the state API that Ray Train's placement-group cleaner polls; without it, a
         # finished (or ASHA-stopped) trial's worker reservations linger and starve later trainers.
-        ray.init(num_cpus=2, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
-                                           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+        ray.init(
+            num_cpus=2,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
+            },
+        )
     yield ray
     ray.shutdown()
 
@@ -49,8 +54,12 @@ def s3_server():
     host, port = server.get_host_and_port()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    yield {"endpoint_url": f"http://{host}:{port}", "access_key": "testing", "secret_key": "testing",
-           "region": "us-east-1"}
+    yield {
+        "endpoint_url": f"http://{host}:{port}",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region": "us-east-1",
+    }
     server.stop()
     for key, value in saved.items():
         if value is None:

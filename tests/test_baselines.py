@@ -3,6 +3,7 @@
 Tiny data only: hand-made token streams, the tiny manifest of train_helpers (no Ray for reading), and
 models of a few thousand parameters. One slow test launches the real Ray Train + DeepSpeed path.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import tiny_config, tiny_corpus_manifest
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
 from model.lstm import LSTMLM, build_model
 from model.ngram import NGramLM
-from train_helpers import tiny_config, tiny_corpus_manifest
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded machine
 
@@ -29,6 +30,7 @@ def manifest(tmp_path_factory) -> str:
 
 
 # --- n-gram ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("discount", [None, 0.75])
 def test_kneser_ney_distributions_sum_to_one(discount):
@@ -48,7 +50,7 @@ def test_kneser_ney_distributions_sum_to_one(discount):
 
 def test_ngram_learns_a_repetitive_corpus_and_beats_unigram(tmp_path):
     pattern = [5, 3, 7, 1, 0, 6, 2, 3, 4]  # after '3' comes 7 or 4: a bigram is unsure, a trigram is not
-    train, held_out = np.tile(pattern, 300), np.tile(pattern, 12)[3:3 + 65].reshape(1, -1)
+    train, held_out = np.tile(pattern, 300), np.tile(pattern, 12)[3 : 3 + 65].reshape(1, -1)
     trigram, bigram, unigram = (NGramLM.fit(train, n, 8) for n in (3, 2, 1))
     nll3, nll2, nll1 = (m.window_nll(held_out) for m in (trigram, bigram, unigram))
     # After two tokens of context the pattern is deterministic; the first two targets back off
@@ -101,6 +103,7 @@ def test_train_and_evaluate_ngram_on_shards(manifest, tmp_path):
 
 # --- LSTM --------------------------------------------------------------------------------------
 
+
 def _lstm_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**dict(arch="lstm", vocab_size=40, block_size=16, n_layer=2, n_embd=24), **kw})
 
@@ -119,7 +122,8 @@ def test_lstm_is_causal_and_counts_its_params():
         numel = sum(p.numel() for p in LSTMLM(cfg).parameters())
         assert count_params(cfg) == numel, kw
         assert count_params(cfg, non_embedding=True) == numel - cfg.vocab_size * cfg.n_embd * (
-            1 if cfg.tie_embeddings else 2)
+            1 if cfg.tie_embeddings else 2
+        )
     cfg = _lstm_cfg(bias=False)
     h, V = cfg.n_embd, cfg.vocab_size
     assert flops_per_token(cfg, 16) == flops_per_token(cfg, 1024) == 6 * (2 * 4 * (h * h + h * h) + h * V)
@@ -149,6 +153,7 @@ def test_lstm_overfits_a_batch():
 
 
 # --- checkpoints and the comparison table --------------------------------------------------------
+
 
 def _write_checkpoint(root: Path, model: torch.nn.Module, manifest: str, consumed_sequences: int) -> str:
     """A complete checkpoint as save_checkpoint lays it out (inference files only)."""
@@ -189,12 +194,19 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     ids = enc.encode("ROMEO:")
     greedy = generate(loaded, [ids], 6, temperature=0)[0]
     assert generate_text(lstm_ckpt, "ROMEO:", 6, temperature=0) == enc.decode([t for t in greedy if t != enc.eot_token])
-    scores = continuation_scores((loaded, cfg, enc, meta), manifest, num_items=3, prompt_tokens=8,
-                                 continuation_tokens=8, max_sequences=8)
+    scores = continuation_scores(
+        (loaded, cfg, enc, meta), manifest, num_items=3, prompt_tokens=8, continuation_tokens=8, max_sequences=8
+    )
     assert scores["items"] == 3 and 0.0 <= scores["rougeL"] <= 1.0
     train_ngram(manifest, str(tmp_path / "ng2"), n=2)
-    result = compare_baselines(manifest, transformer_checkpoint=gpt_ckpt, lstm_checkpoint=lstm_ckpt,
-                               ngram_dir=str(tmp_path / "ng2"), out_dir=str(tmp_path / "cmp"), max_sequences=8)
+    result = compare_baselines(
+        manifest,
+        transformer_checkpoint=gpt_ckpt,
+        lstm_checkpoint=lstm_ckpt,
+        ngram_dir=str(tmp_path / "ng2"),
+        out_dir=str(tmp_path / "cmp"),
+        max_sequences=8,
+    )
     by = {r["model"]: r for r in result["rows"]}
     assert set(by) == {"transformer", "lstm", "2-gram KN"} and result["sequences"] == 8
     assert by["lstm"]["params"] == count_params(cfg) and by["lstm"]["train_tokens"] == 40 * 32
@@ -210,8 +222,27 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     # the command writes the same table and ends with the report of it
     from orchestration.cli import main
 
-    assert main(["baseline", "compare", "--data", manifest, "--transformer", gpt_ckpt, "--lstm", lstm_ckpt,
-                 "--ngram", str(tmp_path / "ng2"), "--out", str(tmp_path / "cli"), "--max-sequences", "8"]) == 0
+    assert (
+        main(
+            [
+                "baseline",
+                "compare",
+                "--data",
+                manifest,
+                "--transformer",
+                gpt_ckpt,
+                "--lstm",
+                lstm_ckpt,
+                "--ngram",
+                str(tmp_path / "ng2"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--max-sequences",
+                "8",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert report["kind"] == "baselines" and report["rows"] == sorted(result["rows"], key=lambda r: r["bits_per_byte"])
     assert "<td>lstm</td>" in (tmp_path / "cli" / "report.html").read_text()
@@ -222,9 +253,20 @@ def test_lstm_trains_through_ray_train_and_deepspeed(manifest, ray_session, tmp_
     from orchestration.evaluate import evaluate_lm, load_checkpoint_model
     from orchestration.trainer import run_training
 
-    cfg = tiny_config(manifest, tmp_path / "runs", "lstm", zero_stage=1,
-                      overrides=["model.arch=lstm", "model.n_layer=1", "model.n_embd=48", "model.init_std=0.1",
-                                 "train.lr=1e-2", "train.min_lr=1e-3"])
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "runs",
+        "lstm",
+        zero_stage=1,
+        overrides=[
+            "model.arch=lstm",
+            "model.n_layer=1",
+            "model.n_embd=48",
+            "model.init_std=0.1",
+            "train.lr=1e-2",
+            "train.min_lr=1e-3",
+        ],
+    )
     summary = run_training(cfg, resume=False)
     with open(f"{summary['run_dir']}/metrics.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]

@@ -1,4 +1,5 @@
 """The `raylm` command line: help for every command, model-info output, config errors exit 2."""
+
 from __future__ import annotations
 
 import re
@@ -43,8 +44,9 @@ def test_model_info_gpt2_small(capsys):
     assert main(["model-info", "--preset", "gpt2-small", "--num-workers", "8"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808" in out and "85,056,000" in out
-    gpu_totals = [float(re.search(rf"^\s+{stage}\s+(?:[\d.]+\s+){{4}}([\d.]+)", out, re.M).group(1))
-                  for stage in range(4)]
+    gpu_totals = [
+        float(re.search(rf"^\s+{stage}\s+(?:[\d.]+\s+){{4}}([\d.]+)", out, re.M).group(1)) for stage in range(4)
+    ]
     assert gpu_totals == sorted(gpu_totals, reverse=True) and gpu_totals[0] > gpu_totals[3]
 
 

@@ -4,6 +4,7 @@ Checked per file: Ray's schema; a CPU head plus autoscaling GPU worker types; no
 dashboard / Jobs API bound to 127.0.0.1 (never 0.0.0.0); token authentication on; raylm installed
 with its pinned dependencies by the setup commands; outputs and the venv never synced.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,18 @@ ROOT = Path(__file__).parent.parent
 CLUSTER_FILES = [ROOT / "cluster.yaml", *sorted((ROOT / "configs" / "clusters").glob("*.yaml"))]
 # Accelerator families the issue asks for, by provider: each file offers every one of them.
 GPU_TYPES = {"aws": ["p5.", "p4d.", "g5."], "gcp": ["a3-", "a2-"], "azure": ["ND96isr_H100_v5", "ND96asr_v4"]}
-SECRET_PATTERNS = [r"aws_access_key_id", r"aws_secret_access_key", r"AKIA[0-9A-Z]{16}", r"client_secret",
-                   r"private_key_id", r"-----BEGIN", r"AccountKey=", r"sig=", r"password\s*:", r"token\s*:\s*(?![~/])\S{8,}"]
+SECRET_PATTERNS = [
+    r"aws_access_key_id",
+    r"aws_secret_access_key",
+    r"AKIA[0-9A-Z]{16}",
+    r"client_secret",
+    r"private_key_id",
+    r"-----BEGIN",
+    r"AccountKey=",
+    r"sig=",
+    r"password\s*:",
+    r"token\s*:\s*(?![~/])\S{8,}",
+]
 
 
 def _load(path: Path) -> dict:

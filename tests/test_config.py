@@ -1,4 +1,5 @@
 """The config loader: YAML + overrides into typed dataclasses, strict errors naming key and file."""
+
 from __future__ import annotations
 
 from pathlib import Path

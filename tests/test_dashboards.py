@@ -6,6 +6,7 @@ a Ray built-in found in the installed Ray's source: in Ray's own Grafana panel d
 (ray/data/_internal/stats.py for Ray Data, ray/dashboard/modules/reporter/reporter_agent.py for
 nodes). Upgrading Ray and losing a metric fails here instead of leaving an empty panel.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,26 @@ METRIC = re.compile(r"\bray_[a-zA-Z0-9_]+\b")
 
 
 def _exprs(dashboard: dict) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + \
-           [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + [
+        v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")
+    ]
 
 
 def _ray_source() -> str:
     import ray
 
     pkg = Path(ray.__file__).parent
-    files = [*sorted((pkg / "dashboard/modules/metrics/dashboards").glob("*.py")),
-             pkg / "data/_internal/stats.py", pkg / "dashboard/modules/reporter/reporter_agent.py"]
+    files = [
+        *sorted((pkg / "dashboard/modules/metrics/dashboards").glob("*.py")),
+        pkg / "data/_internal/stats.py",
+        pkg / "dashboard/modules/reporter/reporter_agent.py",
+    ]
     return "\n".join(f.read_text() for f in files)
 
 
 def _is_ray_builtin(name: str, source: str) -> bool:
     """Queried by Ray's own dashboards, or declared as ``"<name without ray_>"`` in Ray's source."""
-    return re.search(rf"\b{name}\b", source) is not None or f'"{name[len("ray_"):]}"' in source
+    return re.search(rf"\b{name}\b", source) is not None or f'"{name[len("ray_") :]}"' in source
 
 
 def test_the_three_dashboards_are_there():
@@ -66,8 +71,11 @@ def test_every_queried_metric_is_exported_by_raylm_or_ray(path):
     source = _ray_source()
     queried = {m for e in _exprs(json.loads(path.read_text())) for m in METRIC.findall(e)}
     assert queried
-    unknown = [m for m in sorted(queried)
-               if not (m in EXPORTED_NAMES if m.startswith("ray_raylm_") else _is_ray_builtin(m, source))]
+    unknown = [
+        m
+        for m in sorted(queried)
+        if not (m in EXPORTED_NAMES if m.startswith("ray_raylm_") else _is_ray_builtin(m, source))
+    ]
     assert not unknown, f"{path.name} queries metrics nobody exports: {unknown}"
 
 
@@ -86,6 +94,7 @@ def test_training_dashboard_shows_every_raylm_metric():
 
 
 # --- the exporter, end to end through Ray's metrics agent ----------------------------------------
+
 
 def _scrape(ray, want: set[str], timeout_s: float = 45.0) -> dict[str, list[str]]:
     """This node's metrics endpoint as {series name: lines} for run "prom-test", polled until every
@@ -113,15 +122,41 @@ def test_worker_records_reach_prometheus_with_run_and_rank_tags(ray_session):
             self.exporter = TrainMetricsExporter("prom-test", rank=1)
 
         def log_steps(self):
-            self.exporter.record({"step": 10, "loss": 4.25, "tokens": 1000, "tokens_per_s": 512.0,
-                                  "step_time_s": 0.5, "data_wait_s": 0.01, "mfu": None, "lr": 1e-3})
-            self.exporter.record({"step": 20, "loss": 3.5, "val_loss": 3.75, "tokens": 3000, "mfu": 0.41,
-                                  "checkpoint_duration_s": 2.5, "gpu_memory_bytes": 123456})
+            self.exporter.record(
+                {
+                    "step": 10,
+                    "loss": 4.25,
+                    "tokens": 1000,
+                    "tokens_per_s": 512.0,
+                    "step_time_s": 0.5,
+                    "data_wait_s": 0.01,
+                    "mfu": None,
+                    "lr": 1e-3,
+                }
+            )
+            self.exporter.record(
+                {
+                    "step": 20,
+                    "loss": 3.5,
+                    "val_loss": 3.75,
+                    "tokens": 3000,
+                    "mfu": 0.41,
+                    "checkpoint_duration_s": 2.5,
+                    "gpu_memory_bytes": 123456,
+                }
+            )
 
     worker = Worker.remote()
     ray.get(worker.log_steps.remote())
-    want = {"ray_raylm_loss", "ray_raylm_val_loss", "ray_raylm_tokens_total", "ray_raylm_mfu",
-            "ray_raylm_checkpoint_duration_s_count", "ray_raylm_gpu_memory_bytes", "ray_raylm_tokens_per_s"}
+    want = {
+        "ray_raylm_loss",
+        "ray_raylm_val_loss",
+        "ray_raylm_tokens_total",
+        "ray_raylm_mfu",
+        "ray_raylm_checkpoint_duration_s_count",
+        "ray_raylm_gpu_memory_bytes",
+        "ray_raylm_tokens_per_s",
+    }
     series = _scrape(ray, want)
     ray.kill(worker)
     assert want <= series.keys(), f"missing {want - series.keys()}; got {sorted(series)}"
@@ -129,8 +164,10 @@ def test_worker_records_reach_prometheus_with_run_and_rank_tags(ray_session):
     loss = series["ray_raylm_loss"][0]
     assert 'worker="1"' in loss and loss.endswith(" 3.5")  # the latest value, tagged with the rank
     assert series["ray_raylm_tokens_total"][0].endswith(" 3000.0")  # counter = cumulative tokens
-    buckets = {re.search(r'le="([^"]+)"', ln).group(1): float(ln.rsplit(" ", 1)[1])
-               for ln in series["ray_raylm_checkpoint_duration_s_bucket"]}
+    buckets = {
+        re.search(r'le="([^"]+)"', ln).group(1): float(ln.rsplit(" ", 1)[1])
+        for ln in series["ray_raylm_checkpoint_duration_s_bucket"]
+    }
     assert buckets["2.0"] == 0 and buckets["5.0"] == 1  # one 2.5 s save (Ray's _sum is bucket-midpoint approximate)
     assert series["ray_raylm_checkpoint_duration_s_count"][0].endswith(" 1.0")
     assert "ray_raylm_lr" not in series  # keys without a metric are ignored

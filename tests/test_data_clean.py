@@ -1,4 +1,5 @@
 """Cleaning, dedup, tokenizer and config units: plain functions, no Ray."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,14 @@ import numpy as np
 import pytest
 
 from data_pipeline import tokenizer as tok
-from data_pipeline.clean import (decode_utf8, minhash_signature, normalize_whitespace, quality_reason,
-                                 strip_gutenberg, strip_markup)
+from data_pipeline.clean import (
+    decode_utf8,
+    minhash_signature,
+    normalize_whitespace,
+    quality_reason,
+    strip_gutenberg,
+    strip_markup,
+)
 from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig
 from data_pipeline.dedup import select_duplicates
 from data_pipeline.storage import embedded_corpus_dir
@@ -18,8 +25,10 @@ PLAY = " ".join(f"word{i % 97} line{i % 13} thou art" for i in range(400))
 
 
 def test_strip_markup_removes_tags_scripts_and_unescapes():
-    html = "<html><head><style>p{color:red}</style><script>var x = 1 < 2;</script></head>" \
-           "<body><p>To be, or&nbsp;not &amp; to be</p><!-- note --><br/>that is</body></html>"
+    html = (
+        "<html><head><style>p{color:red}</style><script>var x = 1 < 2;</script></head>"
+        "<body><p>To be, or&nbsp;not &amp; to be</p><!-- note --><br/>that is</body></html>"
+    )
     out = strip_markup(html)
     assert "<" not in out and "color" not in out and "var x" not in out and "note" not in out
     assert "To be, or\u00a0not & to be" in out and "that is" in out
@@ -28,12 +37,18 @@ def test_strip_markup_removes_tags_scripts_and_unescapes():
 
 def test_gutenberg_header_and_footer_removed():
     body = "ACT I. SCENE I.\nEnter Hamlet."
-    text = ("The Project Gutenberg EBook of Hamlet\nThis eBook is for the use of anyone anywhere\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\n" + body +
-            "\n\nEnd of the Project Gutenberg EBook of Hamlet\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
-            "Section 1. General Terms of Use and Redistributing Project Gutenberg-tm electronic works")
+    text = (
+        "The Project Gutenberg EBook of Hamlet\nThis eBook is for the use of anyone anywhere\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\n"
+        + body
+        + "\n\nEnd of the Project Gutenberg EBook of Hamlet\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
+        "Section 1. General Terms of Use and Redistributing Project Gutenberg-tm electronic works"
+    )
     assert strip_gutenberg(text) == body
-    old = "**The Project Gutenberg Etext of Hamlet**\nlegal stuff\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n" + body
+    old = (
+        "**The Project Gutenberg Etext of Hamlet**\nlegal stuff\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n"  # noqa: E501
+        + body
+    )
     assert strip_gutenberg(old) == body
     assert strip_gutenberg(body) == body
 
@@ -90,7 +105,7 @@ def test_tokenizer_round_trip_files_and_hash():
     # invalid bytes: decode_bytes gives the raw bytes back; decode() replaces them
     text, replaced = decode_utf8("ok 🦙".encode() + b"\xff\xfe")
     assert replaced == 2 and enc.decode(enc.encode_ordinary(text)) == "ok 🦙\ufffd\ufffd"
-    lone_byte = [b for b, r in spec["ranks"].items() if r == 0xff][0]
+    lone_byte = [b for b, r in spec["ranks"].items() if r == 0xFF][0]
     assert enc.decode_bytes([spec["ranks"][lone_byte]]) == b"\xff"
     assert enc.decode([spec["ranks"][lone_byte]]) == "\ufffd"
     tampered = files[tok.META_FILE].replace(spec["hash"][:8].encode(), b"00000000")
@@ -108,8 +123,11 @@ def test_tiktoken_named_encoding_missing_from_cache_names_the_fix(tmp_path, monk
 
 
 def test_config_is_strict():
-    cfg = build_dataclass(DataConfig, {"sources": {"uris": ["s3://b/x/*.jsonl.gz"], "format": "jsonl"},
-                                       "output": {"seq_len": 128}}, "t.yaml")
+    cfg = build_dataclass(
+        DataConfig,
+        {"sources": {"uris": ["s3://b/x/*.jsonl.gz"], "format": "jsonl"}, "output": {"seq_len": 128}},
+        "t.yaml",
+    )
     assert cfg.output.seq_len == 128 and cfg.sources.format == "jsonl"
     with pytest.raises(ConfigError, match="near_dedup.*multiple of"):
         build_dataclass(DataConfig, {"near_dedup": {"num_perm": 100, "bands": 16}}, "t.yaml")

@@ -1,4 +1,5 @@
 """Loader: deterministic stream order, cheap exact resumption, worker-count independence, refusals."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,19 +10,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
-from data_pipeline.loader import (ManifestMismatchError, _plan, read_manifest, sequence_dataset, worker_batches)
+from data_pipeline.loader import ManifestMismatchError, _plan, read_manifest, sequence_dataset, worker_batches
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import embedded_corpus_dir
 
-PLAYS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt",
-         "comedy_of_errours_gut_f.txt"]
+PLAYS = [
+    "lovers_complaint_gut.txt",
+    "passionate_pilgrim_gut.txt",
+    "phoenix_and_the_turtle_gut.txt",
+    "comedy_of_errours_gut_f.txt",
+]
 
 
 def tiny_config(corpus: Path, out: Path, vocab_size: int) -> DataConfig:
-    return DataConfig(sources=SourceConfig(uris=[f"{corpus}/*.txt"]), clean=CleanConfig(min_chars=50),
-                      near_dedup=NearDedupConfig(enabled=False),
-                      tokenizer=TokenizerConfig(vocab_size=vocab_size, sample_bytes=1_000_000),
-                      output=OutputConfig(uri=str(out), seq_len=16, val_fraction=0.3, shard_tokens=6000, seed=1))
+    return DataConfig(
+        sources=SourceConfig(uris=[f"{corpus}/*.txt"]),
+        clean=CleanConfig(min_chars=50),
+        near_dedup=NearDedupConfig(enabled=False),
+        tokenizer=TokenizerConfig(vocab_size=vocab_size, sample_bytes=1_000_000),
+        output=OutputConfig(uri=str(out), seq_len=16, val_fraction=0.3, shard_tokens=6000, seed=1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +43,23 @@ def manifests(ray_session, tmp_path_factory) -> tuple[str, str]:
 
 def rows_of(ds) -> tuple[list[int], np.ndarray]:
     batches = list(ds.iter_batches(batch_size=64, batch_format="numpy"))
-    return (np.concatenate([b["position"] for b in batches]).tolist(),
-            np.concatenate([b["tokens"] for b in batches]))
+    return (np.concatenate([b["position"] for b in batches]).tolist(), np.concatenate([b["tokens"] for b in batches]))
 
 
 def all_rows(manifest_uri: str, split: str) -> np.ndarray:
     m = read_manifest(manifest_uri)
     base = Path(manifest_uri).parent
-    return np.concatenate([pq.read_table(base / s["file"]).column("tokens").combine_chunks().flatten().to_numpy()
-                           .reshape(-1, m["row_tokens"]) for s in m["splits"][split]["shards"]])
+    return np.concatenate(
+        [
+            pq.read_table(base / s["file"])
+            .column("tokens")
+            .combine_chunks()
+            .flatten()
+            .to_numpy()
+            .reshape(-1, m["row_tokens"])
+            for s in m["splits"][split]["shards"]
+        ]
+    )
 
 
 def as_set(rows: np.ndarray) -> list[bytes]:
@@ -78,8 +94,9 @@ def test_resume_skips_whole_shards_without_reading_them(manifests, tmp_path):
     pos, resumed = rows_of(sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start))
     assert pos == list(range(start, n)) and np.array_equal(resumed, full[start:])
     with pytest.raises(Exception, match="No such file|not found|FileNotFound"):
-        rows_of(sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start - 1,
-                                 num_sequences=2))
+        rows_of(
+            sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start - 1, num_sequences=2)
+        )
 
 
 def test_batches_do_not_depend_on_world_size_or_resumption(manifests):
@@ -88,14 +105,22 @@ def test_batches_do_not_depend_on_world_size_or_resumption(manifests):
     def run(world_size: int, start: int = 0, skip_before: int = 0, steps: int = 6) -> list[np.ndarray]:
         per_rank = []
         for rank in range(world_size):
-            ds = sequence_dataset(uri, "train", seed=11, start_sequence=start,
-                                  num_sequences=global_batch * steps - start)
-            per_rank.append(list(worker_batches(ds.iterator(), rank=rank, world_size=world_size,
-                                                micro_batch_size=global_batch // world_size,
-                                                skip_before=skip_before)))
+            ds = sequence_dataset(
+                uri, "train", seed=11, start_sequence=start, num_sequences=global_batch * steps - start
+            )
+            per_rank.append(
+                list(
+                    worker_batches(
+                        ds.iterator(),
+                        rank=rank,
+                        world_size=world_size,
+                        micro_batch_size=global_batch // world_size,
+                        skip_before=skip_before,
+                    )
+                )
+            )
         # the global batch at a step: interleave ranks back into stream order
-        return [np.stack([r[s] for r in per_rank], axis=1).reshape(global_batch, -1)
-                for s in range(len(per_rank[0]))]
+        return [np.stack([r[s] for r in per_rank], axis=1).reshape(global_batch, -1) for s in range(len(per_rank[0]))]
 
     one = run(1)
     assert len(one) == 6 and one[0].dtype == np.int64 and one[0].shape == (8, 17)

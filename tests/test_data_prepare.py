@@ -1,4 +1,5 @@
 """prepare() on local files: every format, every counted drop reason, byte-identical re-runs, bad input."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,8 +12,7 @@ import pytest
 import zstandard
 
 from data_pipeline.clean import normalize_whitespace
-from data_pipeline.config import (CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig,
-                                  TokenizerConfig)
+from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
 from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir
@@ -21,11 +21,13 @@ PLAYS = ["comedy_of_errours_gut_f.txt", "lovers_complaint_gut.txt", "passionate_
 
 
 def small_config(uris: list[str], out: Path, **output) -> DataConfig:
-    return DataConfig(sources=SourceConfig(uris=uris), clean=CleanConfig(min_chars=50),
-                      near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
-                      tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
-                      output=OutputConfig(uri=str(out), seq_len=64, val_fraction=0.2, shard_tokens=8_000,
-                                          **output))
+    return DataConfig(
+        sources=SourceConfig(uris=uris),
+        clean=CleanConfig(min_chars=50),
+        near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
+        tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
+        output=OutputConfig(uri=str(out), seq_len=64, val_fraction=0.2, shard_tokens=8_000, **output),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +39,22 @@ def mixed_corpus(tmp_path_factory) -> Path:
     (root / "copy_of_lovers.txt").write_text(texts[1], encoding="utf-8")  # exact duplicate
     (root / "near_lovers.txt").write_text(texts[1].replace("the", "thee", 5), encoding="utf-8")
     (root / "page.txt").write_text("<html><body><p>" + texts[2][:3000] + "</p><script>x=1</script></body></html>")
-    (root / "gutenberg.txt").write_text("The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
-                                        + texts[0][:4000] + "\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence")
+    (root / "gutenberg.txt").write_text(
+        "The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+        + texts[0][:4000]
+        + "\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence"
+    )
     (root / "latin1.txt").write_bytes(("Caf\xe9 society, " * 20).encode("latin-1"))  # 20 invalid bytes
     (root / "empty.txt").write_bytes(b"")
     sub = root / "nested"
     sub.mkdir()
-    lines = [json.dumps({"text": f"Sonnet {i}: " + texts[2][i * 900:(i + 1) * 900], "id": i}) for i in range(4)]
+    lines = [json.dumps({"text": f"Sonnet {i}: " + texts[2][i * 900 : (i + 1) * 900], "id": i}) for i in range(4)]
     lines.insert(2, "{not json")
     lines.append(json.dumps({"body": "no text field here"}))
     (sub / "docs.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
-    (sub / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        (json.dumps({"text": "Zstd " + texts[0][5000:7000]}) + "\n").encode()))
+    (sub / "more.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((json.dumps({"text": "Zstd " + texts[0][5000:7000]}) + "\n").encode())
+    )
     pq.write_table(pa.table({"text": ["Parquet " + texts[0][9000:11000], None, "tiny"]}), sub / "rows.parquet")
     return root
 
@@ -67,8 +73,16 @@ def test_counts_every_drop_reason_and_cleaning_step(prepared):
     assert m["sources"][0]["files"] == 12
     # 9 txt + 6 jsonl lines + 1 zst + 3 parquet rows
     assert c["documents_in"] == 19
-    assert c["dropped"] == {"bad_json": 1, "missing_text_field": 2, "empty": 1, "too_short": 1,
-                            "exact_duplicate": 1, "near_duplicate": 1, "low_alpha": 0, "high_symbol": 0}
+    assert c["dropped"] == {
+        "bad_json": 1,
+        "missing_text_field": 2,
+        "empty": 1,
+        "too_short": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "low_alpha": 0,
+        "high_symbol": 0,
+    }
     assert c["documents_out"] == 19 - 7
     assert c["replacement_chars"] == 20
     assert c["chars_removed"]["markup"] > 0 and c["chars_removed"]["gutenberg"] > 0
@@ -93,12 +107,16 @@ def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus)
             rows += table.num_rows
         assert rows == s["sequences"]
     assert m["splits"]["train"]["num_shards"] >= 2
-    stream = [t for split in ("train", "val") for shard in m["splits"][split]["shards"]
-              for t in pq.read_table(base / shard["file"]).column("tokens").combine_chunks().flatten().to_pylist()]
+    stream = [
+        t
+        for split in ("train", "val")
+        for shard in m["splits"][split]["shards"]
+        for t in pq.read_table(base / shard["file"]).column("tokens").combine_chunks().flatten().to_pylist()
+    ]
     pieces = enc.decode(stream).split("<|endoftext|>")
     assert len(pieces) >= 5  # documents are separated by eot (shard tails are dropped)
     longest = max(pieces, key=len)
-    window = longest[len(longest) // 2:len(longest) // 2 + 200]
+    window = longest[len(longest) // 2 : len(longest) // 2 + 200]
     plays = [normalize_whitespace((mixed_corpus / p).read_text(encoding="utf-8")) for p in PLAYS]
     assert len(window) == 200 and any(window in play for play in plays)
 

@@ -1,4 +1,5 @@
 """s3 -> s3 prepare against a real S3 server (moto, loopback), configured by endpoint_url like MinIO/R2."""
+
 from __future__ import annotations
 
 import gzip
@@ -19,10 +20,18 @@ PLAYS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_
 def s3_config(s3, uris, out_uri) -> DataConfig:
     return DataConfig(
         sources=SourceConfig(uris=uris, endpoint_url=s3["endpoint_url"], region=s3["region"]),
-        clean=CleanConfig(min_chars=50), near_dedup=NearDedupConfig(num_perm=32, bands=8),
+        clean=CleanConfig(min_chars=50),
+        near_dedup=NearDedupConfig(num_perm=32, bands=8),
         tokenizer=TokenizerConfig(vocab_size=400, pattern="gpt2"),
-        output=OutputConfig(uri=out_uri, seq_len=32, val_fraction=0.25, shard_tokens=4000,
-                            endpoint_url=s3["endpoint_url"], region=s3["region"]))
+        output=OutputConfig(
+            uri=out_uri,
+            seq_len=32,
+            val_fraction=0.25,
+            shard_tokens=4000,
+            endpoint_url=s3["endpoint_url"],
+            region=s3["region"],
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,9 @@ def s3_corpus(s3_server):
     texts = {p: (embedded_corpus_dir() / p).read_text(encoding="utf-8") for p in PLAYS}
     for name, text in texts.items():
         client.put_object(Bucket="raw-corpus", Key=f"plays/{name}", Body=text.encode())
-    lines = "\n".join(json.dumps({"text": f"Stanza {i}. " + texts[PLAYS[0]][i * 700:(i + 1) * 700]}) for i in range(6))
+    lines = "\n".join(
+        json.dumps({"text": f"Stanza {i}. " + texts[PLAYS[0]][i * 700 : (i + 1) * 700]}) for i in range(6)
+    )
     client.put_object(Bucket="raw-corpus", Key="plays/extra/stanzas.jsonl.gz", Body=gzip.compress(lines.encode()))
     return texts
 
@@ -42,8 +53,10 @@ def test_s3_to_s3_prepare_and_read_back(ray_session, s3_server, s3_corpus):
     manifest_uri = prepare(s3_config(s3_server, ["s3://raw-corpus/plays/"], "s3://token-shards/runs/a"))
     assert manifest_uri == "s3://token-shards/runs/a/manifest.json"
     m = read_manifest(manifest_uri, endpoint_url=s3_server["endpoint_url"])
-    assert m["sources"] == [{"uri": "s3://raw-corpus/plays/", "files": 4,
-                             "bytes": m["sources"][0]["bytes"]}] and m["sources"][0]["bytes"] > 20_000
+    assert (
+        m["sources"] == [{"uri": "s3://raw-corpus/plays/", "files": 4, "bytes": m["sources"][0]["bytes"]}]
+        and m["sources"][0]["bytes"] > 20_000
+    )
     assert m["cleaning"]["documents_in"] == 3 + 6
     enc = load_tokenizer_from_manifest(manifest_uri, endpoint_url=s3_server["endpoint_url"])
     assert enc.n_vocab == 401
@@ -67,8 +80,9 @@ def test_s3_to_s3_prepare_and_read_back(ray_session, s3_server, s3_corpus):
         middle = piece.strip()[100:160]
         assert middle in corpus, middle
 
-    rows = sequence_dataset(manifest_uri, "train", seed=3, num_sequences=10,
-                            endpoint_url=s3_server["endpoint_url"]).take_all()
+    rows = sequence_dataset(
+        manifest_uri, "train", seed=3, num_sequences=10, endpoint_url=s3_server["endpoint_url"]
+    ).take_all()
     assert [r["position"] for r in rows] == list(range(10)) and rows[0]["tokens"].shape == (33,)
 
 

@@ -1,4 +1,5 @@
 """Eval suites on a tiny GPT trained in-process to memorise ~1.5 kB of a play (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,19 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.storage import embedded_corpus_dir
 from model.config import ModelConfig
 from model.gpt import GPT
-from orchestration.eval_suites import (cloze_items, continuation_logprobs, continuation_scores, format_summary,
-                                       held_out_lines, held_out_pieces, load_bias_templates, bias_probe,
-                                       multiple_choice_suite, run_eval_suite, score_choices)
+from orchestration.eval_suites import (
+    bias_probe,
+    cloze_items,
+    continuation_logprobs,
+    continuation_scores,
+    format_summary,
+    held_out_lines,
+    held_out_pieces,
+    load_bias_templates,
+    multiple_choice_suite,
+    run_eval_suite,
+    score_choices,
+)
 from orchestration.evaluate import evaluate, evaluate_lm, lm_metrics
 
 
@@ -24,7 +35,7 @@ from orchestration.evaluate import evaluate, evaluate_lm, lm_metrics
 def tiny(tmp_path_factory):
     """{"text_file", "text", "spec", "trained": (model, cfg, enc, meta), "random": (...)}; ~3-5 s to train."""
     text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
-    body = text[len(text) // 10: len(text) // 10 + 1500]
+    body = text[len(text) // 10 : len(text) // 10 + 1500]
     spec = tok.train_bpe([body], 300, "gpt4")
     enc = tok.encoding(spec)
     ids = torch.tensor(enc.encode(body))
@@ -38,7 +49,7 @@ def tiny(tmp_path_factory):
     try:
         for _ in range(300):
             starts = torch.randint(0, len(ids) - cfg.block_size - 1, (8,), generator=gen)
-            batch = torch.stack([ids[s:s + cfg.block_size + 1] for s in starts])
+            batch = torch.stack([ids[s : s + cfg.block_size + 1] for s in starts])
             _, loss = model(batch[:, :-1], batch[:, 1:])
             opt.zero_grad()
             loss.backward()
@@ -50,8 +61,13 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "held_out.txt"
     path.write_text(body, encoding="utf-8")
     meta = {"checkpoint_uri": "<in-process>", "step": 300}
-    return {"text_file": str(path), "text": body, "spec": spec, "trained": (model, cfg, enc, meta),
-            "random": (random_model, cfg, enc, meta)}
+    return {
+        "text_file": str(path),
+        "text": body,
+        "spec": spec,
+        "trained": (model, cfg, enc, meta),
+        "random": (random_model, cfg, enc, meta),
+    }
 
 
 def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
@@ -74,7 +90,7 @@ def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
 def test_bits_per_byte_of_a_model(tiny):
     model, cfg, enc, _ = tiny["trained"]
     ids = np.asarray(enc.encode(tiny["text"]))
-    seqs = np.stack([ids[i:i + cfg.block_size + 1] for i in range(0, 6 * cfg.block_size, cfg.block_size)])
+    seqs = np.stack([ids[i : i + cfg.block_size + 1] for i in range(0, 6 * cfg.block_size, cfg.block_size)])
     r = lm_metrics(model, enc, seqs, batch_size=4)
     assert r["bytes"] == sum(len(enc.decode_bytes(row[1:].tolist())) for row in seqs)
     assert r["tokens"] == r["bpb_tokens"] == seqs[:, 1:].size
@@ -109,8 +125,16 @@ def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
     lm = evaluate_lm(str(tmp_path / "run"), tiny["text_file"], max_sequences=8)  # run dir -> newest checkpoint
     assert lm["loss"] == pytest.approx(evaluate(ckpt, tiny["text_file"], max_sequences=8)["loss"], rel=1e-5)
     assert lm["checkpoint"] == ckpt and lm["bits_per_byte"] > 0
-    result = run_eval_suite("all", ckpt, tiny["text_file"], num_items=8, num_options=3, prompt_tokens=8,
-                            continuation_tokens=8, max_sequences=8)
+    result = run_eval_suite(
+        "all",
+        ckpt,
+        tiny["text_file"],
+        num_items=8,
+        num_options=3,
+        prompt_tokens=8,
+        continuation_tokens=8,
+        max_sequences=8,
+    )
     assert set(result["suites"]) == {"lm", "continuation", "mc", "bias"} and result["step"] == 300
     assert result["suites"]["mc"]["items"] == 8 and result["suites"]["mc"]["chance"] == pytest.approx(1 / 3)
     assert result["suites"]["continuation"]["prompt_tokens"] == 8
@@ -141,12 +165,18 @@ def test_cloze_items_are_deterministic_shuffled_and_true(tiny):
 
 
 def test_score_choices_argmax_and_standard_error():
-    items = [{"options": ["aa", "b"], "answer": 0}, {"options": ["aa", "b"], "answer": 1},
-             {"options": ["x", "yyyy"], "answer": 1}, {"options": ["xxxx", "y"], "answer": 0}]
-    logps = [[-2.0, -3.0],   # sum right, per byte (-1 vs -3) right
-             [-2.4, -1.5],   # sum right, per byte (-1.2 vs -1.5) wrong
-             [-1.0, -2.0],   # sum wrong, per byte (-1 vs -0.5) right
-             [-2.0, -1.0]]   # sum wrong, per byte (-0.5 vs -1) right
+    items = [
+        {"options": ["aa", "b"], "answer": 0},
+        {"options": ["aa", "b"], "answer": 1},
+        {"options": ["x", "yyyy"], "answer": 1},
+        {"options": ["xxxx", "y"], "answer": 0},
+    ]
+    logps = [
+        [-2.0, -3.0],  # sum right, per byte (-1 vs -3) right
+        [-2.4, -1.5],  # sum right, per byte (-1.2 vs -1.5) wrong
+        [-1.0, -2.0],  # sum wrong, per byte (-1 vs -0.5) right
+        [-2.0, -1.0],
+    ]  # sum wrong, per byte (-0.5 vs -1) right
     r = score_choices(items, logps)
     assert r["accuracy"] == 0.5 and r["stderr"] == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
     assert r["accuracy_norm"] == 0.75 and r["stderr_norm"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))

@@ -1,5 +1,6 @@
 """Export: a GPT-2-shaped checkpoint loads in HF transformers with the same logits and token ids;
 any other shape gets a clear error for HF and round-trips through raylm's own format."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,15 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 
-CORPUS = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-          "The slings and arrows of outrageous fortune,\n\nOr to take arms against a sea of troubles 1234.\n") * 20
+CORPUS = (
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n\nOr to take arms against a sea of troubles 1234.\n"
+) * 20
 
 
-def write_checkpoint(root: Path, *, vocab_merges: int = 400, pattern: str = "gpt4", seed: int = 0,
-                     **model_overrides) -> str:
+def write_checkpoint(
+    root: Path, *, vocab_merges: int = 400, pattern: str = "gpt4", seed: int = 0, **model_overrides
+) -> str:
     """A complete consolidated raylm checkpoint dir (what `save_checkpoint` leaves, minus DeepSpeed's
     shards) for a tiny random GPT and a BPE trained on a few lines; no Ray Train needed."""
     from safetensors.torch import save_file
@@ -42,8 +46,9 @@ def write_checkpoint(root: Path, *, vocab_merges: int = 400, pattern: str = "gpt
     for name, data in tok.to_files(spec).items():
         (ckpt / name).write_bytes(data)
     files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    (ckpt / META_FILE).write_text(json.dumps({"step": 10, "consumed_sequences": 0, "world_size": 1,
-                                              "files": files, "config": {}}))
+    (ckpt / META_FILE).write_text(
+        json.dumps({"step": 10, "consumed_sequences": 0, "world_size": 1, "files": files, "config": {}})
+    )
     return str(ckpt)
 
 
@@ -80,8 +85,14 @@ def test_hf_export_matches_logits_and_token_ids(tmp_path, tie):
 
     _, _, enc, _ = load_checkpoint_model(ckpt)
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(result["out_dir"]) / "tokenizer.json"))
-    texts = ["To be, or not to be", "  leading spaces\n\n\ttabs\r\nand CRLF", "emoji 🙂🚀 and ünïcödé",
-             "<|endoftext|>Whether 'TIS nobler 12345678", "", "sea of troubles!!! ...\n \n"]
+    texts = [
+        "To be, or not to be",
+        "  leading spaces\n\n\ttabs\r\nand CRLF",
+        "emoji 🙂🚀 and ünïcödé",
+        "<|endoftext|>Whether 'TIS nobler 12345678",
+        "",
+        "sea of troubles!!! ...\n \n",
+    ]
     for text in texts:
         want = enc.encode(text, allowed_special="all")
         assert hf_tok.encode(text) == want, text
@@ -92,9 +103,12 @@ def test_non_gpt2_model_refuses_hf_and_round_trips_as_raylm(tmp_path):
     from orchestration.evaluate import load_checkpoint_model
     from orchestration.export import ExportError, export_checkpoint
 
-    ckpt = write_checkpoint(tmp_path / "run", pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False,
-                            n_kv_head=1)
-    with pytest.raises(ExportError, match=r"pos_encoding='rope'.*mlp='swiglu'.*norm='rmsnorm'.*bias=False.*n_kv_head=1"):
+    ckpt = write_checkpoint(
+        tmp_path / "run", pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False, n_kv_head=1
+    )
+    with pytest.raises(
+        ExportError, match=r"pos_encoding='rope'.*mlp='swiglu'.*norm='rmsnorm'.*bias=False.*n_kv_head=1"
+    ):
         export_checkpoint(ckpt, str(tmp_path / "hf"), fmt="hf")
 
     result = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), fmt="raylm")  # a run dir resolves too

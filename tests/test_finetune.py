@@ -5,6 +5,7 @@ DeepSpeed on 2 CPU workers: SFT with LoRA (ZeRO-2), classification with frozen b
 early stopping) and continued pretraining (full, ZeRO-0). Each checks that the driver's
 before/after scoring of the saved checkpoint reproduces what the workers measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_config, tiny_corpus_manifest
 
 from model.classifier import GPTClassifier
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.lora import LoRALinear, apply_lora, merged_state_dict
 from orchestration.config import ConfigError, load_config
-from train_helpers import tiny_config, tiny_corpus_manifest
 
 torch.set_num_threads(1)
 
@@ -28,6 +29,7 @@ TINY = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
 # --- LoRA and the classification head ------------------------------------------------------------
+
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
@@ -38,8 +40,9 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
     assert len(names) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj per block
     idx = torch.randint(0, 64, (2, 16))
     assert torch.equal(base(idx)[0], adapted(idx)[0])  # B = 0: the adapters add nothing yet
-    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == \
-        {n for n, _ in adapted.named_parameters() if ".lora_" in n}
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
+        n for n, _ in adapted.named_parameters() if ".lora_" in n
+    }
     for module in adapted.modules():
         if isinstance(module, LoRALinear):
             torch.nn.init.normal_(module.lora_B, std=0.1)
@@ -67,8 +70,10 @@ def test_classifier_reads_the_last_real_token_so_padding_changes_nothing():
 
 # --- task data -------------------------------------------------------------------------------
 
+
 class _Enc:
     """A byte-level stand-in for a tiktoken Encoding (eot 256)."""
+
     eot_token = 256
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -116,8 +121,11 @@ def test_jsonl_rows_are_checked_line_by_line(tmp_path):
 
     (tmp_path / "ok_train.jsonl").write_text('{"prompt": "q", "response": "a"}\n\n')
     assert load_examples(str(tmp_path / "ok_{split}.jsonl"), "sft", "train") == [{"prompt": "q", "response": "a"}]
-    cases = {"bad": ('{"prompt": "q"}\n', "needs string field"), "json": ("{nope\n", "not valid JSON"),
-             "empty": ("", "empty file")}
+    cases = {
+        "bad": ('{"prompt": "q"}\n', "needs string field"),
+        "json": ("{nope\n", "not valid JSON"),
+        "empty": ("", "empty file"),
+    }
     for name, (text, message) in cases.items():
         (tmp_path / f"{name}_train.jsonl").write_text(text)
         with pytest.raises(DataSourceError, match=message):
@@ -131,26 +139,36 @@ def test_jsonl_rows_are_checked_line_by_line(tmp_path):
 
 # --- config checks -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, message", [
-    (["finetune.mode=partial"], "needs freeze_blocks"),
-    (["finetune.freeze_blocks=1"], "apply to mode 'partial'"),
-    (["finetune.lora_targets=[ffn]"], "lora_targets"),
-    (["finetune.labels=[a]"], "two distinct"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["finetune.mode=partial"], "needs freeze_blocks"),
+        (["finetune.freeze_blocks=1"], "apply to mode 'partial'"),
+        (["finetune.lora_targets=[ffn]"], "lora_targets"),
+        (["finetune.labels=[a]"], "two distinct"),
+    ],
+)
 def test_finetune_section_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ([], "finetune.checkpoint is required"),
-    (["finetune.checkpoint=x"], "finetune.data is required"),
-    (["finetune.checkpoint=x", "finetune.data=y", "model.n_layer=8"], "remove model.n_layer"),
-    (["finetune.checkpoint=x", "finetune.data=y", "train.data=z"], "train.data is for pretraining"),
-    (["finetune.checkpoint=x", "finetune.data=y", "train.eval_steps=3"], "instead of train.eval_steps"),
-    (["finetune.checkpoint=x", "finetune.data=y", "train.eval_interval=0"], "needs train.eval_interval"),
-    (["finetune.checkpoint=x", "finetune.data=y", "train.checkpoint_interval=7"], "checkpoints at every evaluation"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "finetune.checkpoint is required"),
+        (["finetune.checkpoint=x"], "finetune.data is required"),
+        (["finetune.checkpoint=x", "finetune.data=y", "model.n_layer=8"], "remove model.n_layer"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.data=z"], "train.data is for pretraining"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.eval_steps=3"], "instead of train.eval_steps"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.eval_interval=0"], "needs train.eval_interval"),
+        (
+            ["finetune.checkpoint=x", "finetune.data=y", "train.checkpoint_interval=7"],
+            "checkpoints at every evaluation",
+        ),
+    ],
+)
 def test_run_finetune_checks_the_config_before_anything_runs(overrides, message):
     from orchestration.finetune import run_finetune
 
@@ -161,13 +179,19 @@ def test_run_finetune_checks_the_config_before_anything_runs(overrides, message)
 def test_early_stopping_state_replays_from_metrics():
     from orchestration.finetune_loop import _early_stop_state
 
-    records = [{"step": 5, "val_loss": 2.0}, {"step": 10, "val_loss": 1.5}, {"step": 15, "val_loss": 1.6},
-               {"step": 20, "val_loss": 1.7}, {"step": 25, "val_loss": 1.0}]
+    records = [
+        {"step": 5, "val_loss": 2.0},
+        {"step": 10, "val_loss": 1.5},
+        {"step": 15, "val_loss": 1.6},
+        {"step": 20, "val_loss": 1.7},
+        {"step": 25, "val_loss": 1.0},
+    ]
     assert _early_stop_state(records, 20, 0.0) == (1.5, 2)
     assert _early_stop_state(records, 10, 0.6) == (2.0, 1)
 
 
 # --- real runs through Ray Train + DeepSpeed ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, ray_session) -> tuple[str, str]:
@@ -180,10 +204,22 @@ def pretrained(tmp_path_factory, ray_session) -> tuple[str, str]:
 
 
 def _finetune_config(pretrained_dir: str, storage: Path, name: str, overrides: list[str]):
-    base = [f"finetune.checkpoint={pretrained_dir}", f"train.storage_path={storage}", f"train.run_name={name}",
-            "train.num_workers=2", "train.cpus_per_worker=0.5", "train.micro_batch_size=4", "train.max_steps=12",
-            "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4", "train.log_interval=4",
-            "train.eval_interval=4", "train.checkpoint_interval=4", "finetune.max_val_examples=16"]
+    base = [
+        f"finetune.checkpoint={pretrained_dir}",
+        f"train.storage_path={storage}",
+        f"train.run_name={name}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.micro_batch_size=4",
+        "train.max_steps=12",
+        "train.warmup_steps=2",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "train.log_interval=4",
+        "train.eval_interval=4",
+        "train.checkpoint_interval=4",
+        "finetune.max_val_examples=16",
+    ]
     return load_config(None, base + overrides)
 
 
@@ -206,9 +242,19 @@ def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(pretrain
     monkeypatch.chdir(tmp_path)
     relative_pre = Path("pre_link")
     relative_pre.symlink_to(pre_dir)
-    cfg = _finetune_config(str(relative_pre), Path("runs"), "sft-lora", [
-        "finetune.task=sft", "finetune.data=sft_{split}.jsonl", "finetune.mode=lora",
-        "finetune.lora_rank=2", "train.zero_stage=2", "finetune.patience=0"])
+    cfg = _finetune_config(
+        str(relative_pre),
+        Path("runs"),
+        "sft-lora",
+        [
+            "finetune.task=sft",
+            "finetune.data=sft_{split}.jsonl",
+            "finetune.mode=lora",
+            "finetune.lora_rank=2",
+            "train.zero_stage=2",
+            "finetune.patience=0",
+        ],
+    )
     summary = run_finetune(cfg, resume=False)
 
     records = _records(summary["run_dir"])
@@ -254,10 +300,23 @@ def test_classification_with_frozen_blocks_under_zero3_stops_early(pretrained, t
     from orchestration.finetune import load_classifier, run_finetune
 
     _, pre_dir = pretrained
-    cfg = _finetune_config(pre_dir, tmp_path / "runs", "cls", [
-        "finetune.task=classification", "finetune.data=shakespeare-genre", "finetune.max_per_document=2",
-        "finetune.mode=partial", "finetune.freeze_blocks=1", "finetune.freeze_embeddings=true",
-        "train.zero_stage=3", "finetune.patience=1", "finetune.min_delta=100", "train.max_steps=40"])
+    cfg = _finetune_config(
+        pre_dir,
+        tmp_path / "runs",
+        "cls",
+        [
+            "finetune.task=classification",
+            "finetune.data=shakespeare-genre",
+            "finetune.max_per_document=2",
+            "finetune.mode=partial",
+            "finetune.freeze_blocks=1",
+            "finetune.freeze_embeddings=true",
+            "train.zero_stage=3",
+            "finetune.patience=1",
+            "finetune.min_delta=100",
+            "train.max_steps=40",
+        ],
+    )
     summary = run_finetune(cfg, resume=False)
 
     records = _records(summary["run_dir"])
@@ -285,11 +344,23 @@ def test_continued_pretraining_checks_the_tokenizer_and_lowers_domain_loss(pretr
     manifest, pre_dir = pretrained
     other = tiny_corpus_manifest(tmp_path / "other", vocab_size=300)
     with pytest.raises(ConfigError, match="data.tokenizer.kind=file"):
-        run_finetune(_finetune_config(pre_dir, tmp_path / "runs", "bad", ["finetune.task=lm", f"finetune.data={other}"]))
-    cfg = _finetune_config(pre_dir, tmp_path / "runs", "lm", [
-        "finetune.task=lm", f"finetune.data={manifest}", "train.zero_stage=0", "train.max_steps=8",
-        "finetune.patience=0"])
+        run_finetune(
+            _finetune_config(pre_dir, tmp_path / "runs", "bad", ["finetune.task=lm", f"finetune.data={other}"])
+        )
+    cfg = _finetune_config(
+        pre_dir,
+        tmp_path / "runs",
+        "lm",
+        [
+            "finetune.task=lm",
+            f"finetune.data={manifest}",
+            "train.zero_stage=0",
+            "train.max_steps=8",
+            "finetune.patience=0",
+        ],
+    )
     summary = run_finetune(cfg, resume=False)
     assert summary["after"]["loss"] < summary["before"]["loss"]
-    assert summary["trainable_params"] == sum(np.prod(t.shape) for t in
-                                              load_file(f"{summary['best_checkpoint']}/model.safetensors").values())
+    assert summary["trainable_params"] == sum(
+        np.prod(t.shape) for t in load_file(f"{summary['best_checkpoint']}/model.safetensors").values()
+    )

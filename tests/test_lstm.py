@@ -1,4 +1,5 @@
 """LSTM generation: the (h, c) state carried step to step, behind the same `generate` as the GPT."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded
 
 def lstm(seed: int = 0, **overrides) -> LSTMLM:
     # init_std 0.3 spreads the logits so greedy picks are decisive, not float-noise ties
-    cfg = ModelConfig(**{**dict(arch="lstm", vocab_size=64, block_size=32, n_layer=2, n_embd=32, init_std=0.3),
-                         **overrides})
+    cfg = ModelConfig(
+        **{**dict(arch="lstm", vocab_size=64, block_size=32, n_layer=2, n_embd=32, init_std=0.3), **overrides}
+    )
     torch.manual_seed(seed)
     return LSTMLM(cfg).eval()
 
@@ -26,7 +28,7 @@ def greedy_by_recompute(model: LSTMLM, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             logits, _ = model(torch.tensor([seq]))
             seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_carried_state_decoding_equals_full_recomputation():
@@ -43,7 +45,7 @@ def test_carried_state_decoding_equals_full_recomputation():
         logits, state = model.decode(seq[:, :6])
         torch.testing.assert_close(logits, full[:, 5], rtol=1e-5, atol=1e-5)
         for t in range(6, 20):
-            logits, state = model.decode(seq[:, t:t + 1], state)
+            logits, state = model.decode(seq[:, t : t + 1], state)
             torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
@@ -74,12 +76,13 @@ def test_sampling_controls_and_eos():
 
     eos = greedy[0][2]
     out = generate(model, prompts, 8, temperature=0, eos_id=eos)
-    assert out[0] == greedy[0][:greedy[0].index(eos) + 1] and len(out[0]) < 8  # eos stops it, included
-    assert out[1] == (greedy[1][:greedy[1].index(eos) + 1] if eos in greedy[1] else greedy[1])
+    assert out[0] == greedy[0][: greedy[0].index(eos) + 1] and len(out[0]) < 8  # eos stops it, included
+    assert out[1] == (greedy[1][: greedy[1].index(eos) + 1] if eos in greedy[1] else greedy[1])
 
     model.train()  # generation samples without dropout and gives the mode back
-    assert generate(lstm(dropout=0.5).train(), prompts, 8, temperature=0) == \
-        generate(lstm(dropout=0.5).eval(), prompts, 8, temperature=0)
+    assert generate(lstm(dropout=0.5).train(), prompts, 8, temperature=0) == generate(
+        lstm(dropout=0.5).eval(), prompts, 8, temperature=0
+    )
     generate(model, prompts, 2, temperature=0)
     assert model.training
 
@@ -92,4 +95,3 @@ def test_context_limits_match_the_gpt():
     assert len(generate(model, [list(range(40))], 5, temperature=0)[0]) == 1  # cropped to the context
     with pytest.raises(NotImplementedError, match="LSTMLM.decode"):
         model(torch.tensor([prompt]), kv_cache=object())
-

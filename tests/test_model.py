@@ -1,5 +1,6 @@
 """The model package: attention and positions, KV-cache generation, sampling, parameter/FLOP/memory
 arithmetic, and that a tiny GPT actually learns. CPU-only, tiny configs, seconds in all."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import PRESETS, ModelConfig, model_config_from_preset
-from model.flops import (activation_bytes, count_params, estimate_training_memory, flops_per_token,
-                         model_info_text)
+from model.flops import activation_bytes, count_params, estimate_training_memory, flops_per_token, model_info_text
 from model.generate import KVCache, generate, sample_next_token
 from model.gpt import GPT
 from model.layers import CausalSelfAttention, apply_rope, rope_tables
@@ -19,8 +19,7 @@ VARIANTS = {
     "learned": {},
     "sinusoidal": dict(pos_encoding="sinusoidal"),
     "rope": dict(pos_encoding="rope"),
-    "gqa-rope-swiglu-rmsnorm": dict(pos_encoding="rope", n_kv_head=2, mlp="swiglu", norm="rmsnorm",
-                                    bias=False),
+    "gqa-rope-swiglu-rmsnorm": dict(pos_encoding="rope", n_kv_head=2, mlp="swiglu", norm="rmsnorm", bias=False),
 }
 
 
@@ -41,7 +40,7 @@ def greedy_by_recompute(model: GPT, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         logits, _ = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -71,7 +70,7 @@ def test_kv_cache_decoding_equals_full_recomputation(variant):
         step, _ = model(seq[:, :6], kv_cache=cache)
         torch.testing.assert_close(step[:, 0], full[:, 5], rtol=1e-4, atol=1e-4)
         for t in range(6, 20):
-            step, _ = model(seq[:, t:t + 1], kv_cache=cache)
+            step, _ = model(seq[:, t : t + 1], kv_cache=cache)
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
         # a multi-token chunk on a non-empty cache needs the explicit causal mask
         cache = KVCache(model.cfg, torch.zeros(2, dtype=torch.long), 20, torch.float32)
@@ -113,8 +112,8 @@ def test_eos_stops_a_row_and_is_included():
     greedy = generate(model, prompts, 8, temperature=0)
     eos = greedy[0][2]
     out = generate(model, prompts, 8, temperature=0, eos_id=eos)
-    assert out[0] == greedy[0][:greedy[0].index(eos) + 1]
-    expected_1 = greedy[1][:greedy[1].index(eos) + 1] if eos in greedy[1] else greedy[1]
+    assert out[0] == greedy[0][: greedy[0].index(eos) + 1]
+    expected_1 = greedy[1][: greedy[1].index(eos) + 1] if eos in greedy[1] else greedy[1]
     assert out[1] == expected_1
 
 
@@ -142,8 +141,12 @@ def test_context_limits():
     assert len(generate(model, [list(range(40))], 5, temperature=0)[0]) == 1  # cropped to the context
 
 
-GPT2_PARAMS = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
-               "gpt2-xl": 1_557_611_200}
+GPT2_PARAMS = {
+    "gpt2-small": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -156,18 +159,32 @@ def test_count_params_matches_built_model_for_every_preset(name):
         assert count_params(cfg) == GPT2_PARAMS[name]
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(tie_embeddings=False), dict(bias=False), dict(n_kv_head=1), dict(n_kv_head=2, bias=False),
-    dict(mlp="swiglu"), dict(mlp="swiglu", mlp_hidden=100), dict(norm="rmsnorm"),
-    dict(norm="layernorm", bias=False), dict(pos_encoding="sinusoidal"), dict(pos_encoding="rope"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(tie_embeddings=False),
+        dict(bias=False),
+        dict(n_kv_head=1),
+        dict(n_kv_head=2, bias=False),
+        dict(mlp="swiglu"),
+        dict(mlp="swiglu", mlp_hidden=100),
+        dict(norm="rmsnorm"),
+        dict(norm="layernorm", bias=False),
+        dict(pos_encoding="sinusoidal"),
+        dict(pos_encoding="rope"),
+    ],
+    ids=repr,
+)
 def test_count_params_and_non_embedding_match_built_variants(overrides):
     cfg = tiny(**overrides)
     model = GPT(cfg)
     named = dict(model.named_parameters())
     assert count_params(cfg) == sum(p.numel() for p in named.values())
-    embedding = sum(p.numel() for n, p in named.items()
-                    if n in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"))
+    embedding = sum(
+        p.numel()
+        for n, p in named.items()
+        if n in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight")
+    )
     assert count_params(cfg, non_embedding=True) == count_params(cfg) - embedding
 
 
@@ -210,8 +227,14 @@ def test_memory_estimate_orders_zero_stages_and_offload():
 
 
 def test_model_info_text_lists_counts_and_every_stage():
-    text = model_info_text(model_config_from_preset("gpt2-small"), micro_batch_size=8, seq_len=1024,
-                           num_workers=8, precision="bf16", offload_optimizer=True)
+    text = model_info_text(
+        model_config_from_preset("gpt2-small"),
+        micro_batch_size=8,
+        seq_len=1024,
+        num_workers=8,
+        precision="bf16",
+        offload_optimizer=True,
+    )
     assert "124,439,808" in text and "85,056,000" in text
     assert [line.split()[0] for line in text.splitlines()[-4:]] == ["0", "1", "2", "3"]
 
@@ -287,7 +310,9 @@ def test_rope_rotates_relative_positions():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def dot(i: int, j: int) -> float:
-        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum().item()
+        return (
+            (apply_rope(q, cos[i : i + 1], sin[i : i + 1]) * apply_rope(k, cos[j : j + 1], sin[j : j + 1])).sum().item()
+        )
 
     assert dot(5, 2) == pytest.approx(dot(20, 17), abs=1e-5)
     assert dot(5, 2) != pytest.approx(dot(5, 3), abs=1e-3)

@@ -1,10 +1,11 @@
 """`raylm report` on synthetic run, sweep and tune directories written in the real formats."""
+
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,15 @@ TRUE = LawParams(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
 EMBEDDING = 3e5  # parameters outside the non-embedding count, as a 4k vocabulary at width 64
 
 
-def write_run(root: Path, *, steps=range(10, 101, 10), val_every: int = 50, loss_at_end: float = 3.9,
-              val_at_end: float = 4.321, sample: str | None = None) -> tuple[Path, list[dict]]:
+def write_run(
+    root: Path,
+    *,
+    steps=range(10, 101, 10),
+    val_every: int = 50,
+    loss_at_end: float = 3.9,
+    val_at_end: float = 4.321,
+    sample: str | None = None,
+) -> tuple[Path, list[dict]]:
     """A run directory as `raylm train` leaves it: resolved config, metrics.jsonl in the train
     loop's record schema, checkpoints (the last one incomplete: no raylm_meta.json yet)."""
     cfg = load_config(None)
@@ -32,10 +40,20 @@ def write_run(root: Path, *, steps=range(10, 101, 10), val_every: int = 50, loss
     records = []
     for i, step in enumerate(steps):
         tokens_per_s = 4000.0 + 100.0 * i
-        record = {"step": step, "start_step": 0, "loss": loss_at_end + (len(steps) - 1 - i) * 0.3,
-                  "lr": 1e-3 / (i + 1), "grad_norm": 0.5, "tokens": step * cfg.train.global_batch_size * seq_len,
-                  "step_time_s": 0.25, "data_wait_s": 0.01, "optimizer_state_numel_per_rank": [1000, 1000],
-                  "tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * fpt, "mfu": None}
+        record = {
+            "step": step,
+            "start_step": 0,
+            "loss": loss_at_end + (len(steps) - 1 - i) * 0.3,
+            "lr": 1e-3 / (i + 1),
+            "grad_norm": 0.5,
+            "tokens": step * cfg.train.global_batch_size * seq_len,
+            "step_time_s": 0.25,
+            "data_wait_s": 0.01,
+            "optimizer_state_numel_per_rank": [1000, 1000],
+            "tokens_per_s": tokens_per_s,
+            "flops_per_s": tokens_per_s * fpt,
+            "mfu": None,
+        }
         if step % val_every == 0:
             val = val_at_end + (len(steps) - 1 - i) * 0.3
             record.update(val_loss=val, val_perplexity=float(np.exp(val)))
@@ -45,9 +63,18 @@ def write_run(root: Path, *, steps=range(10, 101, 10), val_every: int = 50, loss
     (root / "checkpoint_00000050" / "raylm_meta.json").write_text(json.dumps({"step": 50}))
     (root / "checkpoint_00000100").mkdir()
     if sample is not None:
-        (root / "demo_summary.json").write_text(json.dumps({
-            "val_loss": 4.4, "val_perplexity": 81.5, "val_tokens": 4096, "unigram_entropy": 5.5,
-            "prompt": "ROMEO:", "sample": sample}))
+        (root / "demo_summary.json").write_text(
+            json.dumps(
+                {
+                    "val_loss": 4.4,
+                    "val_perplexity": 81.5,
+                    "val_tokens": 4096,
+                    "unigram_entropy": 5.5,
+                    "prompt": "ROMEO:",
+                    "sample": sample,
+                }
+            )
+        )
     return root, records
 
 
@@ -97,25 +124,39 @@ def test_run_report_defaults_to_the_run_dir_and_handles_a_run_without_eval(tmp_p
     assert results["final"]["loss"] == records[-1]["loss"]
 
 
-def sweep_points(budgets=(1e16, 1e17, 1e18), offsets=np.linspace(-0.6, 0.6, 7), noise=0.001) -> list[dict]:
+SWEEP_OFFSETS = np.linspace(-0.6, 0.6, 7)
+
+
+def sweep_points(budgets=(1e16, 1e17, 1e18), offsets=SWEEP_OFFSETS, noise=0.001) -> list[dict]:
     """`raylm scaling` points for a sweep whose losses follow TRUE (all parameters counted)."""
     rng = np.random.default_rng(0)
     points = []
     for c in budgets:
-        for n in compute_optimal(TRUE, c).params * 10.0 ** offsets:
+        for n in compute_optimal(TRUE, c).params * 10.0**offsets:
             d = c / (6.0 * n)
-            points.append({"params": float(n), "tokens": float(d),
-                           "loss": float(predict_loss(TRUE, n, d) * np.exp(rng.normal(0.0, noise))),
-                           "flops": c, "non_embedding_params": float(n - EMBEDDING), "budget": c,
-                           "n_layer": 2, "n_embd": 64, "run_dir": f"runs/c{c:.0e}-n{n:.0f}", "status": "ok"})
+            points.append(
+                {
+                    "params": float(n),
+                    "tokens": float(d),
+                    "loss": float(predict_loss(TRUE, n, d) * np.exp(rng.normal(0.0, noise))),
+                    "flops": c,
+                    "non_embedding_params": float(n - EMBEDDING),
+                    "budget": c,
+                    "n_layer": 2,
+                    "n_embd": 64,
+                    "run_dir": f"runs/c{c:.0e}-n{n:.0f}",
+                    "status": "ok",
+                }
+            )
     return points
 
 
 def test_sweep_report_recovers_the_law_it_was_drawn_from(tmp_path):
     points = sweep_points()
     failed = dict(points[0], status="failed", loss=99.0)
-    (tmp_path / "scaling_points.json").write_text(json.dumps(
-        {"points": points + [failed], "grid": {"budgets": [1e16, 1e17, 1e18]}, "config": {"model": {}}}))
+    (tmp_path / "scaling_points.json").write_text(
+        json.dumps({"points": points + [failed], "grid": {"budgets": [1e16, 1e17, 1e18]}, "config": {"model": {}}})
+    )
     written = write_report(str(tmp_path))
     assert {"isoflops.png", "frontier.png", "law_fit.png"} <= set(written)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -142,8 +183,9 @@ def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
 
     points = sweep_points()
     (tmp_path / "scaling_points.json").write_text(json.dumps({"points": points, "grid": {}, "config": {}}))
-    check = holdout_check([ScalingPoint(params=p["params"], tokens=p["tokens"], loss=p["loss"]) for p in points],
-                          n_holdout=2)
+    check = holdout_check(
+        [ScalingPoint(params=p["params"], tokens=p["tokens"], loss=p["loss"]) for p in points], n_holdout=2
+    )
     (tmp_path / "scaling_fit.json").write_text(json.dumps({"holdout": asdict(check)}))
     md = Path(write_report(str(tmp_path))["report.md"]).read_text()
     section = md.split("## Holdout check", 1)[1].split("##", 1)[0]
@@ -152,8 +194,11 @@ def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
 
 
 def test_sweep_report_says_why_a_fit_is_absent(tmp_path):
-    (tmp_path / "scaling_points.json").write_text(json.dumps(
-        {"points": sweep_points(budgets=(1e17,), offsets=np.array([-0.4, 0.0, 0.4])), "grid": {}, "config": {}}))
+    (tmp_path / "scaling_points.json").write_text(
+        json.dumps(
+            {"points": sweep_points(budgets=(1e17,), offsets=np.array([-0.4, 0.0, 0.4])), "grid": {}, "config": {}}
+        )
+    )
     written = write_report(str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert "at least 2 budgets" in results["fits"]["all"]["isoflop"]
@@ -166,15 +211,40 @@ def test_sweep_report_says_why_a_fit_is_absent(tmp_path):
 def test_tune_report_sorts_trials_by_validation_loss(tmp_path):
     good, _ = write_run(tmp_path / "t-good", val_at_end=3.2)
     bad, _ = write_run(tmp_path / "t-bad", val_at_end=4.5)
-    trials = [{"trial_id": "t-bad", "overrides": {"train.lr": 0.01}, "final_val_loss": 4.5, "best_val_loss": 4.5,
-               "steps": 100, "status": "TERMINATED", "run_dir": str(bad)},
-              {"trial_id": "t-crashed", "overrides": {"train.lr": 1.0}, "final_val_loss": None, "best_val_loss": None,
-               "steps": 3, "status": "ERROR", "run_dir": str(tmp_path / "gone")},
-              {"trial_id": "t-good", "overrides": {"train.lr": 0.001, "model.n_layer": 4}, "final_val_loss": 3.2,
-               "best_val_loss": 3.2, "steps": 100, "status": "TERMINATED", "run_dir": str(good)}]
+    trials = [
+        {
+            "trial_id": "t-bad",
+            "overrides": {"train.lr": 0.01},
+            "final_val_loss": 4.5,
+            "best_val_loss": 4.5,
+            "steps": 100,
+            "status": "TERMINATED",
+            "run_dir": str(bad),
+        },
+        {
+            "trial_id": "t-crashed",
+            "overrides": {"train.lr": 1.0},
+            "final_val_loss": None,
+            "best_val_loss": None,
+            "steps": 3,
+            "status": "ERROR",
+            "run_dir": str(tmp_path / "gone"),
+        },
+        {
+            "trial_id": "t-good",
+            "overrides": {"train.lr": 0.001, "model.n_layer": 4},
+            "final_val_loss": 3.2,
+            "best_val_loss": 3.2,
+            "steps": 100,
+            "status": "TERMINATED",
+            "run_dir": str(good),
+        },
+    ]
     sweep = tmp_path / "tune"
     sweep.mkdir()
-    (sweep / "tune_results.json").write_text(json.dumps({"metric": "val_loss", "mode": "min", "best_trial": "t-good", "trials": trials}))
+    (sweep / "tune_results.json").write_text(
+        json.dumps({"metric": "val_loss", "mode": "min", "best_trial": "t-good", "trials": trials})
+    )
     (sweep / "best_config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.001}, "model": {"n_layer": 4}}))
     written = write_report(str(sweep))
     results = json.loads((sweep / "results.json").read_text())
@@ -188,8 +258,11 @@ def test_tune_report_sorts_trials_by_validation_loss(tmp_path):
 
 def test_a_directory_that_is_none_of_these_is_named_with_what_was_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(ReportError, match=r"metrics\.jsonl and config\.yaml.*scaling_points\.json.*"
-                                          r"tune_results\.json.*baselines\.json.*found notes\.txt"):
+    with pytest.raises(
+        ReportError,
+        match=r"metrics\.jsonl and config\.yaml.*scaling_points\.json.*"
+        r"tune_results\.json.*baselines\.json.*found notes\.txt",
+    ):
         write_report(str(tmp_path))
     with pytest.raises(ReportError, match="is not a directory"):
         write_report(str(tmp_path / "missing"))
@@ -197,19 +270,56 @@ def test_a_directory_that_is_none_of_these_is_named_with_what_was_expected(tmp_p
 
 def baselines_json(root: Path) -> dict:
     """baselines.json as `raylm baseline compare` writes it (compare_baselines' result)."""
-    def row(model, arch, loss, bpb, **kw):
-        return {"model": model, "arch": arch, "params": None, "non_embedding_params": None, "train_tokens": 1_000_000,
-                "flops_per_token": None, "train_flops": None, "loss": loss, "perplexity": float(np.exp(loss)),
-                "bits_per_byte": bpb, "tokens": 8192, "bytes": 30_000, "bpb_tokens": 8000,
-                "source": f"runs/{model}", **kw}
 
-    result = {"manifest": "runs/data/shakespeare/manifest.json", "split": "val", "sequences": 32, "rows": [
-        row("transformer", "gpt", 4.1234, 1.3456, params=1_300_000, non_embedding_params=800_000,
-            flops_per_token=9.0e6, train_flops=9.0e12, source="runs/gpt/checkpoint_00000600"),
-        row("lstm", "lstm", 4.5678, 1.4987, params=900_000, non_embedding_params=400_000, flops_per_token=6.0e6,
-            train_flops=6.0e12),
-        row("3-gram KN", "ngram", 4.9012, 1.6123, ngrams=123_456),
-        row("5-gram <KN>", "ngram", 4.7, 1.55, ngrams=234_567)]}
+    def row(model, arch, loss, bpb, **kw):
+        return {
+            "model": model,
+            "arch": arch,
+            "params": None,
+            "non_embedding_params": None,
+            "train_tokens": 1_000_000,
+            "flops_per_token": None,
+            "train_flops": None,
+            "loss": loss,
+            "perplexity": float(np.exp(loss)),
+            "bits_per_byte": bpb,
+            "tokens": 8192,
+            "bytes": 30_000,
+            "bpb_tokens": 8000,
+            "source": f"runs/{model}",
+            **kw,
+        }
+
+    result = {
+        "manifest": "runs/data/shakespeare/manifest.json",
+        "split": "val",
+        "sequences": 32,
+        "rows": [
+            row(
+                "transformer",
+                "gpt",
+                4.1234,
+                1.3456,
+                params=1_300_000,
+                non_embedding_params=800_000,
+                flops_per_token=9.0e6,
+                train_flops=9.0e12,
+                source="runs/gpt/checkpoint_00000600",
+            ),
+            row(
+                "lstm",
+                "lstm",
+                4.5678,
+                1.4987,
+                params=900_000,
+                non_embedding_params=400_000,
+                flops_per_token=6.0e6,
+                train_flops=6.0e12,
+            ),
+            row("3-gram KN", "ngram", 4.9012, 1.6123, ngrams=123_456),
+            row("5-gram <KN>", "ngram", 4.7, 1.55, ngrams=234_567),
+        ],
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / "baselines.json").write_text(json.dumps(result, indent=2))
     (root / "baselines.md").write_text("| model |\n")
@@ -227,8 +337,10 @@ def test_baselines_report_tables_and_plots_every_model(tmp_path):
     # one row per model, lowest bits per byte first, with params, compute and the three scores
     order = [page.index(f"<td>{name}</td>") for name in ("transformer", "lstm", "5-gram &lt;KN&gt;", "3-gram KN")]
     assert order == sorted(order)
-    assert ("<tr><td>transformer</td><td>gpt</td><td>1,300,000</td><td>1,000,000</td><td>9e+12</td><td>8,192</td>"
-            "<td>4.1234</td><td>61.77</td><td>1.3456</td></tr>") in page
+    assert (
+        "<tr><td>transformer</td><td>gpt</td><td>1,300,000</td><td>1,000,000</td><td>9e+12</td><td>8,192</td>"
+        "<td>4.1234</td><td>61.77</td><td>1.3456</td></tr>"
+    ) in page
     assert "<tr><td>3-gram KN</td><td>ngram</td><td>-</td><td>1,000,000</td><td>-</td>" in page
     assert "runs/gpt/checkpoint_00000600" in page and "32 val windows of runs/data/shakespeare/manifest.json" in page
 

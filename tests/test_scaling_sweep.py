@@ -1,5 +1,6 @@
 """Scaling sweeps: ladder shapes, grids, point keys, WSD branch plans, fits (fast); one real CPU
 sweep of 2 sizes x 2 IsoFLOP budgets, re-run to show finished points are reused (slow)."""
+
 from __future__ import annotations
 
 import json
@@ -7,20 +8,28 @@ import math
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_corpus_manifest
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
 from orchestration.config import ConfigError, load_config
 from orchestration.schedule import lr_for
-from train_helpers import tiny_corpus_manifest
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SEQ_LEN, VOCAB = 32, 512
 
 
 def sweep(*overrides):
-    base = ["train.num_workers=1", "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=3e-3",
-            "train.min_lr=3e-4", "model.block_size=32", "scaling.n_layers=[1,2]", "scaling.min_steps=15"]
+    base = [
+        "train.num_workers=1",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=2",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "model.block_size=32",
+        "scaling.n_layers=[1,2]",
+        "scaling.min_steps=15",
+    ]
     return load_config(None, base + list(overrides))
 
 
@@ -39,8 +48,12 @@ def test_ladder_shape_keeps_aspect_and_head_dim():
 def test_size_rule_scales_lr_with_width_and_rounds_batch():
     from orchestration.scaling import ladder_shape, size_rule
 
-    cfg = sweep("scaling.ref_width=64", "scaling.lr_width_power=1.0", "scaling.batch_width_power=0.5",
-                "train.global_batch_size=8")
+    cfg = sweep(
+        "scaling.ref_width=64",
+        "scaling.lr_width_power=1.0",
+        "scaling.batch_width_power=0.5",
+        "train.global_batch_size=8",
+    )
     narrow, wide = (ladder_shape(n, 32, 16, cfg.model) for n in (2, 8))  # widths 64, 256
     r_narrow, r_wide = size_rule(cfg, narrow), size_rule(cfg, wide)
     assert r_narrow["lr"] == pytest.approx(3e-3) and r_wide["lr"] == pytest.approx(3e-3 / 4)
@@ -76,20 +89,24 @@ def test_point_key_is_the_resolved_config():
     keys = lambda *o: [p["key"] for p in plan_points(sweep("scaling.budgets=[2e9]", *o), SEQ_LEN, VOCAB, "/s")]  # noqa: E731
     assert keys() == keys()
     assert keys() == keys("train.run_name=other", "train.storage_path=/elsewhere", "train.log_interval=3")
-    assert keys() == [k for k in keys("scaling.n_layers=[1,2,3]", "scaling.min_steps=15")
-                      if k in keys()]  # extending the ladder keeps the old points' keys
+    assert keys() == [
+        k for k in keys("scaling.n_layers=[1,2,3]", "scaling.min_steps=15") if k in keys()
+    ]  # extending the ladder keeps the old points' keys
     assert set(keys()).isdisjoint(keys("train.weight_decay=0.05"))
     assert set(keys()).isdisjoint(keys("train.seed=7"))
     retokenized = [p["key"] for p in plan_points(sweep("scaling.budgets=[2e9]"), SEQ_LEN, VOCAB, "/s", "other-hash")]
     assert set(keys()).isdisjoint(retokenized)  # same manifest path, re-prepared with another tokenizer
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ((), "the grid is empty"),
-    (("scaling.budgets=[1e6]",), "too small for the smallest model"),
-    (("scaling.tokens=[500]",), "fewer than 15"),
-    (("scaling.wsd_tokens_per_param=[0.01]",), "stable phase"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ((), "the grid is empty"),
+        (("scaling.budgets=[1e6]",), "too small for the smallest model"),
+        (("scaling.tokens=[500]",), "fewer than 15"),
+        (("scaling.wsd_tokens_per_param=[0.01]",), "stable phase"),
+    ],
+)
 def test_bad_sweeps_fail_while_planning(overrides, message):
     from orchestration.scaling import plan_points
 
@@ -117,9 +134,15 @@ def test_wsd_branches_resume_the_stable_run_and_save_compute():
         s = b["branch"]["step"]
         assert s % t["checkpoint_interval"] == 0 and b["branch"]["trunk"] == trunk["key"]
         assert b["branch"]["from"] == f"{trunk['run_dir']}/checkpoint_{s:08d}"
-        train = load_config(None, [f"train.{k}={json.dumps(v)}" for k, v in b["config"]["train"].items()
-                                   if k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")]
-                            + [f"train.max_steps={b['steps']}"]).train
+        train = load_config(
+            None,
+            [
+                f"train.{k}={json.dumps(v)}"
+                for k, v in b["config"]["train"].items()
+                if k in ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+            ]
+            + [f"train.max_steps={b['steps']}"],
+        ).train
         # stable at the branch point, decaying right after it, min_lr at the end
         assert lr_for(train, s - 1, b["steps"]) == pytest.approx(train.lr)
         assert lr_for(train, s + 1, b["steps"]) < train.lr
@@ -127,13 +150,21 @@ def test_wsd_branches_resume_the_stable_run_and_save_compute():
         assert (b["steps"] - s) / b["steps"] == pytest.approx(0.2, abs=0.05)
     saved = wsd_savings(points)
     assert saved["n_branches"] == 3 and 0.2 < saved["saved_fraction"] < 0.6, saved
-    assert saved["wsd_flops"] == pytest.approx(trunk["flops"] + sum(b["flops"] * (b["steps"] - b["branch"]["step"])
-                                                                     / b["steps"] for b in branches))
+    assert saved["wsd_flops"] == pytest.approx(
+        trunk["flops"] + sum(b["flops"] * (b["steps"] - b["branch"]["step"]) / b["steps"] for b in branches)
+    )
 
 
 def _record(params, tokens, loss, budget=None):
-    return {"params": params, "non_embedding_params": params * 0.8, "tokens": tokens, "flops": 6 * params * tokens,
-            "budget": budget, "loss": loss, "status": "ok"}
+    return {
+        "params": params,
+        "non_embedding_params": params * 0.8,
+        "tokens": tokens,
+        "flops": 6 * params * tokens,
+        "budget": budget,
+        "loss": loss,
+        "status": "ok",
+    }
 
 
 def test_fits_explain_too_few_points_and_fit_when_enough():
@@ -145,7 +176,7 @@ def test_fits_explain_too_few_points_and_fit_when_enough():
     assert "too few points for the IsoFLOP fit" in out["isoflop"]["skipped"]
     assert "too few points for the parametric fit" in out["law"]["skipped"] and "2 < 5" in out["law"]["skipped"]
 
-    law = lambda n, d: 1.8 + 400 / n ** 0.34 + 410 / d ** 0.28  # noqa: E731  Chinchilla-like
+    law = lambda n, d: 1.8 + 400 / n**0.34 + 410 / d**0.28  # noqa: E731  Chinchilla-like
     records = []
     for c in (1e17, 1e18, 1e19):
         for n in [(c / 6 / 20) ** 0.5 * m for m in (0.25, 0.5, 1, 2, 4)]:
@@ -178,8 +209,9 @@ def manifest(tmp_path_factory):
 def test_missing_manifest_says_run_prepare(tmp_path):
     from orchestration.scaling import run_scaling
 
-    cfg = sweep("scaling.budgets=[2e9]", f"train.data={tmp_path}/nope/manifest.json",
-                f"scaling.storage_path={tmp_path}")
+    cfg = sweep(
+        "scaling.budgets=[2e9]", f"train.data={tmp_path}/nope/manifest.json", f"scaling.storage_path={tmp_path}"
+    )
     with pytest.raises(ConfigError, match="raylm prepare"):
         run_scaling(cfg)
 
@@ -197,9 +229,18 @@ def test_bad_sweep_fails_before_any_trial(manifest, tmp_path):
 def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(manifest, tmp_path, ray_session):
     from orchestration.scaling import run_scaling
 
-    cfg = sweep("scaling.budgets=[2e9,4e9]", f"train.data={manifest}", f"scaling.storage_path={tmp_path}",
-                "train.cpus_per_worker=0.25", "scaling.max_concurrent_trials=2", "train.eval_interval=0",
-                "train.eval_steps=4", "train.checkpoint_interval=0", "train.num_to_keep=1", "scaling.n_boot=10")
+    cfg = sweep(
+        "scaling.budgets=[2e9,4e9]",
+        f"train.data={manifest}",
+        f"scaling.storage_path={tmp_path}",
+        "train.cpus_per_worker=0.25",
+        "scaling.max_concurrent_trials=2",
+        "train.eval_interval=0",
+        "train.eval_steps=4",
+        "train.checkpoint_interval=0",
+        "train.num_to_keep=1",
+        "scaling.n_boot=10",
+    )
     first = run_scaling(cfg)
     assert first["trials_run"] == 4 and first["reused"] == 0 and not first["failed"]
 

@@ -5,6 +5,7 @@ instance: its own ports and temp dir, token authentication on with a token made 
 dashboard on 127.0.0.1 only. It is stopped by signalling the `ray start` process this fixture
 started, never with `ray stop` (which kills every Ray instance of the user on the machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_corpus_manifest
 
 from orchestration import submit as sub
-from train_helpers import tiny_corpus_manifest
 
 ROOT = Path(__file__).parent.parent
 
 
 # --- helpers, no Ray ----------------------------------------------------------------------------
 
+
 def test_entrypoint_quotes_arguments_and_drops_the_separator():
-    assert sub.entrypoint(["--", "train", "--config", "my configs/x.yaml", "train.lr=3e-4"]) == \
-        "python -m orchestration train --config 'my configs/x.yaml' train.lr=3e-4"
+    assert (
+        sub.entrypoint(["--", "train", "--config", "my configs/x.yaml", "train.lr=3e-4"])
+        == "python -m orchestration train --config 'my configs/x.yaml' train.lr=3e-4"
+    )
     with pytest.raises(ValueError, match="no raylm command"):
         sub.entrypoint(["--"])
 
@@ -98,8 +102,21 @@ def test_auth_token_is_read_in_rays_order(monkeypatch, tmp_path):
 def test_submit_parser_takes_the_command_after_the_separator():
     parser = argparse.ArgumentParser()
     sub.add_submit_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["submit", "--address", "http://127.0.0.1:8265", "--follow", "--env", "K=V",
-                              "--", "train", "--config", "configs/x.yaml", "train.max_steps=5"])
+    args = parser.parse_args(
+        [
+            "submit",
+            "--address",
+            "http://127.0.0.1:8265",
+            "--follow",
+            "--env",
+            "K=V",
+            "--",
+            "train",
+            "--config",
+            "configs/x.yaml",
+            "train.max_steps=5",
+        ]
+    )
     assert args.func is sub.cmd_submit and args.follow and args.env == ["K=V"]
     assert sub.entrypoint(args.command) == "python -m orchestration train --config configs/x.yaml train.max_steps=5"
     assert parser.parse_args(["submit", "--stop", "raysubmit_1"]).stop == "raysubmit_1"
@@ -108,6 +125,7 @@ def test_submit_parser_takes_the_command_after_the_separator():
 
 
 # --- a real Ray head ----------------------------------------------------------------------------
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -143,19 +161,43 @@ def ray_head():
     (gcs, dash, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr) = _free_ports(9)
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(Path(temp_dir) / "ray_start.log", "wb")
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2", "--num-gpus=0",
-         f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
-         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={renv}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
@@ -163,7 +205,9 @@ def ray_head():
             mp.setenv("RAY_AUTH_TOKEN", token)
             while True:  # up once the Jobs API answers an authenticated list
                 if proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited {proc.returncode}: {(Path(temp_dir) / 'ray_start.log').read_text()}")
+                    raise RuntimeError(
+                        f"ray start exited {proc.returncode}: {(Path(temp_dir) / 'ray_start.log').read_text()}"
+                    )
                 try:
                     sub.list_jobs(url)
                     break
@@ -190,8 +234,10 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-FAKE_AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIARAYLMTESTFAKE0001",
-                        "AWS_SECRET_ACCESS_KEY": "raylm/test+fake/secret/never/written/0001"}
+FAKE_AWS_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIARAYLMTESTFAKE0001",
+    "AWS_SECRET_ACCESS_KEY": "raylm/test+fake/secret/never/written/0001",
+}
 
 
 @pytest.fixture
@@ -216,13 +262,34 @@ def test_train_job_succeeds_and_streams_its_logs(head, tmp_path, capsys):
     url, token = head
     manifest = tiny_corpus_manifest(tmp_path)
     out = io.StringIO()
-    job_id = sub.submit(url, ["--", "train", f"train.data={manifest}", f"train.storage_path={tmp_path / 'runs'}",
-                              "train.run_name=submitted", "train.num_workers=1", "train.cpus_per_worker=1",
-                              "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.max_steps=4",
-                              "train.warmup_steps=1", "train.log_interval=2", "train.eval_interval=4",
-                              "train.eval_steps=1", "train.checkpoint_interval=4", "model.block_size=32",
-                              "model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
-                        env=FAKE_AWS_CREDENTIALS, follow=True, working_dir=str(ROOT), out=out)
+    job_id = sub.submit(
+        url,
+        [
+            "--",
+            "train",
+            f"train.data={manifest}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.run_name=submitted",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=1",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.log_interval=2",
+            "train.eval_interval=4",
+            "train.eval_steps=1",
+            "train.checkpoint_interval=4",
+            "model.block_size=32",
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.n_embd=32",
+        ],
+        env=FAKE_AWS_CREDENTIALS,
+        follow=True,
+        working_dir=str(ROOT),
+        out=out,
+    )
     logs = out.getvalue()
     assert sub.job_status(url, job_id) == "SUCCEEDED"
     assert "[raylm] done" in logs and f"{job_id} SUCCEEDED" in logs  # streamed, then the verdict
@@ -249,8 +316,11 @@ def test_failing_job_reports_failed_with_its_log_tail(head, capsys):
     # The CLI handler turns the same failure into exit code 1 with the report on stderr.
     parser = argparse.ArgumentParser()
     sub.add_submit_parser(parser.add_subparsers(dest="cmd"))
-    code = sub.cmd_submit(parser.parse_args(["submit", "--address", url, "--working-dir", str(ROOT), "--wait",
-                                             "--", "train", "train.no_such_key=1"]))
+    code = sub.cmd_submit(
+        parser.parse_args(
+            ["submit", "--address", url, "--working-dir", str(ROOT), "--wait", "--", "train", "train.no_such_key=1"]
+        )
+    )
     assert code == 1 and "FAILED" in capsys.readouterr().err
     assert sub.cmd_submit(parser.parse_args(["submit", "--address", url, "--list"])) == 0
     assert err.value.job_id in capsys.readouterr().out

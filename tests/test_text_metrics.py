@@ -1,4 +1,5 @@
 """BLEU, ROUGE and bits per byte against hand-computed values and the reference libraries."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,12 @@ def test_bleu_smoothing_hand_computed():
     hyp, ref = ["a b c x y"], ["a b c d e"]
     logs = [math.log(60.0), math.log(50.0), math.log(100 / 3)]
     assert corpus_bleu(hyp, ref, smooth="none")["bleu"] == 0.0
-    assert corpus_bleu(hyp, ref, smooth="exp")["bleu"] == pytest.approx(math.exp((sum(logs) + math.log(100 / (2 * 2))) / 4))
-    assert corpus_bleu(hyp, ref, smooth="floor")["bleu"] == pytest.approx(math.exp((sum(logs) + math.log(100 * 0.1 / 2)) / 4))
+    assert corpus_bleu(hyp, ref, smooth="exp")["bleu"] == pytest.approx(
+        math.exp((sum(logs) + math.log(100 / (2 * 2))) / 4)
+    )
+    assert corpus_bleu(hyp, ref, smooth="floor")["bleu"] == pytest.approx(
+        math.exp((sum(logs) + math.log(100 * 0.1 / 2)) / 4)
+    )
     with pytest.raises(ValueError, match="smooth"):
         corpus_bleu(hyp, ref, smooth="add-one")
 
@@ -89,8 +94,11 @@ def test_rouge_matches_rouge_score():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     for pred, ref in zip(HYPS + REFS_B, REFS_A + REFS_A):
         theirs = scorer.score(ref, pred)  # rouge-score takes (target, prediction)
-        for ours, name in [(rouge_n(pred, ref, 1), "rouge1"), (rouge_n(pred, ref, 2), "rouge2"),
-                           (rouge_l(pred, ref), "rougeL")]:
+        for ours, name in [
+            (rouge_n(pred, ref, 1), "rouge1"),
+            (rouge_n(pred, ref, 2), "rouge2"),
+            (rouge_l(pred, ref), "rougeL"),
+        ]:
             assert ours["precision"] == pytest.approx(theirs[name].precision)
             assert ours["recall"] == pytest.approx(theirs[name].recall)
             assert ours["f1"] == pytest.approx(theirs[name].fmeasure)

@@ -1,5 +1,6 @@
 """Fast checks of the training pieces that need no Ray Train launch: config, schedules, DeepSpeed
 config, param groups, MFU math, checkpoint completeness, metrics log."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ def test_batch_arithmetic_is_derived_and_checked():
     with pytest.raises(ConfigError, match=r"global_batch_size \(30\) must be a multiple of .* = 8"):
         load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.global_batch_size=30"])
     with pytest.raises(ConfigError, match="!= global_batch_size"):
-        load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.global_batch_size=32",
-                           "train.grad_accum_steps=2"])
+        load_config(
+            None,
+            [
+                "train.micro_batch_size=4",
+                "train.num_workers=2",
+                "train.global_batch_size=32",
+                "train.grad_accum_steps=2",
+            ],
+        )
 
 
 def test_bad_zero_stage_fp16_on_cpu_and_offload_fail_at_load():
@@ -40,8 +48,9 @@ def test_bad_zero_stage_fp16_on_cpu_and_offload_fail_at_load():
         load_config(None, ["train.offload_params=true", "train.zero_stage=2"])
     with pytest.raises(ConfigError, match="exactly one of max_steps and max_tokens"):
         load_config(None, ["train.max_tokens=1000"])
-    cfg = load_config(None, ["train.max_steps=null", "train.max_tokens=100000", "train.micro_batch_size=4",
-                             "train.num_workers=2"])
+    cfg = load_config(
+        None, ["train.max_steps=null", "train.max_tokens=100000", "train.micro_batch_size=4", "train.num_workers=2"]
+    )
     assert cfg.train.total_steps(seq_len=128) == math.ceil(100000 / (8 * 128))
 
 
@@ -67,9 +76,19 @@ def test_schedules():
 
 
 def test_deepspeed_config_follows_ours():
-    cfg = load_config(None, ["train.zero_stage=3", "train.offload_params=true", "train.offload_optimizer=true",
-                             "train.precision=bf16", "train.micro_batch_size=2", "train.grad_accum_steps=3",
-                             "train.num_workers=2", "train.grad_clip=0.5"]).train
+    cfg = load_config(
+        None,
+        [
+            "train.zero_stage=3",
+            "train.offload_params=true",
+            "train.offload_optimizer=true",
+            "train.precision=bf16",
+            "train.micro_batch_size=2",
+            "train.grad_accum_steps=3",
+            "train.num_workers=2",
+            "train.grad_clip=0.5",
+        ],
+    ).train
     ds = deepspeed_config(cfg)
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5

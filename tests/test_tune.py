@@ -3,23 +3,29 @@
 The slow test runs 3 tiny single-worker trials as Ray Tune function trainables wrapping a
 TorchTrainer, then re-runs the command to show the experiment is restored, not repeated.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_corpus_manifest
 
 from orchestration.config import ConfigError, load_config
-from train_helpers import tiny_corpus_manifest
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def test_search_space_parses_and_numeric_strings_become_numbers():
-    cfg = load_config(None, ["tune.search_space={train.lr: {loguniform: [1e-4, 1e-2]}, "
-                             "train.warmup_steps: {choice: [10, 50]}, train.weight_decay: {uniform: [0, 0.2]}, "
-                             "train.micro_batch_size: {randint: [2, 9]}, model.dropout: {grid: [0.0, 0.1]}}"])
+    cfg = load_config(
+        None,
+        [
+            "tune.search_space={train.lr: {loguniform: [1e-4, 1e-2]}, "
+            "train.warmup_steps: {choice: [10, 50]}, train.weight_decay: {uniform: [0, 0.2]}, "
+            "train.micro_batch_size: {randint: [2, 9]}, model.dropout: {grid: [0.0, 0.1]}}"
+        ],
+    )
     space = cfg.tune.search_space
     assert space["train.lr"] == {"loguniform": [1e-4, 1e-2]}  # "1e-4" is a string in YAML 1.1
     assert space["train.warmup_steps"] == {"choice": [10, 50]}
@@ -30,32 +36,44 @@ def test_search_space_to_ray_domains():
 
     from orchestration.tune import tune_space
 
-    space = tune_space({"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.warmup_steps": {"choice": [10, 50]},
-                        "train.micro_batch_size": {"randint": [2, 9]}, "model.dropout": {"grid": [0.0, 0.1]}})
+    space = tune_space(
+        {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "train.warmup_steps": {"choice": [10, 50]},
+            "train.micro_batch_size": {"randint": [2, 9]},
+            "model.dropout": {"grid": [0.0, 0.1]},
+        }
+    )
     assert isinstance(space["train.lr"], Float) and space["train.lr"].lower == 1e-4
     assert isinstance(space["train.warmup_steps"], Categorical) and space["train.warmup_steps"].categories == [10, 50]
     assert isinstance(space["train.micro_batch_size"], Integer)
     assert space["model.dropout"] == {"grid_search": [0.0, 0.1]}
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{train.lr: {normal: [0, 1]}}", "unknown kind 'normal'"),
-    ("{train.lr: {loguniform: [0, 1]}}", "positive bounds"),
-    ("{train.lr: {uniform: [0.2, 0.1]}}", "must be < high"),
-    ("{train.lr: 0.1}", "one-key mapping"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{train.lr: {normal: [0, 1]}}", "unknown kind 'normal'"),
+        ("{train.lr: {loguniform: [0, 1]}}", "positive bounds"),
+        ("{train.lr: {uniform: [0.2, 0.1]}}", "must be < high"),
+        ("{train.lr: 0.1}", "one-key mapping"),
+    ],
+)
 def test_bad_search_space_shape_fails_at_load(entry, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"tune.search_space={entry}"])
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{train.learning_rate: {uniform: [0.1, 0.2]}}", "'train.learning_rate' is not a config field"),
-    ("{train.warmup_steps: {uniform: [1, 20]}}", "integer; use randint or choice"),
-    ("{train.lr: {loguniform: [1e-5, 1e-2]}}", "min_lr .* must be <= lr"),  # min_lr 1e-4 > lr 1e-5
-    ("{train.zero_stage: {choice: [1, 5]}}", "train.zero_stage"),
-    ("{tune.num_samples: {choice: [1, 2]}}", "only model"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{train.learning_rate: {uniform: [0.1, 0.2]}}", "'train.learning_rate' is not a config field"),
+        ("{train.warmup_steps: {uniform: [1, 20]}}", "integer; use randint or choice"),
+        ("{train.lr: {loguniform: [1e-5, 1e-2]}}", "min_lr .* must be <= lr"),  # min_lr 1e-4 > lr 1e-5
+        ("{train.zero_stage: {choice: [1, 5]}}", "train.zero_stage"),
+        ("{tune.num_samples: {choice: [1, 2]}}", "only model"),
+    ],
+)
 def test_search_space_keys_and_values_checked_against_the_config(entry, message):
     from orchestration.tune import check_search_space
 
@@ -65,8 +83,8 @@ def test_search_space_keys_and_values_checked_against_the_config(entry, message)
 
 
 def test_resolve_trial_config_applies_overrides():
-    from orchestration.tune import resolve_trial_config
     from orchestration.config import config_to_dict
+    from orchestration.tune import resolve_trial_config
 
     base = config_to_dict(load_config(None))
     cfg = resolve_trial_config(base, {"train.lr": 2e-3, "model.n_layer": 3}, run_name="t1")
@@ -97,10 +115,20 @@ def test_asha_search_runs_writes_results_and_best_config(tmp_path, ray_session, 
     from orchestration.tune import run_tune
 
     manifest = tiny_corpus_manifest(tmp_path)
-    overrides = [f"train.data={manifest}", f"train.storage_path={tmp_path}/runs", f"tune.storage_path={tmp_path}/tune",
-                 "model.block_size=32", "train.max_steps=20", "train.eval_interval=5", "train.eval_steps=2",
-                 "train.checkpoint_interval=10", "tune.num_samples=3", "tune.grace_period=5", "tune.max_t=20",
-                 "tune.search_space={train.lr: {loguniform: [1e-3, 1e-2]}, train.warmup_steps: {choice: [2, 4]}}"]
+    overrides = [
+        f"train.data={manifest}",
+        f"train.storage_path={tmp_path}/runs",
+        f"tune.storage_path={tmp_path}/tune",
+        "model.block_size=32",
+        "train.max_steps=20",
+        "train.eval_interval=5",
+        "train.eval_steps=2",
+        "train.checkpoint_interval=10",
+        "tune.num_samples=3",
+        "tune.grace_period=5",
+        "tune.max_t=20",
+        "tune.search_space={train.lr: {loguniform: [1e-3, 1e-2]}, train.warmup_steps: {choice: [2, 4]}}",
+    ]
     cfg = load_config(CONFIGS / "tune_tiny.yaml", overrides)
     summary = run_tune(cfg)
 

@@ -1,4 +1,5 @@
 """Tiny data and configs for the training tests (imported by tests/test_train_*.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,31 +27,61 @@ def tiny_corpus_manifest(root: Path, *, seq_len: int = 32, vocab_size: int = 512
     if (out / "manifest.json").exists():
         return str(out / "manifest.json")
     text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
-    body = text[len(text) // 10: len(text) // 10 + chars]
+    body = text[len(text) // 10 : len(text) // 10 + chars]
     spec = tok.train_bpe([body], vocab_size, "gpt4")
     ids = np.asarray(tok.encoding(spec).encode(body), dtype=np.int64)
     row = seq_len + 1
     rows = ids[: len(ids) // row * row].reshape(-1, row)
-    parts = {"train": np.array_split(rows[: int(len(rows) * 0.9)], 3), "val": [rows[int(len(rows) * 0.9):]]}
+    parts = {"train": np.array_split(rows[: int(len(rows) * 0.9)], 3), "val": [rows[int(len(rows) * 0.9) :]]}
     splits = {}
     for split, shards in parts.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         entries = []
         for i, shard in enumerate(shards):
-            data = shard_bytes(shard.reshape(-1), row, "uint16", {"format": SHARD_FORMAT, "tokenizer_hash": spec["hash"],
-                                                                  "seq_len": seq_len, "split": split, "index": i})
+            data = shard_bytes(
+                shard.reshape(-1),
+                row,
+                "uint16",
+                {
+                    "format": SHARD_FORMAT,
+                    "tokenizer_hash": spec["hash"],
+                    "seq_len": seq_len,
+                    "split": split,
+                    "index": i,
+                },
+            )
             name = f"{split}/shard-{i:05d}.parquet"
             (out / name).write_bytes(data)
             entries.append({"file": name, "sequences": len(shard), "sha256": hashlib.sha256(data).hexdigest()})
         n = sum(e["sequences"] for e in entries)
-        splits[split] = {"documents": len(entries), "tokens": n * row, "sequences": n, "dropped_tail_tokens": 0,
-                         "num_shards": len(entries), "shards": entries}
+        splits[split] = {
+            "documents": len(entries),
+            "tokens": n * row,
+            "sequences": n,
+            "dropped_tail_tokens": 0,
+            "num_shards": len(entries),
+            "shards": entries,
+        }
     for name, data in tok.to_files(spec).items():
         (out / name).write_bytes(data)
-    manifest = {"format": MANIFEST_FORMAT, "sources": [], "cleaning": {},
-                "tokenizer": {"name": spec["name"], "hash": spec["hash"], "n_vocab": spec["n_vocab"],
-                              "eot_token": tok.eot_id(spec), "ranks_file": tok.RANKS_FILE, "meta_file": tok.META_FILE},
-                "seq_len": seq_len, "row_tokens": row, "dtype": "uint16", "splits": splits, "config": {}}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "sources": [],
+        "cleaning": {},
+        "tokenizer": {
+            "name": spec["name"],
+            "hash": spec["hash"],
+            "n_vocab": spec["n_vocab"],
+            "eot_token": tok.eot_id(spec),
+            "ranks_file": tok.RANKS_FILE,
+            "meta_file": tok.META_FILE,
+        },
+        "seq_len": seq_len,
+        "row_tokens": row,
+        "dtype": "uint16",
+        "splits": splits,
+        "config": {},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return str(out / "manifest.json")
 
@@ -59,11 +90,27 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
     """A 2-worker run of a tiny GPT (vocab from the manifest) that takes a few seconds."""
     from orchestration.config import load_config
 
-    base = [f"train.data={manifest}", f"train.storage_path={storage}", f"train.run_name={run_name}",
-            f"train.zero_stage={zero_stage}", "train.num_workers=2", "train.cpus_per_worker=0.5",
-            "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=20",
-            "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4", "train.log_interval=5",
-            "train.eval_interval=10", "train.eval_steps=2", "train.checkpoint_interval=10",
-            "train.num_to_keep=3", "model.block_size=32", "model.n_layer=2", "model.n_head=2",
-            "model.n_embd=32"]
+    base = [
+        f"train.data={manifest}",
+        f"train.storage_path={storage}",
+        f"train.run_name={run_name}",
+        f"train.zero_stage={zero_stage}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        "train.max_steps=20",
+        "train.warmup_steps=2",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "train.log_interval=5",
+        "train.eval_interval=10",
+        "train.eval_steps=2",
+        "train.checkpoint_interval=10",
+        "train.num_to_keep=3",
+        "model.block_size=32",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+    ]
     return load_config(None, base + list(overrides))
