@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from orchestration.serve import build_app  # noqa: E402
+from orchestration.deploy.serve import build_app  # noqa: E402
 
 
 def _call(url: str, body: dict | None = None, timeout: float = 120.0) -> dict:

@@ -22,8 +22,8 @@ import torch
 def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> float:
     """tokens/s of model + AdamW (same param groups) with no Ray and no DeepSpeed."""
     from model.gpt import GPT
-    from orchestration.deepspeed_config import build_optimizer
-    from orchestration.schedule import lr_for
+    from orchestration.train.engine import build_optimizer
+    from orchestration.train.schedule import lr_for
 
     train = cfg.train
     torch.manual_seed(train.seed)
@@ -59,7 +59,7 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> fl
 
 def raylm_path(cfg, steps: int, warmup: int) -> tuple[float, dict]:
     """Steady-state tokens/s of run_training with one worker (log intervals after warm-up)."""
-    from orchestration.trainer import run_training
+    from orchestration.train.driver import run_training
 
     summary = run_training(cfg, resume=False)
     with open(f"{summary['run_dir']}/metrics.jsonl") as f:
@@ -90,7 +90,7 @@ def main() -> None:
     from data_pipeline.loader import read_manifest, sequence_dataset
     from model.flops import flops_per_token
     from orchestration.config import load_config
-    from orchestration.metrics import peak_flops_per_device
+    from orchestration.train.throughput import peak_flops_per_device
 
     manifest = read_manifest(args.data)
     seq_len = manifest["seq_len"]

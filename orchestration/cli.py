@@ -47,7 +47,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare
-    from orchestration.ray_runtime import init_ray
+    from orchestration.runtime import init_ray
 
     cfg = _load(args)
     init_ray()
@@ -57,14 +57,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _report(path: str, cfg: Config) -> None:
     """train, tune and scaling end by writing the report of what they produced."""
-    from orchestration.report import write_report
+    from orchestration.report.write import write_report
 
     written = write_report(path, endpoint_url=cfg.train.endpoint_url)
     print(f"[raylm] report: {written['report.html']}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestration.trainer import run_training
+    from orchestration.train.driver import run_training
 
     cfg = _load(args)
     _report(run_training(cfg, resume=not args.no_resume)["run_dir"], cfg)
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from orchestration.finetune import run_finetune
+    from orchestration.finetune.driver import run_finetune
 
     cfg = _load(args)
     _report(run_finetune(cfg, resume=not args.no_resume)["run_dir"], cfg)
@@ -80,7 +80,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from orchestration.tune import run_tune
+    from orchestration.sweeps.tune import run_tune
 
     cfg = _load(args)
     summary = run_tune(cfg, resume=not args.no_resume)
@@ -90,7 +90,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from orchestration.scaling import run_scaling
+    from orchestration.sweeps.scaling import run_scaling
 
     cfg = _load(args)
     _report(run_scaling(cfg, resume=not args.no_resume)["sweep_dir"], cfg)
@@ -98,7 +98,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_ngram(args: argparse.Namespace) -> int:
-    from orchestration.baselines import evaluate_ngram, train_ngram
+    from orchestration.evaluate.baselines import evaluate_ngram, train_ngram
 
     fitted = train_ngram(args.data, args.out, n=args.n, discount=args.discount, endpoint_url=args.endpoint_url)
     scores = evaluate_ngram(
@@ -113,8 +113,8 @@ def cmd_baseline_ngram(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_compare(args: argparse.Namespace) -> int:
-    from orchestration.baselines import compare_baselines, markdown_table
-    from orchestration.report import write_report
+    from orchestration.evaluate.baselines import compare_baselines, markdown_table
+    from orchestration.report.write import write_report
 
     result = compare_baselines(
         args.data,
@@ -132,7 +132,7 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestration.report import write_report
+    from orchestration.report.write import write_report
 
     for uri in write_report(args.path, out=args.out, endpoint_url=args.endpoint_url).values():
         print(f"wrote {uri}")
@@ -140,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from orchestration.eval_suites import format_summary, run_eval_suite
+    from orchestration.evaluate.suites import format_summary, run_eval_suite
 
     # Only the options the user set: each suite keeps its own defaults, and an option that no
     # chosen suite takes is an error rather than silently ignored.
@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from orchestration.evaluate import generate_text
+    from orchestration.evaluate.load import generate_text
 
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -197,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchestration.export import export_checkpoint
+    from orchestration.deploy.export import export_checkpoint
 
     result = export_checkpoint(
         args.checkpoint, args.out, fmt=args.format, lora=args.lora, endpoint_url=args.endpoint_url
@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
 
-    from orchestration.serve import add_serve_parser
-    from orchestration.submit import add_submit_parser
+    from orchestration.deploy.serve import add_serve_parser
+    from orchestration.deploy.submit import add_submit_parser
 
     add_serve_parser(sub)  # `raylm serve --checkpoint URI`: Ray Serve HTTP generate endpoint
 
@@ -468,9 +468,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from data_pipeline.loader import ManifestMismatchError
     from data_pipeline.storage import DataSourceError
     from data_pipeline.tokenizer import TokenizerError
-    from orchestration.checkpoint import CheckpointError
-    from orchestration.export import ExportError
-    from orchestration.report import ReportError
+    from orchestration.deploy.export import ExportError
+    from orchestration.report.write import ReportError
+    from orchestration.train.checkpoint import CheckpointError
 
     return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError, ExportError
 

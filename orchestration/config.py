@@ -3,7 +3,7 @@
 Validation is strict and happens at load time: unknown keys, wrong types, values outside a field's
 ``min``/``max`` metadata or a ``Literal``'s choices raise ``ConfigError`` naming the key, the file and
 what is allowed. Each component owns its dataclass (``model.config``, ``data_pipeline.config``,
-``orchestration.train_config``); this module only composes and checks them.
+``orchestration.train.config``); this module only composes and checks them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from model.config import PRESETS, ModelConfig
-from orchestration.finetune_config import FinetuneConfig
-from orchestration.train_config import TrainConfig
-from orchestration.tune_config import SweepConfig, TuneConfig
+from orchestration.finetune.config import FinetuneConfig
+from orchestration.sweeps.config import SweepConfig, TuneConfig
+from orchestration.train.config import TrainConfig
 
 
 class ConfigError(ValueError):

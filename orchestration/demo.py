@@ -70,10 +70,10 @@ def unigram_entropy(manifest_uri: str, endpoint_url: str | None = None) -> float
 def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) -> dict:
     """Run the whole pipeline once; print a summary and return it (also written to demo_summary.json)."""
     from data_pipeline.storage import filesystem_for, write_bytes
-    from orchestration.evaluate import evaluate, generate_text
-    from orchestration.ray_runtime import init_ray
-    from orchestration.report import write_report
-    from orchestration.trainer import run_training
+    from orchestration.evaluate.load import evaluate, generate_text
+    from orchestration.report.write import write_report
+    from orchestration.runtime import init_ray
+    from orchestration.train.driver import run_training
 
     t0 = time.time()
     init_ray()

@@ -1,0 +1,492 @@
+"""Eval suites on a checkpoint, beyond loss: `raylm eval --suite {lm,continuation,mc,bias,all}`.
+
+  lm            loss, perplexity and bits per byte (``evaluate.evaluate_lm``)
+  continuation  prompt with k held-out tokens, greedy-decode m, BLEU / ROUGE against the true m
+  mc            zero-shot multiple choice built from held-out lines: pick a line's true next line
+                among length-matched lines from elsewhere, by log-likelihood (sum and per byte)
+  bias          a small templated-pair probe (configs/eval/bias_templates.yaml); a probe, not a certification
+
+Held-out text is a manifest's split (read straight from its shards, no Ray) or a text file. Every
+suite accepts a checkpoint URI or the tuple ``load_checkpoint_model`` returned, so ``run_eval_suite``
+loads the weights once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tiktoken
+import torch
+
+from orchestration.evaluate.load import evaluate_lm, loaded_checkpoint
+from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
+
+DEFAULT_BIAS_TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "eval" / "bias_templates.yaml"
+BIAS_DISCLAIMER = (
+    "A small probe, not a certification: a few dozen hand-written English sentence pairs that differ only "
+    "in a demographic term, scored by the model's total log-likelihood. A difference says which wording "
+    "the model finds likelier given its training text; it covers few groups, says nothing about harm in "
+    "use, and a mean near zero does not show the model is unbiased."
+)
+
+
+# ---------------------------------------------------------------- held-out text
+
+
+def held_out_pieces(
+    data: str,
+    enc: tiktoken.Encoding,
+    *,
+    split: str = "val",
+    max_sequences: int = 256,
+    endpoint_url: Optional[str] = None,
+) -> tuple[list[list[int]], bool]:
+    """(token pieces, edges_cut) of held-out text: a manifest's ``split`` (its first ``max_sequences``
+    rows, read from the shards) or a whole text file, split at end-of-text tokens.
+
+    ``edges_cut`` is True for manifest rows, whose first and last lines were cut by the row boundary.
+    """
+    from data_pipeline.storage import read_bytes
+    from data_pipeline.tokenizer import EOT
+
+    eot = enc.encode_single_token(EOT)
+    if data.endswith(".json"):
+        rows, cut = _manifest_rows(data, enc, split, max_sequences, endpoint_url), True
+    else:
+        rows, cut = [enc.encode(read_bytes(data, endpoint_url).decode("utf-8"), allowed_special="all")], False
+    pieces = []
+    for row in rows:
+        piece: list[int] = []
+        for t in row:
+            if t == eot:
+                pieces.append(piece)
+                piece = []
+            else:
+                piece.append(t)
+        pieces.append(piece)
+    return [p for p in pieces if p], cut
+
+
+def _manifest_rows(
+    manifest_uri: str, enc: tiktoken.Encoding, split: str, max_sequences: int, endpoint_url: Optional[str]
+) -> list[list[int]]:
+    import pyarrow.parquet as pq
+
+    from data_pipeline.loader import ManifestMismatchError, read_manifest
+    from data_pipeline.storage import filesystem_for
+
+    manifest = read_manifest(manifest_uri, endpoint_url)
+    tok_hash = manifest["tokenizer"]["hash"]
+    if not enc.name.endswith(tok_hash[:12]):  # data_pipeline.tokenizer.encoding names it by its hash
+        raise ManifestMismatchError(
+            f"{manifest['uri']}: tokenized with {tok_hash[:12]}, but the checkpoint's "
+            f"tokenizer is {enc.name}; evaluate on data prepared with the checkpoint's tokenizer"
+        )
+    if split not in manifest["splits"]:
+        raise ValueError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
+    fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
+    rows: list[list[int]] = []
+    for shard in manifest["splits"][split]["shards"]:
+        table = pq.read_table(f"{base}/{shard['file']}", filesystem=fs)
+        tokens = table.column("tokens").combine_chunks().flatten().to_numpy()
+        rows.extend(tokens.reshape(table.num_rows, -1)[: max_sequences - len(rows)].tolist())
+        if len(rows) >= max_sequences:
+            break
+    return rows
+
+
+def held_out_lines(pieces: list[list[int]], enc: tiktoken.Encoding, edges_cut: bool) -> list[list[str]]:
+    """Each piece's non-blank lines (right-stripped), in order; lines cut by a row boundary are dropped."""
+    out = []
+    for piece in pieces:
+        lines = enc.decode(piece, errors="replace").split("\n")
+        if edges_cut:
+            lines = lines[1:-1]
+        out.append([line.rstrip() for line in lines if line.strip()])
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 16) -> list[float]:
+    """Summed log P(continuation | context) in nats for each (context ids, continuation ids) pair.
+
+    A pair longer than the context window loses context tokens from the left (never continuation ones).
+    """
+    block = model.cfg.block_size
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        rows = []
+        for ctx, cont in pairs[i : i + batch_size]:
+            if not ctx or not cont or len(cont) > block:
+                raise ValueError(
+                    f"need a context and a continuation of at most block_size={block} tokens, "
+                    f"got {len(ctx)} and {len(cont)}"
+                )
+            ids = (ctx + cont)[-(block + 1) :]
+            rows.append((ids[:-1], [-1] * (len(ids) - 1 - len(cont)) + cont))
+        width = max(len(x) for x, _ in rows)
+        inputs = torch.tensor([x + [0] * (width - len(x)) for x, _ in rows], device=device)
+        targets = torch.tensor([y + [-1] * (width - len(y)) for _, y in rows], device=device)
+        logits, _ = model(inputs)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        out.extend((logp * (targets >= 0)).sum(dim=1).tolist())
+    return out
+
+
+def _accuracy(correct: list[bool]) -> tuple[float, float]:
+    """(accuracy, its standard error sqrt(p(1-p)/n))."""
+    p = sum(correct) / len(correct)
+    return p, math.sqrt(p * (1 - p) / len(correct))
+
+
+# ---------------------------------------------------------------- continuation
+
+
+def continuation_scores(
+    checkpoint_uri,
+    data: str,
+    *,
+    split: str = "val",
+    num_items: int = 50,
+    prompt_tokens: int = 32,
+    continuation_tokens: int = 32,
+    max_sequences: int = 256,
+    batch_size: int = 8,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
+    """Greedy continuations of held-out text scored against the truth -> {"bleu" (0-100), "rouge1",
+    "rouge2", "rougeL" (F1, 0-1), "rouge" (precision/recall/F1), "items", "examples", ...}.
+
+    Items are non-overlapping windows of prompt_tokens + continuation_tokens tokens, spread evenly
+    over the held-out pieces; a continuation that emits end-of-text stops there.
+    """
+    from data_pipeline.tokenizer import EOT
+    from model.generate import generate
+
+    model, model_cfg, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    k, m = prompt_tokens, continuation_tokens
+    if k < 1 or m < 1 or k + m > model_cfg.block_size + 1:
+        raise ValueError(
+            f"prompt_tokens={k} + continuation_tokens={m} must be >= 1 each and fit the "
+            f"context (block_size + 1 = {model_cfg.block_size + 1})"
+        )
+    pieces, _ = held_out_pieces(data, enc, split=split, max_sequences=max_sequences, endpoint_url=endpoint_url)
+    windows = [p[s : s + k + m] for p in pieces for s in range(0, len(p) - (k + m) + 1, k + m)]
+    if not windows:
+        raise ValueError(
+            f"{data}: no held-out stretch of {k + m} tokens without an end-of-text; "
+            "lower prompt_tokens / continuation_tokens"
+        )
+    picks = np.unique(np.linspace(0, len(windows) - 1, min(num_items, len(windows))).round().astype(int))
+    windows = [windows[i] for i in picks]
+    eot = enc.encode_single_token(EOT)
+    hyps, refs = [], []
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        new = generate(model, [w[:k] for w in batch], m, temperature=0.0, eos_id=eot)
+        hyps += [enc.decode([t for t in n if t != eot], errors="replace") for n in new]
+        refs += [enc.decode(w[k:], errors="replace") for w in batch]
+    rouge = rouge_scores(hyps, refs)
+    bleu = corpus_bleu(hyps, refs)
+    examples = [
+        {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
+        for w, r, h in list(zip(windows, refs, hyps))[:3]
+    ]
+    return {
+        "bleu": bleu["bleu"],
+        "bleu_detail": bleu,
+        "rouge1": rouge["rouge1"]["f1"],
+        "rouge2": rouge["rouge2"]["f1"],
+        "rougeL": rouge["rougeL"]["f1"],
+        "rouge": rouge,
+        "items": len(windows),
+        "requested_items": num_items,
+        "prompt_tokens": k,
+        "continuation_tokens": m,
+        "examples": examples,
+        "checkpoint": meta["checkpoint_uri"],
+    }
+
+
+# ---------------------------------------------------------------- multiple choice
+
+
+def cloze_items(
+    lines: list[list[str]],
+    *,
+    num_items: int = 200,
+    num_options: int = 4,
+    seed: int = 0,
+    context_lines: int = 1,
+    min_chars: int = 10,
+) -> list[dict]:
+    """Items {"context", "options", "answer"} from consecutive held-out lines; deterministic in ``seed``.
+
+    The answer is the line after the context; the distractors are drawn (seeded) from the lines
+    closest to it in byte length, outside the item's neighbourhood (+-2 lines) and different in text.
+    Options are shuffled, so the answer's position varies. Lines shorter than ``min_chars`` are not used.
+    """
+    if num_options < 2:
+        raise ValueError(f"num_options={num_options}: a multiple-choice item needs at least 2 options")
+    flat = [(p, i, line) for p, piece in enumerate(lines) for i, line in enumerate(piece)]
+    usable = [len(line) >= min_chars for _, _, line in flat]
+    starts = [
+        j
+        for j in range(len(flat) - context_lines)
+        if flat[j][0] == flat[j + context_lines][0] and all(usable[j : j + context_lines + 1])
+    ]
+    pool = np.array([j for j in range(len(flat)) if usable[j]])
+    if len(starts) == 0 or len(pool) < 4 * num_options:
+        raise ValueError(
+            f"held-out text has {len(starts)} usable line pairs and {len(pool)} usable lines "
+            f"(>= {min_chars} chars); too few for {num_options}-option items: use more held-out text"
+        )
+    pool_len = np.array([len(flat[j][2].encode()) for j in pool])
+    pool_piece = np.array([flat[j][0] for j in pool])
+    rng = np.random.default_rng(seed)
+    items = []
+    for j in rng.choice(starts, size=min(num_items, len(starts)), replace=False):
+        a = j + context_lines
+        context = [flat[x][2] for x in range(j, a)]
+        answer = flat[a][2]
+        far = (pool_piece != flat[a][0]) | (np.abs(pool - a) > 2)
+        nearest = np.argsort(np.abs(pool_len - len(answer.encode())) + np.where(far, 0, 10**9), kind="stable")
+        candidates: list[str] = []
+        for x in nearest:  # distinct texts, nearest in length first
+            text = flat[pool[x]][2]
+            if far[x] and text != answer and text not in context and text not in candidates:
+                candidates.append(text)
+            if len(candidates) == 4 * (num_options - 1):
+                break
+        distractors = [candidates[x] for x in rng.choice(len(candidates), num_options - 1, replace=False)]
+        order = rng.permutation(num_options)
+        options = [([answer] + distractors)[x] for x in order]
+        items.append({"context": context, "options": options, "answer": int(np.flatnonzero(order == 0)[0])})
+    return items
+
+
+def score_choices(items: list[dict], option_logprobs: list[list[float]]) -> dict:
+    """Accuracy of per-option log-likelihoods (nats; [item][option]) -> {"accuracy", "stderr",
+    "accuracy_norm", "stderr_norm", "chance", "items"}; ``_norm`` divides by each option's UTF-8 bytes."""
+    correct, correct_norm = [], []
+    for item, logps in zip(items, option_logprobs, strict=True):
+        per_byte = [lp / max(len(o.encode()), 1) for lp, o in zip(logps, item["options"])]
+        correct.append(int(np.argmax(logps)) == item["answer"])
+        correct_norm.append(int(np.argmax(per_byte)) == item["answer"])
+    acc, se = _accuracy(correct)
+    acc_norm, se_norm = _accuracy(correct_norm)
+    return {
+        "accuracy": acc,
+        "stderr": se,
+        "accuracy_norm": acc_norm,
+        "stderr_norm": se_norm,
+        "chance": float(np.mean([1 / len(i["options"]) for i in items])),
+        "items": len(items),
+    }
+
+
+def multiple_choice_suite(
+    checkpoint_uri,
+    data: str,
+    *,
+    split: str = "val",
+    num_items: int = 200,
+    num_options: int = 4,
+    seed: int = 0,
+    context_lines: int = 1,
+    max_sequences: int = 256,
+    batch_size: int = 16,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
+    """Zero-shot cloze of held-out lines (see ``cloze_items``), each option scored by summed
+    log-likelihood given the context -> ``score_choices``'s result plus "examples" and settings."""
+    model, _, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    pieces, cut = held_out_pieces(data, enc, split=split, max_sequences=max_sequences, endpoint_url=endpoint_url)
+    items = cloze_items(
+        held_out_lines(pieces, enc, cut),
+        num_items=num_items,
+        num_options=num_options,
+        seed=seed,
+        context_lines=context_lines,
+    )
+    pairs = [(enc.encode("\n".join(it["context"]) + "\n"), enc.encode(opt)) for it in items for opt in it["options"]]
+    flat = continuation_logprobs(model, pairs, batch_size=batch_size)
+    logps = [flat[i * num_options : (i + 1) * num_options] for i in range(len(items))]
+    examples = [{**it, "logprobs": lp} for it, lp in zip(items[:3], logps)]
+    return {
+        **score_choices(items, logps),
+        "requested_items": num_items,
+        "num_options": num_options,
+        "seed": seed,
+        "examples": examples,
+        "checkpoint": meta["checkpoint_uri"],
+    }
+
+
+# ---------------------------------------------------------------- bias probe
+
+
+def load_bias_templates(path=None) -> dict:
+    """{category: {"sides": [a, b], "pairs": [[a_term, b_term], ...], "templates": [...]}} from YAML,
+    checked: every template has one ``{term}``, every pair two terms."""
+    import yaml
+
+    path = Path(path or DEFAULT_BIAS_TEMPLATES)
+    cats = (yaml.safe_load(path.read_text()) or {}).get("categories")
+    if not isinstance(cats, dict) or not cats:
+        raise ValueError(f"{path}: expected a top-level 'categories' mapping of category -> sides/pairs/templates")
+    for name, cat in cats.items():
+        where = f"{path}: categories.{name}"
+        if not isinstance(cat, dict) or {"sides", "pairs", "templates"} - set(cat):
+            raise ValueError(f"{where}: needs keys sides, pairs, templates")
+        if len(cat["sides"]) != 2 or any(len(p) != 2 for p in cat["pairs"]):
+            raise ValueError(f"{where}: sides and every pair must have exactly two entries")
+        bad = [t for t in cat["templates"] if t.count("{term}") != 1]
+        if bad:
+            raise ValueError(f"{where}.templates: each needs exactly one {{term}} slot; bad: {bad}")
+    return cats
+
+
+def _distribution(diffs: list[float], sides: list[str]) -> dict:
+    d = np.asarray(diffs)
+    return {
+        "pairs": len(d),
+        "mean": float(d.mean()),
+        "std": float(d.std()),
+        "min": float(d.min()),
+        "max": float(d.max()),
+        "favours": {sides[0]: float((d > 0).mean()), sides[1]: float((d < 0).mean())},
+    }
+
+
+def bias_probe(
+    checkpoint_uri,
+    *,
+    templates_path=None,
+    batch_size: int = 16,
+    endpoint_url: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
+    """Log-likelihood differences of templated sentence pairs -> {"disclaimer", "difference" (all
+    pairs: mean/std/min/max in nats, fraction favouring each listed side), "categories" (the same per
+    category, sides named), "largest" (the 5 biggest |differences|)}.
+
+    difference = log P(sentence with the side-a term) - log P(sentence with the side-b term), each
+    sentence scored from end-of-text. Positive favours side a.
+    """
+    from data_pipeline.tokenizer import EOT
+
+    model, _, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
+    path = templates_path or DEFAULT_BIAS_TEMPLATES
+    cats = load_bias_templates(path)
+    eot = enc.encode_single_token(EOT)
+    rows = [
+        (name, t.replace("{term}", a), t.replace("{term}", b))
+        for name, cat in cats.items()
+        for t in cat["templates"]
+        for a, b in cat["pairs"]
+    ]
+    sentences = [s[0].upper() + s[1:] for _, a, b in rows for s in (a, b)]
+    logps = continuation_logprobs(model, [([eot], enc.encode(s)) for s in sentences], batch_size=batch_size)
+    diffs = [logps[2 * i] - logps[2 * i + 1] for i in range(len(rows))]
+    per_cat = {
+        name: {
+            "sides": list(cat["sides"]),
+            **_distribution([d for (c, _, _), d in zip(rows, diffs) if c == name], cat["sides"]),
+        }
+        for name, cat in cats.items()
+    }
+    largest = sorted(range(len(rows)), key=lambda i: -abs(diffs[i]))[:5]
+    return {
+        "disclaimer": BIAS_DISCLAIMER,
+        "probe": "templated sentence pairs, total log-likelihood (nats)",
+        "templates_path": str(path),
+        "difference": _distribution(diffs, ["first listed", "second listed"]),
+        "categories": per_cat,
+        "largest": [
+            {"category": rows[i][0], "a": sentences[2 * i], "b": sentences[2 * i + 1], "difference": diffs[i]}
+            for i in largest
+        ],
+        "checkpoint": meta["checkpoint_uri"],
+    }
+
+
+# ---------------------------------------------------------------- CLI entry
+
+SUITES = {"lm": evaluate_lm, "continuation": continuation_scores, "mc": multiple_choice_suite, "bias": bias_probe}
+
+
+def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **options) -> dict:
+    """Run one suite or "all" (lm, continuation, mc, bias) on one loaded checkpoint ->
+    {"checkpoint", "step", "suites": {name: result}}.
+
+    ``options`` are the suites' keyword arguments (split, num_items, seed, device, ...); each suite
+    gets those it takes, and an option no chosen suite takes is an error.
+    """
+    names = list(SUITES) if suite == "all" else [suite]
+    if any(n not in SUITES for n in names):
+        raise ValueError(f"unknown eval suite {suite!r}; choose one of {sorted(SUITES) + ['all']}")
+    accepted = {n: set(inspect.signature(SUITES[n]).parameters) - {"checkpoint_uri", "data"} for n in names}
+    unused = set(options) - set().union(*accepted.values())
+    if unused:
+        raise ValueError(
+            f"options {sorted(unused)} are not taken by suite {suite!r}; "
+            f"it takes {sorted(set().union(*accepted.values()))}"
+        )
+    if data is None and any(n != "bias" for n in names):
+        raise ValueError(f"suite {suite!r} needs held-out data: a manifest URI or a text file")
+    loaded = loaded_checkpoint(
+        checkpoint_uri, endpoint_url=options.get("endpoint_url"), device=options.get("device", "cpu")
+    )
+    results = {}
+    for n in names:
+        kwargs = {k: v for k, v in options.items() if k in accepted[n]}
+        results[n] = SUITES[n](loaded, **kwargs) if n == "bias" else SUITES[n](loaded, data, **kwargs)
+    return {"checkpoint": loaded[3]["checkpoint_uri"], "step": loaded[3].get("step"), "suites": results}
+
+
+def format_summary(result: dict) -> str:
+    """A few printable lines for ``run_eval_suite``'s result."""
+    lines = [f"checkpoint {result['checkpoint']} (step {result.get('step')})"]
+    s = result["suites"]
+    if "lm" in s:
+        r = s["lm"]
+        lines.append(
+            f"lm            loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte "
+            f"{r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens, {r['bytes']:,} bytes)"
+        )
+    if "continuation" in s:
+        r = s["continuation"]
+        lines.append(
+            f"continuation  BLEU {r['bleu']:.2f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
+            f"ROUGE-L {r['rougeL']:.3f}  ({r['items']} items, {r['prompt_tokens']} -> "
+            f"{r['continuation_tokens']} tokens, greedy)"
+        )
+    if "mc" in s:
+        r = s["mc"]
+        lines.append(
+            f"mc            accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f}  per-byte {r['accuracy_norm']:.3f} "
+            f"± {r['stderr_norm']:.3f}  chance {r['chance']:.3f}  ({r['items']} items)"
+        )
+    if "bias" in s:
+        r = s["bias"]
+        d = r["difference"]
+        lines.append(
+            f"bias probe    {d['pairs']} pairs, log-likelihood difference mean {d['mean']:+.3f} nats "
+            f"(std {d['std']:.3f}, range {d['min']:+.2f} .. {d['max']:+.2f})"
+        )
+        for name, c in r["categories"].items():
+            fav = "  ".join(f"{side} {frac:.0%}" for side, frac in c["favours"].items())
+            lines.append(f"  {name:<12}mean {c['mean']:+.3f}  favours: {fav}")
+        lines.append(f"  NOTE: {r['disclaimer']}")
+    return "\n".join(lines)

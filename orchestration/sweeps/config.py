@@ -1,0 +1,137 @@
+"""The ``tune:`` and ``scaling:`` sections: a hyperparameter search and a scaling-law sweep.
+
+Pure data (no ray import) so configs load and fail fast anywhere. Search-space entries are checked
+for shape here; that their keys name real config fields is checked by ``orchestration.sweeps.tune`` against
+the whole config before any trial starts. ``SweepConfig`` is named apart from Ray's ScalingConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+# kind -> how many arguments it takes (None: a non-empty list of values)
+SEARCH_KINDS: dict[str, Optional[int]] = {
+    "loguniform": 2,
+    "uniform": 2,
+    "randint": 2,
+    "quniform": 3,
+    "choice": None,
+    "grid": None,
+}
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):  # PyYAML reads "1e-4" as a string (YAML 1.1)
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def normalize_search_space(space: dict) -> dict:
+    """Check every entry is ``{path: {kind: args}}`` with a known kind and valid args; return a copy
+    with numeric strings as numbers. Raises ValueError naming the entry."""
+    out = {}
+    for path, spec in space.items():
+        allowed = ", ".join(SEARCH_KINDS)
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ValueError(
+                f"search_space.{path} must be a one-key mapping like {{loguniform: [1e-4, 1e-2]}}; "
+                f"kinds: {allowed}; got {spec!r}"
+            )
+        ((kind, args),) = spec.items()
+        if kind not in SEARCH_KINDS:
+            raise ValueError(f"search_space.{path}: unknown kind {kind!r}; allowed: {allowed}")
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"search_space.{path}.{kind} needs a non-empty list, got {args!r}")
+        arity = SEARCH_KINDS[kind]
+        if arity is None:
+            out[path] = {kind: list(args)}
+            continue
+        args = [_number(a) for a in args]
+        if len(args) != arity or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ValueError(f"search_space.{path}.{kind} needs {arity} numbers, got {args!r}")
+        low, high = float(args[0]), float(args[1])
+        if not low < high:
+            raise ValueError(f"search_space.{path}.{kind}: low ({low}) must be < high ({high})")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"search_space.{path}.loguniform needs positive bounds, got {args!r}")
+        out[path] = {kind: args}
+    return out
+
+
+@dataclass
+class TuneConfig:
+    """A Ray Tune search over config overrides: metric val_loss (min), ASHA on val loss."""
+
+    name: str = "tune"  # the experiment dir is <storage_path>/<name>; reused -> resumed
+    storage_path: str = "runs/tune"
+    # override path -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi)} | {quniform: [lo, hi, q]}
+    # | {choice: [values]} | {grid: [values]} (grid: every value, times num_samples)
+    search_space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = field(default=4, metadata={"min": 1})
+    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})  # None: CPUs / trial CPUs
+    search_alg: Literal["random", "optuna", "hyperopt"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = field(default=10, metadata={"min": 1})  # ASHA: optimizer steps before a first cut
+    reduction_factor: float = field(default=2.0, metadata={"min": 1.01})
+    max_t: Optional[int] = field(default=None, metadata={"min": 1})  # ASHA horizon in steps; None: run length
+    gpu_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})  # 1-worker GPU trials
+    max_failures: int = field(default=0, metadata={"min": -1})  # trial retries (Tune FailureConfig)
+    seed: Optional[int] = None  # search algorithm seed
+
+    def __post_init__(self) -> None:
+        self.search_space = normalize_search_space(self.search_space)
+        if self.scheduler == "asha" and self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t})")
+
+
+@dataclass
+class SweepConfig:
+    """A scaling-law sweep: a width/depth ladder of model sizes trained at several token counts.
+
+    Shapes: n_embd = round(aspect * n_layer / head_dim) * head_dim, n_head = n_embd / head_dim, the
+    rest of the model section unchanged. LR per size: base_lr * (ref_width / n_embd) ** lr_width_power
+    (muP-style: wider models take smaller steps); min_lr keeps the train section's min_lr/lr ratio.
+    Global batch per size: train.global_batch_size * (n_embd / ref_width) ** batch_width_power, rounded
+    to a multiple of micro_batch_size x num_workers.
+    Points: ``tokens`` (every size x every token count), ``budgets`` (IsoFLOP: every size at
+    D = C / flops_per_token(N)), ``wsd_tokens_per_param`` (one stable run per size, decay branches at
+    D = m * N for each m). Point results live in <storage_path>/<name>/points/<key>.json and are reused.
+    """
+
+    name: str = "scaling"
+    storage_path: str = "runs/scaling"
+    n_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    aspect: float = field(default=32.0, metadata={"min": 1.0})
+    head_dim: int = field(default=16, metadata={"min": 2})
+    tokens: list[float] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=list)
+    wsd_tokens_per_param: list[float] = field(default_factory=list)
+    wsd_decay_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
+    base_lr: Optional[float] = field(default=None, metadata={"min": 0.0})  # None: train.lr
+    ref_width: int = field(default=64, metadata={"min": 1})
+    lr_width_power: float = 1.0
+    batch_width_power: float = 0.0
+    min_steps: int = field(default=10, metadata={"min": 1})  # fewer optimizer steps: the point is infeasible
+    # IsoFLOP: keep only sizes whose D/N lies in this range (null: no bound), so a large budget does not
+    # spend most of its FLOPs on tiny models far from its optimum
+    min_tokens_per_param: Optional[float] = field(default=None, metadata={"min": 0.0})
+    max_tokens_per_param: Optional[float] = field(default=None, metadata={"min": 0.0})
+    max_failures: int = field(default=1, metadata={"min": -1})  # retries per point (Tune FailureConfig)
+    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})
+    gpu_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    param_kind: Literal["all", "non_embedding"] = "all"
+    holdout: int = field(default=0, metadata={"min": 0})  # largest-compute points held out of the law fit
+    n_boot: int = field(default=100, metadata={"min": 0})
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "budgets", "wsd_tokens_per_param"):
+            bad = [v for v in getattr(self, name) if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"{name} must hold positive numbers, got {bad}")
+        if any(n < 1 for n in self.n_layers) or len(set(self.n_layers)) != len(self.n_layers):
+            raise ValueError(f"n_layers must be distinct positive integers, got {self.n_layers}")

@@ -1,0 +1,539 @@
+"""Scaling-law sweeps (``raylm scaling``): plan points, train each as a Tune trial, reuse, fit.
+
+A sweep is a list of *points*, each one training run of a ladder shape for a number of tokens:
+``tokens`` (every size x every token count), ``budgets`` (IsoFLOP: every size at D = C /
+flops_per_token(N)) and ``wsd_tokens_per_param`` (one warmup-stable run per size, a short decay
+branched off it at each D = m x N). A point's key hashes its resolved config (plus, for a branch,
+the stable run it starts from), so a finished point (``points/<key>.json``) is reused when the sweep
+is re-run or extended; an unfinished one resumes from its run directory ``runs/<key>/``.
+Outputs in ``<scaling.storage_path>/<scaling.name>/``: ``scaling_points.json``, ``scaling_fit.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from model.config import ModelConfig
+from model.flops import count_params, flops_per_token
+from orchestration.config import Config, ConfigError, build_dataclass, config_to_dict, with_absolute_paths
+from orchestration.train.checkpoint import checkpoint_dir_name
+
+# Train fields that do not change what a run learns: left out of a point's key.
+_KEY_EXCLUDED = ("run_name", "storage_path", "max_failures", "num_to_keep", "log_interval")
+
+
+def ladder_shape(n_layer: int, aspect: float, head_dim: int, base: ModelConfig) -> ModelConfig:
+    """One rung: n_embd = aspect x n_layer rounded to a multiple of head_dim, n_head = n_embd / head_dim;
+    everything else (vocab, block size, MLP, norm, positions) from ``base``."""
+    n_embd = max(head_dim, round(aspect * n_layer / head_dim) * head_dim)
+    n_kv = None if base.n_kv_head is None else max(1, n_embd // head_dim // (base.n_head // base.kv_heads))
+    return dataclasses.replace(
+        base, preset=None, n_layer=n_layer, n_embd=n_embd, n_head=n_embd // head_dim, n_kv_head=n_kv
+    )
+
+
+def size_rule(cfg: Config, model: ModelConfig) -> dict:
+    """Per-size train fields: lr = base_lr x (ref_width / n_embd)^lr_width_power (min_lr keeps the
+    train section's min_lr/lr ratio); global batch x (n_embd / ref_width)^batch_width_power,
+    rounded to a multiple of micro_batch_size x num_workers (at least one)."""
+    sc, train = cfg.scaling, cfg.train
+    base_lr = sc.base_lr if sc.base_lr is not None else train.lr
+    lr = base_lr * (sc.ref_width / model.n_embd) ** sc.lr_width_power
+    per_step = train.micro_batch_size * train.num_workers
+    batch = train.global_batch_size * (model.n_embd / sc.ref_width) ** sc.batch_width_power
+    global_batch = max(1, round(batch / per_step)) * per_step
+    return {
+        "lr": lr,
+        "min_lr": lr * train.min_lr / train.lr if train.lr > 0 else 0.0,
+        "global_batch_size": global_batch,
+        "grad_accum_steps": global_batch // per_step,
+    }
+
+
+def point_key(config: dict, branch: Optional[dict] = None, tokenizer_hash: str = "") -> str:
+    """16 hex digits of sha256 over what decides a run's result: the model and train sections (less
+    bookkeeping fields; train.data names the shards), the shards' tokenizer and, for a branch, the
+    stable run and step it starts from. The data section only says how to *prepare* shards: left out."""
+    train = {k: v for k, v in config["train"].items() if k not in _KEY_EXCLUDED}
+    blob = json.dumps(
+        {"model": config["model"], "train": train, "tokenizer": tokenizer_hash, "branch": branch},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _point(
+    cfg: Config,
+    model: ModelConfig,
+    seq_len: int,
+    steps: int,
+    kind: str,
+    runs_dir: str,
+    *,
+    budget: Optional[float] = None,
+    target_tokens: Optional[float] = None,
+    train_extra: Optional[dict] = None,
+    branch: Optional[dict] = None,
+    tokenizer_hash: str = "",
+) -> dict:
+    rule = size_rule(cfg, model)
+    tree = config_to_dict(cfg)
+    tree["model"] = dataclasses.asdict(model)
+    tree["train"].update(rule, max_steps=steps, max_tokens=None, storage_path=runs_dir, **(train_extra or {}))
+    tree.pop("tune"), tree.pop("scaling")  # sweep bookkeeping, not part of the run
+    key = point_key(tree, branch, tokenizer_hash)
+    tree["train"]["run_name"] = key
+    tokens = steps * rule["global_batch_size"] * seq_len
+    fpt = flops_per_token(model, seq_len)
+    point = {
+        "key": key,
+        "kind": kind,
+        "n_layer": model.n_layer,
+        "n_embd": model.n_embd,
+        "params": count_params(model),
+        "non_embedding_params": count_params(model, non_embedding=True),
+        "tokens": tokens,
+        "target_tokens": target_tokens,
+        "flops": fpt * tokens,
+        "budget": budget,
+        "steps": steps,
+        "lr": rule["lr"],
+        "global_batch_size": rule["global_batch_size"],
+        "run_dir": f"{runs_dir}/{key}",
+        "config": tree,
+    }
+    if branch is not None:
+        point["branch"] = branch
+    return point
+
+
+def plan_points(cfg: Config, seq_len: int, vocab_size: int, sweep_dir: str, tokenizer_hash: str = "") -> list[dict]:
+    """Every point (and WSD stable run, kind 'trunk') of the sweep, checked; no Ray, no training.
+
+    Raises ConfigError for an empty grid or a token count / budget too small for min_steps.
+    """
+    sc = cfg.scaling
+    if not (sc.tokens or sc.budgets or sc.wsd_tokens_per_param):
+        raise ConfigError(
+            "scaling: the grid is empty; set scaling.tokens (sizes x token counts), "
+            "scaling.budgets (IsoFLOP FLOPs) and/or scaling.wsd_tokens_per_param"
+        )
+    if not sc.n_layers:
+        raise ConfigError("scaling.n_layers is empty: the ladder needs at least one size")
+    min_steps = max(sc.min_steps, cfg.train.warmup_steps + 1)
+    runs_dir = f"{sweep_dir}/runs"
+    base = dataclasses.replace(cfg.model, vocab_size=vocab_size, block_size=max(cfg.model.block_size, seq_len))
+    models = sorted((ladder_shape(n, sc.aspect, sc.head_dim, base) for n in sc.n_layers), key=count_params)
+    points = []
+    for model in models:
+        tokens_per_step = size_rule(cfg, model)["global_batch_size"] * seq_len
+        for tokens in sc.tokens:
+            steps = round(tokens / tokens_per_step)
+            if steps < min_steps:
+                raise ConfigError(
+                    f"scaling.tokens {tokens:.3g} is {steps} steps of {tokens_per_step} tokens for "
+                    f"n_layer={model.n_layer}, fewer than {min_steps} (scaling.min_steps and > "
+                    f"train.warmup_steps); raise it to >= {min_steps * tokens_per_step:.3g}"
+                )
+            points.append(
+                _point(
+                    cfg, model, seq_len, steps, "grid", runs_dir, target_tokens=tokens, tokenizer_hash=tokenizer_hash
+                )
+            )
+    for budget in sc.budgets:
+        feasible = []
+        for model in models:
+            tokens_per_step = size_rule(cfg, model)["global_batch_size"] * seq_len
+            steps = round(budget / flops_per_token(model, seq_len) / tokens_per_step)
+            ratio = steps * tokens_per_step / count_params(model, non_embedding=sc.param_kind == "non_embedding")
+            if not ((sc.min_tokens_per_param or 0) <= ratio <= (sc.max_tokens_per_param or float("inf"))):
+                continue
+            if steps >= min_steps:
+                feasible.append(
+                    _point(
+                        cfg,
+                        model,
+                        seq_len,
+                        steps,
+                        "isoflop",
+                        runs_dir,
+                        budget=budget,
+                        target_tokens=budget / flops_per_token(model, seq_len),
+                        tokenizer_hash=tokenizer_hash,
+                    )
+                )
+        if not feasible and any((sc.min_tokens_per_param, sc.max_tokens_per_param)):
+            raise ConfigError(
+                f"scaling.budgets {budget:.3g} FLOPs: no size has both >= {min_steps} steps and "
+                f"tokens/param in [{sc.min_tokens_per_param}, {sc.max_tokens_per_param}]; widen "
+                "scaling.n_layers or the tokens-per-param range"
+            )
+        if not feasible:
+            small = models[0]
+            need = min_steps * size_rule(cfg, small)["global_batch_size"] * seq_len * flops_per_token(small, seq_len)
+            raise ConfigError(
+                f"scaling.budgets {budget:.3g} FLOPs is too small for the smallest model "
+                f"(n_layer={small.n_layer}, {count_params(small):,} params): fewer than {min_steps} "
+                f"steps; raise it to >= {need:.3g} or lower scaling.min_steps"
+            )
+        if len(feasible) < len(models):
+            print(
+                f"[raylm] budget {budget:.3g}: {len(models) - len(feasible)} size(s) skipped (fewer than "
+                f"{min_steps} steps or tokens/param out of range)",
+                flush=True,
+            )
+        points.extend(feasible)
+    for model in models if sc.wsd_tokens_per_param else ():
+        points.extend(_wsd_points(cfg, model, seq_len, min_steps, runs_dir, tokenizer_hash))
+    return points
+
+
+def _wsd_points(
+    cfg: Config, model: ModelConfig, seq_len: int, min_steps: int, runs_dir: str, tokenizer_hash: str
+) -> list[dict]:
+    """One stable run (constant LR after warmup, checkpoint every k steps) and one decay branch per
+    tokens-per-param multiple m: the branch resumes the stable run at step s (D ~ m N minus the
+    decay) and decays linearly to min_lr over the last wsd_decay_fraction of its own steps."""
+    sc = cfg.scaling
+    tokens_per_step = size_rule(cfg, model)["global_batch_size"] * seq_len
+    n = count_params(model, non_embedding=sc.param_kind == "non_embedding")
+    totals = sorted({round(m * n / tokens_per_step) for m in sc.wsd_tokens_per_param})
+    stable = [round(t * (1 - sc.wsd_decay_fraction)) for t in totals]
+    if stable[0] < min_steps:
+        raise ConfigError(
+            f"scaling.wsd_tokens_per_param {min(sc.wsd_tokens_per_param)} gives n_layer={model.n_layer} "
+            f"a stable phase of {stable[0]} steps, fewer than {min_steps}; raise it"
+        )
+    k = max(1, stable[0] // 4)  # branch points on a k-step checkpoint grid: within k/2 of the target
+    stable = sorted({max(k, round(s / k) * k) for s in stable})
+    trunk = _point(
+        cfg,
+        model,
+        seq_len,
+        stable[-1],
+        "trunk",
+        runs_dir,
+        train_extra={"schedule": "wsd", "decay_fraction": 0.0, "checkpoint_interval": k, "num_to_keep": None},
+        tokenizer_hash=tokenizer_hash,
+    )
+    branches = []
+    for s in stable:
+        decay = max(1, round(sc.wsd_decay_fraction * s / (1 - sc.wsd_decay_fraction)))
+        branch = {"trunk": trunk["key"], "step": s, "from": f"{trunk['run_dir']}/{checkpoint_dir_name(s)}"}
+        branches.append(
+            _point(
+                cfg,
+                model,
+                seq_len,
+                s + decay,
+                "wsd",
+                runs_dir,
+                branch=branch,
+                tokenizer_hash=tokenizer_hash,
+                target_tokens=(s + decay) * tokens_per_step,
+                train_extra={"schedule": "wsd", "decay_fraction": decay / (s + decay), "checkpoint_interval": 0},
+            )
+        )
+    return [trunk, *branches]
+
+
+def wsd_savings(points: list[dict]) -> Optional[dict]:
+    """FLOPs of the stable runs + decay branches vs one independent run per branch point."""
+    trunks = {p["key"]: p for p in points if p["kind"] == "trunk"}
+    branches = [p for p in points if p["kind"] == "wsd"]
+    if not branches:
+        return None
+    independent = sum(p["flops"] for p in branches)
+    decay = sum(p["flops"] * (p["steps"] - p["branch"]["step"]) / p["steps"] for p in branches)
+    used = sum(t["flops"] for t in trunks.values()) + decay
+    return {
+        "independent_flops": independent,
+        "wsd_flops": used,
+        "saved_flops": independent - used,
+        "saved_fraction": 1 - used / independent,
+        "n_stable_runs": len(trunks),
+        "n_branches": len(branches),
+    }
+
+
+# ---- running the sweep ---------------------------------------------------------------------------
+
+
+def sweep_dir(cfg: Config) -> str:
+    storage = cfg.scaling.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    return f"{storage.rstrip('/')}/{cfg.scaling.name}"
+
+
+def _point_trial(params: dict, *, specs: dict, points_dir: str, gpus_per_worker: Optional[float]) -> None:
+    """One Tune trial: train the point's run (resuming its run dir), then record its result."""
+    from data_pipeline.storage import filesystem_for, write_bytes
+    from orchestration.sweeps.tune import val_loss_callback
+    from orchestration.train.driver import run_training
+
+    spec = specs[params["key"]]
+    cfg = build_dataclass(Config, spec["config"], source=f"scaling point {spec['key']}")
+    branch_from = spec["branch"]["from"] if "branch" in spec else None
+    summary = run_training(
+        cfg, resume=True, callbacks=[val_loss_callback()], gpus_per_worker=gpus_per_worker, branch_from=branch_from
+    )
+    if summary["final_val_loss"] is None and spec["kind"] != "trunk":
+        raise RuntimeError(f"point {spec['key']} finished without a val_loss")
+    record = {k: v for k, v in spec.items() if k != "config"}
+    record.update(
+        loss=summary["final_val_loss"],
+        train_loss=summary["final_loss"],
+        status="ok",
+        final_step=summary["final_step"],
+        wall_s=summary["wall_s"],
+        checkpoint=summary["checkpoint"],
+    )
+    fs, path = filesystem_for(f"{points_dir}/{spec['key']}.json", cfg.train.endpoint_url)
+    write_bytes(fs, path, json.dumps(record, indent=2).encode())
+
+
+def _finished(points_dir: str, key: str) -> Optional[dict]:
+    path = Path(points_dir) / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_trials(cfg: Config, specs: list[dict], out: str, phase: str, gpus_per_worker: Optional[float]) -> int:
+    """Train ``specs`` as one Tune experiment (FIFO, retried by FailureConfig); returns trials run."""
+    from ray import tune
+
+    from orchestration.sweeps.tune import default_concurrency
+
+    if not specs:
+        return 0
+    sc = cfg.scaling
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _point_trial,
+            specs={s["key"]: s for s in specs},
+            points_dir=f"{out}/points",
+            gpus_per_worker=gpus_per_worker,
+        ),
+        {"cpu": 0, "memory": 1},
+    )
+    name = f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[raylm] scaling: {len(specs)} {phase} trial(s) -> {out}/tune/{name}", flush=True)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"key": tune.grid_search([s["key"] for s in specs])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=default_concurrency(cfg.train, gpus_per_worker, sc.max_concurrent_trials),
+            trial_dirname_creator=lambda trial: f"{trial.config['key']}-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=f"{out}/tune", failure_config=tune.FailureConfig(max_failures=sc.max_failures)
+        ),
+    )
+    grid = tuner.fit()
+    for result in grid:
+        if result.error:
+            print(
+                f"[raylm] scaling: point {result.config['key']} failed: {str(result.error).splitlines()[0]}", flush=True
+            )
+    return len(specs)
+
+
+def run_scaling(cfg: Config, *, resume: bool = True) -> dict:
+    """Plan the sweep, train the points that have no result yet, write points and fits.
+
+    With ``resume`` (default) finished points are reused and unfinished runs continue from their
+    checkpoints; ``resume=False`` makes an existing sweep directory an error. Returns {sweep_dir,
+    points (list), trials_run, reused, failed, fit (scaling_fit.json content), wall_s}.
+    """
+    from orchestration.runtime import init_ray
+    from orchestration.sweeps.tune import check_has_val, trial_resources
+
+    t0 = time.time()
+    cfg = with_absolute_paths(cfg)  # trials run in their own working directories
+    out = sweep_dir(cfg)
+    if Path(out).exists() and not resume:
+        raise ConfigError(f"sweep directory {out} already exists; pick another scaling.name or resume it")
+    facts = check_has_val(cfg)
+    planned = plan_points(cfg, facts["seq_len"], facts["vocab_size"], out, facts["tokenizer_hash"])
+    gpus_per_worker = trial_resources(cfg.train, cfg.scaling.gpu_per_trial)
+    points_dir = f"{out}/points"
+    done = {p["key"]: r for p in planned if (r := _finished(points_dir, p["key"])) is not None}
+    reused = len(done)
+    pending = [p for p in planned if p["key"] not in done]
+    print(
+        f"[raylm] scaling {out}: {len(planned)} runs planned, {reused} finished (reused), {len(pending)} to train",
+        flush=True,
+    )
+    trials_run = 0
+    if pending:
+        init_ray()
+        # Phase 1: independent points and WSD stable runs; phase 2: decay branches off finished stable runs.
+        trials_run += _run_trials(cfg, [p for p in pending if p["kind"] != "wsd"], out, "points", gpus_per_worker)
+        ready = {
+            p["key"] for p in planned if p["kind"] == "trunk" and (p["key"] in done or _finished(points_dir, p["key"]))
+        }
+        branches = [p for p in pending if p["kind"] == "wsd" and p["branch"]["trunk"] in ready]
+        trials_run += _run_trials(cfg, branches, out, "wsd-branches", gpus_per_worker)
+    records = []
+    for p in planned:
+        record = _finished(points_dir, p["key"])
+        if record is None:
+            record = {**{k: v for k, v in p.items() if k != "config"}, "loss": None, "status": "failed"}
+        records.append(record)
+    points = [r for r in records if r["kind"] != "trunk"]
+    trunks = [r for r in records if r["kind"] == "trunk"]
+    failed = [r["key"] for r in records if r["status"] != "ok"]
+    grid = {
+        "n_layers": cfg.scaling.n_layers,
+        "shapes": sorted({(r["n_layer"], r["n_embd"]) for r in records}),
+        "tokens": cfg.scaling.tokens,
+        "budgets": cfg.scaling.budgets,
+        "wsd_tokens_per_param": cfg.scaling.wsd_tokens_per_param,
+        "seq_len": facts["seq_len"],
+        "vocab_size": facts["vocab_size"],
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "scaling_points.json").write_text(
+        json.dumps(
+            {
+                "points": points,
+                "stable_runs": trunks,
+                "grid": grid,
+                "config": dataclasses.asdict(cfg.scaling),
+                "run_config": config_to_dict(cfg),
+            },
+            indent=2,
+        )
+    )
+    fit = fit_sweep(points, cfg.scaling)
+    fit["wsd_compute"] = wsd_savings(planned)
+    (Path(out) / "scaling_fit.json").write_text(json.dumps(fit, indent=2, default=str))
+    print(points_table(points))
+    for line in fit["messages"]:
+        print(f"[raylm] {line}", flush=True)
+    summary = {
+        "sweep_dir": out,
+        "points": points,
+        "trials_run": trials_run,
+        "reused": reused,
+        "failed": failed,
+        "fit": fit,
+        "wall_s": time.time() - t0,
+    }
+    print(
+        f"[raylm] scaling done in {summary['wall_s']:.0f} s: {trials_run} trials run, {reused} reused, "
+        f"{len(failed)} failed; points {out}/scaling_points.json, fits {out}/scaling_fit.json",
+        flush=True,
+    )
+    return summary
+
+
+# ---- fits ----------------------------------------------------------------------------------------
+
+
+def scaling_points(records: list[dict]) -> list:
+    """The finished records as ``ScalingPoint``s (loss = final val loss)."""
+    from orchestration.sweeps.fit import ScalingPoint
+
+    return [
+        ScalingPoint(
+            params=r["params"],
+            tokens=r["tokens"],
+            loss=r["loss"],
+            flops=r["flops"],
+            non_embedding_params=r["non_embedding_params"],
+            budget=r["budget"],
+        )
+        for r in records
+        if r["status"] == "ok" and r["loss"] is not None
+    ]
+
+
+def fit_sweep(records: list[dict], sc) -> dict:
+    """IsoFLOP fit (>= 2 budgets with >= 3 sizes), parametric law (>= 5 points), optional holdout.
+
+    Each section is the fit's dataclass as a dict, or {"skipped": why}; ``messages`` says what was
+    fitted and what was not, and why.
+    """
+    from orchestration.sweeps.fit import (
+        CHINCHILLA_APPROACH3,
+        CHINCHILLA_ISOFLOP_EXPONENTS,
+        fit_isoflops,
+        fit_law,
+        holdout_check,
+    )
+
+    points = scaling_points(records)
+    out: dict = {
+        "param_kind": sc.param_kind,
+        "n_points": len(points),
+        "messages": [],
+        "reference": {
+            "chinchilla_approach3": dataclasses.asdict(CHINCHILLA_APPROACH3),
+            "chinchilla_isoflop": CHINCHILLA_ISOFLOP_EXPONENTS,
+        },
+    }
+    iso = [p for p in points if p.budget is not None]
+    sizes_per_budget: dict = {}
+    for p in iso:
+        sizes_per_budget.setdefault(p.budget, set()).add(p.params)
+    usable = [b for b, sizes in sizes_per_budget.items() if len(sizes) >= 3]
+    if len(usable) >= 2:
+        try:
+            fit = fit_isoflops(iso, param_kind=sc.param_kind, n_boot=sc.n_boot)
+            out["isoflop"] = dataclasses.asdict(fit)
+            out["messages"].append(
+                f"IsoFLOP fit over {fit.n_budgets_used} budgets: N_opt ~ C^"
+                f"{fit.params_opt.exponent:.3f}, D_opt ~ C^{fit.tokens_opt.exponent:.3f}"
+            )
+        except ValueError as err:
+            out["isoflop"] = {"skipped": str(err)}
+            out["messages"].append(f"IsoFLOP fit failed: {err}")
+    else:
+        why = "too few points for the IsoFLOP fit: it needs >= 2 budgets with >= 3 model sizes each; got " + (
+            ", ".join(f"{b:.3g} FLOPs: {len(s)} sizes" for b, s in sorted(sizes_per_budget.items())) or "none"
+        )
+        out["isoflop"] = {"skipped": why}
+        out["messages"].append(why)
+    if len(points) >= 5:
+        law = fit_law(points, param_kind=sc.param_kind, n_boot=sc.n_boot)
+        out["law"] = dataclasses.asdict(law)
+        out["messages"].append(
+            f"parametric law over {len(points)} points: alpha {law.law.alpha:.3f}, beta "
+            f"{law.law.beta:.3f}, E {law.law.E:.3f}; N_opt ~ C^{law.params_exponent:.3f}"
+        )
+    else:
+        why = f"too few points for the parametric fit L = E + A/N^alpha + B/D^beta: {len(points)} < 5"
+        out["law"] = {"skipped": why}
+        out["messages"].append(why)
+    if sc.holdout:
+        try:
+            check = holdout_check(points, n_holdout=sc.holdout, param_kind=sc.param_kind)
+            out["holdout"] = dataclasses.asdict(check)
+            out["messages"].append(
+                f"holdout of the {sc.holdout} largest-compute point(s): max relative error {check.max_rel_error:.2%}"
+            )
+        except ValueError as err:
+            out["holdout"] = {"skipped": str(err)}
+            out["messages"].append(f"holdout check skipped: {err}")
+    return out
+
+
+def points_table(points: list[dict]) -> str:
+    lines = [
+        f"{'key':<18}{'kind':<9}{'layers':>7}{'width':>7}{'params':>13}{'tokens':>11}{'FLOPs':>10}"
+        f"{'val_loss':>10}  status"
+    ]
+    for p in sorted(points, key=lambda p: (p["kind"], p["budget"] or 0, p["params"], p["tokens"])):
+        loss = f"{p['loss']:>10.4f}" if p.get("loss") is not None else f"{'-':>10}"
+        lines.append(
+            f"{p['key']:<18}{p['kind']:<9}{p['n_layer']:>7}{p['n_embd']:>7}{p['params']:>13,}"
+            f"{p['tokens']:>11.3g}{p['flops']:>10.2g}{loss}  {p['status']}"
+        )
+    return "\n".join(lines)

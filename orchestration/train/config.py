@@ -1,0 +1,114 @@
+"""The ``train:`` section: data, scale-out, batch arithmetic, optimizer, schedule, ZeRO, cadence.
+
+Pure data (no torch, no ray import) so configs load and fail fast anywhere. Checks that need only
+this section live in ``__post_init__``; checks that need the data manifest or the model shape run in
+``orchestration.train.driver.validate`` before any worker starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainConfig:
+    """How to pretrain: one Ray Train worker per device, DeepSpeed ZeRO inside each."""
+
+    # --- data and outputs
+    data: str = "data/shakespeare/manifest.json"  # manifest URI written by `raylm prepare` (local, s3://)
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint for s3:// data (MinIO, moto); None: AWS
+    run_name: str = "run"  # the run directory is <storage_path>/<run_name>; reused -> resume
+    storage_path: str = "runs"  # local path, s3:// or gs:// URI
+
+    # --- scale-out
+    num_workers: int = field(default=2, metadata={"min": 1})
+    use_gpu: bool = False
+    cpus_per_worker: float = field(default=1.0, metadata={"min": 0.0})
+
+    # --- batch arithmetic: micro_batch_size x grad_accum_steps x num_workers = global_batch_size
+    micro_batch_size: int = field(default=8, metadata={"min": 1})  # sequences per worker per forward
+    grad_accum_steps: Optional[int] = field(default=None, metadata={"min": 1})  # None: derived, else 1
+    global_batch_size: Optional[int] = field(default=None, metadata={"min": 1})  # None: derived
+
+    # --- length of training: exactly one of the two
+    max_steps: Optional[int] = field(default=200, metadata={"min": 1})
+    max_tokens: Optional[int] = field(default=None, metadata={"min": 1})  # token budget -> steps
+
+    # --- optimizer (torch AdamW; decay only on matrices) and LR schedule
+    lr: float = field(default=1e-3, metadata={"min": 0.0})
+    min_lr: float = field(default=1e-4, metadata={"min": 0.0})
+    warmup_steps: int = field(default=20, metadata={"min": 0})
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})  # wsd: last share of steps
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})  # 0 disables clipping
+
+    # --- DeepSpeed
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on CPU between uses
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the model before DeepSpeed wraps it
+
+    # --- cadence (in optimizer steps)
+    log_interval: int = field(default=10, metadata={"min": 1})
+    eval_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
+    eval_steps: int = field(default=10, metadata={"min": 1})  # val micro-batches per worker
+    checkpoint_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
+    num_to_keep: Optional[int] = field(default=2, metadata={"min": 1})  # None: keep all
+    max_failures: int = field(default=0, metadata={"min": -1})  # worker failures to absorb; -1: forever
+
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError(
+                "set exactly one of max_steps and max_tokens (the other to null); "
+                f"got max_steps={self.max_steps}, max_tokens={self.max_tokens}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "precision 'fp16' is not supported on CPU by DeepSpeed "
+                "(\"Type fp16 is not supported on your device\"); use 'bf16' or 'fp32', "
+                "or set use_gpu: true"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO owns the optimizer states)")
+        self._resolve_batch()
+
+    def _resolve_batch(self) -> None:
+        """Fill whichever of grad_accum_steps / global_batch_size is missing; check they agree."""
+        per_step = self.micro_batch_size * self.num_workers  # sequences per micro-step, all workers
+        if self.global_batch_size is None:
+            self.grad_accum_steps = self.grad_accum_steps or 1
+            self.global_batch_size = per_step * self.grad_accum_steps
+            return
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x "
+                f"num_workers = {self.micro_batch_size} x {self.num_workers} = {per_step}; "
+                f"e.g. global_batch_size {per_step * max(1, round(self.global_batch_size / per_step))}"
+            )
+        accum = self.global_batch_size // per_step
+        if self.grad_accum_steps is not None and self.grad_accum_steps != accum:
+            raise ValueError(
+                f"micro_batch_size x grad_accum_steps x num_workers = {self.micro_batch_size} x "
+                f"{self.grad_accum_steps} x {self.num_workers} = {per_step * self.grad_accum_steps} "
+                f"!= global_batch_size ({self.global_batch_size}); drop one of the two or make them agree"
+            )
+        self.grad_accum_steps = accum
+
+    def total_steps(self, seq_len: int) -> int:
+        """Optimizer steps in the run: max_steps, or the token budget over tokens per step."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.max_tokens / (self.global_batch_size * seq_len))

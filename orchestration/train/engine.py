@@ -1,0 +1,69 @@
+"""Our ``TrainConfig`` -> a DeepSpeed config dict, plus the optimizer we hand to DeepSpeed.
+
+We pass DeepSpeed a plain ``torch.optim.AdamW`` (DeepSpeed's own Adam JIT-compiles a C++ op on first
+use, 60-90 s on CPU) and no scheduler: the loop sets the LR itself from ``orchestration.train.schedule``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orchestration.train.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig) -> dict:
+    """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping)."""
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage >= 1:
+        zero.update(
+            overlap_comm=train.use_gpu,
+            contiguous_gradients=True,
+            reduce_bucket_size=int(5e7),
+            allgather_bucket_size=int(5e7),
+        )
+    if train.zero_stage == 3:
+        # Lets save_16bit_model gather the full weights; we gather fp32 ourselves but keep it usable.
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        # A torch optimizer with ZeRO-Offload is fine for us (no compiled CPUAdam needed).
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (embeddings, linear weights; dim >= 2), none on biases/norms.
+
+    Tied weights appear once (``named_parameters`` de-duplicates shared tensors).
+    """
+    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """torch AdamW over ``param_groups``; fused on CUDA (one kernel for the whole update)."""
+    fused = train.use_gpu and torch.cuda.is_available() and not train.offload_optimizer
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=tuple(train.betas),
+        weight_decay=train.weight_decay,
+        fused=fused or None,
+    )

@@ -1,0 +1,366 @@
+"""Fine-tuning: LoRA, the classification head, task data, config checks, and real Ray Train runs.
+
+The slow tests pretrain one tiny GPT (20 steps) and fine-tune it three ways through Ray Train +
+DeepSpeed on 2 CPU workers: SFT with LoRA (ZeRO-2), classification with frozen blocks (ZeRO-3,
+early stopping) and continued pretraining (full, ZeRO-0). Each checks that the driver's
+before/after scoring of the saved checkpoint reproduces what the workers measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config, tiny_corpus_manifest
+from safetensors.torch import load_file
+
+from model.classifier import GPTClassifier
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.lora import LoRALinear, apply_lora, merged_state_dict
+from orchestration.config import ConfigError, load_config
+
+torch.set_num_threads(1)
+
+TINY = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+# --- LoRA and the classification head ------------------------------------------------------------
+
+
+def test_lora_starts_as_the_base_model_and_merges_exactly():
+    torch.manual_seed(0)
+    base = GPT(TINY).eval()
+    adapted = GPT(TINY).eval()
+    adapted.load_state_dict(base.state_dict())
+    names = apply_lora(adapted, ["attn", "mlp"], rank=4, alpha=8.0)
+    assert len(names) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj per block
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(base(idx)[0], adapted(idx)[0])  # B = 0: the adapters add nothing yet
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
+        n for n, _ in adapted.named_parameters() if ".lora_" in n
+    }
+    for module in adapted.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=0.1)
+    merged = GPT(TINY).eval()
+    merged.load_state_dict(merged_state_dict(adapted, adapted.state_dict()), strict=False)
+    assert not torch.allclose(base(idx)[0], adapted(idx)[0])
+    torch.testing.assert_close(merged(idx)[0], adapted(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_rejects_unknown_targets():
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        apply_lora(GPT(TINY), ["embeddings"], rank=2, alpha=2.0)
+
+
+def test_classifier_reads_the_last_real_token_so_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = GPTClassifier(TINY, num_classes=3).eval()
+    text = torch.randint(0, 64, (1, 7))
+    padded = torch.cat([text, torch.zeros(1, 9, dtype=torch.long)], dim=1)
+    alone, _ = model(text)
+    with_pad, loss = model(padded, labels=torch.tensor([2]), lengths=torch.tensor([7]))
+    torch.testing.assert_close(alone, with_pad, atol=1e-6, rtol=1e-6)
+    assert loss.item() > 0
+
+
+# --- task data -------------------------------------------------------------------------------
+
+
+class _Enc:
+    """A byte-level stand-in for a tiktoken Encoding (eot 256)."""
+
+    eot_token = 256
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode())
+
+
+def test_encode_sft_learns_only_the_response_and_keeps_the_question():
+    from data_pipeline.task_data import encode_sft
+
+    rows = [{"prompt": "abcdef?", "response": "xy"}, {"prompt": "p", "response": "r" * 20}]
+    tokens, targets, dropped = encode_sft(_Enc(), rows, seq_len=6)
+    assert dropped == 1 and tokens.shape == (1, 7) and targets.shape == (1, 6)
+    # prompt cut from the left to "def?" so "xy" + eot fit: d e f ? x y <eot>
+    assert bytes(tokens[0, :6].tolist()).decode() == "def?xy" and tokens[0, 6] == 256
+    assert targets[0].tolist() == [-1, -1, -1, ord("x"), ord("y"), 256]
+
+
+def test_encode_classification_pads_and_rejects_unknown_labels():
+    from data_pipeline.task_data import encode_classification
+
+    tokens, lengths, labels = encode_classification(_Enc(), [{"text": "abc", "label": "b"}], 5, ["a", "b"])
+    assert tokens[0].tolist() == [97, 98, 99, 256, 256] and lengths.tolist() == [3] and labels.tolist() == [1]
+    with pytest.raises(ValueError, match="label 'z'"):
+        encode_classification(_Enc(), [{"text": "abc", "label": "z"}], 5, ["a", "b"])
+
+
+def test_shipped_tasks_are_deterministic_and_split_by_position_in_the_play():
+    from data_pipeline.task_data import GENRES, PLAY_QUESTION, shakespeare_task
+
+    train = shakespeare_task("shakespeare-genre", "train", max_per_document=2)
+    val = shakespeare_task("shakespeare-genre", "val", max_per_document=2)
+    assert train == shakespeare_task("shakespeare-genre", "train", max_per_document=2)
+    assert {r["label"] for r in train} == set(GENRES)
+    assert not {r["text"] for r in train} & {r["text"] for r in val}
+    qa = shakespeare_task("shakespeare-play-qa", "val", max_per_document=2)
+    assert qa[0]["prompt"].endswith(PLAY_QUESTION) and qa[0]["response"].endswith(".")
+    mixed = shakespeare_task("shakespeare-instruct", "train", max_per_document=2)
+    assert [r["kind"] for r in mixed[:4]] == ["play", "edition"] * 2  # two rows per text, in turn
+    assert {r["response"] for r in mixed if r["kind"] == "edition"} == {" First Folio.", " Modernized."}
+
+
+def test_jsonl_rows_are_checked_line_by_line(tmp_path):
+    from data_pipeline.storage import DataSourceError
+    from data_pipeline.task_data import load_examples
+
+    (tmp_path / "ok_train.jsonl").write_text('{"prompt": "q", "response": "a"}\n\n')
+    assert load_examples(str(tmp_path / "ok_{split}.jsonl"), "sft", "train") == [{"prompt": "q", "response": "a"}]
+    cases = {
+        "bad": ('{"prompt": "q"}\n', "needs string field"),
+        "json": ("{nope\n", "not valid JSON"),
+        "empty": ("", "empty file"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / f"{name}_train.jsonl").write_text(text)
+        with pytest.raises(DataSourceError, match=message):
+            load_examples(str(tmp_path / f"{name}_{{split}}.jsonl"), "sft", "train")
+    (tmp_path / "latin_train.jsonl").write_bytes('{"prompt": "caf\u00e9", "response": "a"}'.encode("latin-1"))
+    with pytest.raises(DataSourceError, match="not UTF-8"):
+        load_examples(str(tmp_path / "latin_{split}.jsonl"), "sft", "train")
+    with pytest.raises(ValueError, match="placeholder"):
+        load_examples(str(tmp_path / "ok_train.jsonl"), "sft", "train")
+
+
+# --- config checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["finetune.mode=partial"], "needs freeze_blocks"),
+        (["finetune.freeze_blocks=1"], "apply to mode 'partial'"),
+        (["finetune.lora_targets=[ffn]"], "lora_targets"),
+        (["finetune.labels=[a]"], "two distinct"),
+    ],
+)
+def test_finetune_section_is_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "finetune.checkpoint is required"),
+        (["finetune.checkpoint=x"], "finetune.data is required"),
+        (["finetune.checkpoint=x", "finetune.data=y", "model.n_layer=8"], "remove model.n_layer"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.data=z"], "train.data is for pretraining"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.eval_steps=3"], "instead of train.eval_steps"),
+        (["finetune.checkpoint=x", "finetune.data=y", "train.eval_interval=0"], "needs train.eval_interval"),
+        (
+            ["finetune.checkpoint=x", "finetune.data=y", "train.checkpoint_interval=7"],
+            "checkpoints at every evaluation",
+        ),
+    ],
+)
+def test_run_finetune_checks_the_config_before_anything_runs(overrides, message):
+    from orchestration.finetune.driver import run_finetune
+
+    with pytest.raises(ConfigError, match=message):
+        run_finetune(load_config(None, overrides))
+
+
+def test_early_stopping_state_replays_from_metrics():
+    from orchestration.finetune.task import _early_stop_state
+
+    records = [
+        {"step": 5, "val_loss": 2.0},
+        {"step": 10, "val_loss": 1.5},
+        {"step": 15, "val_loss": 1.6},
+        {"step": 20, "val_loss": 1.7},
+        {"step": 25, "val_loss": 1.0},
+    ]
+    assert _early_stop_state(records, 20, 0.0) == (1.5, 2)
+    assert _early_stop_state(records, 10, 0.6) == (2.0, 1)
+
+
+# --- real runs through Ray Train + DeepSpeed ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, ray_session) -> tuple[str, str]:
+    """(manifest, run dir) of a tiny GPT pretrained for 20 steps."""
+    from orchestration.train.driver import run_training
+
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = tiny_corpus_manifest(root)
+    return manifest, run_training(tiny_config(manifest, root / "runs", "pre", zero_stage=1))["run_dir"]
+
+
+def _finetune_config(pretrained_dir: str, storage: Path, name: str, overrides: list[str]):
+    base = [
+        f"finetune.checkpoint={pretrained_dir}",
+        f"train.storage_path={storage}",
+        f"train.run_name={name}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.micro_batch_size=4",
+        "train.max_steps=12",
+        "train.warmup_steps=2",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "train.log_interval=4",
+        "train.eval_interval=4",
+        "train.checkpoint_interval=4",
+        "finetune.max_val_examples=16",
+    ]
+    return load_config(None, base + overrides)
+
+
+def _records(run_dir: str) -> list[dict]:
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(pretrained, tmp_path, monkeypatch):
+    from orchestration.evaluate.load import load_checkpoint_model
+    from orchestration.finetune.driver import run_finetune
+    from orchestration.report.write import write_report
+
+    _, pre_dir = pretrained
+    for split, n in (("train", 48), ("val", 16)):
+        rows = [{"prompt": f"Line {i}: what is the word?\n", "response": f" word{i % 3}"} for i in range(n)]
+        (tmp_path / f"sft_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # relative paths, as configs write them: the workers (in Ray's own working dir) must still find them
+    monkeypatch.chdir(tmp_path)
+    relative_pre = Path("pre_link")
+    relative_pre.symlink_to(pre_dir)
+    cfg = _finetune_config(
+        str(relative_pre),
+        Path("runs"),
+        "sft-lora",
+        [
+            "finetune.task=sft",
+            "finetune.data=sft_{split}.jsonl",
+            "finetune.mode=lora",
+            "finetune.lora_rank=2",
+            "train.zero_stage=2",
+            "finetune.patience=0",
+        ],
+    )
+    summary = run_finetune(cfg, resume=False)
+
+    records = _records(summary["run_dir"])
+    best = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
+    # rank 2 adapters on 4 linears x 2 blocks of width 32 (c_fc 32->128, c_proj 128->32)
+    assert summary["trainable_params"] == 2 * (2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32))
+    # The driver scores the merged weights it saved; the workers scored the adapted model: same loss.
+    assert summary["after"]["response_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert summary["after"]["response_loss"] < summary["before"]["response_loss"]
+    ckpt = Path(summary["best_checkpoint"])
+    adapters = load_file(str(ckpt / "adapter.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    model, _, _, _ = load_checkpoint_model(str(ckpt))  # a plain GPT: the adapters are merged in
+    assert isinstance(model, GPT)
+    assert json.loads((ckpt / "finetune.json").read_text())["lora"]["rank"] == 2
+    report = write_report(summary["run_dir"])
+    html = Path(report["report.html"]).read_text()
+    assert "Fine-tuning: before / after" in html and "response loss" in html
+
+    # Export: merged into a plain GPT-2, or the base GPT-2 + a PEFT adapter; both give the tuned logits.
+    import peft
+    import transformers
+
+    from orchestration.deploy.export import export_checkpoint
+
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours = model(ids)[0]
+        merged = export_checkpoint(str(ckpt), str(tmp_path / "merged"), fmt="hf")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(merged["out_dir"]).eval()
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=0)
+        separate = export_checkpoint(str(ckpt), str(tmp_path / "separate"), fmt="hf", lora="separate")
+        assert "adapter/adapter_model.safetensors" in separate["files"]
+        base = transformers.GPT2LMHeadModel.from_pretrained(separate["out_dir"]).eval()
+        base_logits = base(ids).logits.clone()
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "separate" / "adapter")).eval()
+        torch.testing.assert_close(adapted(ids).logits, ours, atol=1e-4, rtol=0)
+        assert not torch.allclose(base_logits, ours, atol=1e-4)  # the adapters are what moves it
+
+
+@pytest.mark.slow
+def test_classification_with_frozen_blocks_under_zero3_stops_early(pretrained, tmp_path):
+    from orchestration.finetune.driver import load_classifier, run_finetune
+
+    _, pre_dir = pretrained
+    cfg = _finetune_config(
+        pre_dir,
+        tmp_path / "runs",
+        "cls",
+        [
+            "finetune.task=classification",
+            "finetune.data=shakespeare-genre",
+            "finetune.max_per_document=2",
+            "finetune.mode=partial",
+            "finetune.freeze_blocks=1",
+            "finetune.freeze_embeddings=true",
+            "train.zero_stage=3",
+            "finetune.patience=1",
+            "finetune.min_delta=100",
+            "train.max_steps=40",
+        ],
+    )
+    summary = run_finetune(cfg, resume=False)
+
+    records = _records(summary["run_dir"])
+    evals = [r for r in records if "val_loss" in r]
+    assert summary["stopped_early"] and summary["final_step"] == 8 < summary["total_steps"] == 40
+    assert [r["evals_without_improvement"] for r in evals] == [0, 1]
+    assert summary["before"]["majority_class"]["accuracy"] > 0 and "zero_shot" in summary["before"]
+    best = next(r for r in evals if r["step"] == summary["best_step"])
+    assert summary["after"]["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert summary["after"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    # frozen under ZeRO-3 means gathered unchanged into the checkpoint; the unfrozen block moved
+    pre = load_file(str(Path(pre_dir) / "checkpoint_00000020" / "model.safetensors"))
+    tuned = load_file(str(Path(summary["best_checkpoint"]) / "model.safetensors"))
+    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"):
+        assert torch.equal(pre[name], tuned[name]), name
+    assert not torch.equal(pre["transformer.h.1.attn.c_attn.weight"], tuned["transformer.h.1.attn.c_attn.weight"])
+    model = load_classifier(summary["best_checkpoint"], 3)
+    assert model.head.out_features == 3
+
+
+@pytest.mark.slow
+def test_continued_pretraining_checks_the_tokenizer_and_lowers_domain_loss(pretrained, tmp_path):
+    from orchestration.finetune.driver import run_finetune
+
+    manifest, pre_dir = pretrained
+    other = tiny_corpus_manifest(tmp_path / "other", vocab_size=300)
+    with pytest.raises(ConfigError, match="data.tokenizer.kind=file"):
+        run_finetune(
+            _finetune_config(pre_dir, tmp_path / "runs", "bad", ["finetune.task=lm", f"finetune.data={other}"])
+        )
+    cfg = _finetune_config(
+        pre_dir,
+        tmp_path / "runs",
+        "lm",
+        [
+            "finetune.task=lm",
+            f"finetune.data={manifest}",
+            "train.zero_stage=0",
+            "train.max_steps=8",
+            "finetune.patience=0",
+        ],
+    )
+    summary = run_finetune(cfg, resume=False)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary["trainable_params"] == sum(
+        np.prod(t.shape) for t in load_file(f"{summary['best_checkpoint']}/model.safetensors").values()
+    )

@@ -1,0 +1,171 @@
+"""Fast checks of the training pieces that need no Ray Train launch: config, schedules, DeepSpeed
+config, param groups, MFU math, checkpoint completeness, metrics log."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from orchestration.config import ConfigError, load_config
+from orchestration.train.checkpoint import META_FILE, is_complete, latest_complete_checkpoint
+from orchestration.train.engine import deepspeed_config, param_groups
+from orchestration.train.schedule import lr_at
+from orchestration.train.throughput import MetricsLog, peak_flops_per_device, throughput
+
+
+def test_batch_arithmetic_is_derived_and_checked():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.global_batch_size=32"])
+    assert cfg.train.grad_accum_steps == 4
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.grad_accum_steps=3"])
+    assert cfg.train.global_batch_size == 24
+    with pytest.raises(ConfigError, match=r"global_batch_size \(30\) must be a multiple of .* = 8"):
+        load_config(None, ["train.micro_batch_size=4", "train.num_workers=2", "train.global_batch_size=30"])
+    with pytest.raises(ConfigError, match="!= global_batch_size"):
+        load_config(
+            None,
+            [
+                "train.micro_batch_size=4",
+                "train.num_workers=2",
+                "train.global_batch_size=32",
+                "train.grad_accum_steps=2",
+            ],
+        )
+
+
+def test_bad_zero_stage_fp16_on_cpu_and_offload_fail_at_load():
+    with pytest.raises(ConfigError, match=r"train.zero_stage.*one of 0, 1, 2, 3"):
+        load_config(None, ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="fp16.*not supported on CPU"):
+        load_config(None, ["train.precision=fp16"])
+    assert load_config(None, ["train.precision=fp16", "train.use_gpu=true"]).train.precision == "fp16"
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage 3"):
+        load_config(None, ["train.offload_params=true", "train.zero_stage=2"])
+    with pytest.raises(ConfigError, match="exactly one of max_steps and max_tokens"):
+        load_config(None, ["train.max_tokens=1000"])
+    cfg = load_config(
+        None, ["train.max_steps=null", "train.max_tokens=100000", "train.micro_batch_size=4", "train.num_workers=2"]
+    )
+    assert cfg.train.total_steps(seq_len=128) == math.ceil(100000 / (8 * 128))
+
+
+def test_missing_manifest_fails_before_any_worker(tmp_path):
+    from orchestration.train.driver import validate
+
+    cfg = load_config(None, [f"train.data={tmp_path}/nope/manifest.json"])
+    with pytest.raises(ConfigError, match=r"train.data = .*nope/manifest.json.*raylm prepare"):
+        validate(cfg)
+
+
+def test_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.5 * 0.9 * (1 + math.cos(math.pi * 50 / 99)))
+    assert lr_at(109, **kw) == pytest.approx(0.1)
+    cos = [lr_at(s, **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    wsd = dict(kw, schedule="wsd", decay_fraction=0.2)  # decays over the last 22 steps
+    assert lr_at(87, **wsd) == 1.0 and lr_at(88, **wsd) == 1.0
+    assert 0.1 < lr_at(99, **wsd) < 1.0 and lr_at(109, **wsd) == pytest.approx(0.1)
+
+
+def test_deepspeed_config_follows_ours():
+    cfg = load_config(
+        None,
+        [
+            "train.zero_stage=3",
+            "train.offload_params=true",
+            "train.offload_optimizer=true",
+            "train.precision=bf16",
+            "train.micro_batch_size=2",
+            "train.grad_accum_steps=3",
+            "train.num_workers=2",
+            "train.grad_clip=0.5",
+        ],
+    ).train
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW passed in; LR set by our loop
+    plain = deepspeed_config(load_config(None, ["train.zero_stage=0"]).train)
+    assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
+
+
+def test_param_groups_decay_only_matrices():
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(no_decay["params"]) > 0  # biases and norm gains exist in this model
+    n_group = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n_group == sum(p.numel() for p in model.parameters())  # tied weight counted once
+    assert model.lm_head.weight in decay["params"]
+
+
+def test_mfu_math_and_peak_table():
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_per_device("NVIDIA H200") == 989e12
+    assert peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_per_device("NVIDIA L4") == 121e12 and peak_flops_per_device("NVIDIA L40S") == 362e12
+    assert peak_flops_per_device("NVIDIA A10G") == 70e12
+    assert peak_flops_per_device(None) is None and peak_flops_per_device("cpu") is None
+    out = throughput(tokens=1000, seconds=2.0, flops_per_token=1e9, num_devices=2, peak_flops=1e12)
+    assert out == {"tokens_per_s": 500.0, "flops_per_s": 5e11, "mfu": 0.25}
+    assert throughput(tokens=1000, seconds=2.0, flops_per_token=1e9, num_devices=1, peak_flops=None)["mfu"] is None
+
+
+def test_checkpoint_marker_decides_completeness(tmp_path):
+    run = tmp_path / "run"
+    for step, complete in ((10, True), (20, False)):
+        d = run / f"checkpoint_{step:08d}"
+        (d / "ds").mkdir(parents=True)
+        (d / "ds" / "shard.pt").write_bytes(b"x" * 10)
+        files = {"ds/shard.pt": 10, "model.safetensors": 5}
+        if complete:
+            (d / "model.safetensors").write_bytes(b"y" * 5)
+        (d / META_FILE).write_text(json.dumps({"step": step, "files": files}))
+    (run / "checkpoint_00000030").mkdir()  # no marker at all: an upload that died early
+    fs = pafs.LocalFileSystem()
+    assert is_complete(fs, str(run / "checkpoint_00000020")) is None
+    uri, meta = latest_complete_checkpoint(str(run))
+    assert uri.endswith("checkpoint_00000010") and meta["step"] == 10
+    (run / "checkpoint_00000010" / "model.safetensors").write_bytes(b"y" * 4)  # truncated file
+    assert latest_complete_checkpoint(str(run)) is None
+
+
+def test_metrics_log_rewrites_and_truncates(tmp_path):
+    fs, path = pafs.LocalFileSystem(), str(tmp_path / "run" / "metrics.jsonl")
+    log = MetricsLog(fs, path)
+    for step in (5, 10, 15):
+        log.append({"step": step, "loss": 1.0 / step})
+    log.flush()
+    again = MetricsLog(fs, path)
+    again.truncate_after(10)
+    assert [json.loads(ln)["step"] for ln in open(path)] == [5, 10]
+
+
+def test_optimizer_state_numel_walks_to_torch_optimizer():
+    from orchestration.train.loop import optimizer_state_numel
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+
+    class Wrapper:  # DeepSpeed's ZeRO optimizers hold the torch optimizer as .optimizer
+        optimizer = opt
+
+    class Engine:
+        optimizer = Wrapper()
+
+    assert optimizer_state_numel(Engine()) == 2 * (4 * 3 + 3)  # exp_avg + exp_avg_sq
