@@ -61,6 +61,16 @@ class ModelConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
 
+    @staticmethod
+    def expand_preset(values: dict) -> dict:
+        """Config values with their named ``preset`` filled in: explicit keys win over the preset's."""
+        preset = values.get("preset")
+        if preset is None:
+            return values
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+        return {**PRESETS[preset], **values}
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head

@@ -11,14 +11,17 @@ import json
 import sys
 from pathlib import Path
 
-from orchestration.config import Config, ConfigError, load_config
+from orchestration.config import ConfigError, load_config
 
 CONFIG_HELP = "YAML config file (see configs/); defaults are used when omitted"
 OVERRIDE_HELP = "config overrides as key.sub=value, e.g. model.n_layer=4 train.lr=3e-4"
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+def _load(args: argparse.Namespace, schema: str = "PretrainConfig"):
+    """The command's config: ``schema`` names its class in ``orchestration.config`` (imported lazily)."""
+    from orchestration import config
+
+    return load_config(args.config, args.overrides, schema=getattr(config, schema))
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,15 +50,16 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare
+    from orchestration.config import schema_of
     from orchestration.runtime import init_ray
 
-    cfg = _load(args)
+    cfg = load_config(args.config, args.overrides, schema=schema_of(args.config))
     init_ray()
     prepare(cfg.data)
     return 0
 
 
-def _report(path: str, cfg: Config) -> None:
+def _report(path: str, cfg) -> None:
     """train, tune and scaling end by writing the report of what they produced."""
     from orchestration.report.write import write_report
 
@@ -74,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from orchestration.finetune.driver import run_finetune
 
-    cfg = _load(args)
+    cfg = _load(args, "FinetuneRunConfig")
     _report(run_finetune(cfg, resume=not args.no_resume)["run_dir"], cfg)
     return 0
 
@@ -82,7 +86,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from orchestration.sweeps.tune import run_tune
 
-    cfg = _load(args)
+    cfg = _load(args, "TuneRunConfig")
     summary = run_tune(cfg, resume=not args.no_resume)
     print(f"[raylm] best config: {summary['best_config']}")
     _report(summary["tune_dir"], cfg)
@@ -92,7 +96,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_scaling(args: argparse.Namespace) -> int:
     from orchestration.sweeps.scaling import run_scaling
 
-    cfg = _load(args)
+    cfg = _load(args, "ScalingRunConfig")
     _report(run_scaling(cfg, resume=not args.no_resume)["sweep_dir"], cfg)
     return 0
 
@@ -126,7 +130,6 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
         endpoint_url=args.endpoint_url,
     )
     print(markdown_table(result))
-    print(f"wrote {args.out}/baselines.json and {args.out}/baselines.md")
     print(f"[raylm] report: {write_report(args.out)['report.html']}")
     return 0
 
@@ -169,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from orchestration.evaluate.load import generate_text
+    from orchestration.evaluate.sample import generate_text
 
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -469,7 +472,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from data_pipeline.storage import DataSourceError
     from data_pipeline.tokenizer import TokenizerError
     from orchestration.deploy.export import ExportError
-    from orchestration.report.write import ReportError
+    from orchestration.report.render import ReportError
     from orchestration.train.checkpoint import CheckpointError
 
     return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError, ExportError

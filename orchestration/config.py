@@ -1,9 +1,11 @@
-"""Typed configuration: dataclasses with defaults, loaded from YAML, overridden by ``key.sub=value``.
+"""Typed configuration: one schema per command, sections loaded from YAML, overridden by ``key.sub=value``.
 
-Validation is strict and happens at load time: unknown keys, wrong types, values outside a field's
-``min``/``max`` metadata or a ``Literal``'s choices raise ``ConfigError`` naming the key, the file and
-what is allowed. Each component owns its dataclass (``model.config``, ``data_pipeline.config``,
-``orchestration.train.config``); this module only composes and checks them.
+Each component owns its section's dataclass (``model.config``, ``data_pipeline.config``,
+``orchestration.train.config``, ``orchestration.finetune.config``, ``orchestration.sweeps.config``);
+this module composes them into the schema of each command and checks them. Validation is strict and
+happens at load time: unknown sections or keys, wrong types, values outside a field's ``min``/``max``
+metadata or a ``Literal``'s choices raise ``ConfigError`` naming the key, the file and what is allowed;
+a section the command does not use is an error naming the command.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from data_pipeline.config import DataConfig
-from model.config import PRESETS, ModelConfig
+from model.config import ModelConfig
 from orchestration.finetune.config import FinetuneConfig
 from orchestration.sweeps.config import SweepConfig, TuneConfig
 from orchestration.train.config import TrainConfig
@@ -30,15 +32,72 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class Config:
-    """The whole run: one section per component."""
+class PretrainConfig:
+    """``raylm prepare``, ``train`` and ``demo``: the data to prepare, the model and how to train it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)  # `raylm tune` only
-    scaling: SweepConfig = field(default_factory=SweepConfig)  # `raylm scaling` only
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # `raylm finetune` only
+
+
+@dataclass
+class TuneRunConfig(PretrainConfig):
+    """``raylm tune``: a pretraining config plus the search."""
+
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+@dataclass
+class ScalingRunConfig(PretrainConfig):
+    """``raylm scaling``: a pretraining config plus the sweep."""
+
+    scaling: SweepConfig = field(default_factory=SweepConfig)
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The model shape comes from the checkpoint; only dropout may change for fine-tuning."""
+
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
+
+
+@dataclass
+class FinetuneRunConfig:
+    """``raylm finetune``: which checkpoint and task, and the ordinary training knobs; ``data`` is the
+    domain corpus ``raylm prepare`` builds from the same file for task lm."""
+
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# Keys of a section that a command's schema shares but does not read: naming them is an error.
+EXCLUDED_KEYS: dict[type, dict[str, str]] = {
+    FinetuneRunConfig: {
+        "train.data": "fine-tuning reads finetune.data; train.data is for pretraining, remove it",
+        "train.eval_steps": "fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
+        "set that instead of train.eval_steps",
+    }
+}
+COMMAND_OF: dict[type, str] = {
+    PretrainConfig: "raylm train / prepare / demo",
+    TuneRunConfig: "raylm tune",
+    ScalingRunConfig: "raylm scaling",
+    FinetuneRunConfig: "raylm finetune",
+}
+Config = PretrainConfig  # the schema most code (training, sweeps' trials) works with
+ALL_SECTIONS = ("model", "data", "train", "tune", "scaling", "finetune")
+
+
+def parse_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: a numeric string becomes a float, anything else is unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -106,22 +165,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)  # 1e6 in YAML is a float; accept it for integer counts
-        if isinstance(value, str):
-            try:
-                as_float = float(value)
-            except ValueError:
-                raise fail() from None
-            if as_float.is_integer():
-                return int(as_float)
+        as_float = parse_number(value)
+        if isinstance(value, str) and isinstance(as_float, float) and as_float.is_integer():
+            return int(as_float)
         raise fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" as a string (YAML 1.1)
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
+        if isinstance(parse_number(value), float):
+            return parse_number(value)
         raise fail()
     if tp is str:
         if isinstance(value, str):
@@ -139,23 +191,30 @@ def _check_range(value: Any, f: dataclasses.Field, key: str, source: str) -> Non
         raise ConfigError(f"{source}: key '{key}' = {value!r} is out of range; allowed {bounds}")
 
 
-def build_dataclass(cls: type, values: dict, source: str, prefix: str = "") -> Any:
-    """Instantiate ``cls`` from a (nested) mapping, validating every key against its field."""
+def build_dataclass(cls: type, values: dict, source: str, prefix: str = "", root: type | None = None) -> Any:
+    """Instantiate ``cls`` from a (nested) mapping, validating every key against its field.
+
+    ``root`` is the command schema a nested section belongs to (for its excluded keys)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     values = dict(values)
-    if cls is ModelConfig and values.get("preset") is not None:
-        preset = values["preset"]
-        if preset not in PRESETS:
-            raise ConfigError(
-                f"{source}: key '{prefix}preset' = {preset!r} is not valid; allowed: {', '.join(sorted(PRESETS))}"
-            )
-        values = {**PRESETS[preset], **values}
+    if hasattr(cls, "expand_preset"):  # ModelConfig: a named preset fills the keys not given explicitly
+        try:
+            values = cls.expand_preset(values)
+        except ValueError as err:
+            raise ConfigError(f"{source}: key '{prefix}preset': {err}") from None
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if not prefix and name not in known and cls in COMMAND_OF and name in ALL_SECTIONS:
+            raise ConfigError(
+                f"{source}: section '{name}' is not used by `{COMMAND_OF[cls]}` (it takes "
+                f"{', '.join(known)}); remove it or run the command that reads it"
+            )
+        if f"{prefix}{name}" in EXCLUDED_KEYS.get(root or cls, {}):
+            raise ConfigError(f"{source}: key '{prefix}{name}': {EXCLUDED_KEYS[root or cls][prefix + name]}")
         if name not in known:
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -165,7 +224,7 @@ def build_dataclass(cls: type, values: dict, source: str, prefix: str = "") -> A
             )
         tp = hints[name]
         if _is_dataclass_type(tp):
-            kwargs[name] = build_dataclass(tp, value or {}, source, prefix=f"{key}.")
+            kwargs[name] = build_dataclass(tp, value or {}, source, prefix=f"{key}.", root=root or cls)
             continue
         coerced = _coerce(value, tp, key, source)
         _check_range(coerced, known[name], key, source)
@@ -201,6 +260,21 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def schema_of(path: str | Path | None) -> type:
+    """The command schema a config file is written for, by its sections: ``raylm prepare`` reads the
+    ``data`` section of any of them."""
+    if path is None:
+        return PretrainConfig
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return PretrainConfig  # load_config reports what is wrong with the file
+    for section, schema in (("finetune", FinetuneRunConfig), ("tune", TuneRunConfig), ("scaling", ScalingRunConfig)):
+        if isinstance(tree, dict) and section in tree:
+            return schema
+    return PretrainConfig
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = Config
 ) -> Any:
@@ -213,6 +287,8 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file; pass a YAML config (see configs/)") from None
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
@@ -227,34 +303,27 @@ def load_config(
     return build_dataclass(schema, tree, source)
 
 
-def absolute_uri(uri: str) -> str:
-    """A local path made absolute against the current directory; URIs (s3://, gs://, ...) unchanged."""
-    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
-
-
-def with_absolute_paths(cfg: Config) -> Config:
+def with_absolute_paths(cfg: Any) -> Any:
     """The same config with its local run/data paths made absolute against the current directory.
 
-    Ray Tune runs each trial in a working directory of its own, where a relative path no longer
-    points at what the user meant; URIs (s3://, gs://, ...) are left as they are.
+    Ray Train workers and Tune trials run in working directories of their own, where a relative path
+    no longer points at what the user meant; URIs (s3://, gs://, ...) are left as they are.
     """
-    return dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train, data=absolute_uri(cfg.train.data), storage_path=absolute_uri(cfg.train.storage_path)
-        ),
-        tune=dataclasses.replace(cfg.tune, storage_path=absolute_uri(cfg.tune.storage_path)),
-        scaling=dataclasses.replace(cfg.scaling, storage_path=absolute_uri(cfg.scaling.storage_path)),
+    from orchestration.artifacts import absolute_uri
+
+    changes: dict = {}
+    train = cfg.train
+    changes["train"] = dataclasses.replace(
+        train,
+        storage_path=absolute_uri(train.storage_path),
+        **({"data": absolute_uri(train.data)} if isinstance(cfg, PretrainConfig) else {}),
     )
+    for name in ("tune", "scaling"):
+        if hasattr(cfg, name):
+            section = getattr(cfg, name)
+            changes[name] = dataclasses.replace(section, storage_path=absolute_uri(section.storage_path))
+    return dataclasses.replace(cfg, **changes)
 
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save_resolved(cfg: Any, path: str | Path) -> Path:
-    """Write the fully resolved config (every default filled in) next to a run's outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.config import Config
+from orchestration.config import PretrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shakespeare.yaml"
 
@@ -28,7 +28,7 @@ def _comparable(data_cfg: dict) -> dict:
     return out
 
 
-def prepared_manifest(cfg: Config) -> str:
+def prepared_manifest(cfg: PretrainConfig) -> str:
     """The manifest URI for cfg.data: reused when it was built from the same config, else prepared."""
     import pyarrow.fs as pafs
 
@@ -67,10 +67,11 @@ def unigram_entropy(manifest_uri: str, endpoint_url: str | None = None) -> float
     return float(-(p * np.log(p)).sum())
 
 
-def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) -> dict:
+def run_demo(cfg: PretrainConfig, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) -> dict:
     """Run the whole pipeline once; print a summary and return it (also written to demo_summary.json)."""
-    from data_pipeline.storage import filesystem_for, write_bytes
-    from orchestration.evaluate.load import evaluate, generate_text
+    from orchestration.artifacts import DEMO_SUMMARY_FILE, RunDir
+    from orchestration.evaluate.lm import evaluate_lm
+    from orchestration.evaluate.sample import generate_text
     from orchestration.report.write import write_report
     from orchestration.runtime import init_ray
     from orchestration.train.driver import run_training
@@ -85,7 +86,7 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
     t_trained = time.time()
     if trained["checkpoint"] is None:
         raise RuntimeError(f"training finished without a checkpoint in {trained['run_dir']}")
-    ev = evaluate(
+    ev = evaluate_lm(
         trained["checkpoint"], manifest_uri, split="val", max_sequences=512, endpoint_url=cfg.train.endpoint_url
     )
     entropy = unigram_entropy(manifest_uri, cfg.data.output.endpoint_url)
@@ -116,8 +117,7 @@ def run_demo(cfg: Config, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) 
         "train_s": t_trained - t_prepared,
         "total_s": time.time() - t0,
     }
-    fs, run_path = filesystem_for(trained["run_dir"], cfg.train.endpoint_url)
-    write_bytes(fs, f"{run_path}/demo_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    RunDir.at(trained["run_dir"], cfg.train.endpoint_url).write_json(DEMO_SUMMARY_FILE, summary)
     report = write_report(trained["run_dir"], endpoint_url=cfg.train.endpoint_url)["report.html"]
     print("\n" + "=" * 72)
     print(f"raylm demo: {summary['steps']} steps, {summary['train_tokens']:,} training tokens")

@@ -8,7 +8,17 @@ import pytest
 import yaml
 
 from model.config import PRESETS, ModelConfig
-from orchestration.config import Config, ConfigError, load_config, save_resolved
+from orchestration.artifacts import RunDir, write_config
+from orchestration.config import (
+    ConfigError,
+    FinetuneRunConfig,
+    PretrainConfig,
+    ScalingRunConfig,
+    TuneRunConfig,
+    config_to_dict,
+    load_config,
+    schema_of,
+)
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -97,11 +107,43 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["model.preset=mini", "model.mlp=swiglu"])
-    path = save_resolved(cfg, tmp_path / "out" / "config.yaml")
+    write_config(RunDir.at(str(tmp_path / "out")), config_to_dict(cfg))
+    path = tmp_path / "out" / "config.yaml"
     assert yaml.safe_load(path.read_text())["model"]["mlp"] == "swiglu"
     assert load_config(path) == cfg
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_load(path):
-    assert isinstance(load_config(path), Config)
+def test_shipped_configs_load_with_their_commands_schema(path):
+    schema = schema_of(path)
+    assert isinstance(load_config(path, schema=schema), schema)
+
+
+def test_each_command_refuses_sections_it_does_not_use(tmp_path):
+    with pytest.raises(ConfigError, match=r"section 'tune' is not used by `raylm train"):
+        load_config(write(tmp_path, "tune:\n  name: x\n"))
+    with pytest.raises(ConfigError, match=r"section 'scaling' is not used by `raylm tune`"):
+        load_config(write(tmp_path, "scaling: {}\n"), schema=TuneRunConfig)
+    with pytest.raises(ConfigError, match=r"section 'tune' is not used by `raylm finetune`"):
+        load_config(write(tmp_path, "tune: {}\n"), schema=FinetuneRunConfig)
+    assert isinstance(load_config(write(tmp_path, "scaling: {}\n"), schema=ScalingRunConfig), ScalingRunConfig)
+
+
+def test_finetune_schema_takes_only_dropout_and_refuses_pretraining_keys(tmp_path):
+    cfg = load_config(None, ["model.dropout=0.1"], schema=FinetuneRunConfig)
+    assert cfg.model.dropout == 0.1
+    with pytest.raises(ConfigError, match=r"unknown key 'model.n_layer'"):
+        load_config(None, ["model.n_layer=4"], schema=FinetuneRunConfig)
+    with pytest.raises(ConfigError, match=r"train.data': fine-tuning reads finetune.data"):
+        load_config(None, ["train.data=x.json"], schema=FinetuneRunConfig)
+    with pytest.raises(ConfigError, match=r"train.eval_steps': fine-tuning scores finetune.max_val_examples"):
+        load_config(None, ["train.eval_steps=3"], schema=FinetuneRunConfig)
+    # a pretraining run takes the same keys
+    assert load_config(None, ["train.eval_steps=3"], schema=PretrainConfig).train.eval_steps == 3
+
+
+def test_binary_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(path)

@@ -21,7 +21,6 @@ import numpy as np
 from model.ngram import NGramLM
 
 NGRAM_SOURCE_FILE = "ngram_source.json"
-BASELINES_JSON, BASELINES_MD = "baselines.json", "baselines.md"
 
 
 def read_split_rows(
@@ -120,9 +119,9 @@ def _windows(
                 f"fitted with {tokenizer_hash[:12]}; evaluate on data prepared with the same tokenizer"
             )
         return rows[:, : seq_len + 1]
-    from orchestration.evaluate.load import _sequences
+    from orchestration.evaluate.lm import token_windows
 
-    return _sequences(data, enc, seq_len, max_sequences, split, endpoint_url)
+    return token_windows(data, enc, seq_len, max_sequences, split, endpoint_url)
 
 
 def _nll_metrics(nll: np.ndarray, targets: np.ndarray, byte_len: np.ndarray) -> dict:
@@ -159,7 +158,7 @@ def evaluate_ngram(
 ) -> dict:
     """Score a saved n-gram model on ``data`` (a manifest's split, or a text file) ->
     {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "bpb_tokens", "sequences", "n"}."""
-    from orchestration.evaluate.load import token_byte_lengths
+    from orchestration.evaluate.lm import token_byte_lengths
 
     model, enc, source = load_ngram(model_dir)
     windows = _windows(data, enc, source["seq_len"], split, max_sequences, endpoint_url, source["tokenizer_hash"])
@@ -173,7 +172,8 @@ def _neural_row(
     name: str, checkpoint: str, rows: np.ndarray, seq_len: int, batch_size: int, endpoint_url: Optional[str]
 ) -> dict:
     from model.flops import count_params, flops_per_token
-    from orchestration.evaluate.load import lm_metrics, load_checkpoint_model
+    from orchestration.evaluate.lm import lm_metrics
+    from orchestration.evaluate.load import load_checkpoint_model
 
     model, cfg, enc, meta = load_checkpoint_model(checkpoint, endpoint_url=endpoint_url)
     metrics = lm_metrics(model, enc, rows[:, : cfg.block_size + 1], batch_size=batch_size)
@@ -237,14 +237,12 @@ def compare_baselines(
         )
     result = {"manifest": manifest["uri"], "split": split, "sequences": int(len(rows)), "rows": table}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / BASELINES_JSON).write_text(json.dumps(result, indent=2) + "\n")
-        (out / BASELINES_MD).write_text(markdown_table(result))
-        print(
-            f"baselines: {len(table)} models on {len(rows)} {split} windows -> {out / BASELINES_JSON}, "
-            f"{out / BASELINES_MD}"
-        )
+        from orchestration.artifacts import BASELINES_FILE, BASELINES_MARKDOWN_FILE, RunDir
+
+        out = RunDir.at(out_dir, endpoint_url)
+        written = out.write_json(BASELINES_FILE, result)
+        out.write_text(BASELINES_MARKDOWN_FILE, markdown_table(result))
+        print(f"baselines: {len(table)} models on {len(rows)} {split} windows -> {written}")
     return result
 
 

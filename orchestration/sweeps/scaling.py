@@ -15,13 +15,27 @@ import dataclasses
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Optional
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
-from orchestration.config import Config, ConfigError, build_dataclass, config_to_dict, with_absolute_paths
-from orchestration.train.checkpoint import checkpoint_dir_name
+from orchestration.artifacts import (
+    SCALING_FIT_FILE,
+    SCALING_POINTS_FILE,
+    RunDir,
+    checkpoint_dir_name,
+    read_point,
+    write_point,
+)
+from orchestration.config import (
+    ConfigError,
+    PretrainConfig,
+    ScalingRunConfig,
+    build_dataclass,
+    config_to_dict,
+    with_absolute_paths,
+)
+from orchestration.sweeps.sweep_fit import fit_sweep
 
 # Train fields that do not change what a run learns: left out of a point's key.
 _KEY_EXCLUDED = ("run_name", "storage_path", "max_failures", "num_to_keep", "log_interval")
@@ -37,7 +51,7 @@ def ladder_shape(n_layer: int, aspect: float, head_dim: int, base: ModelConfig) 
     )
 
 
-def size_rule(cfg: Config, model: ModelConfig) -> dict:
+def size_rule(cfg: ScalingRunConfig, model: ModelConfig) -> dict:
     """Per-size train fields: lr = base_lr x (ref_width / n_embd)^lr_width_power (min_lr keeps the
     train section's min_lr/lr ratio); global batch x (n_embd / ref_width)^batch_width_power,
     rounded to a multiple of micro_batch_size x num_workers (at least one)."""
@@ -69,7 +83,7 @@ def point_key(config: dict, branch: Optional[dict] = None, tokenizer_hash: str =
 
 
 def _point(
-    cfg: Config,
+    cfg: ScalingRunConfig,
     model: ModelConfig,
     seq_len: int,
     steps: int,
@@ -86,7 +100,7 @@ def _point(
     tree = config_to_dict(cfg)
     tree["model"] = dataclasses.asdict(model)
     tree["train"].update(rule, max_steps=steps, max_tokens=None, storage_path=runs_dir, **(train_extra or {}))
-    tree.pop("tune"), tree.pop("scaling")  # sweep bookkeeping, not part of the run
+    tree.pop("scaling")  # sweep bookkeeping, not part of the run
     key = point_key(tree, branch, tokenizer_hash)
     tree["train"]["run_name"] = key
     tokens = steps * rule["global_batch_size"] * seq_len
@@ -113,7 +127,9 @@ def _point(
     return point
 
 
-def plan_points(cfg: Config, seq_len: int, vocab_size: int, sweep_dir: str, tokenizer_hash: str = "") -> list[dict]:
+def plan_points(
+    cfg: ScalingRunConfig, seq_len: int, vocab_size: int, sweep_dir: str, tokenizer_hash: str = ""
+) -> list[dict]:
     """Every point (and WSD stable run, kind 'trunk') of the sweep, checked; no Ray, no training.
 
     Raises ConfigError for an empty grid or a token count / budget too small for min_steps.
@@ -195,7 +211,7 @@ def plan_points(cfg: Config, seq_len: int, vocab_size: int, sweep_dir: str, toke
 
 
 def _wsd_points(
-    cfg: Config, model: ModelConfig, seq_len: int, min_steps: int, runs_dir: str, tokenizer_hash: str
+    cfg: ScalingRunConfig, model: ModelConfig, seq_len: int, min_steps: int, runs_dir: str, tokenizer_hash: str
 ) -> list[dict]:
     """One stable run (constant LR after warmup, checkpoint every k steps) and one decay branch per
     tokens-per-param multiple m: the branch resumes the stable run at step s (D ~ m N minus the
@@ -265,21 +281,13 @@ def wsd_savings(points: list[dict]) -> Optional[dict]:
 # ---- running the sweep ---------------------------------------------------------------------------
 
 
-def sweep_dir(cfg: Config) -> str:
-    storage = cfg.scaling.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    return f"{storage.rstrip('/')}/{cfg.scaling.name}"
-
-
-def _point_trial(params: dict, *, specs: dict, points_dir: str, gpus_per_worker: Optional[float]) -> None:
+def _point_trial(params: dict, *, specs: dict, sweep: RunDir, gpus_per_worker: Optional[float]) -> None:
     """One Tune trial: train the point's run (resuming its run dir), then record its result."""
-    from data_pipeline.storage import filesystem_for, write_bytes
-    from orchestration.sweeps.tune import val_loss_callback
+    from orchestration.sweeps.trials import val_loss_callback
     from orchestration.train.driver import run_training
 
     spec = specs[params["key"]]
-    cfg = build_dataclass(Config, spec["config"], source=f"scaling point {spec['key']}")
+    cfg = build_dataclass(PretrainConfig, spec["config"], source=f"scaling point {spec['key']}")
     branch_from = spec["branch"]["from"] if "branch" in spec else None
     summary = run_training(
         cfg, resume=True, callbacks=[val_loss_callback()], gpus_per_worker=gpus_per_worker, branch_from=branch_from
@@ -295,35 +303,25 @@ def _point_trial(params: dict, *, specs: dict, points_dir: str, gpus_per_worker:
         wall_s=summary["wall_s"],
         checkpoint=summary["checkpoint"],
     )
-    fs, path = filesystem_for(f"{points_dir}/{spec['key']}.json", cfg.train.endpoint_url)
-    write_bytes(fs, path, json.dumps(record, indent=2).encode())
+    write_point(sweep, spec["key"], record)
 
 
-def _finished(points_dir: str, key: str) -> Optional[dict]:
-    path = Path(points_dir) / f"{key}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _run_trials(cfg: Config, specs: list[dict], out: str, phase: str, gpus_per_worker: Optional[float]) -> int:
+def _run_trials(
+    cfg: ScalingRunConfig, specs: list[dict], sweep: RunDir, phase: str, gpus_per_worker: Optional[float]
+) -> int:
     """Train ``specs`` as one Tune experiment (FIFO, retried by FailureConfig); returns trials run."""
     from ray import tune
 
-    from orchestration.sweeps.tune import default_concurrency
+    from orchestration.sweeps.trials import default_concurrency, function_trainable, tune_storage
 
     if not specs:
         return 0
     sc = cfg.scaling
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _point_trial,
-            specs={s["key"]: s for s in specs},
-            points_dir=f"{out}/points",
-            gpus_per_worker=gpus_per_worker,
-        ),
-        {"cpu": 0, "memory": 1},
+    trainable = function_trainable(
+        _point_trial, specs={s["key"]: s for s in specs}, sweep=sweep, gpus_per_worker=gpus_per_worker
     )
     name = f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[raylm] scaling: {len(specs)} {phase} trial(s) -> {out}/tune/{name}", flush=True)
+    print(f"[raylm] scaling: {len(specs)} {phase} trial(s) -> {sweep.uri_of('tune')}/{name}", flush=True)
     tuner = tune.Tuner(
         trainable,
         param_space={"key": tune.grid_search([s["key"] for s in specs])},
@@ -332,7 +330,9 @@ def _run_trials(cfg: Config, specs: list[dict], out: str, phase: str, gpus_per_w
             trial_dirname_creator=lambda trial: f"{trial.config['key']}-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=f"{out}/tune", failure_config=tune.FailureConfig(max_failures=sc.max_failures)
+            name=name,
+            failure_config=tune.FailureConfig(max_failures=sc.max_failures),
+            **tune_storage(sweep.child("tune").child(name)),
         ),
     )
     grid = tuner.fit()
@@ -344,7 +344,7 @@ def _run_trials(cfg: Config, specs: list[dict], out: str, phase: str, gpus_per_w
     return len(specs)
 
 
-def run_scaling(cfg: Config, *, resume: bool = True) -> dict:
+def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     """Plan the sweep, train the points that have no result yet, write points and fits.
 
     With ``resume`` (default) finished points are reused and unfinished runs continue from their
@@ -352,37 +352,37 @@ def run_scaling(cfg: Config, *, resume: bool = True) -> dict:
     points (list), trials_run, reused, failed, fit (scaling_fit.json content), wall_s}.
     """
     from orchestration.runtime import init_ray
-    from orchestration.sweeps.tune import check_has_val, trial_resources
+    from orchestration.sweeps.trials import check_has_val, trial_resources
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)  # trials run in their own working directories
-    out = sweep_dir(cfg)
-    if Path(out).exists() and not resume:
-        raise ConfigError(f"sweep directory {out} already exists; pick another scaling.name or resume it")
+    sc = cfg.scaling
+    sweep = RunDir.at(f"{sc.storage_path.rstrip('/')}/{sc.name}", cfg.train.endpoint_url)
+    if sweep.exists() and not resume:
+        raise ConfigError(f"sweep directory {sweep.uri} already exists; pick another scaling.name or resume it")
     facts = check_has_val(cfg)
-    planned = plan_points(cfg, facts["seq_len"], facts["vocab_size"], out, facts["tokenizer_hash"])
-    gpus_per_worker = trial_resources(cfg.train, cfg.scaling.gpu_per_trial)
-    points_dir = f"{out}/points"
-    done = {p["key"]: r for p in planned if (r := _finished(points_dir, p["key"])) is not None}
+    planned = plan_points(cfg, facts.seq_len, facts.vocab_size, sweep.uri, facts.tokenizer_hash)
+    gpus_per_worker = trial_resources(cfg.train, sc.gpu_per_trial)
+    done = {p["key"]: r for p in planned if (r := read_point(sweep, p["key"])) is not None}
     reused = len(done)
     pending = [p for p in planned if p["key"] not in done]
     print(
-        f"[raylm] scaling {out}: {len(planned)} runs planned, {reused} finished (reused), {len(pending)} to train",
+        f"[raylm] scaling {sweep.uri}: {len(planned)} runs planned, {reused} finished (reused), "
+        f"{len(pending)} to train",
         flush=True,
     )
     trials_run = 0
     if pending:
         init_ray()
         # Phase 1: independent points and WSD stable runs; phase 2: decay branches off finished stable runs.
-        trials_run += _run_trials(cfg, [p for p in pending if p["kind"] != "wsd"], out, "points", gpus_per_worker)
-        ready = {
-            p["key"] for p in planned if p["kind"] == "trunk" and (p["key"] in done or _finished(points_dir, p["key"]))
-        }
+        independent = [p for p in pending if p["kind"] != "wsd"]
+        trials_run += _run_trials(cfg, independent, sweep, "points", gpus_per_worker)
+        ready = {p["key"] for p in planned if p["kind"] == "trunk" and read_point(sweep, p["key"]) is not None}
         branches = [p for p in pending if p["kind"] == "wsd" and p["branch"]["trunk"] in ready]
-        trials_run += _run_trials(cfg, branches, out, "wsd-branches", gpus_per_worker)
+        trials_run += _run_trials(cfg, branches, sweep, "wsd-branches", gpus_per_worker)
     records = []
     for p in planned:
-        record = _finished(points_dir, p["key"])
+        record = read_point(sweep, p["key"])
         if record is None:
             record = {**{k: v for k, v in p.items() if k != "config"}, "loss": None, "status": "failed"}
         records.append(record)
@@ -395,30 +395,27 @@ def run_scaling(cfg: Config, *, resume: bool = True) -> dict:
         "tokens": cfg.scaling.tokens,
         "budgets": cfg.scaling.budgets,
         "wsd_tokens_per_param": cfg.scaling.wsd_tokens_per_param,
-        "seq_len": facts["seq_len"],
-        "vocab_size": facts["vocab_size"],
+        "seq_len": facts.seq_len,
+        "vocab_size": facts.vocab_size,
     }
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "scaling_points.json").write_text(
-        json.dumps(
-            {
-                "points": points,
-                "stable_runs": trunks,
-                "grid": grid,
-                "config": dataclasses.asdict(cfg.scaling),
-                "run_config": config_to_dict(cfg),
-            },
-            indent=2,
-        )
+    sweep.write_json(
+        SCALING_POINTS_FILE,
+        {
+            "points": points,
+            "stable_runs": trunks,
+            "grid": grid,
+            "config": dataclasses.asdict(sc),
+            "run_config": config_to_dict(cfg),
+        },
     )
-    fit = fit_sweep(points, cfg.scaling)
+    fit = fit_sweep(points, sc)
     fit["wsd_compute"] = wsd_savings(planned)
-    (Path(out) / "scaling_fit.json").write_text(json.dumps(fit, indent=2, default=str))
+    sweep.write_json(SCALING_FIT_FILE, fit)
     print(points_table(points))
     for line in fit["messages"]:
         print(f"[raylm] {line}", flush=True)
     summary = {
-        "sweep_dir": out,
+        "sweep_dir": sweep.uri,
         "points": points,
         "trials_run": trials_run,
         "reused": reused,
@@ -428,101 +425,10 @@ def run_scaling(cfg: Config, *, resume: bool = True) -> dict:
     }
     print(
         f"[raylm] scaling done in {summary['wall_s']:.0f} s: {trials_run} trials run, {reused} reused, "
-        f"{len(failed)} failed; points {out}/scaling_points.json, fits {out}/scaling_fit.json",
+        f"{len(failed)} failed; points {sweep.uri_of(SCALING_POINTS_FILE)}, fits {sweep.uri_of(SCALING_FIT_FILE)}",
         flush=True,
     )
     return summary
-
-
-# ---- fits ----------------------------------------------------------------------------------------
-
-
-def scaling_points(records: list[dict]) -> list:
-    """The finished records as ``ScalingPoint``s (loss = final val loss)."""
-    from orchestration.sweeps.fit import ScalingPoint
-
-    return [
-        ScalingPoint(
-            params=r["params"],
-            tokens=r["tokens"],
-            loss=r["loss"],
-            flops=r["flops"],
-            non_embedding_params=r["non_embedding_params"],
-            budget=r["budget"],
-        )
-        for r in records
-        if r["status"] == "ok" and r["loss"] is not None
-    ]
-
-
-def fit_sweep(records: list[dict], sc) -> dict:
-    """IsoFLOP fit (>= 2 budgets with >= 3 sizes), parametric law (>= 5 points), optional holdout.
-
-    Each section is the fit's dataclass as a dict, or {"skipped": why}; ``messages`` says what was
-    fitted and what was not, and why.
-    """
-    from orchestration.sweeps.fit import (
-        CHINCHILLA_APPROACH3,
-        CHINCHILLA_ISOFLOP_EXPONENTS,
-        fit_isoflops,
-        fit_law,
-        holdout_check,
-    )
-
-    points = scaling_points(records)
-    out: dict = {
-        "param_kind": sc.param_kind,
-        "n_points": len(points),
-        "messages": [],
-        "reference": {
-            "chinchilla_approach3": dataclasses.asdict(CHINCHILLA_APPROACH3),
-            "chinchilla_isoflop": CHINCHILLA_ISOFLOP_EXPONENTS,
-        },
-    }
-    iso = [p for p in points if p.budget is not None]
-    sizes_per_budget: dict = {}
-    for p in iso:
-        sizes_per_budget.setdefault(p.budget, set()).add(p.params)
-    usable = [b for b, sizes in sizes_per_budget.items() if len(sizes) >= 3]
-    if len(usable) >= 2:
-        try:
-            fit = fit_isoflops(iso, param_kind=sc.param_kind, n_boot=sc.n_boot)
-            out["isoflop"] = dataclasses.asdict(fit)
-            out["messages"].append(
-                f"IsoFLOP fit over {fit.n_budgets_used} budgets: N_opt ~ C^"
-                f"{fit.params_opt.exponent:.3f}, D_opt ~ C^{fit.tokens_opt.exponent:.3f}"
-            )
-        except ValueError as err:
-            out["isoflop"] = {"skipped": str(err)}
-            out["messages"].append(f"IsoFLOP fit failed: {err}")
-    else:
-        why = "too few points for the IsoFLOP fit: it needs >= 2 budgets with >= 3 model sizes each; got " + (
-            ", ".join(f"{b:.3g} FLOPs: {len(s)} sizes" for b, s in sorted(sizes_per_budget.items())) or "none"
-        )
-        out["isoflop"] = {"skipped": why}
-        out["messages"].append(why)
-    if len(points) >= 5:
-        law = fit_law(points, param_kind=sc.param_kind, n_boot=sc.n_boot)
-        out["law"] = dataclasses.asdict(law)
-        out["messages"].append(
-            f"parametric law over {len(points)} points: alpha {law.law.alpha:.3f}, beta "
-            f"{law.law.beta:.3f}, E {law.law.E:.3f}; N_opt ~ C^{law.params_exponent:.3f}"
-        )
-    else:
-        why = f"too few points for the parametric fit L = E + A/N^alpha + B/D^beta: {len(points)} < 5"
-        out["law"] = {"skipped": why}
-        out["messages"].append(why)
-    if sc.holdout:
-        try:
-            check = holdout_check(points, n_holdout=sc.holdout, param_kind=sc.param_kind)
-            out["holdout"] = dataclasses.asdict(check)
-            out["messages"].append(
-                f"holdout of the {sc.holdout} largest-compute point(s): max relative error {check.max_rel_error:.2%}"
-            )
-        except ValueError as err:
-            out["holdout"] = {"skipped": str(err)}
-            out["messages"].append(f"holdout check skipped: {err}")
-    return out
 
 
 def points_table(points: list[dict]) -> str:

@@ -12,20 +12,20 @@ state (restored when the command is re-run), ``runs/<trial_id>/`` (each trial's 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import typing
-from pathlib import Path
 from typing import Any, Optional
 
-from orchestration.config import (
-    Config,
-    ConfigError,
-    build_dataclass,
-    config_to_dict,
-    save_resolved,
-    with_absolute_paths,
+from orchestration.artifacts import BEST_CONFIG_FILE, TUNE_RESULTS_FILE, RunDir, write_config
+from orchestration.config import ConfigError, PretrainConfig, TuneRunConfig, config_to_dict, with_absolute_paths
+from orchestration.sweeps.trials import (
+    check_has_val,
+    default_concurrency,
+    function_trainable,
+    resolve_trial_config,
+    trial_resources,
+    tune_storage,
+    val_loss_callback,
 )
 
 # ---- search space ------------------------------------------------------------------------------
@@ -47,8 +47,8 @@ def tune_space(search_space: dict) -> dict:
 
 
 def _field_type(path: str) -> Any:
-    """The annotated type of the Config field at a dotted path; ConfigError when there is none."""
-    tp: Any = Config
+    """The annotated type of the pretraining config field at a dotted path; ConfigError when there is none."""
+    tp: Any = PretrainConfig
     for part in path.split("."):
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             raise ConfigError(f"tune.search_space key '{path}': '{part}' is not inside a config section")
@@ -61,7 +61,7 @@ def _field_type(path: str) -> Any:
     return tp
 
 
-def check_search_space(cfg: Config) -> None:
+def check_search_space(cfg: TuneRunConfig) -> None:
     """Every search-space key names a config field and its extreme values make a valid config.
 
     Raises ConfigError before any trial starts (a bad key would otherwise fail every trial).
@@ -79,78 +79,6 @@ def check_search_space(cfg: Config) -> None:
             samples = [args[0], args[1] - 1]  # randint's high is exclusive
         for value in samples:
             resolve_trial_config(config_to_dict(cfg), {path: value})
-
-
-def resolve_trial_config(base: dict, overrides: dict, **train_fields: Any) -> Config:
-    """The config dict ``base`` with dotted-path ``overrides`` (and train fields) set, validated."""
-    tree = copy.deepcopy(base)
-    for path, value in overrides.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
-    tree["train"].update(train_fields)
-    return build_dataclass(Config, tree, source=f"trial overrides {overrides}")
-
-
-# ---- trial plumbing shared with orchestration.sweeps.scaling -------------------------------------------
-
-
-def val_loss_callback():
-    """Ray Train's TuneReportCallback forwarding only reports that carry ``val_loss``.
-
-    Tune's scheduler and searcher need the metric in every result; the loop logs train-only records
-    between evals. Must be built inside a Tune trial.
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ValLossReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if "val_loss" in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
-
-    return ValLossReportCallback()
-
-
-def trial_resources(train, gpu_per_trial: Optional[float]) -> Optional[float]:
-    """Check a trial's GPU share; returns gpus_per_worker for run_training (None: Ray Train's default)."""
-    if gpu_per_trial is None:
-        return None
-    if not train.use_gpu:
-        raise ConfigError("gpu_per_trial needs train.use_gpu: true")
-    if train.num_workers > 1 and gpu_per_trial < 1:
-        raise ConfigError(
-            f"gpu_per_trial={gpu_per_trial} shares a GPU between trials, which only single-worker "
-            f"trials can do (train.num_workers={train.num_workers}); set num_workers: 1 or gpu_per_trial: 1"
-        )
-    return gpu_per_trial
-
-
-def default_concurrency(train, gpus_per_worker: Optional[float], requested: Optional[int]) -> int:
-    """How many trials run at once: as asked, else as many as the cluster's CPUs (and GPUs) hold."""
-    import ray
-
-    if requested is not None:
-        return requested
-    resources = ray.cluster_resources()
-    fit = resources.get("CPU", 1) // max(train.num_workers * train.cpus_per_worker, 1e-9)
-    if train.use_gpu:
-        fit = min(fit, resources.get("GPU", 0) // (train.num_workers * (gpus_per_worker or 1.0)))
-    return max(1, int(fit))
-
-
-def check_has_val(cfg: Config) -> dict:
-    """``trainer.validate`` plus: the run must evaluate (the metric is val_loss). Returns its facts."""
-    from orchestration.train.driver import validate
-
-    facts = validate(cfg)
-    if facts["val_batches"] == 0:
-        raise ConfigError(
-            f"{cfg.train.data}: the val split holds less than one micro-batch per worker, so no "
-            "val_loss to optimize; prepare with a larger data.output.val_fraction"
-        )
-    return facts
 
 
 # ---- the search ----------------------------------------------------------------------------------
@@ -192,14 +120,7 @@ def _search_alg(tc, metric: str, mode: str, concurrency: int):
         ) from None
 
 
-def tune_dir(cfg: Config) -> str:
-    storage = cfg.tune.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    return f"{storage.rstrip('/')}/{cfg.tune.name}"
-
-
-def run_tune(cfg: Config, *, resume: bool = True) -> dict:
+def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
     """Search ``cfg.tune.search_space`` around ``cfg`` with Ray Tune; minimize val_loss.
 
     Re-running with the same tune.storage_path/name restores the experiment (finished trials stay,
@@ -221,9 +142,9 @@ def run_tune(cfg: Config, *, resume: bool = True) -> dict:
         raise ConfigError("tune.search_space is empty; declare e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
     check_search_space(cfg)
     facts = check_has_val(cfg)
-    out = tune_dir(cfg)
+    out = RunDir.at(f"{tc.storage_path.rstrip('/')}/{tc.name}", cfg.train.endpoint_url)
     base = config_to_dict(cfg)
-    total_steps = facts["total_steps"]
+    total_steps = facts.total_steps
     if cfg.train.eval_interval == 0 or cfg.train.eval_interval >= total_steps:
         print(
             "[raylm] note: train.eval_interval gives one val_loss per trial (at the end); ASHA has nothing "
@@ -234,15 +155,16 @@ def run_tune(cfg: Config, *, resume: bool = True) -> dict:
     init_ray()
     gpus_per_worker = trial_resources(cfg.train, tc.gpu_per_trial)
     concurrency = default_concurrency(cfg.train, gpus_per_worker, tc.max_concurrent_trials)
-    trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, base=base, runs_dir=f"{out}/runs", gpus_per_worker=gpus_per_worker),
-        {"cpu": 0, "memory": 1},
-    )
-    if tune.Tuner.can_restore(out):
+    trainable = function_trainable(_tune_trial, base=base, runs_dir=out.uri_of("runs"), gpus_per_worker=gpus_per_worker)
+    storage = tune_storage(out)
+    restore_path = out.uri if "://" not in out.uri else out.path
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=storage.get("storage_filesystem")):
         if not resume:
-            raise ConfigError(f"tune experiment {out} already exists; pick another tune.name or resume it")
-        print(f"[raylm] restoring tune experiment {out}", flush=True)
-        tuner = tune.Tuner.restore(out, trainable, resume_errored=True)
+            raise ConfigError(f"tune experiment {out.uri} already exists; pick another tune.name or resume it")
+        print(f"[raylm] restoring tune experiment {out.uri}", flush=True)
+        tuner = tune.Tuner.restore(
+            restore_path, trainable, resume_errored=True, storage_filesystem=storage.get("storage_filesystem")
+        )
     else:
         scheduler = (
             ASHAScheduler(
@@ -268,13 +190,11 @@ def run_tune(cfg: Config, *, resume: bool = True) -> dict:
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
-                name=tc.name,
-                storage_path=out.rsplit("/", 1)[0],
-                failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+                name=tc.name, failure_config=tune.FailureConfig(max_failures=tc.max_failures), **storage
             ),
         )
     grid = tuner.fit()
-    trials = [_trial_summary(result, base, out, facts["seq_len"]) for result in grid]
+    trials = [_trial_summary(result, base, out, facts.seq_len) for result in grid]
     trials.sort(key=lambda t: (t["final_val_loss"] is None, t["final_val_loss"] or 0.0))
     best = _pick_best(trials)
     best_path = None
@@ -282,25 +202,27 @@ def run_tune(cfg: Config, *, resume: bool = True) -> dict:
         best_cfg = resolve_trial_config(
             base, best["overrides"], run_name=f"{tc.name}-best", storage_path=cfg.train.storage_path
         )
-        best_path = str(save_resolved(best_cfg, f"{out}/best_config.yaml"))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "tune_results.json").write_text(
-        json.dumps(
-            {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}, indent=2
-        )
-    )
+        best_path = write_config(out, config_to_dict(best_cfg), BEST_CONFIG_FILE)
+    results = {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}
+    results_uri = out.write_json(TUNE_RESULTS_FILE, results)
     print(results_table(trials, best))
-    summary = {"tune_dir": out, "trials": trials, "best": best, "best_config": best_path, "wall_s": time.time() - t0}
+    summary = {
+        "tune_dir": out.uri,
+        "trials": trials,
+        "best": best,
+        "best_config": best_path,
+        "wall_s": time.time() - t0,
+    }
     print(
-        f"[raylm] tune done in {summary['wall_s']:.0f} s: {len(trials)} trials; results {out}/tune_results.json; "
+        f"[raylm] tune done in {summary['wall_s']:.0f} s: {len(trials)} trials; results {results_uri}; "
         f"best config {best_path or '(none: no trial reported a val_loss)'}",
         flush=True,
     )
     return summary
 
 
-def _trial_summary(result, base: dict, out: str, seq_len: int) -> dict:
-    trial_id = Path(result.path).name
+def _trial_summary(result, base: dict, out: RunDir, seq_len: int) -> dict:
+    trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
     overrides = dict((result.config or {}).get("overrides", {}))
     frame = result.metrics_dataframe
     vals = [] if frame is None or "val_loss" not in frame else [v for v in frame["val_loss"].tolist() if v == v]
@@ -317,7 +239,7 @@ def _trial_summary(result, base: dict, out: str, seq_len: int) -> dict:
         "total_steps": total,
         "status": status,
         "error": str(result.error).splitlines()[0] if result.error else None,
-        "run_dir": f"{out}/runs/{trial_id}",
+        "run_dir": out.uri_of(f"runs/{trial_id}"),
     }
 
 

@@ -1,1 +1,7 @@
-"""TODO map"""
+"""Pretraining on Ray Train + DeepSpeed: one driver path and one worker loop for every training job.
+
+config (TrainConfig) -> driver: validate, resume point, WorkerPlan (plan), launch a TorchTrainer
+  -> loop (on every worker): the Task (task; pretraining here, fine-tuning in finetune.task),
+     the engine (engine: DeepSpeed config, AdamW, the wrap), lr from schedule, metrics
+     (throughput, prometheus), checkpoints (checkpoint) -> run dir (orchestration.artifacts)
+"""

@@ -10,7 +10,7 @@ Layout of one checkpoint directory (all ranks' files merged into it by Ray Train
     raylm_meta.json         step, consumed sequences, config and every file's size: written LAST
 
 ``raylm_meta.json`` is the completeness marker: a directory is a usable checkpoint only when it
-exists and every file it lists is present with the listed size (``is_complete``), so a partial
+exists and every file it lists is present with the listed size (``complete_checkpoint_meta``), so a partial
 upload is never picked as the latest.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -29,20 +28,16 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-META_FILE = "raylm_meta.json"
+from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
+
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 DS_TAG = "ds"
-_CKPT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the run, with its location."""
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
 
 
 def gather_fp32_state_dict(engine, raw_model: torch.nn.Module, rank: int) -> Optional[dict]:
@@ -105,16 +100,17 @@ def save_checkpoint(
     rank: int,
     world_size: int,
     model_config,
-    tokenizer_files: dict[str, bytes],
-    config: dict,
+    files: dict[str, bytes],
+    meta: dict,
     weight_files: Optional[Callable[[dict], dict[str, dict]]] = None,
 ) -> str:
     """Write this rank's part of a checkpoint to a fresh local temp dir and return its path.
 
     Collective (DeepSpeed save, weight gather, file-list gather). Rank 0 also writes the consolidated
-    weights, model config, tokenizer files and, last, ``raylm_meta.json`` listing every rank's
-    files so ``is_complete`` can tell a finished checkpoint from a partial one. ``tokenizer_files``
-    (name -> bytes) may carry other small files too. ``weight_files`` maps the gathered state dict to
+    weights, model config, ``files`` (name -> bytes: the tokenizer, which travels with the weights,
+    and other small files) and, last, ``raylm_meta.json`` (``meta`` plus step, world size and every
+    rank's files) so ``complete_checkpoint_meta`` can tell a finished checkpoint from a partial one.
+    ``weight_files`` maps the gathered state dict to
     {file name: state dict} (default: all of it in ``model.safetensors``); fine-tuning uses it to
     save merged LoRA weights, the adapters and a task head apart.
     """
@@ -129,71 +125,27 @@ def save_checkpoint(
         for file_name, tensors in (weight_files or (lambda full: {MODEL_FILE: full}))(state).items():
             save_file(tensors, str(tmp / file_name), metadata={"format": "pt", "step": str(step)})
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config), indent=2))
-        for name, data in tokenizer_files.items():  # the tokenizer travels with the weights
+        for name, data in files.items():
             (tmp / name).write_bytes(data)
-    files = _list_files(tmp)
+    written = _list_files(tmp)
     all_files: list = [None] * world_size
     if dist.is_available() and dist.is_initialized():
-        dist.all_gather_object(all_files, files)
+        dist.all_gather_object(all_files, written)
     else:
-        all_files = [files]
+        all_files = [written]
     if rank == 0:
         merged: dict[str, int] = {}
         for rank_files in all_files:
             merged.update(rank_files)  # DeepSpeed names per-rank files apart; `latest` is identical
-        meta = {
+        full_meta = {
+            **meta,
             "step": step,
             "consumed_sequences": consumed_sequences,
             "world_size": world_size,
-            "zero_stage": config["train"]["zero_stage"],
             "files": merged,
-            "config": config,
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / CHECKPOINT_META_FILE).write_text(json.dumps(full_meta, indent=2))
     return str(tmp)
-
-
-def read_meta(fs: pafs.FileSystem, path: str) -> Optional[dict]:
-    """The checkpoint's ``raylm_meta.json``, or None when there is none yet."""
-    meta_path = f"{path.rstrip('/')}/{META_FILE}"
-    if fs.get_file_info(meta_path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(meta_path) as f:
-        return json.loads(f.read())
-
-
-def is_complete(fs: pafs.FileSystem, path: str) -> Optional[dict]:
-    """The checkpoint's meta when the marker exists and every file it lists is there at its size."""
-    meta = read_meta(fs, path)
-    if meta is None:
-        return None
-    paths = [f"{path.rstrip('/')}/{rel}" for rel in meta["files"]]
-    for info, size in zip(fs.get_file_info(paths), meta["files"].values()):
-        if info.type != pafs.FileType.File or info.size != size:
-            return None
-    return meta
-
-
-def latest_complete_checkpoint(run_uri: str, endpoint_url: Optional[str] = None) -> Optional[tuple[str, dict]]:
-    """(URI, meta) of the newest complete ``checkpoint_*`` directory in a run dir; None if none.
-
-    Incomplete directories (an upload cut short) are skipped, so the previous good one wins.
-    """
-    from data_pipeline.storage import filesystem_for
-
-    fs, root = filesystem_for(run_uri, endpoint_url)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return None
-    dirs = [
-        i
-        for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
-        if i.type == pafs.FileType.Directory and _CKPT_DIR_RE.match(i.base_name)
-    ]
-    for info in sorted(dirs, key=lambda i: int(_CKPT_DIR_RE.match(i.base_name).group(1)), reverse=True):
-        meta = is_complete(fs, info.path)
-        if meta is not None:
-            return f"{run_uri.rstrip('/')}/{info.base_name}", meta
-    return None
 
 
 def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) -> dict:
@@ -203,11 +155,10 @@ def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) ->
     directory is incomplete or was written by a different number of workers (ZeRO shards the
     optimizer by rank; ``model.safetensors`` still serves eval and fine-tuning at any scale).
     """
-    fs = pafs.LocalFileSystem()
-    meta = is_complete(fs, local_dir)
+    meta = complete_checkpoint_meta(RunDir(local_dir, pafs.LocalFileSystem(), local_dir))
     if meta is None:
         raise CheckpointError(
-            f"checkpoint {local_dir} is incomplete (no {META_FILE} or files missing); "
+            f"checkpoint {local_dir} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
             "delete it to resume from the previous one"
         )
     if meta["world_size"] != world_size:
@@ -246,9 +197,9 @@ def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
     from safetensors.torch import load_file
 
     root = Path(local_dir)
-    meta_path = root / META_FILE
+    meta_path = root / CHECKPOINT_META_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"{local_dir} has no {META_FILE}: not a complete raylm checkpoint")
+        raise CheckpointError(f"{local_dir} has no {CHECKPOINT_META_FILE}: not a complete raylm checkpoint")
     meta: Any = json.loads(meta_path.read_text())
     state = load_file(str(root / MODEL_FILE))
     model_cfg = json.loads((root / MODEL_CONFIG_FILE).read_text())

@@ -1,8 +1,10 @@
-"""The training driver: validate -> plan -> TorchTrainer(train_loop_per_worker) -> summary.
+"""The one driver path every training job takes: validate -> plan -> TorchTrainer(worker_loop) -> summary.
 
+``launch`` is shared by pretraining (``run_training``) and fine-tuning: run directory, resume or
+branch, the same-run check, ``config.yaml``, the resource check, the trainer and its summary.
 Everything that can be wrong with a run (missing manifest, shapes that do not fit, batch arithmetic,
-resources) is checked here, before any worker starts. The driver reads only the manifest and the
-tokenizer files; Ray Data streams the token shards straight to the workers.
+resources) is checked before any worker starts. The driver reads only the manifest and the tokenizer
+files; Ray Data streams the token shards straight to the workers.
 """
 
 from __future__ import annotations
@@ -10,31 +12,50 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
-import yaml
-
-from orchestration.config import Config, ConfigError, config_to_dict
+from orchestration.artifacts import RunDir, latest_complete_checkpoint, read_metrics, write_config, write_run_facts
+from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import DEFAULT_EXTENSIONS_DIR, init_ray
-from orchestration.train.checkpoint import latest_complete_checkpoint
+from orchestration.train.config import TrainConfig
+from orchestration.train.plan import WorkerPlan
 
-TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see train_loop.FAIL_AT_STEP_ENV)
+TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see loop.FAIL_AT_STEP_ENV)
+# Checkpoint-meta keys and config fields a resumed run must share with its checkpoint.
+SAME_RUN_META = ("seq_len", "tokenizer_hash", "data")
+SAME_RUN_FIELDS = (
+    ("train", "num_workers"),
+    ("train", "global_batch_size"),
+    ("train", "micro_batch_size"),
+    ("train", "zero_stage"),
+    ("model", "n_layer"),
+    ("model", "n_embd"),
+    ("model", "n_head"),
+)
 
 
-def run_uri(cfg: Config) -> str:
+def run_dir(train: TrainConfig) -> RunDir:
     """Where a run's outputs live: ``<train.storage_path>/<train.run_name>``."""
-    storage = cfg.train.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    return f"{storage.rstrip('/')}/{cfg.train.run_name}"
+    return RunDir.at(f"{train.storage_path.rstrip('/')}/{train.run_name}", train.endpoint_url)
 
 
-def validate(cfg: Config) -> dict:
-    """Check the run against its data and return the facts the workers need (the ``plan``).
+@dataclass(frozen=True)
+class PretrainFacts:
+    """What the driver looked up about a pretraining run's data before any worker starts."""
 
-    Raises ConfigError naming the key / URI and the fix. Reads the manifest and tokenizer files only.
-    """
+    manifest: dict
+    seq_len: int
+    vocab_size: int
+    tokenizer_hash: str
+    total_steps: int
+    val_batches: int
+    tokenizer_files: dict[str, bytes]
+
+
+def validate(cfg: PretrainConfig) -> PretrainFacts:
+    """Check a pretraining run against its data; raises ConfigError naming the key / URI and the fix.
+    Reads the manifest and tokenizer files only."""
     from data_pipeline.loader import read_manifest
     from data_pipeline.storage import join, read_bytes
 
@@ -54,8 +75,7 @@ def validate(cfg: Config) -> dict:
             "shorter output.seq_len"
         )
     total_steps = train.total_steps(seq_len)
-    if train.warmup_steps >= total_steps:
-        raise ConfigError(f"train.warmup_steps ({train.warmup_steps}) must be < the run's {total_steps} steps")
+    check_warmup(train, total_steps)
     val_sequences = int(manifest["splits"].get("val", {}).get("sequences", 0))
     val_batches = min(train.eval_steps, val_sequences // (train.num_workers * train.micro_batch_size))
     tok = manifest["tokenizer"]
@@ -63,25 +83,61 @@ def validate(cfg: Config) -> dict:
     tokenizer_files = {
         name: read_bytes(join(data_dir, name), train.endpoint_url) for name in (tok["ranks_file"], tok["meta_file"])
     }
-    return {
-        "manifest": manifest,
-        "seq_len": seq_len,
-        "vocab_size": int(tok["n_vocab"]),
-        "tokenizer_hash": tok["hash"],
-        "total_steps": total_steps,
-        "val_batches": val_batches,
-        "tokenizer_files": tokenizer_files,
-    }
+    return PretrainFacts(manifest, seq_len, int(tok["n_vocab"]), tok["hash"], total_steps, val_batches, tokenizer_files)
 
 
-def _worker_resources(train, gpus_per_worker: Optional[float]) -> dict:
-    resources = {"CPU": train.cpus_per_worker}
-    if train.use_gpu and gpus_per_worker is not None:
-        resources["GPU"] = gpus_per_worker
-    return resources
+def check_warmup(train: TrainConfig, total_steps: int) -> None:
+    if train.warmup_steps >= total_steps:
+        raise ConfigError(f"train.warmup_steps ({train.warmup_steps}) must be < the run's {total_steps} steps")
 
 
-def _check_resources(train, gpus_per_worker: Optional[float] = None) -> None:
+def resume_point(
+    run: RunDir, cfg, meta_now: dict, *, resume: bool, branch_from: Optional[str] = None
+) -> Optional[tuple[str, dict]]:
+    """(checkpoint URI, meta) the run continues from: its own newest complete checkpoint, else the
+    ``branch_from`` checkpoint of another run; None for a fresh start. Raises ConfigError when the run
+    exists and ``resume`` is off, or when the checkpoint was written by a different run shape/data."""
+    exists = run.exists()
+    if exists and not resume:
+        raise ConfigError(f"run directory {run.uri} already exists; pick another train.run_name or resume it")
+    found = latest_complete_checkpoint(run) if exists else None
+    if found is None and branch_from:
+        branch = RunDir.at(branch_from, run.endpoint_url)
+        from orchestration.artifacts import complete_checkpoint_meta
+
+        meta = complete_checkpoint_meta(branch)
+        if meta is None:
+            raise ConfigError(f"branch checkpoint {branch.uri} is missing or incomplete; rerun the run it belongs to")
+        found = (branch, meta)
+    if found is None:
+        return None
+    ckpt, meta = found
+    check_same_run(meta, cfg, meta_now, run.uri)
+    print(f"[raylm] resuming {run.uri} from step {meta['step']} ({ckpt.uri})", flush=True)
+    return ckpt.uri, meta
+
+
+def check_same_run(meta: dict, cfg, meta_now: dict, uri: str) -> None:
+    """A resumed run keeps the shapes, tokenizer, sequence length and data its checkpoint was written with."""
+    old = meta["config"]
+    for section, key in SAME_RUN_FIELDS:
+        if section not in old or key not in old[section] or not hasattr(getattr(cfg, section), key):
+            continue
+        before, now = old[section][key], getattr(getattr(cfg, section), key)
+        if before != now:
+            raise ConfigError(
+                f"{uri} was trained with {section}.{key}={before}, this config has {now}; "
+                "resume with the original value or use a new train.run_name"
+            )
+    for key in SAME_RUN_META:
+        if key in meta and key in meta_now and meta[key] != meta_now[key]:
+            raise ConfigError(
+                f"{uri} was trained with {key} {meta[key]!r}, this run has {meta_now[key]!r}; resume with "
+                "the original data or use a new train.run_name"
+            )
+
+
+def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None) -> None:
     import ray
 
     resources = ray.cluster_resources()
@@ -99,42 +155,94 @@ def _check_resources(train, gpus_per_worker: Optional[float] = None) -> None:
         )
 
 
-def _branch_checkpoint(uri: str, endpoint_url: Optional[str]) -> tuple[str, dict]:
-    """(uri, meta) of the complete checkpoint a branch run starts from."""
-    from data_pipeline.storage import filesystem_for
-    from orchestration.train.checkpoint import is_complete
+def launch(
+    cfg,
+    plan: WorkerPlan,
+    make_task: Callable,
+    datasets: dict,
+    *,
+    callbacks: Sequence = (),
+    gpus_per_worker: Optional[float] = None,
+    checkpoint_config=None,
+) -> dict:
+    """Run ``plan`` with ``worker_loop`` on train.num_workers Ray Train workers; returns {run_dir,
+    final_step, final_loss, final_val_loss, tokens, checkpoint, records}. Writes config.yaml first."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
-    fs, path = filesystem_for(uri, endpoint_url)
-    meta = is_complete(fs, path)
-    if meta is None:
-        raise ConfigError(f"branch checkpoint {uri} is missing or incomplete; rerun the run it belongs to")
-    return uri.rstrip("/"), meta
+    from orchestration.train.loop import worker_loop
 
-
-def _storage(cfg: Config):
-    """(pyarrow filesystem, path of the run dir, RunConfig storage_path, storage_filesystem or None)."""
-    from data_pipeline.storage import filesystem_for
-
-    uri = run_uri(cfg)
-    fs, path = filesystem_for(uri, cfg.train.endpoint_url)
-    storage_fs = fs if cfg.train.storage_path.startswith("s3://") and cfg.train.endpoint_url else None
-    storage_path = path.rsplit("/", 1)[0] if storage_fs is not None else uri.rsplit("/", 1)[0]
-    return fs, path, storage_path, storage_fs
-
-
-def _worker_env(train) -> dict:
-    env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+    train = cfg.train
+    run = RunDir.at(plan.run_uri, plan.endpoint_url)
+    init_ray()
+    check_resources(train, gpus_per_worker)
+    write_config(run, plan.config)
+    write_run_facts(
+        run,
+        {
+            "task": make_task.__name__,
+            "model": plan.model_config,
+            "seq_len": plan.seq_len,
+            "total_steps": plan.total_steps,
+            "num_workers": train.num_workers,
+            "global_batch_size": train.global_batch_size,
+            **plan.checkpoint_meta,
+        },
+    )
+    for ds in datasets.values():
+        # Each worker re-iterates these streams; per-iteration progress bars from every worker flood
+        # the log, and the loop already reports throughput and data-wait time every log_interval.
+        ds.context.enable_progress_bars = False
+        ds.context.enable_operator_progress_bars = False
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"plan": plan, "make_task": make_task},
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=run.parent_path if "://" in run.uri else run.uri.rsplit("/", 1)[0],
+            storage_filesystem=run.fs if "://" in run.uri else None,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
+            worker_runtime_env={"env_vars": _worker_env(train)},
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    records = read_metrics(run)
+    last = records[-1] if records else {}
+    val = [r for r in records if "val_loss" in r]
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = run.uri_of(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    summary = {
+        "run_dir": run.uri,
+        "final_step": last.get("step", 0),
+        "final_loss": last.get("loss"),
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "tokens": last.get("tokens", 0),
+        "checkpoint": checkpoint,
+        "records": records,
     }
-    if not train.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
-    return env
+    print(
+        f"[raylm] done: step {summary['final_step']}, loss {summary['final_loss']}, val {summary['final_val_loss']}; "
+        f"run dir {run.uri}; checkpoint {checkpoint}",
+        flush=True,
+    )
+    return summary
 
 
 def run_training(
-    cfg: Config,
+    cfg: PretrainConfig,
     *,
     resume: bool = True,
     callbacks: Sequence = (),
@@ -147,7 +255,7 @@ def run_training(
     ``checkpoint_<step>/`` directories. With ``resume`` (default) a run name that already has a
     complete checkpoint continues from it (model, optimizer, schedule, data position, RNG); without
     it, an existing run directory is an error. Returns {run_dir, final_step, final_loss,
-    final_val_loss, tokens, wall_s, checkpoint}.
+    final_val_loss, tokens, wall_s, checkpoint, records}.
 
     Hooks for Tune trials and sweeps: ``callbacks`` are Ray Train ``UserCallback``s (e.g. Tune's
     ``TuneReportCallback``); ``gpus_per_worker`` (with use_gpu) asks each worker for that share of
@@ -156,33 +264,22 @@ def run_training(
     step, data position, weights and optimizer), e.g. a WSD decay branch off a stable-phase run.
     """
     from data_pipeline.loader import sequence_dataset
-    from data_pipeline.storage import write_bytes
-    from orchestration.train.loop import train_loop_per_worker
-    from orchestration.train.throughput import read_metrics
+    from orchestration.config import with_absolute_paths
+    from orchestration.train.task import pretrain_task
 
     t0 = time.time()
+    cfg = with_absolute_paths(cfg)  # workers run in Ray's own working directory
     train = cfg.train
     facts = validate(cfg)
-    fs, run_path, _, _ = _storage(cfg)
-    uri = run_uri(cfg)
-    run_exists = fs.get_file_info(run_path).type.name == "Directory"
-    if run_exists and not resume:
-        raise ConfigError(f"run directory {uri} already exists; pick another train.run_name or resume it")
-    latest = latest_complete_checkpoint(uri, train.endpoint_url) if resume and run_exists else None
-    if latest is None and branch_from:
-        latest = _branch_checkpoint(branch_from, train.endpoint_url)
-    start_step = latest[1]["step"] if latest else 0
-    if latest:
-        _check_same_run(latest[1], cfg, uri)
-        print(f"[raylm] resuming {uri} from step {start_step} ({latest[0]})", flush=True)
-    start_sequence = start_step * train.global_batch_size
-    total_sequences = facts["total_steps"] * train.global_batch_size
+    run = run_dir(train)
+    meta_now = {"seq_len": facts.seq_len, "tokenizer_hash": facts.tokenizer_hash, "data": facts.manifest["uri"]}
+    start = resume_point(run, cfg, meta_now, resume=resume, branch_from=branch_from)
+    start_sequence = (start[1]["step"] if start else 0) * train.global_batch_size
+    total_sequences = facts.total_steps * train.global_batch_size
 
     init_ray()
-    _check_resources(train, gpus_per_worker)
-    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts["vocab_size"]))
-    write_bytes(fs, f"{run_path}/config.yaml", yaml.safe_dump(config_to_dict(resolved), sort_keys=False).encode())
-
+    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts.vocab_size))
+    data = {"expected_tokenizer_hash": facts.tokenizer_hash, "expected_seq_len": facts.seq_len}
     datasets = {
         "train": sequence_dataset(
             train.data,
@@ -190,101 +287,46 @@ def run_training(
             seed=train.seed,
             start_sequence=start_sequence,
             num_sequences=total_sequences - start_sequence,
-            expected_tokenizer_hash=facts["tokenizer_hash"],
-            expected_seq_len=facts["seq_len"],
             endpoint_url=train.endpoint_url,
+            **data,
         )
     }
-    if facts["val_batches"] > 0:
+    if facts.val_batches > 0:
         datasets["val"] = sequence_dataset(
             train.data,
             "val",
             seed=train.seed,
-            num_sequences=facts["val_batches"] * train.num_workers * train.micro_batch_size,
-            expected_tokenizer_hash=facts["tokenizer_hash"],
-            expected_seq_len=facts["seq_len"],
+            num_sequences=facts.val_batches * train.num_workers * train.micro_batch_size,
             endpoint_url=train.endpoint_url,
+            **data,
         )
     else:
         print("[raylm] the val split is smaller than one micro-batch per worker: no eval", flush=True)
-    for ds in datasets.values():
-        # Each worker re-iterates these streams; per-iteration progress bars from every worker flood
-        # the log, and the loop already reports throughput and data-wait time every log_interval.
-        ds.context.enable_progress_bars = False
-        ds.context.enable_operator_progress_bars = False
-    plan = {
-        "config": config_to_dict(resolved),
-        "vocab_size": facts["vocab_size"],
-        "seq_len": facts["seq_len"],
-        "total_steps": facts["total_steps"],
-        "start_sequence": start_sequence,
-        "val_batches": facts["val_batches"],
-        "tokenizer_files": facts["tokenizer_files"],
-        "resume_uri": latest[0] if latest else None,
-    }
-    trainer = make_trainer(
-        cfg, train_loop_per_worker, plan, datasets, callbacks=callbacks, gpus_per_worker=gpus_per_worker
+    plan = WorkerPlan(
+        config=config_to_dict(resolved),
+        model_config=dataclasses.asdict(resolved.model),
+        run_uri=run.uri,
+        endpoint_url=train.endpoint_url,
+        seq_len=facts.seq_len,
+        total_steps=facts.total_steps,
+        start_sequence=start_sequence,
+        val_batches=facts.val_batches,
+        checkpoint_files=facts.tokenizer_files,
+        checkpoint_meta=meta_now,
+        resume_uri=start[0] if start else None,
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    records = read_metrics(fs, f"{run_path}/metrics.jsonl")
-    last = records[-1] if records else {}
-    val = [r for r in records if "val_loss" in r]
-    summary = {
-        "run_dir": uri,
-        "final_step": last.get("step", start_step),
-        "final_loss": last.get("loss"),
-        "final_val_loss": val[-1]["val_loss"] if val else None,
-        "tokens": last.get("tokens", 0),
-        "wall_s": time.time() - t0,
-        "checkpoint": _checkpoint_uri(result, uri),
-    }
-    print(
-        f"[raylm] done: step {summary['final_step']}, loss {summary['final_loss']}, val {summary['final_val_loss']}; "
-        f"run dir {uri}; checkpoint {summary['checkpoint']}",
-        flush=True,
-    )
-    return summary
+    summary = launch(cfg, plan, pretrain_task, datasets, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
+    return {**summary, "wall_s": time.time() - t0}
 
 
-def make_trainer(
-    cfg: Config,
-    loop,
-    plan: dict,
-    datasets: dict,
-    *,
-    callbacks: Sequence = (),
-    gpus_per_worker: Optional[float] = None,
-    checkpoint_config=None,
-):
-    """The TorchTrainer every raylm job runs: ``loop(plan)`` on train.num_workers workers, the run dir as
-    Ray's storage, worker-failure retries, ordered data ingest and the worker environment."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    train = cfg.train
-    _, _, storage_path, storage_fs = _storage(cfg)
-    return TorchTrainer(
-        loop,
-        train_loop_config=plan,
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers,
-            use_gpu=train.use_gpu,
-            resources_per_worker=_worker_resources(train, gpus_per_worker),
-        ),
-        run_config=RunConfig(
-            name=train.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
-            worker_runtime_env={"env_vars": _worker_env(train)},
-            callbacks=list(callbacks),
-        ),
-        datasets=datasets,
-        dataset_config=_data_config(),
-    )
+def _worker_env(train: TrainConfig) -> dict:
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)}
+    if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in os.environ:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    if not train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
+    return env
 
 
 def _data_config():
@@ -299,29 +341,3 @@ def _data_config():
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return DataConfig(datasets_to_split=[], execution_options=options)
-
-
-def _check_same_run(meta: dict, cfg: Config, uri: str) -> None:
-    """A resumed run must keep the shapes its checkpoint was written with."""
-    old = meta["config"]
-    for section, key in (
-        ("train", "num_workers"),
-        ("train", "global_batch_size"),
-        ("train", "micro_batch_size"),
-        ("train", "zero_stage"),
-        ("model", "n_layer"),
-        ("model", "n_embd"),
-        ("model", "n_head"),
-    ):
-        before, now = old[section][key], getattr(getattr(cfg, section), key)
-        if before != now:
-            raise ConfigError(
-                f"{uri} was trained with {section}.{key}={before}, this config has {now}; "
-                "resume with the original value or use a new train.run_name"
-            )
-
-
-def _checkpoint_uri(result, uri: str) -> Optional[str]:
-    if result.checkpoint is None:
-        return None
-    return f"{uri}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}"

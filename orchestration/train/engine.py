@@ -1,4 +1,4 @@
-"""Our ``TrainConfig`` -> a DeepSpeed config dict, plus the optimizer we hand to DeepSpeed.
+"""The training engine: a DeepSpeed config from ``TrainConfig``, the AdamW we hand it, and the wrap.
 
 We pass DeepSpeed a plain ``torch.optim.AdamW`` (DeepSpeed's own Adam JIT-compiles a C++ op on first
 use, 60-90 s on CPU) and no scheduler: the loop sets the LR itself from ``orchestration.train.schedule``.
@@ -67,3 +67,55 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
         weight_decay=train.weight_decay,
         fused=fused or None,
     )
+
+
+def worker_device(train: TrainConfig) -> torch.device:
+    """The device Ray Train gave this worker (CUDA), or the CPU."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs: identical init on every rank; per-rank streams after it."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def wrap_with_deepspeed(raw_model: torch.nn.Module, train: TrainConfig):
+    """A DeepSpeed engine over ``raw_model`` (compiled first if asked) with AdamW on its trainable
+    parameters."""
+    import deepspeed
+
+    model = torch.compile(raw_model) if train.compile else raw_model
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(raw_model, train),
+        config=deepspeed_config(train),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def optimizer_state_numel(engine) -> int:
+    """Elements held in this rank's optimizer state tensors (Adam moments; ZeRO's flat partitions).
+
+    Walks DeepSpeed's wrappers down to the torch optimizer that owns ``state``.
+    """
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm DeepSpeed computed at the last step (None before any)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -80,7 +80,7 @@ def test_ngram_rejects_bad_orders_and_missing_inputs(tmp_path):
 
 def test_train_and_evaluate_ngram_on_shards(manifest, tmp_path):
     from orchestration.evaluate.baselines import evaluate_ngram, read_split_rows, train_ngram
-    from orchestration.evaluate.load import token_byte_lengths
+    from orchestration.evaluate.lm import token_byte_lengths
 
     with pytest.raises(ValueError, match="order n must be"):
         train_ngram(manifest, str(tmp_path / "bad"), n=7)
@@ -177,7 +177,8 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     from model.generate import generate
     from model.gpt import GPT
     from orchestration.evaluate.baselines import compare_baselines, train_ngram
-    from orchestration.evaluate.load import generate_text, load_checkpoint_model
+    from orchestration.evaluate.load import load_checkpoint_model
+    from orchestration.evaluate.sample import generate_text
     from orchestration.evaluate.suites import continuation_scores
 
     vocab = json.loads(Path(manifest).read_text())["tokenizer"]["n_vocab"]
@@ -250,7 +251,8 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
 
 @pytest.mark.slow
 def test_lstm_trains_through_ray_train_and_deepspeed(manifest, ray_session, tmp_path):
-    from orchestration.evaluate.load import evaluate_lm, load_checkpoint_model
+    from orchestration.evaluate.lm import evaluate_lm
+    from orchestration.evaluate.load import load_checkpoint_model
     from orchestration.train.driver import run_training
 
     cfg = tiny_config(

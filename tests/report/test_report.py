@@ -13,9 +13,13 @@ import pytest
 import yaml
 
 from model.flops import count_params, flops_per_token
-from orchestration.config import load_config, save_resolved
-from orchestration.report.write import ReportError, write_report
+from orchestration.artifacts import RunDir, write_config, write_run_facts
+from orchestration.config import config_to_dict, load_config
+from orchestration.report.render import ReportError
+from orchestration.report.write import write_report
+from orchestration.sweeps.config import SweepConfig
 from orchestration.sweeps.fit import LawParams, compute_optimal, predict_loss
+from orchestration.sweeps.sweep_fit import fit_sweep
 
 TRUE = LawParams(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
 EMBEDDING = 3e5  # parameters outside the non-embedding count, as a 4k vocabulary at width 64
@@ -33,8 +37,9 @@ def write_run(
     """A run directory as `raylm train` leaves it: resolved config, metrics.jsonl in the train
     loop's record schema, checkpoints (the last one incomplete: no raylm_meta.json yet)."""
     cfg = load_config(None)
-    save_resolved(cfg, root / "config.yaml")
     seq_len = cfg.model.block_size
+    write_config(RunDir.at(str(root)), config_to_dict(cfg))
+    write_run_facts(RunDir.at(str(root)), {"task": "pretrain_task", "model": asdict(cfg.model), "seq_len": seq_len})
     fpt = flops_per_token(cfg.model, seq_len)
     steps = list(steps)
     records = []
@@ -60,7 +65,7 @@ def write_run(
         records.append(record)
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "checkpoint_00000050").mkdir()
-    (root / "checkpoint_00000050" / "raylm_meta.json").write_text(json.dumps({"step": 50}))
+    (root / "checkpoint_00000050" / "raylm_meta.json").write_text(json.dumps({"step": 50, "files": {}}))
     (root / "checkpoint_00000100").mkdir()
     if sample is not None:
         (root / "demo_summary.json").write_text(
@@ -151,12 +156,19 @@ def sweep_points(budgets=(1e16, 1e17, 1e18), offsets=SWEEP_OFFSETS, noise=0.001)
     return points
 
 
-def test_sweep_report_recovers_the_law_it_was_drawn_from(tmp_path):
+def write_sweep(root: Path, points: list[dict], **scaling) -> dict:
+    """A sweep directory as `raylm scaling` leaves it: its points and the fits its writer computed."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "scaling_points.json").write_text(json.dumps({"points": points, "grid": {}, "config": {}}))
+    fit = fit_sweep(points, SweepConfig(**scaling))
+    (root / "scaling_fit.json").write_text(json.dumps(fit, default=str))
+    return json.loads((root / "scaling_fit.json").read_text())
+
+
+def test_sweep_report_recovers_the_law_it_was_drawn_from_and_shows_the_sweeps_own_numbers(tmp_path):
     points = sweep_points()
     failed = dict(points[0], status="failed", loss=99.0)
-    (tmp_path / "scaling_points.json").write_text(
-        json.dumps({"points": points + [failed], "grid": {"budgets": [1e16, 1e17, 1e18]}, "config": {"model": {}}})
-    )
+    fit = write_sweep(tmp_path, points + [failed], n_boot=20)
     written = write_report(str(tmp_path))
     assert {"isoflops.png", "frontier.png", "law_fit.png"} <= set(written)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -175,18 +187,21 @@ def test_sweep_report_recovers_the_law_it_was_drawn_from(tmp_path):
     assert predicted["parametric law (all N)"]["params"] == pytest.approx(truth.params, rel=0.25)
     page = Path(written["report.html"]).read_text()
     assert "Chinchilla approach 3 (published)" in page and "Counting non-embedding parameters" in page
-    assert "Holdout check" not in page  # the sweep wrote no scaling_fit.json with one
+    assert "Holdout check" not in page  # the sweep had no holdout
+    # nothing refitted: the report's numbers are exactly the ones in scaling_fit.json
+    assert results["fits"] == fit["fits"] and results["predictions"] == fit["predictions"]
+    alpha = fit["fits"]["all"]["law"]["law"]["alpha"]
+    assert f"{alpha:.3f}" in page
 
 
 def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
     from orchestration.sweeps.fit import ScalingPoint, holdout_check
 
     points = sweep_points()
-    (tmp_path / "scaling_points.json").write_text(json.dumps({"points": points, "grid": {}, "config": {}}))
+    write_sweep(tmp_path, points, n_boot=0, holdout=2)
     check = holdout_check(
         [ScalingPoint(params=p["params"], tokens=p["tokens"], loss=p["loss"]) for p in points], n_holdout=2
     )
-    (tmp_path / "scaling_fit.json").write_text(json.dumps({"holdout": asdict(check)}))
     md = Path(write_report(str(tmp_path))["report.md"]).read_text()
     section = md.split("## Holdout check", 1)[1].split("##", 1)[0]
     assert f"max relative error {check.max_rel_error:.2%}" in section
@@ -194,15 +209,11 @@ def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
 
 
 def test_sweep_report_says_why_a_fit_is_absent(tmp_path):
-    (tmp_path / "scaling_points.json").write_text(
-        json.dumps(
-            {"points": sweep_points(budgets=(1e17,), offsets=np.array([-0.4, 0.0, 0.4])), "grid": {}, "config": {}}
-        )
-    )
+    write_sweep(tmp_path, sweep_points(budgets=(1e17,), offsets=np.array([-0.4, 0.0, 0.4])), n_boot=0)
     written = write_report(str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
-    assert "at least 2 budgets" in results["fits"]["all"]["isoflop"]
-    assert "needs at least 6 runs; the sweep has 3" in results["fits"]["all"]["law"]
+    assert "at least 2 budgets" in results["fits"]["all"]["isoflop"]["skipped"]
+    assert "needs at least 6 runs; the sweep has 3" in results["fits"]["all"]["law"]["skipped"]
     assert results["predictions"][0]["source"].startswith("Chinchilla")  # only the published references
     assert not any(name.endswith(".png") for name in written)
     assert "No IsoFLOP fit (all parameters)" in Path(written["report.md"]).read_text()
@@ -260,7 +271,7 @@ def test_a_directory_that_is_none_of_these_is_named_with_what_was_expected(tmp_p
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(
         ReportError,
-        match=r"metrics\.jsonl and config\.yaml.*scaling_points\.json.*"
+        match=r"metrics\.jsonl and run\.json.*scaling_points\.json.*"
         r"tune_results\.json.*baselines\.json.*found notes\.txt",
     ):
         write_report(str(tmp_path))

@@ -12,8 +12,14 @@ from helpers import tiny_corpus_manifest
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, ScalingRunConfig
+from orchestration.config import load_config as load_any
 from orchestration.train.schedule import lr_for
+
+
+def load_config(path=None, overrides=()):
+    return load_any(path, overrides, schema=ScalingRunConfig)
+
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 SEQ_LEN, VOCAB = 32, 512
@@ -168,13 +174,14 @@ def _record(params, tokens, loss, budget=None):
 
 
 def test_fits_explain_too_few_points_and_fit_when_enough():
-    from orchestration.sweeps.scaling import fit_sweep
+    from orchestration.sweeps.sweep_fit import fit_sweep
 
     sc = load_config(None, ["scaling.n_boot=0"]).scaling
     few = [_record(1e6, 1e8, 4.0, 1e15), _record(2e6, 5e7, 3.9, 1e15)]
     out = fit_sweep(few, sc)
-    assert "too few points for the IsoFLOP fit" in out["isoflop"]["skipped"]
-    assert "too few points for the parametric fit" in out["law"]["skipped"] and "2 < 5" in out["law"]["skipped"]
+    fits = out["fits"]["all"]
+    assert "too few points for the IsoFLOP fit" in fits["isoflop"]["skipped"]
+    assert "needs at least 6 runs; the sweep has 2" in fits["law"]["skipped"]
 
     law = lambda n, d: 1.8 + 400 / n**0.34 + 410 / d**0.28  # noqa: E731  Chinchilla-like
     records = []
@@ -182,9 +189,10 @@ def test_fits_explain_too_few_points_and_fit_when_enough():
         for n in [(c / 6 / 20) ** 0.5 * m for m in (0.25, 0.5, 1, 2, 4)]:
             records.append(_record(n, c / 6 / n, law(n, c / 6 / n), c))
     out = fit_sweep(records, sc)
-    assert out["isoflop"]["n_budgets_used"] == 3
-    assert 0.4 < out["isoflop"]["params_opt"]["exponent"] < 0.6
-    assert out["law"]["law"]["alpha"] == pytest.approx(0.34, abs=0.05)
+    fits = out["fits"]["all"]
+    assert fits["isoflop"]["n_budgets_used"] == 3
+    assert 0.4 < fits["isoflop"]["params_opt"]["exponent"] < 0.6
+    assert fits["law"]["law"]["alpha"] == pytest.approx(0.34, abs=0.05)
 
 
 def test_shipped_scaling_configs_plan():
@@ -254,8 +262,8 @@ def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(manifest, tmp_pat
         assert p["flops"] == pytest.approx(p["budget"], rel=0.05)
         assert (Path(p["run_dir"]) / "metrics.jsonl").is_file() and (out / "points" / f"{p['key']}.json").is_file()
     fit = json.loads((out / "scaling_fit.json").read_text())
-    assert "too few points for the IsoFLOP fit" in fit["isoflop"]["skipped"]  # 2 sizes per budget, needs 3
-    assert "4 < 5" in fit["law"]["skipped"]
+    assert "too few points for the IsoFLOP fit" in fit["fits"]["all"]["isoflop"]["skipped"]  # 2 sizes per budget
+    assert "needs at least 6 runs; the sweep has 4" in fit["fits"]["all"]["law"]["skipped"]
 
     again = run_scaling(cfg)  # nothing new to train: every point is reused, no Tuner starts
     assert again["trials_run"] == 0 and again["reused"] == 4

@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 from helpers import tiny_corpus_manifest
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, TuneRunConfig
+from orchestration.config import load_config as load_any
 
 CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def load_config(path=None, overrides=()):
+    return load_any(path, overrides, schema=TuneRunConfig)
 
 
 def test_search_space_parses_and_numeric_strings_become_numbers():
@@ -84,7 +89,7 @@ def test_search_space_keys_and_values_checked_against_the_config(entry, message)
 
 def test_resolve_trial_config_applies_overrides():
     from orchestration.config import config_to_dict
-    from orchestration.sweeps.tune import resolve_trial_config
+    from orchestration.sweeps.trials import resolve_trial_config
 
     base = config_to_dict(load_config(None))
     cfg = resolve_trial_config(base, {"train.lr": 2e-3, "model.n_layer": 3}, run_name="t1")

@@ -14,8 +14,8 @@ import math
 import pytest
 from helpers import tiny_config, tiny_corpus_manifest
 
+from orchestration.artifacts import RunDir, latest_complete_checkpoint
 from orchestration.config import ConfigError
-from orchestration.train.checkpoint import latest_complete_checkpoint
 from orchestration.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
 
 pytestmark = pytest.mark.slow
@@ -53,8 +53,8 @@ def test_every_zero_stage_trains_and_checkpoints(reference_runs):
         assert summary["final_val_loss"] is not None and math.isfinite(summary["final_val_loss"])
         assert records[-1]["tokens_per_s"] > 0 and records[-1]["mfu"] is None  # CPU: FLOP/s, no MFU
         assert summary["checkpoint"].endswith("checkpoint_00000020")
-        uri, meta = latest_complete_checkpoint(summary["run_dir"])
-        assert uri == summary["checkpoint"] and meta["step"] == STEPS and meta["zero_stage"] == stage
+        ckpt, meta = latest_complete_checkpoint(RunDir.at(summary["run_dir"]))
+        assert ckpt.uri == summary["checkpoint"] and meta["step"] == STEPS and meta["zero_stage"] == stage
     # Same data, seed and init: the stages differ only in reduction order, so they land together
     final = [records[-1]["loss"] for _, records in reference_runs.values()]
     assert max(final) - min(final) < 0.1, final
@@ -72,19 +72,21 @@ def test_zero_shards_optimizer_state(reference_runs):
 
 
 def test_consolidated_checkpoint_evaluates_and_generates(reference_runs, workdir, tmp_path):
-    from orchestration.evaluate.load import evaluate, generate_text, load_checkpoint_model
+    from orchestration.evaluate.lm import evaluate_lm
+    from orchestration.evaluate.load import load_checkpoint_model
+    from orchestration.evaluate.sample import generate_text
 
     root, manifest = workdir
     summary, records = reference_runs[3]  # ZeRO-3: weights were gathered from shards
     model, model_cfg, enc, meta = load_checkpoint_model(summary["run_dir"])
     assert meta["step"] == STEPS and model_cfg.n_embd == 32 and enc.n_vocab == model_cfg.vocab_size
     # Same val sequences as the in-training eval (2 micro-batches x 4 x 2 ranks): same loss
-    result = evaluate(summary["checkpoint"], manifest, max_sequences=16, batch_size=4)
+    result = evaluate_lm(summary["checkpoint"], manifest, max_sequences=16, batch_size=4)
     assert result["loss"] == pytest.approx(records[-1]["val_loss"], abs=1e-3)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     text_file = tmp_path / "sample.txt"
     text_file.write_text("KING. What say you, my lord? Speak, and be brief.\n" * 20)
-    assert evaluate(summary["checkpoint"], str(text_file))["tokens"] > 0
+    assert evaluate_lm(summary["checkpoint"], str(text_file))["tokens"] > 0
     one = generate_text(summary["checkpoint"], "KING.", 20, seed=7)
     assert isinstance(one, str) and one == generate_text(summary["checkpoint"], "KING.", 20, seed=7)
 
@@ -121,7 +123,7 @@ def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkey
     with pytest.raises(Exception):  # noqa: B017 - whichever error Ray Train raises for the dead driver's run
         run_training(cfg, resume=False)
     run_dir = str(root / "runs" / "zero2-restart")
-    assert latest_complete_checkpoint(run_dir)[1]["step"] == 10
+    assert latest_complete_checkpoint(RunDir.at(run_dir))[1]["step"] == 10
     with pytest.raises(ConfigError, match="already exists"):
         run_training(cfg, resume=False)  # never silently starts over on top of a run
     monkeypatch.delenv(FAIL_AT_STEP_ENV)

@@ -1,0 +1,265 @@
+"""Every file a run, fine-tune, sweep or search writes: one name and one reader/writer each.
+
+A ``RunDir`` is a directory (local path or s3:// / gs:// URI) whose filesystem is resolved once; every
+artifact below is read and written through it, so each command works on object storage as it does
+locally. The report renders what these writers stored and never recomputes it.
+
+    run dir      config.yaml, run.json, metrics.jsonl, checkpoint_<step>/raylm_meta.json, finetune_summary.json,
+                 finetune.md, demo_summary.json, report.html / report.md / results.json
+    tune dir     tune_results.json, best_config.yaml, runs/<trial>/ (run dirs)
+    sweep dir    scaling_points.json, scaling_fit.json, points/<key>.json, runs/<key>/ (run dirs)
+    baselines    baselines.json, baselines.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+import yaml
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_META_FILE = "raylm_meta.json"
+FINETUNE_SUMMARY_FILE, FINETUNE_MARKDOWN_FILE = "finetune_summary.json", "finetune.md"
+DEMO_SUMMARY_FILE = "demo_summary.json"
+TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
+SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
+BASELINES_FILE, BASELINES_MARKDOWN_FILE = "baselines.json", "baselines.md"
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute against the current directory; URIs (s3://, gs://, ...) unchanged."""
+    from pathlib import Path
+
+    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A directory on any pyarrow filesystem: ``uri`` as the user wrote it (made absolute when local),
+    ``fs`` and ``path`` resolved once. Cheap to pickle (Ray workers, Tune trials)."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+    endpoint_url: Optional[str] = None
+
+    @classmethod
+    def at(cls, uri: str, endpoint_url: Optional[str] = None) -> RunDir:
+        from data_pipeline.storage import filesystem_for
+
+        uri = absolute_uri(uri).rstrip("/")
+        fs, path = filesystem_for(uri, endpoint_url)
+        return cls(uri, fs, path, endpoint_url)
+
+    def child(self, name: str) -> RunDir:
+        return RunDir(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}", self.endpoint_url)
+
+    def uri_of(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def path_of(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    @property
+    def name(self) -> str:
+        return self.uri.rsplit("/", 1)[-1]
+
+    @property
+    def parent_path(self) -> str:
+        return self.path.rsplit("/", 1)[0]
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def has(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path_of(name)).type == pafs.FileType.File
+
+    def has_dir(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path_of(name)).type == pafs.FileType.Directory
+
+    def names(self) -> set[str]:
+        """Entries directly inside (empty when the directory does not exist)."""
+        if not self.exists():
+            return set()
+        return {i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path))}
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path_of(name)) as f:
+            return f.read()
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write ``name`` (parents created); returns its URI."""
+        from data_pipeline.storage import write_bytes
+
+        write_bytes(self.fs, self.path_of(name), data)
+        return self.uri_of(name)
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_json(self, name: str, value: Any) -> str:
+        return self.write_text(name, json.dumps(value, indent=2, default=str) + "\n")
+
+
+# ---- config.yaml -----------------------------------------------------------------------------------
+
+
+def write_config(run: RunDir, config: dict, name: str = CONFIG_FILE) -> str:
+    """The resolved config (every default filled in) next to the outputs it produced."""
+    return run.write_text(name, yaml.safe_dump(config, sort_keys=False))
+
+
+def read_config(run: RunDir, name: str = CONFIG_FILE) -> dict:
+    return yaml.safe_load(run.read_text(name))
+
+
+def write_run_facts(run: RunDir, facts: dict) -> str:
+    """``run.json``: what the driver resolved for the run (job, model shape with its vocab size,
+    seq_len, total steps, data), so a report never has to re-derive it."""
+    return run.write_json(RUN_FILE, facts)
+
+
+def read_run_facts(run: RunDir) -> dict:
+    return run.read_json(RUN_FILE)
+
+
+# ---- metrics.jsonl -----------------------------------------------------------------------------------
+
+
+def read_metrics(run: RunDir) -> list[dict]:
+    """All records of a run's ``metrics.jsonl`` (empty when there is none yet)."""
+    if not run.has(METRICS_FILE):
+        return []
+    return [json.loads(line) for line in run.read_text(METRICS_FILE).splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl``: records are appended in memory and written out by a background
+    thread at most every ``flush_interval_s`` (and on ``close``), so a slow or remote store never
+    stalls the step loop. Object stores cannot append, so a flush rewrites the file; a resumed run
+    first drops lines past its checkpoint (``truncate_after``) so no step is logged twice."""
+
+    def __init__(self, run: RunDir, *, flush_interval_s: float = 5.0):
+        self.run, self.flush_interval_s = run, flush_interval_s
+        self.lines = [json.dumps(r) for r in read_metrics(run)]
+        self._lock, self._dirty, self._error = threading.Lock(), threading.Event(), None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, name="raylm-metrics", daemon=True)
+        self._thread.start()
+
+    def records(self) -> list[dict]:
+        with self._lock:
+            return [json.loads(line) for line in self.lines]
+
+    def truncate_after(self, step: int) -> None:
+        with self._lock:
+            self.lines = [line for line in self.lines if json.loads(line).get("step", 0) <= step]
+        self._dirty.set()
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.run.uri_of(METRICS_FILE)} failed: {self._error}") from self._error
+        with self._lock:
+            self.lines.append(json.dumps(record))
+        self._dirty.set()
+
+    def close(self) -> None:
+        """Write everything out now (call at the end of the loop); raises if the last write failed."""
+        self._closed.set()
+        self._dirty.set()
+        self._thread.join()
+        self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            text = "\n".join(self.lines) + "\n" if self.lines else ""
+        self.run.write_text(METRICS_FILE, text)
+
+    def _flush_loop(self) -> None:
+        from data_pipeline.storage import with_retries
+
+        while not self._closed.is_set():
+            self._dirty.wait()
+            if self._closed.is_set():
+                return
+            self._dirty.clear()
+            try:
+                with_retries(self._write, what=self.run.uri_of(METRICS_FILE))
+            except Exception as err:  # surfaced on the next append or on close
+                self._error = err
+                return
+            self._closed.wait(self.flush_interval_s)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def read_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:
+    """A checkpoint's ``raylm_meta.json``, or None when there is none yet."""
+    return ckpt.read_json(CHECKPOINT_META_FILE) if ckpt.has(CHECKPOINT_META_FILE) else None
+
+
+def complete_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:
+    """The checkpoint's meta when its marker exists and every file it lists is there at its size."""
+    meta = read_checkpoint_meta(ckpt)
+    if meta is None:
+        return None
+    infos = ckpt.fs.get_file_info([ckpt.path_of(rel) for rel in meta["files"]])
+    for info, size in zip(infos, meta["files"].values()):
+        if info.type != pafs.FileType.File or info.size != size:
+            return None
+    return meta
+
+
+def checkpoints_newest_first(run: RunDir) -> list[RunDir]:
+    """The run's ``checkpoint_<step>`` directories, newest first (complete or not)."""
+    if not run.exists():
+        return []
+    dirs = [
+        i
+        for i in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=False))
+        if i.type == pafs.FileType.Directory and CHECKPOINT_DIR_RE.match(i.base_name)
+    ]
+    dirs.sort(key=lambda i: int(CHECKPOINT_DIR_RE.match(i.base_name).group(1)), reverse=True)
+    return [run.child(i.base_name) for i in dirs]
+
+
+def latest_complete_checkpoint(run: RunDir) -> Optional[tuple[RunDir, dict]]:
+    """(checkpoint dir, meta) of the newest complete checkpoint; incomplete ones (an upload cut short)
+    are skipped, so the previous good one wins. None when there is none."""
+    for ckpt in checkpoints_newest_first(run):
+        meta = complete_checkpoint_meta(ckpt)
+        if meta is not None:
+            return ckpt, meta
+    return None
+
+
+# ---- sweeps, searches, fine-tunes ---------------------------------------------------------------------
+
+
+def write_point(sweep: RunDir, key: str, record: dict) -> str:
+    """One finished scaling point, written by its trial (reused by a re-run of the sweep)."""
+    return sweep.write_json(f"{POINTS_DIR}/{key}.json", record)
+
+
+def read_point(sweep: RunDir, key: str) -> Optional[dict]:
+    name = f"{POINTS_DIR}/{key}.json"
+    return sweep.read_json(name) if sweep.has(name) else None

@@ -1,0 +1,74 @@
+"""The fine-tune summary: before/after metrics of the same val rows, laid out once.
+
+``summary_blocks`` is the only place the comparison is laid out (report blocks: text and tables);
+``finetune.md`` and the run's report both render those blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def headline(task: str, metrics: dict, tuned: bool) -> dict[str, Optional[float]]:
+    """The comparable numbers of one side of a before/after table."""
+    if task == "lm":
+        return {"val loss": metrics["loss"], "perplexity": metrics["perplexity"]}
+    if task == "sft":
+        kinds = metrics.get("exact_match_by_kind", {})
+        return {
+            "response loss": metrics["response_loss"],
+            "exact match": metrics["exact_match"],
+            **({f"exact match: {k}": v for k, v in kinds.items()} if len(kinds) > 1 else {}),
+        }
+    if tuned:
+        return {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+    return {
+        "accuracy": metrics["zero_shot"]["accuracy"],
+        "majority-class accuracy": metrics["majority_class"]["accuracy"],
+    }
+
+
+def summary_blocks(summary: dict) -> list[tuple]:
+    """Report blocks of a fine-tune: what ran, the before/after table, and for SFT the answers."""
+    task = summary["task"]
+    before, after = headline(task, summary["before"], False), headline(task, summary["after"], True)
+    blocks: list[tuple] = [
+        (
+            "text",
+            f"Task {task}, mode {summary['mode']}, {summary['trainable_params']:,} trainable parameters; "
+            f"base {summary['base_checkpoint']}; best checkpoint {summary['best_checkpoint']} (step "
+            f"{summary['best_step']} of {summary['total_steps']}"
+            + (", stopped early on val loss" if summary["stopped_early"] else "")
+            + ").",
+        ),
+        (
+            "table",
+            ("metric", "before", "after"),
+            [(k, _fmt(before.get(k)), _fmt(after.get(k))) for k in dict.fromkeys([*before, *after])],
+        ),
+    ]
+    if task == "classification":
+        blocks.append(
+            (
+                "text",
+                "Before there is no classification head: the pretrained LM scores each label as a continuation "
+                f"of {summary['before']['zero_shot']['template']!r} (zero-shot); the majority class "
+                f"({summary['before']['majority_class']['label']!r}) is the floor a classifier must beat.",
+            )
+        )
+    if task == "sft" and summary["after"].get("samples"):
+        blocks.append(
+            (
+                "table",
+                ("prompt (end)", "reference", "before", "after"),
+                [
+                    (a["prompt"][-80:], a["reference"], b["answer"], a["answer"])
+                    for b, a in zip(summary["before"]["samples"], summary["after"]["samples"])
+                ],
+            )
+        )
+    return blocks
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"

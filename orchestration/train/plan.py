@@ -1,0 +1,36 @@
+"""The plan a driver hands every worker: what to train, where, from where, for how long.
+
+One typed object for every job the worker loop runs (pretraining, the LSTM baseline, fine-tuning);
+the driver fills it after validating everything, so a worker never re-reads the manifest or guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Facts the driver resolved, plus the job-specific part ``task`` (read by the task builder).
+
+    ``config`` is the command's resolved config as a dict (its ``train`` section drives the loop);
+    ``model_config`` the ModelConfig with the tokenizer's vocab size (pretraining) or the checkpoint's
+    shape (fine-tuning); ``checkpoint_files`` the small files every checkpoint carries (the tokenizer,
+    fine-tuning's description); ``checkpoint_meta`` what every checkpoint's meta records so a resume
+    can be checked against it; ``resume_uri`` a complete checkpoint the driver picked (a resume of
+    this run, or the branch point of another run).
+    """
+
+    config: dict
+    model_config: dict
+    run_uri: str
+    endpoint_url: Optional[str]
+    seq_len: int
+    total_steps: int
+    start_sequence: int
+    val_batches: int
+    checkpoint_files: dict[str, bytes]
+    checkpoint_meta: dict
+    resume_uri: Optional[str] = None
+    task: dict[str, Any] = field(default_factory=dict)
