@@ -67,37 +67,24 @@ def _report(path: str, cfg) -> None:
     print(f"[raylm] report: {written['report.html']}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from orchestration.train.driver import run_training
-
-    cfg = _load(args)
-    _report(run_training(cfg, resume=not args.no_resume)["run_dir"], cfg)
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from orchestration.finetune.driver import run_finetune
-
-    cfg = _load(args, "FinetuneRunConfig")
-    _report(run_finetune(cfg, resume=not args.no_resume)["run_dir"], cfg)
-    return 0
+# command -> (runner "module:function", its config schema, the summary key naming the directory it wrote)
+RUNS = {
+    "train": ("orchestration.train.driver:run_training", "PretrainConfig", "run_dir"),
+    "finetune": ("orchestration.finetune.driver:run_finetune", "FinetuneRunConfig", "run_dir"),
+    "tune": ("orchestration.sweeps.tune:run_tune", "TuneRunConfig", "tune_dir"),
+    "scaling": ("orchestration.sweeps.scaling:run_scaling", "ScalingRunConfig", "sweep_dir"),
+}
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    from orchestration.sweeps.tune import run_tune
+def cmd_run(args: argparse.Namespace) -> int:
+    """train, finetune, tune, scaling: load the command's config, run it, write its report."""
+    import importlib
 
-    cfg = _load(args, "TuneRunConfig")
-    summary = run_tune(cfg, resume=not args.no_resume)
-    print(f"[raylm] best config: {summary['best_config']}")
-    _report(summary["tune_dir"], cfg)
-    return 0
-
-
-def cmd_scaling(args: argparse.Namespace) -> int:
-    from orchestration.sweeps.scaling import run_scaling
-
-    cfg = _load(args, "ScalingRunConfig")
-    _report(run_scaling(cfg, resume=not args.no_resume)["sweep_dir"], cfg)
+    runner, schema, out_key = RUNS[args.command]
+    module, function = runner.split(":")
+    cfg = _load(args, schema)
+    summary = getattr(importlib.import_module(module), function)(cfg, resume=not args.no_resume)
+    _report(summary[out_key], cfg)
     return 0
 
 
@@ -211,6 +198,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_parser(sub, name: str, *, help: str, description: str, no_resume_help: str) -> None:
+    """A command that runs a training job (``RUNS``): a config, overrides and --no-resume."""
+    parser = sub.add_parser(name, help=help, description=description)
+    _add_config_args(parser)
+    parser.add_argument("--no-resume", action="store_true", help=no_resume_help)
+    parser.set_defaults(func=cmd_run)
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -270,36 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prep)
     prep.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser(
+    _add_run_parser(
+        sub,
         "train",
         help="pretrain with Ray Train + DeepSpeed ZeRO on prepared shards",
         description="Pretrain the model on train.data (a manifest from `raylm prepare`) with train.num_workers "
         "Ray Train workers running DeepSpeed. Writes <train.storage_path>/<train.run_name>/ "
         "(config.yaml, metrics.jsonl, checkpoints) and resumes a run name that has a checkpoint.",
+        no_resume_help="fail if the run directory exists instead of resuming from its latest checkpoint",
     )
-    _add_config_args(train)
-    train.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="fail if the run directory exists instead of resuming from its latest checkpoint",
-    )
-    train.set_defaults(func=cmd_train)
 
-    finetune = sub.add_parser(
+    _add_run_parser(
+        sub,
         "finetune",
         help="fine-tune a checkpoint: continued pretraining, classification head or SFT; full/partial/LoRA",
         description="Start from finetune.checkpoint and train on finetune.data through Ray Train + DeepSpeed "
         "(finetune.task lm | classification | sft; finetune.mode full | partial | lora), with early "
         "stopping on val loss. Scores the pretrained and the best fine-tuned checkpoint on the same "
         "val rows and writes finetune_summary.json, finetune.md and the report to the run dir.",
+        no_resume_help="fail if the run directory exists instead of resuming from its latest checkpoint",
     )
-    _add_config_args(finetune)
-    finetune.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="fail if the run directory exists instead of resuming from its latest checkpoint",
-    )
-    finetune.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser(
         "eval",
@@ -357,19 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=200, help="length of the closing sample (default 200)")
     demo.set_defaults(func=cmd_demo)
 
-    tune = sub.add_parser(
+    _add_run_parser(
+        sub,
         "tune",
         help="Ray Tune hyperparameter search (ASHA, optional Optuna/HyperOpt) over raylm train",
         description="Search the tune.search_space of a config (keys are config paths, e.g. train.lr: "
         "{loguniform: [1e-4, 1e-2]}) with Ray Tune: each trial is a raylm training run, ASHA stops "
         "weak trials on validation loss, an existing experiment is restored. Writes "
         "tune_results.json, best_config.yaml (ready for `raylm train --config`) and a report.",
+        no_resume_help="fail if the experiment exists instead of restoring it",
     )
-    _add_config_args(tune)
-    tune.add_argument("--no-resume", action="store_true", help="fail if the experiment exists instead of restoring it")
-    tune.set_defaults(func=cmd_tune)
 
-    scaling = sub.add_parser(
+    _add_run_parser(
+        sub,
         "scaling",
         help="scaling-law sweep (size x tokens grid, IsoFLOP profiles, WSD branches) and fits",
         description="Run the scaling.* sweep of a config: model sizes from a width/depth ladder trained at token "
@@ -377,10 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decay branches; every point is a Ray Tune trial, finished points are reused. Fits IsoFLOP "
         "parabolas and L(N, D) = E + A/N^alpha + B/D^beta with bootstrap CIs; writes "
         "scaling_points.json, scaling_fit.json and a report.",
+        no_resume_help="fail if the sweep directory already exists",
     )
-    _add_config_args(scaling)
-    scaling.add_argument("--no-resume", action="store_true", help="fail if the sweep directory already exists")
-    scaling.set_defaults(func=cmd_scaling)
 
     baseline = sub.add_parser(
         "baseline",

@@ -22,18 +22,11 @@ SEARCH_KINDS: dict[str, Optional[int]] = {
 }
 
 
-def _number(value: Any) -> Any:
-    if isinstance(value, str):  # PyYAML reads "1e-4" as a string (YAML 1.1)
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def normalize_search_space(space: dict) -> dict:
     """Check every entry is ``{path: {kind: args}}`` with a known kind and valid args; return a copy
     with numeric strings as numbers. Raises ValueError naming the entry."""
+    from orchestration.config import parse_number  # imported here: orchestration.config imports this module
+
     out = {}
     for path, spec in space.items():
         allowed = ", ".join(SEARCH_KINDS)
@@ -51,7 +44,7 @@ def normalize_search_space(space: dict) -> dict:
         if arity is None:
             out[path] = {kind: list(args)}
             continue
-        args = [_number(a) for a in args]
+        args = [parse_number(a) for a in args]
         if len(args) != arity or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
             raise ValueError(f"search_space.{path}.{kind} needs {arity} numbers, got {args!r}")
         low, high = float(args[0]), float(args[1])

@@ -414,21 +414,19 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     print(points_table(points))
     for line in fit["messages"]:
         print(f"[raylm] {line}", flush=True)
-    summary = {
+    wall_s = time.time() - t0
+    where = f"points {sweep.uri_of(SCALING_POINTS_FILE)}, fits {sweep.uri_of(SCALING_FIT_FILE)}"
+    print(f"[raylm] scaling done in {wall_s:.0f} s: {trials_run} trials run, {reused} reused, {len(failed)} failed; "
+          f"{where}", flush=True)  # fmt: skip
+    return {
         "sweep_dir": sweep.uri,
         "points": points,
         "trials_run": trials_run,
         "reused": reused,
         "failed": failed,
         "fit": fit,
-        "wall_s": time.time() - t0,
+        "wall_s": wall_s,
     }
-    print(
-        f"[raylm] scaling done in {summary['wall_s']:.0f} s: {trials_run} trials run, {reused} reused, "
-        f"{len(failed)} failed; points {sweep.uri_of(SCALING_POINTS_FILE)}, fits {sweep.uri_of(SCALING_FIT_FILE)}",
-        flush=True,
-    )
-    return summary
 
 
 def points_table(points: list[dict]) -> str:

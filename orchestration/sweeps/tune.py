@@ -206,19 +206,13 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
     results = {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}
     results_uri = out.write_json(TUNE_RESULTS_FILE, results)
     print(results_table(trials, best))
-    summary = {
-        "tune_dir": out.uri,
-        "trials": trials,
-        "best": best,
-        "best_config": best_path,
-        "wall_s": time.time() - t0,
-    }
+    wall_s = time.time() - t0
     print(
-        f"[raylm] tune done in {summary['wall_s']:.0f} s: {len(trials)} trials; results {results_uri}; "
+        f"[raylm] tune done in {wall_s:.0f} s: {len(trials)} trials; results {results_uri}; "
         f"best config {best_path or '(none: no trial reported a val_loss)'}",
         flush=True,
     )
-    return summary
+    return {"tune_dir": out.uri, "trials": trials, "best": best, "best_config": best_path, "wall_s": wall_s}
 
 
 def _trial_summary(result, base: dict, out: RunDir, seq_len: int) -> dict:

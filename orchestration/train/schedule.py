@@ -44,12 +44,5 @@ def lr_at(
 
 def lr_for(train_cfg, step: int, total_steps: int) -> float:
     """``lr_at`` with the knobs taken from a ``TrainConfig``."""
-    return lr_at(
-        step,
-        lr=train_cfg.lr,
-        min_lr=train_cfg.min_lr,
-        warmup_steps=train_cfg.warmup_steps,
-        total_steps=total_steps,
-        schedule=train_cfg.schedule,
-        decay_fraction=train_cfg.decay_fraction,
-    )
+    knobs = ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+    return lr_at(step, total_steps=total_steps, **{name: getattr(train_cfg, name) for name in knobs})
