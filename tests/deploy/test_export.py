@@ -21,10 +21,19 @@ CORPUS = (
 
 
 def write_checkpoint(
-    root: Path, *, vocab_merges: int = 400, pattern: str = "gpt4", seed: int = 0, **model_overrides
+    root: Path,
+    *,
+    vocab_merges: int = 400,
+    pattern: str = "gpt4",
+    seed: int = 0,
+    nan_token_ids: tuple[int, ...] = (),
+    **model_overrides,
 ) -> str:
     """A complete consolidated raylm checkpoint dir (what `save_checkpoint` leaves, minus DeepSpeed's
-    shards) for a tiny random GPT and a BPE trained on a few lines; no Ray Train needed."""
+    shards) for a tiny random GPT and a BPE trained on a few lines; no Ray Train needed.
+
+    ``nan_token_ids``: token embedding rows set to NaN, as a diverged run leaves them (any prompt
+    holding one of those tokens gives NaN logits)."""
     from safetensors.torch import save_file
 
     from data_pipeline import tokenizer as tok
@@ -39,6 +48,7 @@ def write_checkpoint(
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+        model.transformer.wte.weight[list(nan_token_ids)] = float("nan")
     ckpt = root / "checkpoint_00000010"
     ckpt.mkdir(parents=True)
     state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
