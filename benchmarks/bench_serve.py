@@ -28,7 +28,8 @@ from orchestration.deploy.serve import build_app  # noqa: E402
 
 def _call(url: str, body: dict | None = None, timeout: float = 120.0) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as resp:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 

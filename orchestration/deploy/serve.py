@@ -1,7 +1,8 @@
 """`raylm serve`: a checkpoint behind an HTTP generate endpoint, on Ray Serve with request batching.
 
-Routes (JSON in, JSON out; errors are {"error": message} with a 4xx status):
+Routes (JSON in, JSON out; errors are {"error": message} with a 4xx/5xx status):
   POST /generate  {"prompt", "max_tokens"?, "temperature"?, "top_k"?, "top_p"?, "seed"?}
+                  with Content-Type: application/json (else 415)
                   -> {"text", "tokens", "finish_reason", "prompt_tokens", "completion_tokens", "batch_size"}
   GET  /info      model config, parameter count, limits and batching counters of the replica answering
   GET  /health    {"status": "ok"}
@@ -12,6 +13,17 @@ sub-batches that can share a call: all greedy requests together; unseeded sample
 (temperature, top_k, top_p); each seeded request alone, so a seed gives the same text as
 `raylm generate --seed` whatever else is in flight. A sub-batch is also split when its longest prompt
 would leave a shorter one less room than it asked for (left padding shares one context window).
+
+A request fails alone: every field is checked (type, range, finite) before it joins a batch, so a bad
+one is a 400 naming the field; and if a shared ``generate`` call still fails (a checkpoint with
+non-finite weights, say), each of its requests is retried by itself, so only the ones that fail on
+their own get a 500 while the rest of the batch is answered.
+
+Network: the HTTP proxy binds --host (127.0.0.1 by default). Ray 2.60's Serve replica also starts an
+inter-deployment gRPC server on [::]:0 (all interfaces, a random port; hard-coded in
+``ray/serve/_private/replica.py``, no setting moves it to loopback); it only accepts calls carrying
+the cluster's auth token (Ray's token authentication, on by default in 2.60) and uses TLS when
+RAY_USE_TLS=1. Firewall the node's ephemeral ports from untrusted networks.
 """
 
 from __future__ import annotations
@@ -19,6 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import signal
 import time
 from dataclasses import asdict
@@ -33,6 +47,12 @@ DEFAULTS = {
     "seed": None,
 }
 FIELDS = ("prompt",) + tuple(DEFAULTS)
+# Below this, logits / temperature overflow float32 (NaN probabilities); above it sampling is uniform
+# noise. 0 means greedy.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+JSON_TYPE = "application/json"
+logger = logging.getLogger("ray.serve")
 
 
 class RequestError(ValueError):
@@ -44,24 +64,33 @@ class RequestError(ValueError):
 
 
 def _number(body: dict, key: str, kind: type, default, *, nullable: bool = False):
+    """body[key] (or default) as ``kind``; a 400 naming the key unless it is one, finite (or null if allowed)."""
     value = body.get(key, default)
     if value is None and nullable:
         return None
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok:
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
         raise RequestError(
             400,
-            f"{key} must be {'a number' if kind is float else 'an integer'}"
+            f"{key} must be {'a finite number' if kind is float else 'an integer'}"
             f"{' or null' if nullable else ''}, got {value!r}",
         )
     return kind(value)
 
 
-def parse_request(raw: bytes, *, encode, max_prompt_tokens: int, max_tokens_cap: int) -> dict:
+def parse_request(raw: bytes, *, content_type: str, encode, max_prompt_tokens: int, max_tokens_cap: int) -> dict:
     """Validate a /generate body -> {"ids", "max_tokens", "temperature", "top_k", "top_p", "seed"}.
 
-    ``encode`` turns the prompt into token ids. Raises RequestError (400/413) naming the field.
+    ``content_type`` is the request's header; ``encode`` turns the prompt into token ids. Raises
+    RequestError (400/413/415) naming the field.
     """
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != JSON_TYPE:
+        raise RequestError(
+            415,
+            f"Content-Type must be {JSON_TYPE}, got {content_type or 'none'!r}: "
+            f"send the JSON body with -H 'Content-Type: {JSON_TYPE}'",
+        )
     if len(raw) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
     try:
@@ -85,12 +114,16 @@ def parse_request(raw: bytes, *, encode, max_prompt_tokens: int, max_tokens_cap:
     seed = _number(body, "seed", int, DEFAULTS["seed"], nullable=True)
     if not 1 <= max_tokens <= max_tokens_cap:
         raise RequestError(400, f"max_tokens must be in [1, {max_tokens_cap}], got {max_tokens}")
-    if temperature < 0:
-        raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(
+            400, f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], got {temperature}"
+        )
     if top_k is not None and top_k < 1:
         raise RequestError(400, f"top_k must be >= 1 or null, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise RequestError(400, f"top_p must be in (0, 1] or null, got {top_p}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(400, f"seed must be in [0, 2**63 - 1] or null, got {seed}")
     ids = encode(prompt)
     if len(ids) > max_prompt_tokens:
         raise RequestError(
@@ -187,6 +220,7 @@ class GenerateServer:
         self.stats = {
             "requests": 0,
             "rejected": 0,
+            "failed": 0,
             "batches": 0,
             "generate_calls": 0,
             "max_batch_size_seen": 0,
@@ -209,6 +243,7 @@ class GenerateServer:
         try:
             req = parse_request(
                 await request.body(),
+                content_type=request.headers.get("content-type", ""),
                 encode=self._encode,
                 max_prompt_tokens=self.cfg.block_size - 1,
                 max_tokens_cap=self.max_tokens_cap,
@@ -216,26 +251,47 @@ class GenerateServer:
         except RequestError as e:
             self.stats["rejected"] += 1
             return JSONResponse({"error": str(e)}, status_code=e.status)
-        return JSONResponse(await self._generate_batch(req))
+        result = await self._generate_batch(req)
+        if isinstance(result, RequestError):
+            return JSONResponse({"error": str(result)}, status_code=result.status)
+        return JSONResponse(result)
 
     def _encode(self, prompt: str) -> list[int]:
         # Special tokens in the text are honoured (as `raylm generate`); empty starts a new document
         return self.enc.encode(prompt, allowed_special="all") or [self.eot]
 
-    async def _run(self, reqs: list[dict]) -> list[dict]:
-        """Answer one serve batch: generate per sub-batch off the event loop, so requests keep queueing."""
+    async def _run(self, reqs: list[dict]) -> list[dict | RequestError]:
+        """Answer one serve batch: generate per sub-batch off the event loop, so requests keep queueing.
+
+        Each answer is a result dict, or a RequestError (500) for a request that failed by itself.
+        """
         n = len(reqs)
         self.stats["requests"] += n
         self.stats["batches"] += 1
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], n)
         self.stats["batch_sizes"][str(n)] = self.stats["batch_sizes"].get(str(n), 0) + 1
-        results: list[Optional[dict]] = [None] * n
+        results: list[dict | RequestError | None] = [None] * n
         for sub in plan_sub_batches(reqs, self.cfg.block_size):
-            outs = await asyncio.to_thread(self._generate, [reqs[i] for i in sub])
-            self.stats["generate_calls"] += 1
+            outs = await asyncio.to_thread(self._generate_isolated, [reqs[i] for i in sub])
             for i, out in zip(sub, outs):
-                results[i] = {**out, "batch_size": n, "generate_batch_size": len(sub)}
+                results[i] = (
+                    out if isinstance(out, RequestError) else {**out, "batch_size": n, "generate_batch_size": len(sub)}
+                )
         return results
+
+    def _generate_isolated(self, reqs: list[dict]) -> list[dict | RequestError]:
+        """``_generate`` for a sub-batch; when the shared call fails, each request runs alone, so only
+        a request that fails by itself gets an error (logged with its traceback, answered as a 500)."""
+        try:
+            self.stats["generate_calls"] += 1
+            return self._generate(reqs)
+        except Exception as err:
+            if len(reqs) > 1:
+                logger.warning("generate failed for a sub-batch of %d (%s); retrying each alone", len(reqs), err)
+                return [out for r in reqs for out in self._generate_isolated([r])]
+            logger.exception("generate failed for a request (prompt of %d tokens)", len(reqs[0]["ids"]))
+            self.stats["failed"] += 1
+            return [RequestError(500, f"generation failed for this request: {type(err).__name__}: {err}")]
 
     def _generate(self, reqs: list[dict]) -> list[dict]:
         from model.generate import generate
@@ -346,7 +402,10 @@ def run_server(
     serve.run(app, name="raylm", route_prefix="/")
     url = f"http://{host}:{port}"
     print(f"serving {checkpoint_uri} at {url} ({num_replicas} replica(s), batches of up to {max_batch_size})")
-    print(f'  curl -s {url}/generate -d \'{{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8}}\'')
+    print(
+        f"  curl -s {url}/generate -H 'Content-Type: application/json' "
+        '-d \'{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8}\''
+    )
     print(f"  curl -s {url}/info")
     print("Ctrl-C to stop")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` / a container stop shut Serve down cleanly too

@@ -6,7 +6,8 @@ The Jobs API is the dashboard port (8265), which must never face the internet: r
 an SSH tunnel (``ray dashboard cluster.yaml``) or ``kubectl port-forward`` and submit to
 ``http://127.0.0.1:8265``. Ray 2.60 clusters use token authentication; the token is read the way
 Ray reads it (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and
-sent as a header, never printed.
+sent as a header, never printed, and never over plain HTTP to another machine unless the user says
+so (``--allow-insecure-token``): loopback (a tunnel's end) and https:// are the safe transports.
 
 The equivalent with Ray's own CLI (the token is picked up from the same places):
 
@@ -65,6 +66,10 @@ TUNNEL_RECIPE = """\
   then submit with --address http://127.0.0.1:8265"""
 
 
+class InsecureTokenError(ValueError):
+    """The cluster token would travel in the clear (plain HTTP to a non-loopback host) without consent."""
+
+
 class JobFailedError(RuntimeError):
     """A job ended FAILED or STOPPED; the message holds its status, Ray's reason and its log tail."""
 
@@ -98,14 +103,20 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def is_insecure(address: str) -> bool:
+    """True when the URL is plain HTTP to a host other than this machine (traffic readable on the way)."""
+    url = normalize_address(address)
+    return urlparse(url).scheme == "http" and not is_loopback(url)
+
+
 def warn_if_insecure(address: str, stream: TextIO = sys.stderr) -> bool:
     """Warn (to ``stream``) when the Jobs API is reached over plain HTTP on a non-loopback host.
 
     Returns True when it warned. Anyone who can reach that port can run code on the cluster, and
-    plain HTTP carries the auth token in the clear.
+    plain HTTP carries the job in the clear.
     """
     url = normalize_address(address)
-    if urlparse(url).scheme != "http" or is_loopback(url):
+    if not is_insecure(url):
         return False
     print(
         f"raylm submit: WARNING: {url} is plain HTTP to a non-loopback host; the auth token and the "
@@ -137,14 +148,34 @@ def auth_token() -> Optional[str]:
     return None
 
 
-def connect(address: Optional[str] = None):
-    """A ``JobSubmissionClient`` for ``address``, with the auth header when a token is available."""
+def auth_headers(address: str, *, allow_insecure_token: bool = False) -> Optional[dict[str, str]]:
+    """The Authorization header carrying the cluster token to ``address``, or None without a token.
+
+    Raises InsecureTokenError rather than send the token over plain HTTP to a non-loopback host,
+    unless ``allow_insecure_token`` (``--allow-insecure-token``): anyone on the path could read it
+    and then run any code on the cluster.
+    """
+    token = auth_token()
+    if token is None:
+        return None
+    url = normalize_address(address)
+    if is_insecure(url) and not allow_insecure_token:
+        raise InsecureTokenError(
+            f"refusing to send the cluster auth token over plain HTTP to {url} (not this machine): anyone "
+            "on the network path could read it and run code on the cluster. Use https://, or an SSH tunnel "
+            f"and a loopback address, or pass --allow-insecure-token if this network is trusted.\n{TUNNEL_RECIPE}"
+        )
+    return {"Authorization": f"Bearer {token}"}
+
+
+def connect(address: Optional[str] = None, *, allow_insecure_token: bool = False):
+    """A ``JobSubmissionClient`` for ``address``, with the auth header when a token is available
+    (``auth_headers``: refuses plain HTTP to another host unless ``allow_insecure_token``)."""
     from ray.job_submission import JobSubmissionClient
 
     url = normalize_address(address)
+    headers = auth_headers(url, allow_insecure_token=allow_insecure_token)
     warn_if_insecure(url)
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(url, headers=headers)
 
 
@@ -246,16 +277,19 @@ def submit(
     excludes: Optional[list[str]] = None,
     job_id: Optional[str] = None,
     out: TextIO = sys.stdout,
+    allow_insecure_token: bool = False,
+    client=None,
 ) -> str:
     """Submit ``python -m orchestration <command_args>`` as a Ray Job; returns the job id.
 
     ``pip``: packages to install for the job (``pip_requirements()`` gives raylm's pinned set);
     leave None on clusters whose setup commands installed raylm. ``follow`` streams the job's logs
     to ``out`` until it ends; ``wait`` waits silently. With either, a job that does not succeed
-    raises JobFailedError carrying its status, Ray's reason and its log tail.
+    raises JobFailedError carrying its status, Ray's reason and its log tail. ``allow_insecure_token``:
+    see ``auth_headers``.
     """
     url = normalize_address(address)
-    client = connect(url)
+    client = client or connect(url, allow_insecure_token=allow_insecure_token)
     job_id = client.submit_job(
         entrypoint=entrypoint(command_args),
         submission_id=job_id,
@@ -366,6 +400,12 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default: .)")
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray generates one)")
     p.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="send the cluster auth token even over plain http:// to a non-loopback host (refused by "
+        "default: use https:// or an SSH tunnel to 127.0.0.1 instead)",
+    )
+    p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         metavar="-- COMMAND ...",
@@ -379,18 +419,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Handler for ``raylm submit``; returns the process exit code."""
     address = normalize_address(args.address)
     try:
+        client = connect(address, allow_insecure_token=args.allow_insecure_token)
         if args.list:
-            for job in list_jobs(address):
+            for job in list_jobs(address, client=client):
                 print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
             return 0
         if args.stop:
-            print(f"{args.stop}: {'stopping' if stop_job(address, args.stop) else 'was not running'}")
+            print(f"{args.stop}: {'stopping' if stop_job(address, args.stop, client=client) else 'was not running'}")
             return 0
         if args.status:
-            print(job_status(address, args.status))
+            print(job_status(address, args.status, client=client))
             return 0
         if args.logs:
-            client = connect(address)
             if job_status(address, args.logs, client=client) in TERMINAL_STATUSES:
                 print(job_logs(address, args.logs, client=client), end="")
             else:
@@ -405,6 +445,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             pip=pip_requirements() if args.pip else None,
             working_dir=args.working_dir,
             job_id=args.job_id,
+            client=client,
         )
     except JobFailedError as err:
         print(f"raylm submit: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`raylm serve`: a real Ray Serve app on 127.0.0.1 answering generate requests, refusing bad ones with
-4xx, and batching concurrent requests (bounded load test)."""
+4xx naming the field while concurrent good ones succeed, and batching concurrent requests (bounded
+load test)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, body=None, *, method: str = "POST", timeout: float = 20.0) -> tuple[int, dict]:
+def _request(
+    url: str, body=None, *, method: str = "POST", timeout: float = 20.0, content_type: str = "application/json"
+) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -123,16 +126,135 @@ def test_generate_info_and_seeded_reproducibility(server):
         ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be in [1, 16]"),
         ({"prompt": "hi", "max_tokens": 17}, 400, "max_tokens must be in [1, 16]"),
         ({"prompt": "hi", "max_tokens": "8"}, 400, "max_tokens must be an integer"),
-        ({"prompt": "hi", "temperature": -0.1}, 400, "temperature must be >= 0"),
+        ({"prompt": "hi", "max_tokens": 8.0}, 400, "max_tokens must be an integer"),
+        ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens must be an integer"),
+        ({"prompt": "hi", "temperature": -0.1}, 400, "temperature must be 0 (greedy) or in [0.001, 100]"),
+        ({"prompt": "hi", "temperature": 1e-300}, 400, "temperature must be 0 (greedy) or in [0.001, 100]"),
+        ({"prompt": "hi", "temperature": 1e300}, 400, "temperature must be 0 (greedy) or in [0.001, 100]"),
+        ({"prompt": "hi", "temperature": float("nan")}, 400, "temperature must be a finite number, got nan"),
+        ({"prompt": "hi", "temperature": float("inf")}, 400, "temperature must be a finite number, got inf"),
+        ({"prompt": "hi", "temperature": float("-inf")}, 400, "temperature must be a finite number"),
+        ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature must be a finite number"),
+        ({"prompt": "hi", "temperature": None}, 400, "temperature must be a finite number"),
         ({"prompt": "hi", "top_k": 0}, 400, "top_k must be >= 1"),
+        ({"prompt": "hi", "top_k": 2.5}, 400, "top_k must be an integer or null"),
         ({"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
         ({"prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+        ({"prompt": "hi", "top_p": float("nan")}, 400, "top_p must be a finite number or null, got nan"),
+        ({"prompt": "hi", "seed": 2**63}, 400, "seed must be in [0, 2**63 - 1]"),
+        ({"prompt": "hi", "seed": 2**200}, 400, "seed must be in [0, 2**63 - 1]"),
+        ({"prompt": "hi", "seed": -1}, 400, "seed must be in [0, 2**63 - 1]"),
+        ({"prompt": "hi", "seed": "7"}, 400, "seed must be an integer or null"),
+        ({"prompt": ["hi"]}, 400, "prompt must be a string"),
         ({"prompt": "to be or not " * 40}, 400, f"at most {BLOCK_SIZE - 1} (block_size - 1)"),
     ],
 )
 def test_invalid_requests_get_clear_4xx(server, body, status, message):
     got_status, out = _request(f"{server['url']}/generate", body)
     assert got_status == status and message in out["error"], out
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_non_json_content_type_is_415(server, content_type):
+    import http.client
+    from urllib.parse import urlparse
+
+    address = urlparse(server["url"])
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=20)
+    try:  # http.client sends exactly these headers (urllib would add a form Content-Type itself)
+        conn.request(
+            "POST",
+            "/generate",
+            body=b'{"prompt": "hi"}',
+            headers={"Content-Type": content_type} if content_type else {},
+        )
+        resp = conn.getresponse()
+        status, out = resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+    assert status == 415 and "Content-Type must be application/json" in out["error"], out
+    ok = _request(f"{server['url']}/generate", {"prompt": "hi"}, content_type="application/json; charset=utf-8")
+    assert ok[0] == 200, ok
+
+
+# (body or (body, content type), the field the 400/415 must name) sent alongside valid requests
+BAD_IN_A_CROWD = [
+    ({"prompt": "To be", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "To be", "temperature": float("inf")}, "temperature"),
+    ({"prompt": "To be", "seed": 2**63}, "seed"),
+    ({"prompt": "To be", "top_p": float("nan"), "temperature": 0.8}, "top_p"),
+    (({"prompt": "To be"}, "text/plain"), "Content-Type"),
+]
+
+
+def _send_at_once(url: str, bodies: list[tuple[dict, str]]) -> list[tuple[int, dict]]:
+    """POST every (body, content type) to /generate from its own thread, released together."""
+    answers: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def client(i: int) -> None:
+        start.wait(timeout=10)
+        answers[i] = _request(f"{url}/generate", bodies[i][0], content_type=bodies[i][1], timeout=30)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=40)
+    return answers
+
+
+def test_a_bad_request_fails_alone_among_concurrent_good_ones(server):
+    """7 valid requests (greedy, sampled, seeded) + 1 bad one sent at once, for each kind of bad
+    field: every valid one gets 200, the bad one a 4xx naming its field."""
+    url = server["url"]
+    before = _request(f"{url}/info", method="GET")[1]["stats"]
+    valid = [
+        {"prompt": f"Whether 'tis {i}", "max_tokens": 4, "temperature": [0, 0.8, 1.0][i % 3]}
+        | ({"seed": i} if i % 3 == 2 else {})
+        for i in range(7)
+    ]
+    for bad, field in BAD_IN_A_CROWD:
+        bad = bad if isinstance(bad, tuple) else (bad, "application/json")
+        answers = _send_at_once(url, [(body, "application/json") for body in valid] + [bad])
+        assert [a[0] for a in answers[:-1]] == [200] * 7, (field, answers)
+        assert all(len(a[1]["tokens"]) <= 4 and a[1]["finish_reason"] in ("stop", "length") for a in answers[:-1])
+        status, out = answers[-1]
+        assert status in (400, 415) and out["error"].startswith(field), (field, answers[-1])
+    stats = _request(f"{url}/info", method="GET")[1]["stats"]
+    assert stats["rejected"] - before["rejected"] == len(BAD_IN_A_CROWD)
+    assert stats["requests"] - before["requests"] == 7 * len(BAD_IN_A_CROWD) and stats["failed"] == 0
+
+
+def test_a_request_failing_inside_a_shared_generate_call_fails_alone(tmp_path):
+    """A checkpoint whose "~" embedding is NaN (a diverged run): a sampled request with "~" in its
+    prompt breaks the sub-batch's shared sampling call; the replica retries each request alone, so
+    only that one gets a 500 and the others in its batch are answered. In-process replica object, no
+    Serve: the same ``_run`` the batch handler calls."""
+    import asyncio
+
+    from orchestration.deploy.serve import _deployment_class, parse_request
+
+    ckpt = write_checkpoint(tmp_path, block_size=BLOCK_SIZE, tie_embeddings=False, nan_token_ids=(ord("~"),))
+    replica = _deployment_class().func_or_class(ckpt, 8, 0.01, MAX_TOKENS_CAP, None, "cpu", 1)
+
+    def req(prompt: str, **fields) -> dict:
+        body = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0.8, **fields}).encode()
+        return parse_request(
+            body,
+            content_type="application/json",
+            encode=replica._encode,
+            max_prompt_tokens=BLOCK_SIZE - 1,
+            max_tokens_cap=MAX_TOKENS_CAP,
+        )
+
+    reqs = [req("To be"), req("or not ~ to be"), req("Whether 'tis"), req("nobler", temperature=0)]
+    assert len(plan_sub_batches(reqs, BLOCK_SIZE)) == 2  # the three sampled ones share one generate call
+    answers = asyncio.run(replica._run(reqs))
+    assert [a.status if isinstance(a, Exception) else 200 for a in answers] == [200, 500, 200, 200]
+    assert "probability tensor contains" in str(answers[1])
+    assert all(len(answers[i]["tokens"]) <= 6 and answers[i]["finish_reason"] in ("stop", "length") for i in (0, 2, 3))
+    assert replica.stats["failed"] == 1
 
 
 def test_wrong_route_and_method(server):

@@ -80,6 +80,35 @@ def test_insecure_address_warns_with_the_tunnel_recipe():
         assert not sub.warn_if_insecure(fine, stream=err)
 
 
+def test_token_is_never_sent_over_plain_http_to_another_host_without_consent(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    for insecure in ("http://203.0.113.7:8265", "10.0.0.5:8265", "http://head.example.com:8265"):
+        with pytest.raises(sub.InsecureTokenError, match="--allow-insecure-token") as err:
+            sub.auth_headers(insecure)
+        assert "s3cr3t-token" not in str(err.value) and "ssh -N -L 8265" in str(err.value)
+        assert sub.auth_headers(insecure, allow_insecure_token=True) == {"Authorization": "Bearer s3cr3t-token"}
+    for fine in ("http://127.0.0.1:8265", "localhost:8265", "http://[::1]:8265", "https://ray.example.com"):
+        assert sub.auth_headers(fine) == {"Authorization": "Bearer s3cr3t-token"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", "/nonexistent")
+    assert sub.auth_headers("http://203.0.113.7:8265") is None  # no token, nothing to leak
+
+    # The CLI refuses before any connection (203.0.113.0/24 is unroutable: a connection would hang),
+    # with exit status 2 and the way out on stderr, for job submission and every other action.
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token")
+    parser = argparse.ArgumentParser()
+    sub.add_submit_parser(parser.add_subparsers(dest="cmd"))
+    for action in (["--list"], ["--status", "raysubmit_1"], ["--", "train"]):
+        args = parser.parse_args(["submit", "--address", "http://203.0.113.7:8265", *action])
+        assert not args.allow_insecure_token
+        assert sub.cmd_submit(args) == 2
+        err = capsys.readouterr().err
+        assert "refusing to send the cluster auth token over plain HTTP" in err and "--allow-insecure-token" in err
+        assert "s3cr3t-token" not in err
+    assert parser.parse_args(["submit", "--allow-insecure-token", "--list"]).allow_insecure_token
+
+
 def test_auth_token_is_read_in_rays_order(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
