@@ -420,11 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="a checkpoint as a Hugging Face GPT-2 folder (or raylm's own safetensors format)",
-        description="Export a consolidated checkpoint. --format hf writes a GPT2LMHeadModel folder (config.json, "
-        "model.safetensors, tokenizer.json) when the architecture is GPT-2's (learned positions, GELU, "
-        "LayerNorm, biases, tied, multi-head); otherwise it names the mismatching fields and "
-        "--format raylm writes raylm's own self-describing checkpoint.",
+        help="a checkpoint as a Hugging Face transformers folder (or raylm's own safetensors format)",
+        description="Export a consolidated checkpoint. --format hf writes a folder that AutoModelForCausalLM and "
+        "AutoTokenizer load (config.json, model.safetensors, generation_config.json, tokenizer.json) in the "
+        "standard architecture that computes the model exactly: GPT-2 shapes -> GPT2LMHeadModel, "
+        "RoPE+SwiGLU+RMSNorm (ladder-*) -> LlamaForCausalLM, RoPE+GELU+LayerNorm (shakespeare) -> "
+        "Starcoder2ForCausalLM, RoPE+GELU+RMSNorm -> ArceeForCausalLM, RoPE+SwiGLU+LayerNorm without biases -> "
+        "StableLmForCausalLM. Other shapes get an error saying why; --format raylm writes raylm's own "
+        "self-describing checkpoint.",
     )
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
     export.add_argument("--out", required=True, help="output directory")

@@ -1,5 +1,6 @@
 """After training: serving, exporting, and running raylm on a cluster.
 
-serve (Ray Serve HTTP generation endpoint) | export (Hugging Face or raylm folder) |
-submit (any raylm command as a Ray Job on a cluster)
+serve (Ray Serve HTTP generation endpoint) | export (checkpoint -> Hugging Face or raylm folder,
+through hf: raylm shape -> the transformers architecture that computes it exactly, weights, PEFT
+adapters, tokenizer.json) | submit (any raylm command as a Ray Job on a cluster)
 """

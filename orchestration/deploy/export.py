@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from orchestration.artifacts import CHECKPOINT_META_FILE
 from orchestration.deploy.hf import (
     FAMILIES,
     hf_config,
@@ -28,7 +29,7 @@ from orchestration.deploy.hf import (
     peft_adapter,
     unsupported_reason,
 )
-from orchestration.train.checkpoint import META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
+from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
 
 FORMATS = ("hf", "raylm")
 # raylm's tokenizer metadata is also called tokenizer.json; in an HF folder that name is HF's
@@ -142,8 +143,10 @@ def export_checkpoint(
     if fmt == "raylm":
         # Written last and listing every file, like a training checkpoint: it makes the folder complete
         sizes = {f: (out / f).stat().st_size for f in files}
-        (out / META_FILE).write_text(json.dumps({**source, "format": "raylm-export", "files": sizes}, indent=2))
-        files.append(META_FILE)
+        (out / CHECKPOINT_META_FILE).write_text(
+            json.dumps({**source, "format": "raylm-export", "files": sizes}, indent=2)
+        )
+        files.append(CHECKPOINT_META_FILE)
     print(f"exported {source['checkpoint']} as {fmt} to {out} ({len(files)} files)")
     return {"format": fmt, "out_dir": str(out), "files": files, **source}
 

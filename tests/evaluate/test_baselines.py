@@ -160,7 +160,8 @@ def _write_checkpoint(root: Path, model: torch.nn.Module, manifest: str, consume
     from safetensors.torch import save_file
 
     from data_pipeline import tokenizer as tok
-    from orchestration.train.checkpoint import META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
+    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
 
     ckpt = root / "checkpoint_00000010"
     ckpt.mkdir(parents=True)

@@ -74,7 +74,8 @@ def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
     """A complete checkpoint directory as save_checkpoint lays it out (inference files only)."""
     from safetensors.torch import save_file
 
-    from orchestration.train.checkpoint import META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
+    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
 
     ckpt = root / f"checkpoint_{step:08d}"
     ckpt.mkdir(parents=True)
