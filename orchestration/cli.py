@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,37 @@ def _load(args: argparse.Namespace, schema: str = "PretrainConfig"):
     from orchestration import config
 
     return load_config(args.config, args.overrides, schema=getattr(config, schema))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a finite number in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: 0 (greedy) or a finite positive temperature."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -219,13 +251,17 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=max_new_tokens,
         help=f"tokens to generate per sample (default {max_new_tokens})",
     )
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    parser.add_argument(
+        "--temperature", type=temperature, default=0.8, help="0 = greedy; higher = more random (default 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=positive_int, default=50, help="sample among the k most likely tokens (default 50)"
+    )
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: smallest set with mass >= p")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,9 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--preset", help="a named model preset (model/config.py PRESETS), e.g. gpt2-small")
     _add_config_args(info)
-    info.add_argument("--micro-batch-size", type=int, default=8, help="sequences per GPU per micro step (default 8)")
-    info.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's block_size)")
-    info.add_argument("--num-workers", type=int, default=8, help="data-parallel GPUs sharing ZeRO state (default 8)")
+    info.add_argument(
+        "--micro-batch-size", type=positive_int, default=8, help="sequences per GPU per micro step (default 8)"
+    )
+    info.add_argument(
+        "--seq-len", type=positive_int, default=None, help="tokens per sequence (default: the model's block_size)"
+    )
+    info.add_argument(
+        "--num-workers", type=positive_int, default=8, help="data-parallel GPUs sharing ZeRO state (default 8)"
+    )
     info.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="training precision (default bf16)"
     )
@@ -307,13 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to evaluate (default lm)",
     )
     ev.add_argument("--split", default=None, choices=["train", "val"], help="manifest split to score (default val)")
-    ev.add_argument("--max-sequences", type=int, default=None, help="sequences to read at most (default 256)")
-    ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8)")
-    ev.add_argument("--num-items", type=int, default=None, help="continuation / mc items (defaults 50 / 200)")
-    ev.add_argument("--num-options", type=int, default=None, help="mc options per item (default 4)")
-    ev.add_argument("--seed", type=int, default=None, help="mc item sampling seed (default 0)")
-    ev.add_argument("--prompt-tokens", type=int, default=None, help="continuation prompt length (default 32)")
-    ev.add_argument("--continuation-tokens", type=int, default=None, help="continuation length scored (default 32)")
+    ev.add_argument("--max-sequences", type=positive_int, default=None, help="sequences to read at most (default 256)")
+    ev.add_argument("--batch-size", type=positive_int, default=None, help="sequences per forward pass (default 8)")
+    ev.add_argument("--num-items", type=positive_int, default=None, help="continuation / mc items (defaults 50 / 200)")
+    ev.add_argument("--num-options", type=positive_int, default=None, help="mc options per item (default 4)")
+    ev.add_argument("--seed", type=non_negative_int, default=None, help="mc item sampling seed (default 0)")
+    ev.add_argument("--prompt-tokens", type=positive_int, default=None, help="continuation prompt length (default 32)")
+    ev.add_argument(
+        "--continuation-tokens", type=positive_int, default=None, help="continuation length scored (default 32)"
+    )
     ev.add_argument("--templates", default=None, help="bias templates file (default configs/eval/bias_templates.yaml)")
     ev.add_argument("--out", default=None, help="also write the full result as JSON to this file")
     ev.set_defaults(func=cmd_eval)
@@ -326,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(gen)
     gen.add_argument("--prompt", required=True, help="text to continue")
     _add_sampling_args(gen, max_new_tokens=200)
-    gen.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default 1)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    gen.add_argument("--num-samples", type=positive_int, default=1, help="independent samples to draw (default 1)")
+    gen.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible samples")
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser(
@@ -339,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(demo)
     demo.add_argument("--prompt", default="ROMEO:", help="prompt for the closing sample (default 'ROMEO:')")
-    demo.add_argument("--max-new-tokens", type=int, default=200, help="length of the closing sample (default 200)")
+    demo.add_argument(
+        "--max-new-tokens", type=positive_int, default=200, help="length of the closing sample (default 200)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     _add_run_parser(
@@ -381,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ngram.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
     ngram.add_argument("--out", required=True, help="directory to write the model to")
-    ngram.add_argument("--n", type=int, default=3, help="order, 1-5 (default 3)")
+    ngram.add_argument("--n", type=positive_int, default=3, help="order, 1-5 (default 3)")
     ngram.add_argument(
         "--discount",
         type=float,
@@ -400,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--ngram", action="append", default=[], help="n-gram model directory (repeatable)")
     compare.add_argument("--out", required=True, help="directory for baselines.json / baselines.md")
     for kind in (ngram, compare):
-        kind.add_argument("--max-sequences", type=int, default=256, help="val sequences scored (default 256)")
+        kind.add_argument("--max-sequences", type=positive_int, default=256, help="val sequences scored (default 256)")
         kind.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     ngram.set_defaults(func=cmd_baseline_ngram)
     compare.set_defaults(func=cmd_baseline_compare)

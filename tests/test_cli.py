@@ -59,3 +59,37 @@ def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "ReportError" in err and "not a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["model-info", "--num-workers", "0"], "--num-workers"),
+        (["model-info", "--micro-batch-size", "-1"], "--micro-batch-size"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "-5"], "--max-new-tokens"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "--temperature"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--temperature", "nan"], "--temperature"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--top-p", "1.5"], "--top-p"),
+        (["eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size"),
+        (["eval", "--checkpoint", "x", "--max-sequences", "0"], "--max-sequences"),
+    ],
+)
+def test_out_of_range_options_are_one_line_errors_with_status_2(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+
+
+def test_unreachable_storage_is_a_config_error(tmp_path, capsys, monkeypatch):
+    from helpers import tiny_corpus_manifest
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    manifest = tiny_corpus_manifest(tmp_path)
+    argv = ["train", "train.storage_path=s3://raylm-nowhere/runs", "train.endpoint_url=http://127.0.0.1:9"]
+    assert main([*argv, f"train.data={manifest}", "model.block_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "train.storage_path: cannot reach s3://raylm-nowhere/runs/run" in err and "Traceback" not in err

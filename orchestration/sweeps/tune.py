@@ -94,7 +94,7 @@ def _tune_trial(params: dict, *, base: dict, runs_dir: str, gpus_per_worker: Opt
     run_training(cfg, resume=True, callbacks=[val_loss_callback()], gpus_per_worker=gpus_per_worker)
 
 
-def _search_alg(tc, metric: str, mode: str, concurrency: int):
+def search_algorithm(tc, metric: str, mode: str, concurrency: int):
     """Tune limits concurrency only for Searchers; the random/grid generator takes it itself."""
     if tc.search_alg == "random":
         from ray.tune.search import BasicVariantGenerator
@@ -183,7 +183,7 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
                 metric="val_loss",
                 mode="min",
                 num_samples=tc.num_samples,
-                search_alg=_search_alg(tc, "val_loss", "min", concurrency),
+                search_alg=search_algorithm(tc, "val_loss", "min", concurrency),
                 scheduler=scheduler,
                 # the random generator limits itself; Tune wraps a Searcher
                 max_concurrent_trials=None if tc.search_alg == "random" else concurrency,

@@ -97,7 +97,13 @@ def resume_point(
     """(checkpoint URI, meta) the run continues from: its own newest complete checkpoint, else the
     ``branch_from`` checkpoint of another run; None for a fresh start. Raises ConfigError when the run
     exists and ``resume`` is off, or when the checkpoint was written by a different run shape/data."""
-    exists = run.exists()
+    try:
+        exists = run.exists()
+    except OSError as err:  # an unreachable bucket or endpoint: say which key points there
+        raise ConfigError(
+            f"train.storage_path: cannot reach {run.uri} ({err}); check the bucket, the credentials and "
+            "train.endpoint_url"
+        ) from None
     if exists and not resume:
         raise ConfigError(f"run directory {run.uri} already exists; pick another train.run_name or resume it")
     found = latest_complete_checkpoint(run) if exists else None

@@ -100,13 +100,13 @@ def test_resolve_trial_config_applies_overrides():
 def test_missing_search_package_names_the_pip_install():
     import importlib.util
 
-    from orchestration.sweeps.tune import _search_alg
+    from orchestration.sweeps.tune import search_algorithm
 
     cfg = load_config(None, ["tune.search_space={train.lr: {uniform: [1e-3, 2e-3]}}", "tune.search_alg=optuna"])
     if importlib.util.find_spec("optuna") is not None:
         pytest.skip("optuna is installed here")
     with pytest.raises(ConfigError, match="pip install optuna"):
-        _search_alg(cfg.tune, "val_loss", "min", 2)
+        search_algorithm(cfg.tune, "val_loss", "min", 2)
 
 
 def test_shipped_tune_configs_load():
