@@ -1,7 +1,7 @@
 """URIs -> pyarrow filesystems, file listing with globs, small-file reads/writes, the embedded corpus.
 
-One pyarrow filesystem per URI scheme: s3:// (credentials from boto3's standard chain, resolved on the
-driver and carried to Ray workers inside the pickled filesystem; ``endpoint_url`` for MinIO/R2/moto),
+One pyarrow filesystem per URI scheme: s3:// (credentials from the AWS default chain, resolved on each
+node where the filesystem is used; ``endpoint_url`` for MinIO/R2/moto),
 gs:// (Google default credentials), abfs:// / az:// (Azure default credentials), local paths.
 """
 
@@ -42,21 +42,19 @@ def embedded_corpus_dir() -> Path:
 
 
 def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S3FileSystem:
+    """An S3 filesystem that resolves credentials itself, wherever it is used, through the AWS SDK's
+    default chain (environment, profile, SSO, instance role), refreshing them as they expire: no keys
+    are stored in it, so none travel to Ray workers when it is pickled into their tasks."""
     import boto3
 
     session = boto3.Session(region_name=region)
-    creds = session.get_credentials()
-    kwargs: dict = {"region": region or session.region_name or "us-east-1"}
-    if creds is None:
+    if session.get_credentials() is None:  # the same chain, checked here for an actionable error
         raise DataSourceError(
             "no AWS credentials found by boto3's standard chain (AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE / ~/.aws/credentials, SSO, instance role); "
             "configure one of them"
         )
-    frozen = creds.get_frozen_credentials()
-    kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-    if frozen.token:
-        kwargs["session_token"] = frozen.token
+    kwargs: dict = {"region": region or session.region_name or "us-east-1"}
     if endpoint_url:
         parsed = urlparse(endpoint_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:

@@ -15,6 +15,11 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Test credentials for the moto S3 server, in the environment before Ray starts so every Ray worker
+# finds them through the default chain, as an instance role's are found on a cluster node.
+TEST_ACCESS_KEY, TEST_SECRET_KEY = "raylm-test-access-key", "raylm-test-secret-key"
+os.environ.update(AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY)
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raylm" / "torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -42,7 +47,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible HTTP server (moto) on 127.0.0.1 with test credentials in the env.
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1; the test credentials are in the env.
 
     Yields a dict: endpoint_url, access_key, secret_key, region. Code under test reaches it through
     the same boto3 / pyarrow S3 code paths it uses against AWS, configured by endpoint_url.
@@ -52,17 +57,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     yield {
         "endpoint_url": f"http://{host}:{port}",
-        "access_key": "testing",
-        "secret_key": "testing",
+        "access_key": TEST_ACCESS_KEY,
+        "secret_key": TEST_SECRET_KEY,
         "region": "us-east-1",
     }
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value

@@ -70,6 +70,23 @@ def test_train_report_and_eval_with_data_and_storage_on_s3(trained, s3_data):
     assert result["loss"] == pytest.approx(read_metrics(run)[-1]["val_loss"], abs=0.5)
 
 
+def test_credentials_come_from_the_default_chain_and_are_never_stored(trained, s3_data):
+    """Workers found the keys in their own environment (set before Ray started, as an instance role is
+    there on a cluster node): the filesystem handed to tasks carries none, and no artifact holds them."""
+    import pickle
+
+    import boto3
+    from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+
+    _, endpoint = s3_data
+    pickled = pickle.dumps(RunDir.at(trained["run_dir"], endpoint))
+    assert TEST_SECRET_KEY.encode() not in pickled and TEST_ACCESS_KEY.encode() not in pickled
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/pre/")["Contents"]:
+        body = s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+        assert TEST_SECRET_KEY.encode() not in body, obj["Key"]
+
+
 def test_finetune_from_and_to_s3(trained, s3_data):
     from orchestration.config import FinetuneRunConfig
     from orchestration.finetune.driver import run_finetune
