@@ -552,7 +552,7 @@ def shard_footers(
     """{shard file: Parquet footer} for a split, read once (on the driver) and handed to every rank's
     reader, so ranks read no metadata from storage. Footers are small and picklable."""
     reader = ShardReader(manifest, split, endpoint_url=endpoint_url, region=region)
-    return {s["file"]: reader.layout(i).footer for i, s in enumerate(reader.shards) if s["sequences"] > 0}
+    return {s["file"]: reader.layout(i).footer for i, s in enumerate(reader.shards)}
 
 
 class _TrainOrder:
