@@ -1,10 +1,16 @@
-"""Token shards -> a deterministic stream of training rows for Ray Train workers (no ray.train import).
+"""Token shards -> training rows for Ray Train workers (no ray.train import).
 
-The stream is epoch 0, epoch 1, ... concatenated; global position p is row p of it. Epoch e visits
-shards in ``rng(seed, e)`` order and each shard's rows in ``rng(seed, e, shard)`` order, so the row
-at a position is a pure function of (manifest, seed, position). Every worker iterates the same
-unsplit stream and keeps ``position % world_size == rank``: which rows a global batch holds depends
-only on the global batch size, not on the worker count, and a resumed run sees the same rows.
+Training reads per rank (``rank_batches``): the train stream is epoch 0, epoch 1, ... of 8-row blocks
+(one Parquet row group each) in an order that is a pure function of (manifest, seed, epoch); rank r of
+W takes positions [s*G + r*G/W, s*G + (r+1)*G/W) of step s and fetches only the row groups holding
+them, so a global batch depends on (manifest, seed, G, step) and never on W, and resuming at step k
+reads step k's rows first. Every row group read is checked against the CRC-32 its shard carries
+(``ShardCorruptError``); transient storage errors are retried. ``rank_val_batches`` gives each rank
+its part of a fixed validation set. Bytes read are counted at the filesystem layer (``stats``).
+
+``sequence_dataset`` + ``worker_batches`` (fine-tuning, eval, the demo): a Ray Data stream of the same
+shards where every worker iterates the unsplit stream and keeps ``position % world_size == rank``.
+Epoch e visits shards in ``rng(seed, e)`` order and each shard's rows in ``rng(seed, e, shard)`` order.
 """
 
 from __future__ import annotations

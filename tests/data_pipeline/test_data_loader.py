@@ -173,17 +173,18 @@ def test_prepared_shards_are_read_per_rank(manifests):
     n = m["splits"]["train"]["sequences"]
     epoch_rows = n - n % BLOCK_ROWS
     reader = rank_batches(
-        m, seed=3, global_batch_size=8, micro_batch_size=4, rank=1, world_size=2, start_step=0,
-        num_steps=epoch_rows // 8,
+        m, seed=3, global_batch_size=16, micro_batch_size=4, rank=1, world_size=2, start_step=0,
+        num_steps=epoch_rows // 16,
     )  # fmt: skip
     half = np.concatenate(list(reader))
     other = rank_batches(
-        m, seed=3, global_batch_size=8, micro_batch_size=4, rank=0, world_size=2, start_step=0,
-        num_steps=epoch_rows // 8,
+        m, seed=3, global_batch_size=16, micro_batch_size=4, rank=0, world_size=2, start_step=0,
+        num_steps=epoch_rows // 16,
     )  # fmt: skip
     epoch = np.concatenate([half, np.concatenate(list(other))])
-    assert len(epoch) == epoch_rows // 8 * 8  # each row at most once (the corpus repeats a few rows)
+    assert len(epoch) == epoch_rows // 16 * 16  # each row at most once (the corpus repeats a few rows)
     assert Counter(as_set(epoch)) <= Counter(as_set(all_rows(manifests[0], "train").astype(np.int64)))
+    # 8 rows per rank per step: whole 8-row blocks, no row read in vain
     assert reader.stats["rows_read"] == reader.stats["rows_yielded"] == len(half)
     val = list(rank_val_batches(m, num_sequences=10**6, micro_batch_size=16, rank=0, world_size=1))
     tokens, weights = np.concatenate([t for t, _ in val]), np.concatenate([w for _, w in val])
