@@ -129,6 +129,14 @@ def _read_rows(
         raise DataSourceError(
             f"{manifest_uri}: shard {task['file']} has {table.num_rows} rows, manifest says {task['rows']}"
         )
+    if "raylm.block_crc32" in meta:  # shards from before block checksums decode unchecked
+        block, crc_hex = int(meta["raylm.block_rows"]), meta["raylm.block_crc32"]
+        for i in range(0, table.num_rows, block):
+            if f"{zlib.crc32(rows[i : i + block].tobytes()):08x}" != crc_hex[i // block * 8 : i // block * 8 + 8]:
+                raise ShardCorruptError(
+                    f"{manifest_uri}: shard {task['file']}: rows {i}..{min(i + block, table.num_rows) - 1} fail "
+                    "their CRC-32 check (the shard changed after prepare wrote it); re-run prepare"
+                )
     order = (
         np.random.default_rng([seed, int(task["epoch"]), int(task["shard"])]).permutation(table.num_rows)
         if shuffle

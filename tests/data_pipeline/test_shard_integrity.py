@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.loader import ShardCorruptError, rank_batches, read_manifest, shard_footers
+from data_pipeline.loader import ShardCorruptError, rank_batches, read_manifest, sequence_dataset, shard_footers
 from data_pipeline.storage import DataSourceError
 from tests.helpers import tiny_corpus_manifest
 
@@ -66,6 +66,18 @@ def test_untouched_shards_pass_and_a_flipped_bit_stops_before_its_batch(copy):
         for batch in reader(manifest, num_steps=len(clean)):
             got.append(batch)
     assert len(got) == first_bad_step and all(np.array_equal(a, b) for a, b in zip(got, clean))
+
+
+def test_the_ray_data_stream_checks_blocks_too(copy, ray_session):
+    """sequence_dataset (fine-tuning, eval, the demo) decodes whole shards and checks every block."""
+    uri = str(copy / "manifest.json")
+    shard = copy / "val/shard-00000.parquet"
+    offset, size = chunk(shard, 3)
+    data = bytearray(shard.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="shard val/shard-00000.parquet: rows 24..31 fail their CRC-32 check"):
+        sequence_dataset(uri, "val", seed=0).take_all()
 
 
 def test_overwritten_first_page_is_caught(copy):
