@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -74,17 +75,33 @@ def add_shard_key(batch: pa.Table, num_shards: dict) -> pa.Table:
     return batch.append_column("shard_key", pa.array(keys, pa.int64()))
 
 
-def shard_bytes(tokens: np.ndarray, row_tokens: int, dtype: str, meta: dict) -> bytes:
+BLOCK_ROWS = 8  # rows per Parquet row group: the unit a training rank reads (see loader.py)
+
+
+def shard_bytes(tokens: np.ndarray, row_tokens: int, dtype: str, meta: dict, block_rows: int = BLOCK_ROWS) -> bytes:
     """Rows of ``row_tokens`` tokens as a Parquet file (fixed_size_list column ``tokens``).
 
-    Shard metadata carries the tokenizer hash and seq_len so a shard alone can be checked.
+    One small row group per ``block_rows`` rows (no dictionary, so each row group's bytes stand alone)
+    lets a training rank fetch just the blocks it trains on with one range read each. Shard metadata
+    carries the tokenizer hash and seq_len so a shard alone can be checked, and a CRC-32 of each block's
+    rows (``raylm.block_crc32``, 8 hex digits per row group) so a reader can verify every block it reads.
     """
-    flat = pa.array(tokens.astype(dtype))
-    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, row_tokens)})
-    table = table.replace_schema_metadata({f"raylm.{k}": str(v) for k, v in meta.items()})
+    rows = tokens.astype(dtype).reshape(-1, row_tokens)
+    crcs = "".join(
+        f"{zlib.crc32(rows[i : i + block_rows].tobytes()):08x}" for i in range(0, max(len(rows), 1), block_rows)
+    )
+    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_tokens)})
+    table = table.replace_schema_metadata(
+        {f"raylm.{k}": str(v) for k, v in {**meta, "block_rows": block_rows, "block_crc32": crcs}.items()}
+    )
     buf = io.BytesIO()
     pq.write_table(
-        table, buf, compression="zstd", row_group_size=max(1, (8 << 20) // (row_tokens * 2)), write_statistics=False
+        table,
+        buf,
+        compression="zstd",
+        row_group_size=block_rows,
+        use_dictionary=False,
+        write_statistics=False,
     )
     return buf.getvalue()
 

@@ -11,8 +11,9 @@ import fnmatch
 import importlib.util
 import os
 import re
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -23,6 +24,35 @@ EMBEDDED_GLOB = "*_gut*.txt"  # the plays; leaves out the package's metadata.txt
 
 class DataSourceError(RuntimeError):
     """A corpus or output location that cannot be read/written, with the URI and what to do."""
+
+
+T = TypeVar("T")
+
+
+def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 5, first_delay_s: float = 0.5) -> T:
+    """``fn()``, retried with exponential backoff (0.5, 1, 2, 4 s by default) on OSError, so a storage
+    outage of a few seconds is absorbed; then a DataSourceError naming ``what``. A missing file or a
+    refused permission is not transient and raises at once."""
+    delay, waited = first_delay_s, 0.0
+    for _ in range(attempts - 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            time.sleep(delay)
+            waited += delay
+            delay *= 2
+    try:
+        return fn()
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as err:
+        raise DataSourceError(
+            f"{what}: storage still failing after {attempts} tries over {waited:.1f} s ({err}); "
+            "check the endpoint, network and credentials, then re-run (training resumes from its last "
+            "complete checkpoint)"
+        ) from err
 
 
 def embedded_corpus_dir() -> Path:

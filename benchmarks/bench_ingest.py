@@ -1,0 +1,129 @@
+"""Ingest read amplification: bytes each rank reads from storage vs bytes of the rows it trains on.
+
+For 1, 2 and 4 ranks, runs every rank's ``data_pipeline.loader.rank_batches`` reader in this process
+for ``--steps`` optimizer steps of ``--global-batch`` sequences and reads its counters: bytes read,
+measured at the filesystem layer (a counting pyarrow filesystem under the reader), against the bytes of
+the rows it yielded (rows x (seq_len + 1) x token bytes). Footers are read once by the driver
+(``shard_footers``) and handed to the ranks, as training does; the ratio when each rank reads them
+itself is printed too. Baseline, same run: the stream reader this replaces had every rank read every
+shard in full, measured here by reading all train shards through the same counting filesystem.
+Resume cost: rows and bytes a rank reads before its first batch when started at an early vs a late step.
+
+    .venv/bin/python benchmarks/bench_ingest.py --data runs/data/shakespeare/manifest.json [--steps 8]
+
+Prints one line per worker count and, last, ``read/trained at 4 workers: R``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pyarrow.parquet as pq
+
+from data_pipeline.loader import ShardReader, rank_batches, read_manifest, shard_footers
+
+
+def run_ranks(manifest: dict, args, world_size: int, start_step: int, num_steps: int, footers, prefetch: int = 2):
+    """Each rank's stats after reading ``num_steps`` steps from ``start_step``."""
+    stats = []
+    for rank in range(world_size):
+        reader = rank_batches(
+            manifest,
+            seed=args.seed,
+            global_batch_size=args.global_batch,
+            micro_batch_size=args.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            start_step=start_step,
+            num_steps=num_steps,
+            endpoint_url=args.endpoint_url,
+            footers=footers,
+            prefetch=prefetch,
+        )
+        for _ in reader:
+            pass
+        stats.append(reader.stats)
+    return stats
+
+
+def first_batch_cost(manifest: dict, args, start_step: int, footers) -> dict:
+    """Rank 1 of 4, started at ``start_step``, read in the caller's thread up to its first batch."""
+    reader = rank_batches(
+        manifest,
+        seed=args.seed,
+        global_batch_size=args.global_batch,
+        micro_batch_size=args.micro_batch,
+        rank=1,
+        world_size=4,
+        start_step=start_step,
+        num_steps=1_000_000,
+        endpoint_url=args.endpoint_url,
+        footers=footers,
+        prefetch=0,
+    )
+    next(iter(reader))
+    return reader.stats
+
+
+def whole_stream_bytes(manifest: dict, args) -> tuple[int, int]:
+    """(bytes read, rows) when one reader decodes every train shard in full, as each rank did before."""
+    reader = ShardReader(manifest, "train", endpoint_url=args.endpoint_url)
+    for shard in reader.shards:
+        pq.read_table(f"{reader.base_path}/{shard['file']}", filesystem=reader.fs)
+    return reader.counter.bytes_read, sum(s["sequences"] for s in reader.shards)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="manifest.json URI (or its directory)")
+    parser.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--late-step", type=int, default=0, help="resume step compared to step 1 (0: 3 epochs in)")
+    parser.add_argument("--endpoint-url", default=None)
+    args = parser.parse_args()
+
+    manifest = read_manifest(args.data, args.endpoint_url)
+    t0 = time.perf_counter()
+    footers = shard_footers(manifest, "train", args.endpoint_url)
+    footer_bytes = sum(f.serialized_size + 8 for f in footers.values())
+    print(
+        f"[bench_ingest] {manifest['uri']}: {manifest['splits']['train']['sequences']:,} train rows of "
+        f"{manifest['row_tokens']} x {manifest['dtype']}; driver read {len(footers)} footers "
+        f"({footer_bytes / 1e3:.1f} kB) in {time.perf_counter() - t0:.2f} s"
+    )
+    stream_bytes, stream_rows = whole_stream_bytes(manifest, args)
+    row_bytes = ShardReader(manifest, "train").row_bytes
+    ratio = {}
+    for world_size in (1, 2, 4):
+        t0 = time.perf_counter()
+        stats = run_ranks(manifest, args, world_size, 0, args.steps, footers)
+        wall_s = time.perf_counter() - t0
+        own = run_ranks(manifest, args, world_size, 0, args.steps, None)
+        ratio[world_size] = max(s["bytes_read"] / s["row_bytes_yielded"] for s in stats)
+        own_ratio = max(s["bytes_read"] / s["row_bytes_yielded"] for s in own)
+        # before: every rank read the whole stream, i.e. per epoch all shards for 1/W of the rows
+        today = stream_bytes / (stream_rows // world_size * row_bytes)
+        s0 = stats[0]
+        print(
+            f"workers={world_size} steps={args.steps} global_batch={args.global_batch}: per rank read "
+            f"{s0['bytes_read'] / 1e3:.1f} kB for {s0['row_bytes_yielded'] / 1e3:.1f} kB of trained rows, rows "
+            f"read/trained {s0['rows_read']}/{s0['rows_yielded']}; read/trained {ratio[world_size]:.3f} (max over "
+            f"ranks; {own_ratio:.2f} if each rank reads the footers itself; whole-stream reader before: "
+            f"{today:.2f}); {wall_s:.2f} s"
+        )
+    epoch_steps = manifest["splits"]["train"]["sequences"] // args.global_batch
+    late = args.late_step or 3 * epoch_steps + 1
+    early_cost, late_cost = (first_batch_cost(manifest, args, s, footers) for s in (1, late))
+    print(
+        f"resume at step 1 vs step {late} (epoch {late // max(1, epoch_steps)}), rank 1 of 4: rows read before "
+        f"the first batch {early_cost['rows_read']} vs {late_cost['rows_read']}, "
+        f"bytes {early_cost['bytes_read']:,} vs {late_cost['bytes_read']:,}"
+    )
+    print(f"read/trained at 4 workers: {ratio[4]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

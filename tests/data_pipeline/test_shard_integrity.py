@@ -1,0 +1,158 @@
+"""Shards are verified as they are read: a flipped bit, overwritten bytes, a truncated file, a wrong row
+count or an old layout stop the reader with an error naming the shard and the manifest, before any
+batch holding bad rows is yielded; storage outages of a few seconds are absorbed by retries."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline.loader import ShardCorruptError, rank_batches, read_manifest, sequence_dataset, shard_footers
+from data_pipeline.storage import DataSourceError
+from tests.helpers import tiny_corpus_manifest
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory) -> Path:
+    return Path(tiny_corpus_manifest(tmp_path_factory.mktemp("tiny"))).parent
+
+
+@pytest.fixture
+def copy(clean_dir, tmp_path) -> Path:
+    shutil.copytree(clean_dir, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def reader(manifest: dict, num_steps: int, **kw):
+    """The only rank of a world of one, one batch per step, reading in the caller's thread."""
+    return rank_batches(
+        manifest, seed=1, global_batch_size=BATCH, micro_batch_size=BATCH, rank=0, world_size=1, start_step=0,
+        num_steps=num_steps, prefetch=0, **kw,
+    )  # fmt: skip
+
+
+def epoch(manifest: dict, **kw) -> list[np.ndarray]:
+    """One full epoch of the train split, batch by batch."""
+    return list(reader(manifest, manifest["splits"]["train"]["sequences"] // BATCH, **kw))
+
+
+def chunk(path: Path, row_group: int) -> tuple[int, int]:
+    """(offset, size) of a row group's column chunk in a shard file."""
+    c = pq.read_metadata(path).row_group(row_group).column(0)
+    return c.data_page_offset, c.total_compressed_size
+
+
+def test_untouched_shards_pass_and_a_flipped_bit_stops_before_its_batch(copy):
+    manifest = read_manifest(str(copy / "manifest.json"))
+    clean = epoch(manifest)
+    shard = copy / "train/shard-00001.parquet"
+    offset, size = chunk(shard, 5)
+    bad_rows = {r.tobytes() for r in pq.read_table(shard).column("tokens").to_numpy(zero_copy_only=False)[40:48]}
+    first_bad_step = next(i for i, b in enumerate(clean) if any(r.astype(np.uint16).tobytes() in bad_rows for r in b))
+    data = bytearray(shard.read_bytes())
+    data[offset + size // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(ShardCorruptError, match=f"{manifest['uri']}: shard train/shard-00001.parquet.*re-run prepare"):
+        for batch in reader(manifest, num_steps=len(clean)):
+            got.append(batch)
+    assert len(got) == first_bad_step and all(np.array_equal(a, b) for a, b in zip(got, clean))
+
+
+def test_the_ray_data_stream_checks_blocks_too(copy, ray_session):
+    """sequence_dataset (fine-tuning, eval, the demo) decodes whole shards and checks every block."""
+    uri = str(copy / "manifest.json")
+    shard = copy / "val/shard-00000.parquet"
+    offset, size = chunk(shard, 3)
+    data = bytearray(shard.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="shard val/shard-00000.parquet: rows 24..31 fail their CRC-32 check"):
+        sequence_dataset(uri, "val", seed=0).take_all()
+
+
+def test_overwritten_first_page_is_caught(copy):
+    manifest = read_manifest(str(copy / "manifest.json"))
+    shard = copy / "train/shard-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[4:68] = bytes(range(64))
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardCorruptError, match="shard train/shard-00000.parquet"):
+        epoch(manifest)
+
+
+def test_truncated_shard_is_caught_with_or_without_driver_footers(copy):
+    manifest = read_manifest(str(copy / "manifest.json"))
+    footers = shard_footers(manifest)
+    shard = copy / "train/shard-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ShardCorruptError, match="shard train/shard-00002.parquet: no Parquet footer"):
+        epoch(manifest)
+    with pytest.raises(ShardCorruptError, match=r"shard train/shard-00002.parquet is \d+ bytes, its footer describes"):
+        epoch(manifest, footers=footers)
+
+
+def test_row_count_and_old_layout_are_refused(copy):
+    manifest = read_manifest(str(copy / "manifest.json"))
+    manifest["splits"]["train"]["shards"][1]["sequences"] += 1
+    with pytest.raises(ShardCorruptError, match=r"shard train/shard-00001.parquet has \d+ rows, the manifest says"):
+        epoch(manifest)
+    # a shard as raylm wrote them before block checksums: one row group, no raylm.block_crc32
+    manifest = read_manifest(str(copy / "manifest.json"))
+    shard = copy / "train/shard-00000.parquet"
+    table = pq.read_table(shard)
+    meta = {k: v for k, v in table.schema.metadata.items() if k not in (b"raylm.block_crc32", b"raylm.block_rows")}
+    pq.write_table(table.replace_schema_metadata(meta), shard, compression="zstd", row_group_size=1 << 20)
+    with pytest.raises(DataSourceError, match="shard train/shard-00000.parquet was written by an older raylm.*prepare"):
+        epoch(manifest)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monkeypatch):
+    """A real moto S3 server stopped mid-read and restarted 1.5 s later on the same port (moto keeps its
+    buckets in-process), then stopped for good."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="outage")
+    for f in clean_dir.rglob("*"):
+        if f.is_file():
+            s3.put_object(Bucket="outage", Key=f"data/{f.relative_to(clean_dir)}", Body=f.read_bytes())
+    manifest = read_manifest("s3://outage/data/manifest.json", endpoint_url=endpoint)
+    batches = iter(reader(manifest, 20, endpoint_url=endpoint))
+    next(batches)
+    server.stop()
+    restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    restart = threading.Timer(1.5, restarted.start)
+    restart.start()
+    t0 = time.perf_counter()
+    for _ in range(5):  # steps that touch every shard, through the outage
+        next(batches)
+    assert time.perf_counter() - t0 > 1.0
+    restart.join()
+    restarted.stop()
+    with pytest.raises(DataSourceError, match=r"s3://outage/data/manifest.json: shard train/.*still failing after 5"):
+        for _ in range(14):
+            next(batches)
