@@ -191,19 +191,3 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
-
-
-def with_retries(fn, *, what: str, attempts: int = 5, first_delay_s: float = 0.5):
-    """``fn()``, retried with exponential backoff on storage errors (OSError: a brief outage, a
-    throttled request); after ``attempts`` tries, a DataSourceError naming ``what``."""
-    import time
-
-    delay = first_delay_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except OSError as err:
-            if attempt == attempts:
-                raise DataSourceError(f"{what}: storage still failing after {attempts} tries ({err})") from err
-            time.sleep(delay)
-            delay *= 2
