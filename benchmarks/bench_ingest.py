@@ -8,8 +8,12 @@ the rows it yielded (rows x (seq_len + 1) x token bytes). Footers are read once 
 itself is printed too. Baseline, same run: the stream reader this replaces had every rank read every
 shard in full, measured here by reading all train shards through the same counting filesystem.
 Resume cost: rows and bytes a rank reads before its first batch when started at an early vs a late step.
+With ``--train``, the same measure also comes from real training: ``raylm train`` of a tiny model on
+1, 2 and 4 Ray Train workers, whose ranks log the bytes their reader fetched (the same counting
+filesystem) and the bytes of the rows they trained on in metrics.jsonl; the ratio there is the max over
+ranks at the last step, driver footers excluded as above.
 
-    .venv/bin/python benchmarks/bench_ingest.py --data runs/data/shakespeare/manifest.json [--steps 8]
+    .venv/bin/python benchmarks/bench_ingest.py --data runs/data/shakespeare/manifest.json [--steps 8] [--train]
 
 Prints one line per worker count and, last, ``read/trained at 4 workers: R``.
 """
@@ -74,6 +78,39 @@ def whole_stream_bytes(manifest: dict, args) -> tuple[int, int]:
     return reader.counter.bytes_read, sum(s["sequences"] for s in reader.shards)
 
 
+def train_ratio(manifest_uri: str, args, world_size: int, root: str) -> dict:
+    """Read/trained per rank from a real ``raylm train`` run on ``world_size`` CPU workers."""
+    from orchestration.artifacts import RunDir, read_metrics
+    from orchestration.config import load_config
+    from orchestration.train.driver import run_training
+
+    overrides = [
+        f"train.data={manifest_uri}",
+        f"train.storage_path={root}",
+        f"train.run_name=ingest-w{world_size}",
+        f"train.num_workers={world_size}",
+        f"train.cpus_per_worker={min(1.0, 2.0 / world_size)}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.max_steps={args.steps}",
+        "train.warmup_steps=1",
+        f"train.log_interval={args.steps}",
+        "train.eval_interval=0",
+        "train.checkpoint_interval=0",
+        "train.val_sequences=8",
+        f"train.endpoint_url={args.endpoint_url}" if args.endpoint_url else "train.endpoint_url=null",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        f"model.block_size={read_manifest(manifest_uri, args.endpoint_url)['seq_len']}",
+    ]
+    summary = run_training(load_config(None, overrides), resume=False)
+    last = read_metrics(RunDir.at(summary["run_dir"]))[-1]
+    pairs = zip(last["data_read_bytes_per_rank"], last["data_trained_bytes_per_rank"])
+    return {"ratio": max(read / trained for read, trained in pairs), "read": last["data_read_bytes_per_rank"],
+            "trained": last["data_trained_bytes_per_rank"]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="manifest.json URI (or its directory)")
@@ -83,6 +120,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--late-step", type=int, default=0, help="resume step compared to step 1 (0: 3 epochs in)")
     parser.add_argument("--endpoint-url", default=None)
+    parser.add_argument("--train", action="store_true", help="also measure through real Ray Train workers")
     args = parser.parse_args()
 
     manifest = read_manifest(args.data, args.endpoint_url)
@@ -122,7 +160,18 @@ def main() -> None:
         f"the first batch {early_cost['rows_read']} vs {late_cost['rows_read']}, "
         f"bytes {early_cost['bytes_read']:,} vs {late_cost['bytes_read']:,}"
     )
-    print(f"read/trained at 4 workers: {ratio[4]:.3f}")
+    if args.train:
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="raylm_bench_ingest_")
+        for world_size in (1, 2, 4):
+            got = train_ratio(manifest["uri"], args, world_size, root)
+            ratio[world_size] = got["ratio"]
+            print(
+                f"raylm train, workers={world_size}: per rank read {[round(b / 1e3, 1) for b in got['read']]} kB for "
+                f"{[round(b / 1e3, 1) for b in got['trained']]} kB of trained rows; read/trained {got['ratio']:.3f}"
+            )
+    print(f"read/trained at 4 workers: {ratio[4]:.3f}" + (" (raylm train)" if args.train else ""))
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ class FinetuneRunConfig:
 EXCLUDED_KEYS: dict[type, dict[str, str]] = {
     FinetuneRunConfig: {
         "train.data": "fine-tuning reads finetune.data; train.data is for pretraining, remove it",
-        "train.eval_steps": "fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
-        "set that instead of train.eval_steps",
+        "train.val_sequences": "fine-tuning scores finetune.max_val_examples val rows at every evaluation; "
+        "set that instead of train.val_sequences",
     }
 }
 COMMAND_OF: dict[type, str] = {

@@ -105,7 +105,7 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
         "train.min_lr=3e-4",
         "train.log_interval=5",
         "train.eval_interval=10",
-        "train.eval_steps=2",
+        "train.val_sequences=16",
         "train.checkpoint_interval=10",
         "train.num_to_keep=3",
         "model.block_size=32",

@@ -136,10 +136,10 @@ def test_finetune_schema_takes_only_dropout_and_refuses_pretraining_keys(tmp_pat
         load_config(None, ["model.n_layer=4"], schema=FinetuneRunConfig)
     with pytest.raises(ConfigError, match=r"train.data': fine-tuning reads finetune.data"):
         load_config(None, ["train.data=x.json"], schema=FinetuneRunConfig)
-    with pytest.raises(ConfigError, match=r"train.eval_steps': fine-tuning scores finetune.max_val_examples"):
-        load_config(None, ["train.eval_steps=3"], schema=FinetuneRunConfig)
+    with pytest.raises(ConfigError, match=r"train.val_sequences': fine-tuning scores finetune.max_val_examples"):
+        load_config(None, ["train.val_sequences=24"], schema=FinetuneRunConfig)
     # a pretraining run takes the same keys
-    assert load_config(None, ["train.eval_steps=3"], schema=PretrainConfig).train.eval_steps == 3
+    assert load_config(None, ["train.val_sequences=24"], schema=PretrainConfig).train.val_sequences == 24
 
 
 def test_binary_config_file_is_a_config_error(tmp_path):

@@ -128,7 +128,7 @@ def test_tune_and_scaling_write_their_artifacts_to_s3(s3_data):
         "train.micro_batch_size=4",
         "train.warmup_steps=1",
         "train.eval_interval=4",
-        "train.eval_steps=1",
+        "train.val_sequences=8",
         "train.log_interval=4",
         "model.block_size=32",
         "model.n_layer=1",

@@ -104,13 +104,13 @@ def finetune_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     model = build_finetune_model(ft, model_cfg, state, len(plan.task["labels"] or []), train["seed"]).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    micro = train["micro_batch_size"]
+    micro, gbs = train["micro_batch_size"], train["global_batch_size"]
     return Task(
         name=f"finetune-{ft.task}",
         model=model,
         forward=lambda engine, batch, dev: task_forward(engine, ft.task, batch, dev),
-        train_batches=dataset_batches("train", rank, world_size, micro),
-        val_batches=dataset_batches("val", rank, world_size, micro),
+        train_batches=dataset_batches("train", rank, world_size, micro, gbs),
+        val_batches=dataset_batches("val", rank, world_size, micro, gbs, limit=plan.val_batches),
         flops_per_token=flops_per_token(model_cfg, plan.seq_len),
         weight_files=weight_files(model, ft.task, ft.mode),
         checkpoint_every_eval=True,

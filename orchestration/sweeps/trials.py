@@ -94,7 +94,7 @@ def check_has_val(cfg: PretrainConfig):
     facts = validate(cfg)
     if facts.val_batches == 0:
         raise ConfigError(
-            f"{cfg.train.data}: the val split holds less than one micro-batch per worker, so no "
-            "val_loss to optimize; prepare with a larger data.output.val_fraction"
+            f"{cfg.train.data}: the val split is empty, so there is no val_loss to optimize; prepare with a "
+            "larger data.output.val_fraction"
         )
     return facts

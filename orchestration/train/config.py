@@ -56,7 +56,7 @@ class TrainConfig:
     # --- cadence (in optimizer steps)
     log_interval: int = field(default=10, metadata={"min": 1})
     eval_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
-    eval_steps: int = field(default=10, metadata={"min": 1})  # val micro-batches per worker
+    val_sequences: int = field(default=128, metadata={"min": 1})  # the fixed val set: first rows of the val split
     checkpoint_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
     num_to_keep: Optional[int] = field(default=2, metadata={"min": 1})  # None: keep all
     max_failures: int = field(default=0, metadata={"min": -1})  # worker failures to absorb; -1: forever

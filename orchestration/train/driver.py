@@ -4,7 +4,7 @@
 branch, the same-run check, ``config.yaml``, the resource check, the trainer and its summary.
 Everything that can be wrong with a run (missing manifest, shapes that do not fit, batch arithmetic,
 resources) is checked before any worker starts. The driver reads only the manifest and the tokenizer
-files; Ray Data streams the token shards straight to the workers.
+files; each worker reads its own rows of the token shards (``data_pipeline.loader.rank_batches``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PretrainFacts:
     vocab_size: int
     tokenizer_hash: str
     total_steps: int
-    val_batches: int
+    val_batches: int  # val micro-batches per rank: the fixed set of train.val_sequences, split over ranks
     tokenizer_files: dict[str, bytes]
 
 
@@ -76,8 +76,8 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
         )
     total_steps = train.total_steps(seq_len)
     check_warmup(train, total_steps)
-    val_sequences = int(manifest["splits"].get("val", {}).get("sequences", 0))
-    val_batches = min(train.eval_steps, val_sequences // (train.num_workers * train.micro_batch_size))
+    val_sequences = min(train.val_sequences, int(manifest["splits"].get("val", {}).get("sequences", 0)))
+    val_batches = -(-(-(-val_sequences // train.num_workers)) // train.micro_batch_size)  # ceil(ceil(n/W)/micro)
     tok = manifest["tokenizer"]
     data_dir = manifest["uri"].rsplit("/", 1)[0]
     tokenizer_files = {
@@ -269,7 +269,8 @@ def run_training(
     checkpoint URI of another run with the same shapes that a *new* run directory starts from (its
     step, data position, weights and optimizer), e.g. a WSD decay branch off a stable-phase run.
     """
-    from data_pipeline.loader import sequence_dataset
+    from data_pipeline.loader import shard_footers
+    from data_pipeline.shards import BLOCK_ROWS
     from orchestration.config import with_absolute_paths
     from orchestration.train.task import pretrain_task
 
@@ -280,34 +281,20 @@ def run_training(
     run = run_dir(train)
     meta_now = {"seq_len": facts.seq_len, "tokenizer_hash": facts.tokenizer_hash, "data": facts.manifest["uri"]}
     start = resume_point(run, cfg, meta_now, resume=resume, branch_from=branch_from)
-    start_sequence = (start[1]["step"] if start else 0) * train.global_batch_size
-    total_sequences = facts.total_steps * train.global_batch_size
 
-    init_ray()
     resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts.vocab_size))
-    data = {"expected_tokenizer_hash": facts.tokenizer_hash, "expected_seq_len": facts.seq_len}
-    datasets = {
-        "train": sequence_dataset(
-            train.data,
-            "train",
-            seed=train.seed,
-            start_sequence=start_sequence,
-            num_sequences=total_sequences - start_sequence,
-            endpoint_url=train.endpoint_url,
-            **data,
+    if facts.val_batches == 0:
+        print("[raylm] the data has no val split: no eval", flush=True)
+    per_rank = train.global_batch_size // train.num_workers
+    if per_rank % BLOCK_ROWS:
+        print(
+            f"[raylm] note: each rank trains on {per_rank} rows per step, not a multiple of the shards' "
+            f"{BLOCK_ROWS}-row blocks: ranks read some rows they do not train on",
+            flush=True,
         )
-    }
-    if facts.val_batches > 0:
-        datasets["val"] = sequence_dataset(
-            train.data,
-            "val",
-            seed=train.seed,
-            num_sequences=facts.val_batches * train.num_workers * train.micro_batch_size,
-            endpoint_url=train.endpoint_url,
-            **data,
-        )
-    else:
-        print("[raylm] the val split is smaller than one micro-batch per worker: no eval", flush=True)
+    footers = {**shard_footers(facts.manifest, "train", train.endpoint_url)}
+    if facts.val_batches:
+        footers.update(shard_footers(facts.manifest, "val", train.endpoint_url))
     plan = WorkerPlan(
         config=config_to_dict(resolved),
         model_config=dataclasses.asdict(resolved.model),
@@ -315,13 +302,14 @@ def run_training(
         endpoint_url=train.endpoint_url,
         seq_len=facts.seq_len,
         total_steps=facts.total_steps,
-        start_sequence=start_sequence,
+        start_sequence=0,
         val_batches=facts.val_batches,
         checkpoint_files=facts.tokenizer_files,
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
+        task={"manifest": facts.manifest, "footers": footers},
     )
-    summary = launch(cfg, plan, pretrain_task, datasets, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
+    summary = launch(cfg, plan, pretrain_task, {}, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
     return {**summary, "wall_s": time.time() - t0}
 
 
@@ -336,7 +324,8 @@ def _worker_env(train: TrainConfig) -> dict:
 
 
 def _data_config():
-    """Every worker streams the whole unsplit dataset in position order and keeps its own positions.
+    """Ray Data streams (fine-tuning's examples): every worker iterates the unsplit stream in position
+    order and keeps its own positions.
 
     Ray Train's ingest options replace the dataset's own, and their default lets blocks arrive out of
     order: micro-batches would then differ between runs and a resumed run would not repeat an

@@ -78,7 +78,7 @@ def worker_loop(loop_config: dict) -> None:
         )
     stopper = EarlyStop(task.early_stopping, metrics_log.records() if rank == 0 else [], step, rank)
 
-    batches = task.train_batches(consumed)
+    batches = task.train_batches(step)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = _Window(device)
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
@@ -123,8 +123,10 @@ def worker_loop(loop_config: dict) -> None:
                 peak_flops=peak,
             ),
         }
-        if do_eval:
-            record.update(validation_metrics(engine, task, plan.val_batches, device))
+        if task.data_stats is not None:
+            record.update(data_read_per_rank(task.data_stats()))
+        if do_eval and task.val_batches is not None:
+            record.update(validation_metrics(engine, task, device))
             record.update(stopper.after_eval(record["val_loss"], is_last))
         exporter.record(record)
         if rank == 0:
@@ -182,17 +184,14 @@ def optimizer_step(
     return lr
 
 
-def validation_metrics(engine, task: Task, num_batches: int, device: torch.device) -> dict:
+def validation_metrics(engine, task: Task, device: torch.device) -> dict:
     """Val loss as the exact mean over every loss-bearing item (tokens, or examples) of every rank's
-    first ``num_batches`` micro-batches, plus perplexity or accuracy.
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively), so the
-    driver sizes ``num_batches`` to what the smallest rank's share of the val split holds.
-    """
+    val micro-batches, plus perplexity or accuracy. The task gives every rank the same number of
+    micro-batches (ZeRO-3 gathers weights collectively), padding carrying no loss."""
     engine.eval()
     sums = torch.zeros(3, device=device)  # loss x items, items, correct
     with torch.no_grad():
-        for _, batch in zip(range(num_batches), task.val_batches()):
+        for batch in task.val_batches():
             loss, items, correct = task.forward(engine, batch, device)
             sums += torch.stack([loss.float() * items, items, correct])
     engine.train()
@@ -205,6 +204,17 @@ def validation_metrics(engine, task: Task, num_batches: int, device: torch.devic
     else:
         out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
     return out
+
+
+def data_read_per_rank(stats: dict) -> dict:
+    """What each rank's train reader has read from storage (bytes, rows) and the bytes of the rows it
+    trained on: the read amplification of the data path, per rank (a collective)."""
+    everyone = _gather(stats)
+    return {
+        "data_read_bytes_per_rank": [s["bytes_read"] for s in everyone],
+        "data_read_rows_per_rank": [s["rows_read"] for s in everyone],
+        "data_trained_bytes_per_rank": [s["row_bytes_yielded"] for s in everyone],
+    }
 
 
 class EarlyStop:
@@ -292,7 +302,7 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def _gather(value: int) -> list[int]:
+def _gather(value):
     out: list = [value]
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()

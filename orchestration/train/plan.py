@@ -28,8 +28,8 @@ class WorkerPlan:
     endpoint_url: Optional[str]
     seq_len: int
     total_steps: int
-    start_sequence: int
-    val_batches: int
+    start_sequence: int  # the first stream position of Ray Data streams (fine-tuning); 0 for the shard reader
+    val_batches: int  # val micro-batches per rank; 0: no eval
     checkpoint_files: dict[str, bytes]
     checkpoint_meta: dict
     resume_uri: Optional[str] = None

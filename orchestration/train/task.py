@@ -30,15 +30,17 @@ class EarlyStopping:
 
 @dataclass
 class Task:
-    """The hooks of one job. ``train_batches(skip_before)`` yields this rank's micro-batches from
-    stream position ``skip_before`` on; ``val_batches()`` this rank's val micro-batches."""
+    """The hooks of one job. ``train_batches(start_step)`` yields this rank's micro-batches from that
+    optimizer step on; ``val_batches()`` this rank's val micro-batches (the same count on every rank:
+    ZeRO-3 forwards are collective); ``data_stats()`` what the train reader has read so far."""
 
     name: str
     model: torch.nn.Module
     forward: Forward
     train_batches: Callable[[int], Iterator[dict]]
-    val_batches: Callable[[], Iterator[dict]]
+    val_batches: Optional[Callable[[], Iterator[dict]]]  # None: the data has no val split, no eval
     flops_per_token: float
+    data_stats: Optional[Callable[[], dict]] = None
     weight_files: Optional[Callable[[dict], dict[str, dict]]] = None
     checkpoint_every_eval: bool = False  # keep the best evaluation's weights (fine-tuning)
     early_stopping: Optional[EarlyStopping] = None
@@ -48,46 +50,83 @@ class Task:
 
 
 def lm_forward(engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token loss of a [B, T + 1] token micro-batch; every target token carries loss."""
+    """Next-token loss of a [B, T + 1] token micro-batch. Every target token carries loss, except
+    those of rows with weight 0 (a val set's padding rows), which are ignored."""
     tokens = torch.from_numpy(batch["tokens"]).to(device, dtype=torch.long, non_blocking=True)
-    _, loss = engine(tokens[:, :-1], tokens[:, 1:])
-    items = torch.tensor(float(tokens[:, 1:].numel()), device=device)
-    return loss, items, torch.zeros((), device=device)
+    targets = tokens[:, 1:]
+    if "weights" in batch:
+        keep = torch.from_numpy(batch["weights"]).to(device) > 0
+        targets = targets.masked_fill(~keep[:, None], -1)  # the model's loss ignores target -1
+    _, loss = engine(tokens[:, :-1], targets)
+    return loss, (targets != -1).sum().float(), torch.zeros((), device=device)
 
 
-def dataset_batches(name: str, rank: int, world_size: int, micro_batch_size: int) -> Callable[..., Iterator[dict]]:
-    """This rank's micro-batches of the Ray Data stream ``name`` the driver handed Ray Train."""
+def dataset_batches(
+    name: str, rank: int, world_size: int, micro_batch_size: int, global_batch_size: int, limit: Optional[int] = None
+) -> Callable[..., Iterator[dict]]:
+    """This rank's micro-batches of the Ray Data stream ``name`` the driver handed Ray Train (the
+    first ``limit`` of them when given)."""
+    import itertools
+
     import ray.train
 
     from data_pipeline.loader import worker_examples
 
-    def batches(skip_before: int = 0) -> Iterator[dict]:
+    def batches(start_step: int = 0) -> Iterator[dict]:
         shard = ray.train.get_dataset_shard(name)
-        return iter(
-            worker_examples(
-                shard, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, skip_before=skip_before
-            )
+        skip_before = start_step * global_batch_size
+        rows = worker_examples(
+            shard, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, skip_before=skip_before
         )
+        return itertools.islice(rows, limit)
 
     return batches
 
 
 def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size: int) -> Task:
     """Next-token pretraining of ``plan.model_config`` (GPT, or the LSTM with arch=lstm), seeded so
-    every rank starts from identical weights."""
+    every rank starts from identical weights. Each rank reads only its slice of every global batch
+    straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at."""
+    from data_pipeline.loader import rank_batches, rank_val_batches
     from model.config import ModelConfig
     from model.flops import flops_per_token
     from model.lstm import build_model
     from orchestration.train.engine import seed_everything
 
     model_cfg = ModelConfig(**plan.model_config)
-    seed_everything(plan.config["train"]["seed"])
-    micro = plan.config["train"]["micro_batch_size"]
+    train = plan.config["train"]
+    seed_everything(train["seed"])
+    data = {"endpoint_url": plan.endpoint_url, "footers": plan.task["footers"], "rank": rank, "world_size": world_size}
+    readers: list = []
+
+    def train_batches(start_step: int) -> Iterator[dict]:
+        reader = rank_batches(
+            plan.task["manifest"],
+            seed=train["seed"],
+            global_batch_size=train["global_batch_size"],
+            micro_batch_size=train["micro_batch_size"],
+            start_step=start_step,
+            num_steps=plan.total_steps - start_step,
+            **data,
+        )
+        readers.append(reader)
+        return ({"tokens": tokens} for tokens in reader)
+
+    def val_batches() -> Iterator[dict]:
+        reader = rank_val_batches(
+            plan.task["manifest"],
+            num_sequences=train["val_sequences"],
+            micro_batch_size=train["micro_batch_size"],
+            **data,
+        )
+        return ({"tokens": tokens, "weights": weights} for tokens, weights in reader)
+
     return Task(
         name="pretrain",
         model=build_model(model_cfg).to(device),
         forward=lm_forward,
-        train_batches=dataset_batches("train", rank, world_size, micro),
-        val_batches=dataset_batches("val", rank, world_size, micro),
+        train_batches=train_batches,
+        val_batches=val_batches if plan.val_batches else None,
         flops_per_token=flops_per_token(model_cfg, plan.seq_len),
+        data_stats=lambda: readers[-1].stats,
     )

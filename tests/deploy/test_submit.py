@@ -307,7 +307,7 @@ def test_train_job_succeeds_and_streams_its_logs(head, tmp_path, capsys):
             "train.warmup_steps=1",
             "train.log_interval=2",
             "train.eval_interval=4",
-            "train.eval_steps=1",
+            "train.val_sequences=4",
             "train.checkpoint_interval=4",
             "model.block_size=32",
             "model.n_layer=1",

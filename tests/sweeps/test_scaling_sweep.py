@@ -244,7 +244,7 @@ def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(manifest, tmp_pat
         "train.cpus_per_worker=0.25",
         "scaling.max_concurrent_trials=2",
         "train.eval_interval=0",
-        "train.eval_steps=4",
+        "train.val_sequences=16",
         "train.checkpoint_interval=0",
         "train.num_to_keep=1",
         "scaling.n_boot=10",

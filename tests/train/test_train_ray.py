@@ -106,9 +106,41 @@ def test_worker_crash_is_absorbed_and_matches_uninterrupted_run(reference_runs, 
     assert records[-1]["start_step"] == 10  # the surviving attempt resumed from the checkpoint
     assert [r["step"] for r in records] == [5, 10, 15, 20]  # redone steps are logged once
     ref_summary, ref_records = reference_runs[3]
+    # Resuming at step 10 read only the rows from step 10 on: by step 15 each rank has read at most its
+    # 5 steps x 8 rows plus the reader's 2 prefetched steps, the same bound as a run from step 0.
+    per_rank_step = 8  # global batch 16 / 2 ranks
+    for first_record in (records[2], ref_records[0]):
+        assert all(0 < rows <= (5 + 2) * per_rank_step for rows in first_record["data_read_rows_per_rank"])
     assert summary["final_step"] == ref_summary["final_step"] == STEPS
     assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
     assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-5)
+
+
+def test_worker_count_does_not_change_the_run(reference_runs, workdir):
+    """The same global batch on 1, 2 and 4 workers: every rank reads its slice of the same global
+    batches, so loss trajectories agree to reduction-order tolerance and the fixed val set gives the
+    same val loss."""
+    from orchestration.train.driver import run_training
+
+    root, manifest = workdir
+    _, two = reference_runs[1]  # ZeRO-1, 2 workers x 4 sequences x 2 accumulation steps
+    for workers, accum in ((1, 4), (4, 1)):
+        cfg = tiny_config(
+            manifest,
+            root / "runs",
+            f"zero1-w{workers}",
+            zero_stage=1,
+            overrides=[f"train.num_workers={workers}", f"train.grad_accum_steps={accum}"],
+        )
+        records = _metrics(run_training(cfg, resume=False)["run_dir"])
+        assert [r["step"] for r in records] == [r["step"] for r in two]
+        for ours, theirs in zip(records, two):
+            assert ours["loss"] == pytest.approx(theirs["loss"], abs=2e-3), (workers, ours["step"])
+            if "val_loss" in theirs:
+                assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-3), (workers, ours["step"])
+        # every rank trained on global batch / workers rows per step and read only those (8-row blocks)
+        trained = records[-1]["data_trained_bytes_per_rank"]
+        assert len(trained) == workers and len(set(trained)) == 1
 
 
 def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkeypatch, tmp_path):
