@@ -218,7 +218,7 @@ def test_memory_estimate_orders_zero_stages_and_offload():
     fp32 = estimate_training_memory(cfg, zero_stage=0, **{**kw, "precision": "fp32"})
     assert (fp32["params_bytes"], fp32["optimizer_bytes"]) == (4 * n, 8 * n)
     assert fp32["activations_bytes"] > base["activations_bytes"]
-    ckpt = activation_bytes(cfg, micro_batch_size=4, seq_len=1024, precision="bf16", activation_checkpointing=True)
+    ckpt = activation_bytes(cfg, micro_batch_size=4, seq_len=1024, precision="bf16", activation_checkpointing="full")
     assert ckpt < base["activations_bytes"]
     with pytest.raises(ValueError, match="stage"):
         estimate_training_memory(cfg, zero_stage=0, offload_optimizer=True, **kw)
