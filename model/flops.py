@@ -223,9 +223,13 @@ def model_info_text(
     num_workers: int,
     precision: Precision,
     offload_optimizer: bool = False,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
 ) -> str:
-    """A readable summary: parameter counts, training FLOPs per token, and per-GPU memory for each
-    ZeRO stage at the given batch shape (stage 0 cannot offload, so its row never does)."""
+    """A readable summary: parameter counts, training FLOPs per token, the peak of a one-process
+    fp32 CPU step (without and with full activation checkpointing), and per-GPU memory for each
+    ZeRO stage at the given batch shape and checkpointing (stage 0 cannot offload, so its row never
+    does). Memory is modelled for the GPT only: an LSTM config gets counts and FLOPs."""
     n, n_body = count_params(cfg), count_params(cfg, non_embedding=True)
     gib = 2**30
     lines = [
@@ -235,8 +239,19 @@ def model_info_text(
         f"params          {n:,} ({n / 1e6:.1f}M)",
         f"non-embedding   {n_body:,} ({n_body / 1e6:.1f}M; excludes wte, wpe, untied lm_head)",
         f"FLOPs/token     {flops_per_token(cfg, seq_len):.4g} (training, seq_len {seq_len})",
+    ]
+    if cfg.arch == "lstm":
+        return "\n".join([*lines, "memory          not modelled for arch lstm"])
+    cpu = [
+        estimate_cpu_step_memory(cfg, micro_batch_size=micro_batch_size, seq_len=seq_len, activation_checkpointing=m)
+        for m in ("none", "full")
+    ]
+    lines += [
+        f"CPU fp32 step   one process, micro_batch_size {micro_batch_size}: peak {cpu[0]['peak_bytes'] / gib:.2f} GiB, "
+        f"{cpu[1]['peak_bytes'] / gib:.2f} GiB with full activation checkpointing (live tensors)",
         f"memory per GPU  micro_batch_size {micro_batch_size}, seq_len {seq_len}, {precision}, "
-        f"{num_workers} workers, offload_optimizer {offload_optimizer}",
+        f"{num_workers} workers, offload_optimizer {offload_optimizer}, "
+        f"activation checkpointing {activation_checkpointing}",
         f"{'ZeRO':>6}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'GPU total':>11}{'CPU':>9}  (GiB)",
     ]
     for stage in range(4):
@@ -248,6 +263,8 @@ def model_info_text(
             precision=precision,
             zero_stage=stage,
             offload_optimizer=offload_optimizer and stage > 0,
+            activation_checkpointing=activation_checkpointing,
+            checkpoint_every=checkpoint_every,
         )
         lines.append(
             f"{stage:>6}{m['params_bytes'] / gib:>10.2f}{m['grads_bytes'] / gib:>10.2f}"
