@@ -121,11 +121,16 @@ def _modern(n_layer: int, n_embd: int, head_dim: int = 64, vocab_size: int = 327
     )
 
 
-# Parameter counts (vocab as given, model.flops.count_params): tiny 0.14M, micro 1.09M, mini 3.5M,
-# shakespeare 1.31M, gpt2-small 124.4M, gpt2-medium 354.8M, gpt2-large 774.0M, gpt2-xl 1557.6M,
-# gpt3-xl 1315.7M, ladder-20m 23.2M, ladder-60m 70.5M, ladder-150m 165.9M, ladder-350m 438.5M
-# (ladder non-embedding: 10.6M, 49.6M, 136.5M, 396.5M); GPT-2 counts pinned
-# by tests/test_model.py.
+# Parameter counts (vocab as given, model.flops.count_params; `raylm model-info --list` prints them):
+# tiny 0.14M, micro 1.09M, mini 3.5M, shakespeare 1.31M, gpt2-small 124.4M, gpt2-medium 354.8M,
+# gpt2-large 774.0M, gpt2-xl 1557.6M, gpt3-xl 1315.7M; GPT-2 counts pinned by tests/model/test_model.py.
+# The Llama-style ladder (aspect ratio n_embd / n_layer = 64, head_dim 64, vocab 32768) is named by its
+# total count, rounded, as Chinchilla counts N (tests/model/test_presets.py holds each name to within 2%):
+#   preset        n_layer  n_embd  params   non-embedding
+#   ladder-23m        6      384    23.2M      10.6M
+#   ladder-70m       10      640    70.5M      49.6M
+#   ladder-166m      14      896   165.9M     136.5M
+#   ladder-438m      20     1280   438.5M     396.5M
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64),
     "micro": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
@@ -138,10 +143,10 @@ PRESETS: dict[str, dict] = {
     "gpt2-large": _gpt2(36, 20, 1280),
     "gpt2-xl": _gpt2(48, 25, 1600),
     "gpt3-xl": dict(_gpt2(24, 16, 2048), vocab_size=50257, block_size=2048),  # GPT-3 XL, ~1.3B
-    "ladder-20m": _modern(6, 384),
-    "ladder-60m": _modern(10, 640),
-    "ladder-150m": _modern(14, 896),
-    "ladder-350m": _modern(20, 1280),
+    "ladder-23m": _modern(6, 384),
+    "ladder-70m": _modern(10, 640),
+    "ladder-166m": _modern(14, 896),
+    "ladder-438m": _modern(20, 1280),
 }
 
 
@@ -158,3 +163,28 @@ def with_vocab_size(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
 
 
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
+
+
+ActivationCheckpointing = Literal["none", "full", "selective"]
+ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+def checkpointed_blocks(n_layer: int, mode: str, every: int = 2) -> tuple[int, ...]:
+    """Indices of the transformer blocks whose activations are recomputed in backward.
+
+    "none": no block; "full": every block; "selective": every ``every``-th block (indices every-1,
+    2*every-1, ...; torchtitan's layer-frequency rule), so 1/every of the blocks trade their saved
+    activations for one extra forward each. Pure arithmetic, so the memory estimate (model.flops) and
+    the model (GPT.set_activation_checkpointing) agree on the set.
+    """
+    if mode not in ACTIVATION_CHECKPOINTING_MODES:
+        raise ValueError(
+            f"activation checkpointing mode {mode!r} is unknown; allowed: {ACTIVATION_CHECKPOINTING_MODES}"
+        )
+    if every < 1:
+        raise ValueError(f"activation checkpointing every={every} must be >= 1 (checkpoint every k-th block)")
+    if mode == "none":
+        return ()
+    if mode == "full":
+        return tuple(range(n_layer))
+    return tuple(range(every - 1, n_layer, every))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from model.config import ModelConfig
+from model.config import PRESETS, ModelConfig, checkpointed_blocks, model_config_from_preset
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -74,26 +74,43 @@ def activation_bytes(
     micro_batch_size: int,
     seq_len: int,
     precision: Precision,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
 ) -> int:
-    """Activations kept for backward in one micro-batch, after Korthikanti et al. (2022).
+    """Peak bytes of activations in one micro-batch's forward + backward: what autograd keeps for
+    backward, plus the loss's transient at the start of backward. Counted tensor by tensor from what
+    ``model.layers`` saves (checked against measured peak RSS in tests/model/test_memory.py), not
+    from Korthikanti et al.'s Megatron layout, which saves different tensors.
 
-    Per layer and token, in 16-bit: attention 10h bytes, two norm inputs 4h, MLP input 2h, the MLP's
-    hidden tensors (GELU: fc out and gelu out; SwiGLU: fused fc out, silu, product) and 1 byte per
-    dropout mask. SDPA's fused kernels never materialise the (T x T) scores, so the paper's
-    5 * n_head * seq_len term is dropped. Plus the logits, kept once more in fp32 by the loss.
-    Checkpointing keeps only each block's input and recomputes one block at a time.
+    Per block and token, in values: the two norms' inputs and outputs (4h); the fused qkv output
+    (h + 2 kv); with RoPE the rotated q and k (h + kv); with GQA the repeated k and v (2h); SDPA's
+    output and its contiguous copy for c_proj (2h); the MLP's hidden tensors (GELU: fc out and gelu
+    out, 2H; SwiGLU: fused fc out, silu, product, 4H); 1 byte per dropout mask. SDPA's fused kernels
+    never materialise the (T x T) scores. Head: ln_f's input and output (2h), and the logits in fp32
+    three times at once (log_softmax's saved output, the loss's gradient and log_softmax's
+    gradient). A checkpointed block keeps only its input (h) and is recomputed one at a time in
+    backward, after the loss's transient is gone; its backward then briefly adds the incoming
+    gradient (h) and the first MLP-wide gradient (H; SwiGLU 2H) before its saved tensors are freed.
     """
     width = 4 if precision == "fp32" else 2
     tokens = micro_batch_size * seq_len
-    h = cfg.n_embd
-    mlp_values = (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden_dim
+    h, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    if cfg.arch == "lstm":
+        raise ValueError("activation_bytes models the GPT's blocks; arch 'lstm' has no estimate")
+    attn = 4 * h + (h + 2 * kv) + 2 * h
+    if cfg.pos_encoding == "rope":
+        attn += h + kv
+    if cfg.kv_heads != cfg.n_head:
+        attn += 2 * h
+    mlp = (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden_dim
     masks = 2 * h if cfg.dropout > 0 else 0
-    per_layer = tokens * ((8 * h + mlp_values) * width + masks)
-    head = tokens * (2 * h * width + cfg.vocab_size * (width + 4))  # embedding out, ln_f in, logits
-    if activation_checkpointing:
-        return cfg.n_layer * tokens * h * width + per_layer + head
-    return cfg.n_layer * per_layer + head
+    per_layer = tokens * ((attn + mlp) * width + masks)
+    n_ckpt = len(checkpointed_blocks(cfg.n_layer, activation_checkpointing, checkpoint_every))
+    kept = n_ckpt * tokens * h * width + (cfg.n_layer - n_ckpt) * per_layer
+    loss_peak = tokens * (2 * h * width + 3 * cfg.vocab_size * 4)
+    mlp_grad = (2 if cfg.mlp == "swiglu" else 1) * cfg.hidden_dim
+    recompute_peak = per_layer + tokens * (h + mlp_grad) * width if n_ckpt else 0
+    return kept + max(loss_peak, recompute_peak)
 
 
 def estimate_training_memory(
@@ -106,7 +123,8 @@ def estimate_training_memory(
     zero_stage: int,
     offload_optimizer: bool = False,
     offload_params: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
 ) -> dict[str, int]:
     """Bytes per worker for data-parallel AdamW training under DeepSpeed ZeRO.
 
@@ -145,6 +163,7 @@ def estimate_training_memory(
         seq_len=seq_len,
         precision=precision,
         activation_checkpointing=activation_checkpointing,
+        checkpoint_every=checkpoint_every,
     )
     return dict(
         params_bytes=params,
@@ -156,6 +175,46 @@ def estimate_training_memory(
     )
 
 
+def estimate_cpu_step_memory(
+    cfg: ModelConfig,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
+) -> dict[str, int]:
+    """Peak bytes of one single-process fp32 training step with torch AdamW (the bare loop, or one
+    CPU worker): params 4 B/param and Adam's m and v 8 B/param live throughout; gradients (4 B/param,
+    set to None between steps) grow during backward as activations are freed, so the peak is the
+    larger of the activation peak (``activation_bytes``) and the optimizer step's gradients plus the
+    two temporaries torch's per-tensor AdamW makes of its largest parameter (sqrt, then divide).
+    Returns params_bytes, grads_bytes, optimizer_bytes,
+    activations_bytes and peak_bytes.
+
+    Live tensors only: glibc's malloc can keep freed blocks mapped (its mmap threshold adapts
+    upward), so a process's peak RSS runs above this unless MALLOC_MMAP_THRESHOLD_ is fixed or a
+    caching allocator (jemalloc, tcmalloc) returns memory; tests/model/test_memory.py measures both.
+    """
+    n = count_params(cfg)
+    params, grads, optimizer = 4 * n, 4 * n, 8 * n
+    largest = 4 * max(cfg.vocab_size * cfg.n_embd, cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1))
+    activations = activation_bytes(
+        cfg,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        precision="fp32",
+        activation_checkpointing=activation_checkpointing,
+        checkpoint_every=checkpoint_every,
+    )
+    return dict(
+        params_bytes=params,
+        grads_bytes=grads,
+        optimizer_bytes=optimizer,
+        activations_bytes=activations,
+        peak_bytes=params + optimizer + max(activations, grads + 2 * largest),
+    )
+
+
 def model_info_text(
     cfg: ModelConfig,
     *,
@@ -164,9 +223,13 @@ def model_info_text(
     num_workers: int,
     precision: Precision,
     offload_optimizer: bool = False,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
 ) -> str:
-    """A readable summary: parameter counts, training FLOPs per token, and per-GPU memory for each
-    ZeRO stage at the given batch shape (stage 0 cannot offload, so its row never does)."""
+    """A readable summary: parameter counts, training FLOPs per token, the peak of a one-process
+    fp32 CPU step (without and with full activation checkpointing), and per-GPU memory for each
+    ZeRO stage at the given batch shape and checkpointing (stage 0 cannot offload, so its row never
+    does). Memory is modelled for the GPT only: an LSTM config gets counts and FLOPs."""
     n, n_body = count_params(cfg), count_params(cfg, non_embedding=True)
     gib = 2**30
     lines = [
@@ -176,8 +239,19 @@ def model_info_text(
         f"params          {n:,} ({n / 1e6:.1f}M)",
         f"non-embedding   {n_body:,} ({n_body / 1e6:.1f}M; excludes wte, wpe, untied lm_head)",
         f"FLOPs/token     {flops_per_token(cfg, seq_len):.4g} (training, seq_len {seq_len})",
+    ]
+    if cfg.arch == "lstm":
+        return "\n".join([*lines, "memory          not modelled for arch lstm"])
+    cpu = [
+        estimate_cpu_step_memory(cfg, micro_batch_size=micro_batch_size, seq_len=seq_len, activation_checkpointing=m)
+        for m in ("none", "full")
+    ]
+    lines += [
+        f"CPU fp32 step   one process, micro_batch_size {micro_batch_size}: peak {cpu[0]['peak_bytes'] / gib:.2f} GiB, "
+        f"{cpu[1]['peak_bytes'] / gib:.2f} GiB with full activation checkpointing (live tensors)",
         f"memory per GPU  micro_batch_size {micro_batch_size}, seq_len {seq_len}, {precision}, "
-        f"{num_workers} workers, offload_optimizer {offload_optimizer}",
+        f"{num_workers} workers, offload_optimizer {offload_optimizer}, "
+        f"activation checkpointing {activation_checkpointing}",
         f"{'ZeRO':>6}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'GPU total':>11}{'CPU':>9}  (GiB)",
     ]
     for stage in range(4):
@@ -189,10 +263,48 @@ def model_info_text(
             precision=precision,
             zero_stage=stage,
             offload_optimizer=offload_optimizer and stage > 0,
+            activation_checkpointing=activation_checkpointing,
+            checkpoint_every=checkpoint_every,
         )
         lines.append(
             f"{stage:>6}{m['params_bytes'] / gib:>10.2f}{m['grads_bytes'] / gib:>10.2f}"
             f"{m['optimizer_bytes'] / gib:>10.2f}{m['activations_bytes'] / gib:>10.2f}"
             f"{m['total_bytes'] / gib:>11.2f}{m['cpu_bytes'] / gib:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def preset_size_table() -> list[dict]:
+    """One row per named preset (``raylm model-info --list``): name, n_layer, n_embd, n_head,
+    n_kv_head, mlp, vocab_size, block_size, params and non_embedding_params, from the shape alone."""
+    rows = []
+    for name in PRESETS:
+        cfg = model_config_from_preset(name)
+        rows.append(
+            dict(
+                name=name,
+                n_layer=cfg.n_layer,
+                n_embd=cfg.n_embd,
+                n_head=cfg.n_head,
+                n_kv_head=cfg.kv_heads,
+                mlp=cfg.mlp,
+                vocab_size=cfg.vocab_size,
+                block_size=cfg.block_size,
+                params=count_params(cfg),
+                non_embedding_params=count_params(cfg, non_embedding=True),
+            )
+        )
+    return rows
+
+
+def preset_size_table_text() -> str:
+    """``preset_size_table`` as aligned text, parameter counts in millions."""
+    head = f"{'preset':<13}{'layers':>7}{'n_embd':>7}{'heads':>6}{'kv':>4}{'mlp':>7}{'vocab':>7}{'block':>6}"
+    lines = [f"{head}{'params':>10}{'non-emb':>10}"]
+    for r in preset_size_table():
+        lines.append(
+            f"{r['name']:<13}{r['n_layer']:>7}{r['n_embd']:>7}{r['n_head']:>6}{r['n_kv_head']:>4}{r['mlp']:>7}"
+            f"{r['vocab_size']:>7}{r['block_size']:>6}"
+            f"{r['params'] / 1e6:>9.2f}M{r['non_embedding_params'] / 1e6:>9.2f}M"
         )
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """A decoder-only GPT: token embedding, positions, a stack of pre-norm blocks, final norm, lm head.
 
 Parameter names follow GPT-2 (transformer.wte/wpe/h.N.ln_1/attn.c_attn/.../ln_f, lm_head) so an
-exporter can map them onto HF's GPT2LMHeadModel.
+exporter can map them onto HF's GPT2LMHeadModel. Activation checkpointing and per-block compile are
+switched on the built model (``set_activation_checkpointing``, ``compile_blocks``) and leave those
+names unchanged, so checkpoints and exports do not care whether a run used them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.layers import Block, make_norm, rope_tables, sinusoidal_table
+from model.config import ModelConfig, checkpointed_blocks
+from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
 
 
 class GPT(nn.Module):
@@ -33,30 +36,74 @@ class GPT(nn.Module):
                 ln_f=make_norm(cfg),
             )
         )
-        # Fixed tables are buffers, not parameters, and are rebuilt rather than checkpointed
+        # Fixed tables are buffers, not parameters, and are rebuilt (init_weights) rather than checkpointed
         if cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+            self.register_buffer("pos_table", torch.empty(cfg.block_size, cfg.n_embd), persistent=False)
         elif cfg.pos_encoding == "rope":
-            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.checkpointed = frozenset()  # block indices recomputed in backward (set_activation_checkpointing)
+        self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every parameter and rebuild the fixed buffers, in place, where they live.
+
+        The constructor calls it with the global RNG; ``model.build.materialize`` calls it with a
+        seeded generator after moving a meta-device model to real memory (where parameters and
+        buffers hold garbage and tied weights are untied). Linear and embedding weights
+        ~ N(0, init_std), biases 0, norms 1.
+        """
+        cfg = self.cfg
         if cfg.tie_embeddings:
             # One matrix reads and writes tokens: fewer parameters, and it helps small models
             # (Press & Wolf 2017); GPT-2 does the same.
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std, generator=generator)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         # Each block adds two residual branches; scaling their output projections by
         # 1/sqrt(2 * n_layer) keeps the residual stream's variance flat with depth (GPT-2).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer), generator=generator)
+        with torch.no_grad():
+            if cfg.pos_encoding == "sinusoidal":
+                self.pos_table.copy_(sinusoidal_table(cfg.block_size, cfg.n_embd))
+            elif cfg.pos_encoding == "rope":
+                cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def set_activation_checkpointing(self, mode: str, every: int = 2) -> tuple[int, ...]:
+        """Recompute the activations of some blocks in backward instead of keeping them.
+
+        mode "none" | "full" (every block) | "selective" (every ``every``-th block; see
+        ``model.config.checkpointed_blocks``). A checkpointed block keeps only its input and runs its
+        forward again during backward (torch.utils.checkpoint, non-reentrant: works under DeepSpeed
+        ZeRO, torch.compile and with frozen parameters). Applies to training forwards only: no-grad
+        and KV-cache forwards run as usual. Returns the checkpointed block indices.
+        """
+        self.checkpointed = frozenset(checkpointed_blocks(self.cfg.n_layer, mode, every))
+        return tuple(sorted(self.checkpointed))
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each transformer block on its own (torchtitan's per-block compile), in place.
+
+        Each block's backward is then a separate compiled graph, so gradient hooks (DeepSpeed's or
+        DDP's all-reduce/reduce-scatter buckets) fire block by block during backward and
+        communication overlaps compute; compiling the whole model runs them only after the whole
+        backward. Parameter names do not change (``nn.Module.compile``), so state dicts and
+        checkpoints are the same as eager's. compile_kwargs go to torch.compile (e.g. mode, fullgraph).
+        """
+        for block in self.transformer.h:
+            block.compile(**compile_kwargs)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None
@@ -100,6 +147,11 @@ class GPT(nn.Module):
             x = x + self.pos_table[pos].to(x.dtype)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope, kv_cache, attn_mask)
+        recompute = self.checkpointed if kv_cache is None and torch.is_grad_enabled() else ()
+        for i, block in enumerate(self.transformer.h):
+            if i in recompute:
+                # keeps x only; the default preserve_rng_state replays dropout masks exactly
+                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache, attn_mask)
         return self.transformer.ln_f(x)

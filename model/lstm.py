@@ -6,10 +6,12 @@ LSTM layers, dropout on the embeddings, between layers and before the head (Zare
 bias for the LSTM gates. The attention fields (n_head, pos_encoding, mlp, norm, ...) are ignored:
 recurrence carries position. ``forward(idx, targets)`` returns (logits, loss) like ``GPT.forward``,
 so the training loop, checkpoints and eval use it unchanged; ``decode`` carries the (h, c) state
-for generation, the LSTM's counterpart of the GPT's KV cache. ``build_model`` picks the class.
+for generation, the LSTM's counterpart of the GPT's KV cache. ``model.build.build_model`` picks the class.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -44,13 +46,32 @@ class LSTMLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         else:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
-        if cfg.bias:
+        self._init_forget_bias()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Draw every parameter again from the constructor's distributions, in place (used by
+        ``model.build.materialize`` after a meta-device build): LSTM weights ~ U(-1/sqrt(d), 1/sqrt(d))
+        as nn.LSTM does, embedding and head ~ N(0, init_std), forget-gate bias 1."""
+        cfg, bound = self.cfg, 1.0 / math.sqrt(self.cfg.n_embd)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        for p in self.lstm.parameters():
+            nn.init.uniform_(p, -bound, bound, generator=generator)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std, generator=generator)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std, generator=generator)
+        self._init_forget_bias()
+
+    def _init_forget_bias(self) -> None:
+        if self.cfg.bias:
             # Forget-gate bias 1 (PyTorch gate order i, f, g, o; two bias vectors, so 0.5 each):
             # remembering by default eases gradient flow early in training (Jozefowicz et al. 2015).
-            for name, p in self.lstm.named_parameters():
-                if name.startswith("bias"):
-                    nn.init.zeros_(p)
-                    p.data[d : 2 * d] = 0.5
+            d = self.cfg.n_embd
+            with torch.no_grad():
+                for name, p in self.lstm.named_parameters():
+                    if name.startswith("bias"):
+                        p.zero_()
+                        p[d : 2 * d] = 0.5
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None
@@ -90,12 +111,3 @@ class LSTMLM(nn.Module):
         out, _ = pad_packed_sequence(packed, batch_first=True)
         last = out[torch.arange(idx.size(0), device=idx.device), lengths - 1]
         return self.lm_head(self.drop(last)), state
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model ``cfg.arch`` names: ``GPT`` for "gpt", ``LSTMLM`` for "lstm"."""
-    if cfg.arch == "lstm":
-        return LSTMLM(cfg)
-    from model.gpt import GPT
-
-    return GPT(cfg)

@@ -4,6 +4,7 @@ arithmetic, and that a tiny GPT actually learns. CPU-only, tiny configs, seconds
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_memory_estimate_orders_zero_stages_and_offload():
     fp32 = estimate_training_memory(cfg, zero_stage=0, **{**kw, "precision": "fp32"})
     assert (fp32["params_bytes"], fp32["optimizer_bytes"]) == (4 * n, 8 * n)
     assert fp32["activations_bytes"] > base["activations_bytes"]
-    ckpt = activation_bytes(cfg, micro_batch_size=4, seq_len=1024, precision="bf16", activation_checkpointing=True)
+    ckpt = activation_bytes(cfg, micro_batch_size=4, seq_len=1024, precision="bf16", activation_checkpointing="full")
     assert ckpt < base["activations_bytes"]
     with pytest.raises(ValueError, match="stage"):
         estimate_training_memory(cfg, zero_stage=0, offload_optimizer=True, **kw)
@@ -237,6 +238,9 @@ def test_model_info_text_lists_counts_and_every_stage():
     )
     assert "124,439,808" in text and "85,056,000" in text
     assert [line.split()[0] for line in text.splitlines()[-4:]] == ["0", "1", "2", "3"]
+    cpu_line = next(line for line in text.splitlines() if line.startswith("CPU fp32 step"))
+    none_gib, full_gib = (float(g) for g in re.findall(r"([\d.]+) GiB", cpu_line))
+    assert full_gib < none_gib  # full activation checkpointing lowers the estimated peak
 
 
 def test_tiny_model_overfits_one_batch():
