@@ -62,19 +62,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from model.flops import model_info_text
+    from model.flops import model_info_text, preset_size_table_text
 
+    if args.list:
+        print(preset_size_table_text())
+        return 0
     # --preset is model.preset: the preset fills the shape, explicit model.* keys still win.
     preset = [f"model.preset={args.preset}"] if args.preset else []
-    cfg = load_config(args.config, [*args.overrides, *preset]).model
+    cfg = load_config(args.config, [*args.overrides, *preset])
     print(
         model_info_text(
-            cfg,
+            cfg.model,
             micro_batch_size=args.micro_batch_size,
-            seq_len=args.seq_len or cfg.block_size,
+            seq_len=args.seq_len or cfg.model.block_size,
             num_workers=args.num_workers,
             precision=args.precision,
             offload_optimizer=args.offload_optimizer,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            checkpoint_every=cfg.train.activation_checkpointing_every,
         )
     )
     return 0
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "renting a cluster.",
     )
     info.add_argument("--preset", help="a named model preset (model/config.py PRESETS), e.g. gpt2-small")
+    info.add_argument("--list", action="store_true", help="print every preset's shape and parameter counts")
     _add_config_args(info)
     info.add_argument(
         "--micro-batch-size", type=positive_int, default=8, help="sequences per GPU per micro step (default 8)"

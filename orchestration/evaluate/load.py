@@ -13,9 +13,9 @@ from typing import Optional
 
 import tiktoken
 
+from model.build import build_model
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.lstm import build_model
 from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta, latest_complete_checkpoint
 from orchestration.train.checkpoint import (
     MODEL_CONFIG_FILE,

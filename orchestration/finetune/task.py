@@ -24,9 +24,9 @@ def build_finetune_model(ft: FinetuneConfig, model_cfg, state: dict, num_classes
     """The pretrained model (weights from ``state``) shaped for ``ft``: a classification head
     on top for that task, LoRA adapters or frozen blocks/embeddings for the mode. Seeded, so the new
     parameters start identical on every rank."""
+    from model.build import build_model
     from model.classifier import GPTClassifier
     from model.lora import apply_lora
-    from model.lstm import build_model
     from orchestration.train.checkpoint import load_weights
     from orchestration.train.engine import seed_everything
 

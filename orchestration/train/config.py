@@ -51,7 +51,10 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on CPU
     offload_params: bool = False  # ZeRO-3 only: parameters on CPU between uses
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the model before DeepSpeed wraps it
+    compile: bool = False  # torch.compile each transformer block (the whole model for the LSTM)
+    # recompute activations in the backward instead of keeping them: every block, or every k-th (selective)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_every: int = field(default=2, metadata={"min": 1})
 
     # --- cadence (in optimizer steps)
     log_interval: int = field(default=10, metadata={"min": 1})

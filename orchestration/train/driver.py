@@ -10,6 +10,7 @@ files; each worker reads its own rows of the token shards (``data_pipeline.loade
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
     total_steps = train.total_steps(seq_len)
     check_warmup(train, total_steps)
     val_sequences = min(train.val_sequences, int(manifest["splits"].get("val", {}).get("sequences", 0)))
-    val_batches = -(-(-(-val_sequences // train.num_workers)) // train.micro_batch_size)  # ceil(ceil(n/W)/micro)
+    rows_per_rank = math.ceil(val_sequences / train.num_workers)
+    val_batches = math.ceil(rows_per_rank / train.micro_batch_size)
     tok = manifest["tokenizer"]
     data_dir = manifest["uri"].rsplit("/", 1)[0]
     tokenizer_files = {

@@ -87,14 +87,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def prepare_model(raw_model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    """Activation checkpointing and compilation as ``train`` asks, in place. A GPT (or a classifier's
+    GPT backbone) is compiled block by block, as torchtitan does, so DeepSpeed's gradient hooks fire per
+    block and communication overlaps the rest of the backward; parameter names do not change."""
+    gpt = getattr(raw_model, "backbone", raw_model)
+    if train.activation_checkpointing != "none":
+        if not hasattr(gpt, "set_activation_checkpointing"):
+            raise ValueError(f"train.activation_checkpointing needs a transformer; {type(gpt).__name__} has no blocks")
+        gpt.set_activation_checkpointing(train.activation_checkpointing, every=train.activation_checkpointing_every)
+    if not train.compile:
+        return raw_model
+    if hasattr(gpt, "compile_blocks"):
+        gpt.compile_blocks()
+        return raw_model
+    return torch.compile(raw_model)
+
+
 def wrap_with_deepspeed(raw_model: torch.nn.Module, train: TrainConfig):
-    """A DeepSpeed engine over ``raw_model`` (compiled first if asked) with AdamW on its trainable
-    parameters."""
+    """A DeepSpeed engine over ``raw_model`` (checkpointed and compiled as asked) with AdamW on its
+    trainable parameters."""
     import deepspeed
 
-    model = torch.compile(raw_model) if train.compile else raw_model
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=prepare_model(raw_model, train),
         optimizer=build_optimizer(raw_model, train),
         config=deepspeed_config(train),
         dist_init_required=False,

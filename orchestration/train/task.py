@@ -88,14 +88,15 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     every rank starts from identical weights. Each rank reads only its slice of every global batch
     straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at."""
     from data_pipeline.loader import rank_batches, rank_val_batches
+    from model.build import build_model, materialize
     from model.config import ModelConfig
     from model.flops import flops_per_token
-    from model.lstm import build_model
-    from orchestration.train.engine import seed_everything
 
     model_cfg = ModelConfig(**plan.model_config)
     train = plan.config["train"]
-    seed_everything(train["seed"])
+    # Built on the meta device and initialized in place on the worker's device: no rank holds a CPU
+    # copy it does not need, and the seeded init gives every rank the same weights.
+    model = materialize(build_model(model_cfg, device="meta"), device, train["seed"])
     data = {"endpoint_url": plan.endpoint_url, "footers": plan.task["footers"], "rank": rank, "world_size": world_size}
     readers: list = []
 
@@ -123,7 +124,7 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
 
     return Task(
         name="pretrain",
-        model=build_model(model_cfg).to(device),
+        model=model,
         forward=lm_forward,
         train_batches=train_batches,
         val_batches=val_batches if plan.val_batches else None,

@@ -16,9 +16,10 @@ import pytest
 import torch
 from helpers import tiny_config, tiny_corpus_manifest
 
+from model.build import build_model
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
-from model.lstm import LSTMLM, build_model
+from model.lstm import LSTMLM
 from model.ngram import NGramLM
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded machine
