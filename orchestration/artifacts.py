@@ -150,12 +150,15 @@ def read_metrics(run: RunDir) -> list[dict]:
 class MetricsLog:
     """Rank 0's ``metrics.jsonl``: records are appended in memory and written out by a background
     thread at most every ``flush_interval_s`` (and on ``close``), so a slow or remote store never
-    stalls the step loop. Object stores cannot append, so a flush rewrites the file; a resumed run
-    first drops lines past its checkpoint (``truncate_after``) so no step is logged twice."""
+    stalls the step loop. On a local disk new lines are appended; object stores cannot append, so
+    there a flush rewrites the file. A resumed run first drops lines past its checkpoint
+    (``truncate_after``: one rewrite) so no step is logged twice."""
 
     def __init__(self, run: RunDir, *, flush_interval_s: float = 5.0):
         self.run, self.flush_interval_s = run, flush_interval_s
         self.lines = [json.dumps(r) for r in read_metrics(run)]
+        self._written = len(self.lines)  # lines already in the file; -1: the file must be rewritten
+        self._appendable = isinstance(run.fs, pafs.LocalFileSystem)
         self._lock, self._dirty, self._error = threading.Lock(), threading.Event(), None
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="raylm-metrics", daemon=True)
@@ -167,7 +170,9 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         with self._lock:
-            self.lines = [line for line in self.lines if json.loads(line).get("step", 0) <= step]
+            kept = [line for line in self.lines if json.loads(line).get("step", 0) <= step]
+            if len(kept) != len(self.lines):
+                self.lines, self._written = kept, -1
         self._dirty.set()
 
     def append(self, record: dict[str, Any]) -> None:
@@ -186,8 +191,17 @@ class MetricsLog:
 
     def _write(self) -> None:
         with self._lock:
-            text = "\n".join(self.lines) + "\n" if self.lines else ""
-        self.run.write_text(METRICS_FILE, text)
+            lines, written = list(self.lines), self._written
+        if self._appendable and written >= 0 and self.run.has(METRICS_FILE):
+            new = lines[written:]
+            if new:
+                with self.run.fs.open_append_stream(self.run.path_of(METRICS_FILE)) as f:
+                    f.write(("\n".join(new) + "\n").encode("utf-8"))
+        else:
+            self.run.write_text(METRICS_FILE, "\n".join(lines) + "\n" if lines else "")
+        with self._lock:
+            if self._written == written:  # no truncation happened meanwhile
+                self._written = len(lines)
 
     def _flush_loop(self) -> None:
         from data_pipeline.storage import with_retries
