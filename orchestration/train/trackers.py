@@ -88,9 +88,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 class TensorBoardTracker:
-    """Event files under ``<root>/tensorboard``; torch's SummaryWriter flushes them from its own thread."""
+    """Event files under ``<root>/tensorboard`` (``torch.utils.tensorboard``), one set per attempt."""
 
-    def __init__(self, root: Path, run_name: str, config: dict, resume_step: int):
+    def __init__(self, root: Path, config: dict, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard hides the failed attempt's events at steps > resume_step.
@@ -103,6 +103,7 @@ class TensorBoardTracker:
     def log(self, record: dict, walltime: float) -> None:
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, global_step=record["step"], walltime=walltime)
+        self.writer.flush()  # on this thread; else events wait up to 2 min and a crash loses them
         self.last_step = record["step"]
 
     def summary(self, values: dict) -> None:
@@ -196,7 +197,12 @@ class WandbTracker:
         self.run.summary.update(values)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() can return before W&B's service process has written the run file; teardown waits for
+        # it, so nothing is lost when Ray ends the worker process right after training.
+        wandb.teardown()
 
 
 def _code_block(tree: dict) -> str:
@@ -282,7 +288,7 @@ class Trackers:
 
 def _open_one(name: str, *, root: Path, run_name: str, run_dir: str, config: dict, resume_step: int):
     if name == "tensorboard":
-        return TensorBoardTracker(root, run_name, config, resume_step)
+        return TensorBoardTracker(root, config, resume_step)
     if name == "mlflow":
         return MlflowTracker(root, run_name, run_dir, config, resume_step)
     return WandbTracker(root, run_name, run_dir, config, resume_step)

@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs  # noqa: F401  # loaded in every training worker already, as is torch:
 import pytest
+import torch  # noqa: F401  # the open-time check below then times only what open_trackers adds
 
 from orchestration.train.trackers import RUN_DIR_TAG, TrackerError, check_trackers, open_trackers
 
@@ -183,7 +185,8 @@ def test_wandb_offline_run_holds_config_metrics_and_summary(tmp_path, monkeypatc
     summary = {k: v for r in records if r.HasField("summary") for k, v in values(r.summary.update).items()}
     assert summary["final_loss"] == 3.0
     resumed = read_wandb_records(next(runs[1].glob("run-*.wandb")))
-    assert [values(r.history.item)["step"] for r in resumed if r.HasField("history")] == [6]
+    kinds = [r.WhichOneof("record_type") for r in resumed]
+    assert [values(r.history.item)["step"] for r in resumed if r.HasField("history")] == [6], (runs, kinds)
 
 
 def test_unknown_repeated_and_missing_trackers_fail_clearly(tmp_path, monkeypatch):
