@@ -214,3 +214,31 @@ def test_no_trackers_is_a_no_op(tmp_path):
     trackers.summary({"final_step": 2})
     trackers.close()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_trackers_in_a_ray_worker(tmp_path, ray_session, monkeypatch):
+    """Where the loop runs them: rank 0 is a Ray worker process (its stdout captured by Ray, no terminal)."""
+    from ray import cloudpickle
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for var in ("MLFLOW_TRACKING_URI", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    run_dir = str(tmp_path / "run")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # a test module is not importable by workers
+
+    @ray_session.remote(num_cpus=0)
+    def rank0() -> None:
+        trackers = open_trackers(["tensorboard", "mlflow", "wandb"], run_dir=run_dir, run_name="r", config=CONFIG)
+        for step in (2, 4):
+            trackers.log(record(step, 1.0 / step))
+        trackers.summary({"final_step": 4, "final_loss": 0.25})
+        trackers.close()
+
+    ray_session.get(rank0.remote(), timeout=300)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    assert len(list((tmp_path / "run" / "mlflow").glob("*/*/metrics/loss"))) == 1
+    (wandb_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [values(r.history.item)["step"] for r in read_wandb_records(wandb_file) if r.HasField("history")] == [2, 4]
