@@ -257,7 +257,7 @@ class Trackers:
 
     def _run(self, open_args: dict) -> None:
         opened: dict[str, Any] = {}
-        current = "open"
+        current = self.names[0]
         try:
             for name in self.names:
                 current = name
@@ -267,7 +267,10 @@ class Trackers:
                 kind, values, walltime = item
                 for name, tracker in opened.items():
                     current = name
-                    tracker.log(values, walltime) if kind == "log" else tracker.summary(values)
+                    if kind == "log":
+                        tracker.log(values, walltime)
+                    else:
+                        tracker.summary(values)
                 if self.mirror and time.monotonic() - last_sync > self.sync_interval_s:
                     current = "sync"
                     self.mirror.push()
@@ -280,7 +283,9 @@ class Trackers:
                 self.mirror.push()
         except Exception as err:  # re-raised in the training loop by the next call
             where = (
-                f"copying {self.mirror.local} to {self.mirror.remote}" if current == "sync" else f"tracker {current!r}"
+                f"copying {self.mirror.local} to {open_args['run_dir']}"
+                if current == "sync"
+                else f"tracker {current!r}"
             )
             self.error = TrackerError(f"train.trackers: {where} failed: {type(err).__name__}: {err}")
             self.error.__cause__ = err
