@@ -65,6 +65,8 @@ class TrainConfig:
     max_failures: int = field(default=0, metadata={"min": -1})  # worker failures to absorb; -1: forever
 
     seed: int = 1337
+    # experiment trackers fed from rank 0's metrics records (orchestration/train/trackers.py)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -179,8 +179,13 @@ def launch(
     from ray.train.torch import TorchTrainer
 
     from orchestration.train.loop import worker_loop
+    from orchestration.train.trackers import TrackerError, check_trackers
 
     train = cfg.train
+    try:
+        check_trackers(train.trackers)
+    except TrackerError as err:
+        raise ConfigError(f"train.trackers: {err}") from None
     run = RunDir.at(plan.run_uri, plan.endpoint_url)
     init_ray()
     check_resources(train, gpus_per_worker)
@@ -321,7 +326,9 @@ def _worker_env(train: TrainConfig) -> dict:
         env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     if not train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)})
+    from orchestration.train.trackers import TRACKER_ENV_PREFIXES
+
+    env.update({k: v for k, v in os.environ.items() if k.startswith((TEST_ENV_PREFIX, *TRACKER_ENV_PREFIXES))})
     return env
 
 

@@ -41,6 +41,7 @@ def worker_loop(loop_config: dict) -> None:
     )
     from orchestration.train.prometheus import TrainMetricsExporter
     from orchestration.train.throughput import peak_flops_per_device, throughput
+    from orchestration.train.trackers import open_trackers
 
     plan: WorkerPlan = loop_config["plan"]
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per interval instead
@@ -77,6 +78,16 @@ def worker_loop(loop_config: dict) -> None:
             f"({plan.start_sequence}); restart the driver to resume"
         )
     stopper = EarlyStop(task.early_stopping, metrics_log.records() if rank == 0 else [], step, rank)
+    trackers = None
+    if rank == 0:
+        trackers = open_trackers(
+            train.trackers,
+            run_dir=plan.run_uri,
+            run_name=train.run_name,
+            config=plan.config,
+            resume_step=step,
+            endpoint_url=plan.endpoint_url,
+        )
 
     batches = task.train_batches(step)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
@@ -131,6 +142,7 @@ def worker_loop(loop_config: dict) -> None:
         exporter.record(record)
         if rank == 0:
             metrics_log.append(record)
+            trackers.log(record)
             print("[raylm] " + format_record(record, total_steps), flush=True)
         if do_ckpt or stopper.stopped:
             t_ckpt = time.perf_counter()
@@ -160,6 +172,17 @@ def worker_loop(loop_config: dict) -> None:
         window = _Window(device)  # after eval/checkpoint, so their time does not count as training
     if rank == 0:
         metrics_log.close()
+        records = metrics_log.records()
+        evals = [r for r in records if "val_loss" in r]
+        trackers.summary(
+            {
+                "final_step": step,
+                "final_loss": records[-1]["loss"] if records else None,
+                "final_val_loss": evals[-1]["val_loss"] if evals else None,
+                "tokens": step * tokens_per_step,
+            }
+        )
+        trackers.close()
 
 
 def optimizer_step(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import tiny_config, tiny_corpus_manifest
@@ -41,7 +42,10 @@ def reference_runs(workdir):
     root, manifest = workdir
     runs = {}
     for stage in (0, 1, 2, 3):
-        summary = run_training(tiny_config(manifest, root / "runs", f"zero{stage}", zero_stage=stage), resume=False)
+        # the ZeRO-0 run also feeds TensorBoard and MLflow (rank 0, in the background)
+        trackers = ["train.trackers=[tensorboard, mlflow]"] if stage == 0 else []
+        cfg = tiny_config(manifest, root / "runs", f"zero{stage}", zero_stage=stage, overrides=trackers)
+        summary = run_training(cfg, resume=False)
         runs[stage] = (summary, _metrics(summary["run_dir"]))
     return runs
 
@@ -58,6 +62,23 @@ def test_every_zero_stage_trains_and_checkpoints(reference_runs):
     # Same data, seed and init: the stages differ only in reduction order, so they land together
     final = [records[-1]["loss"] for _, records in reference_runs.values()]
     assert max(final) - min(final) < 0.1, final
+
+
+def test_trackers_write_under_the_run_directory(reference_runs, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary, records = reference_runs[0]
+    run_dir = Path(summary["run_dir"])
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in losses] == [r["step"] for r in records]
+    assert losses[-1][1] == pytest.approx(records[-1]["loss"], rel=1e-6)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads file stores only when asked to
+    client = MlflowClient(tracking_uri=(run_dir / "mlflow").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["train.zero_stage"] == "0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
 
 
 def test_zero_shards_optimizer_state(reference_runs):
