@@ -163,11 +163,14 @@ def continuation_scores(
     endpoint_url: Optional[str] = None,
     device: str = "cpu",
 ) -> dict:
-    """Greedy continuations of held-out text scored against the truth -> {"bleu" (0-100), "rouge1",
-    "rouge2", "rougeL" (F1, 0-1), "rouge" (precision/recall/F1), "items", "examples", ...}.
+    """Greedy continuations of held-out text scored against the truth -> {"bleu" (sacrebleu, 0-100),
+    "bleu_signature", "rouge1", "rouge2", "rougeL" (rouge-score F1, 0-1), "rouge_settings", "rouge"
+    (precision/recall/F1), "items", "generations" (every prompt, reference and generated text), ...}.
 
     Items are non-overlapping windows of prompt_tokens + continuation_tokens tokens, spread evenly
-    over the held-out pieces; a continuation that emits end-of-text stops there.
+    over the held-out pieces; a continuation that emits end-of-text stops there. BLEU and ROUGE are
+    the libraries' with their default settings (``text_metrics``), named in the result so the
+    scores can be reproduced from ``generations``.
     """
     from data_pipeline.tokenizer import EOT
     from model.generate import generate
@@ -197,22 +200,23 @@ def continuation_scores(
         refs += [enc.decode(w[k:], errors="replace") for w in batch]
     rouge = rouge_scores(hyps, refs)
     bleu = corpus_bleu(hyps, refs)
-    examples = [
-        {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
-        for w, r, h in list(zip(windows, refs, hyps))[:3]
-    ]
     return {
         "bleu": bleu["bleu"],
+        "bleu_signature": bleu["signature"],
         "bleu_detail": bleu,
         "rouge1": rouge["rouge1"]["f1"],
         "rouge2": rouge["rouge2"]["f1"],
         "rougeL": rouge["rougeL"]["f1"],
+        "rouge_settings": rouge["settings"],
         "rouge": rouge,
         "items": len(windows),
         "requested_items": num_items,
         "prompt_tokens": k,
         "continuation_tokens": m,
-        "examples": examples,
+        "generations": [
+            {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
+            for w, r, h in zip(windows, refs, hyps)
+        ],
         "checkpoint": meta["checkpoint_uri"],
     }
 
@@ -467,10 +471,16 @@ def format_summary(result: dict) -> str:
         )
     if "continuation" in s:
         r = s["continuation"]
+        rs = r["rouge_settings"]
         lines.append(
             f"continuation  BLEU {r['bleu']:.2f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
             f"ROUGE-L {r['rougeL']:.3f}  ({r['items']} items, {r['prompt_tokens']} -> "
             f"{r['continuation_tokens']} tokens, greedy)"
+        )
+        lines.append(f"  BLEU: sacrebleu {r['bleu_signature']}")
+        lines.append(
+            f"  ROUGE: rouge-score {rs['version']} {'/'.join(rs['types'])} F1, "
+            f"stemmer {'on' if rs['use_stemmer'] else 'off'}, tokenizer: {rs['tokenizer']}"
         )
     if "mc" in s:
         r = s["mc"]
