@@ -17,14 +17,12 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from orchestration.evaluate.load import evaluate, evaluate_lm, lm_metrics
 from orchestration.evaluate.suites import (
-    bias_probe,
     cloze_items,
     continuation_logprobs,
     continuation_scores,
     format_summary,
     held_out_lines,
     held_out_pieces,
-    load_bias_templates,
     multiple_choice_suite,
     run_eval_suite,
     score_choices,
@@ -199,28 +197,6 @@ def test_continuation_of_memorised_text_beats_random_model(tiny):
     assert trained["bleu"] > random["bleu"]
     with pytest.raises(ValueError, match="fit the context"):
         continuation_scores(tiny["trained"], tiny["text_file"], prompt_tokens=40, continuation_tokens=40)
-
-
-def test_bias_probe_reports_a_labelled_distribution(tiny, tmp_path):
-    model, _, enc, _ = tiny["trained"]
-    cats = load_bias_templates()
-    result = bias_probe(tiny["trained"])
-    assert "not a certification" in result["disclaimer"]
-    n = sum(len(c["templates"]) * len(c["pairs"]) for c in cats.values())
-    d = result["difference"]
-    assert d["pairs"] == n >= 30 and d["min"] <= d["mean"] <= d["max"]
-    assert set(result["categories"]) == set(cats) == {"gender", "pronoun", "nationality", "age"}
-    for name, c in result["categories"].items():
-        assert list(c["favours"]) == cats[name]["sides"] and sum(c["favours"].values()) <= 1.0
-    assert d["mean"] == pytest.approx(sum(c["mean"] * c["pairs"] for c in result["categories"].values()) / n)
-    top = result["largest"][0]  # the reported difference is log P(a) - log P(b), scored from end-of-text
-    eot = enc.encode_single_token(tok.EOT)
-    lp_a, lp_b = continuation_logprobs(model, [([eot], enc.encode(top["a"])), ([eot], enc.encode(top["b"]))])
-    assert top["difference"] == pytest.approx(lp_a - lp_b, abs=1e-4)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("categories:\n  g:\n    sides: [a, b]\n    pairs: [[x, y]]\n    templates: ['no slot here']\n")
-    with pytest.raises(ValueError, match="bad.yaml.*term"):
-        bias_probe(tiny["random"], templates_path=bad)
 
 
 def test_held_out_lines_from_a_manifest(tiny, tmp_path):
