@@ -4,7 +4,8 @@
   continuation  prompt with k held-out tokens, greedy-decode m, BLEU / ROUGE against the true m
   mc            zero-shot multiple choice built from held-out lines: pick a line's true next line
                 among length-matched lines from elsewhere, by log-likelihood (sum and per byte)
-  bias          a small templated-pair probe (configs/eval/bias_templates.yaml); a probe, not a certification
+  bias          stereotype vs anti-stereotype minimal pairs (configs/eval/bias_templates.yaml), scored on the
+                tokens after the group term, with a bootstrap CI; a probe, not a certification
 
 Held-out text is a manifest's split (read straight from its shards, no Ray) or a text file. Every
 suite accepts a checkpoint URI or the tuple ``load_checkpoint_model`` returned, so ``run_eval_suite``
@@ -26,11 +27,18 @@ from orchestration.evaluate.load import evaluate_lm, loaded_checkpoint
 from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
 
 DEFAULT_BIAS_TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "eval" / "bias_templates.yaml"
+BIAS_METHOD = (
+    "minimal pairs differing only in the group term; per item the log odds ratio "
+    "[s(a,X) - s(b,X)] - [s(a,Y) - s(b,Y)] in nats, s = log-likelihood of the tokens after the group term "
+    "(X stereotype, Y anti-stereotype completion; a stereotyped, b contrast group); mean with a bootstrap CI "
+    "over items and group pairs"
+)
 BIAS_DISCLAIMER = (
-    "A small probe, not a certification: a few dozen hand-written English sentence pairs that differ only "
-    "in a demographic term, scored by the model's total log-likelihood. A difference says which wording "
-    "the model finds likelier given its training text; it covers few groups, says nothing about harm in "
-    "use, and a mean near zero does not show the model is unbiased."
+    "A probe, not a certification: a few dozen hand-written English items (configs/eval/bias_templates.yaml) "
+    "naming a few groups and the stereotypes their authors chose. It measures which pairing of group and "
+    "completion the model's text likelihood prefers, not behaviour in use or harm. Scores share templates and "
+    "group terms; the bootstrap resamples both, but with a handful of each its CI is rough. A CI that covers 0 "
+    "does not show the model is unbiased, and scores compare only between models probed with the same file."
 )
 
 
@@ -163,11 +171,14 @@ def continuation_scores(
     endpoint_url: Optional[str] = None,
     device: str = "cpu",
 ) -> dict:
-    """Greedy continuations of held-out text scored against the truth -> {"bleu" (0-100), "rouge1",
-    "rouge2", "rougeL" (F1, 0-1), "rouge" (precision/recall/F1), "items", "examples", ...}.
+    """Greedy continuations of held-out text scored against the truth -> {"bleu" (sacrebleu, 0-100),
+    "bleu_signature", "rouge1", "rouge2", "rougeL" (rouge-score F1, 0-1), "rouge_settings", "rouge"
+    (precision/recall/F1), "items", "generations" (every prompt, reference and generated text), ...}.
 
     Items are non-overlapping windows of prompt_tokens + continuation_tokens tokens, spread evenly
-    over the held-out pieces; a continuation that emits end-of-text stops there.
+    over the held-out pieces; a continuation that emits end-of-text stops there. BLEU and ROUGE are
+    the libraries' with their default settings (``text_metrics``), named in the result so the
+    scores can be reproduced from ``generations``.
     """
     from data_pipeline.tokenizer import EOT
     from model.generate import generate
@@ -197,22 +208,23 @@ def continuation_scores(
         refs += [enc.decode(w[k:], errors="replace") for w in batch]
     rouge = rouge_scores(hyps, refs)
     bleu = corpus_bleu(hyps, refs)
-    examples = [
-        {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
-        for w, r, h in list(zip(windows, refs, hyps))[:3]
-    ]
     return {
         "bleu": bleu["bleu"],
+        "bleu_signature": bleu["signature"],
         "bleu_detail": bleu,
         "rouge1": rouge["rouge1"]["f1"],
         "rouge2": rouge["rouge2"]["f1"],
         "rougeL": rouge["rougeL"]["f1"],
+        "rouge_settings": rouge["settings"],
         "rouge": rouge,
         "items": len(windows),
         "requested_items": num_items,
         "prompt_tokens": k,
         "continuation_tokens": m,
-        "examples": examples,
+        "generations": [
+            {"prompt": enc.decode(w[:k], errors="replace"), "reference": r, "generated": h}
+            for w, r, h in zip(windows, refs, hyps)
+        ],
         "checkpoint": meta["checkpoint_uri"],
     }
 
@@ -337,35 +349,80 @@ def multiple_choice_suite(
 
 
 def load_bias_templates(path=None) -> dict:
-    """{category: {"sides": [a, b], "pairs": [[a_term, b_term], ...], "templates": [...]}} from YAML,
-    checked: every template has one ``{term}``, every pair two terms."""
+    """{category: {"sides": [stereotyped, contrast], "groups": [[stereotyped term, contrast term], ...],
+    "items": [{"template", "stereotype", "anti_stereotype"}, ...]}} from YAML, checked: each template
+    has one ``{group}`` slot followed by one ``{attribute}`` slot (a causal model can only let the
+    group term change what comes after it), every group pair two different terms, every item two
+    different completions."""
     import yaml
 
     path = Path(path or DEFAULT_BIAS_TEMPLATES)
     cats = (yaml.safe_load(path.read_text()) or {}).get("categories")
     if not isinstance(cats, dict) or not cats:
-        raise ValueError(f"{path}: expected a top-level 'categories' mapping of category -> sides/pairs/templates")
+        raise ValueError(f"{path}: expected a top-level 'categories' mapping of category -> sides/groups/items")
     for name, cat in cats.items():
         where = f"{path}: categories.{name}"
-        if not isinstance(cat, dict) or {"sides", "pairs", "templates"} - set(cat):
-            raise ValueError(f"{where}: needs keys sides, pairs, templates")
-        if len(cat["sides"]) != 2 or any(len(p) != 2 for p in cat["pairs"]):
-            raise ValueError(f"{where}: sides and every pair must have exactly two entries")
-        bad = [t for t in cat["templates"] if t.count("{term}") != 1]
-        if bad:
-            raise ValueError(f"{where}.templates: each needs exactly one {{term}} slot; bad: {bad}")
+        if not isinstance(cat, dict) or {"sides", "groups", "items"} - set(cat):
+            raise ValueError(f"{where}: needs keys sides, groups, items (see {DEFAULT_BIAS_TEMPLATES.name})")
+        if len(cat["sides"]) != 2 or not cat["groups"] or not cat["items"]:
+            raise ValueError(f"{where}: needs two sides and at least one group pair and one item")
+        bad_groups = [g for g in cat["groups"] if len(g) != 2 or not all(g) or g[0] == g[1]]
+        if bad_groups:
+            raise ValueError(f"{where}.groups: each needs two different, non-empty terms; bad: {bad_groups}")
+        for i, item in enumerate(cat["items"]):
+            t = item.get("template", "") if isinstance(item, dict) else ""
+            if t.count("{group}") != 1 or t.count("{attribute}") != 1 or t.index("{group}") > t.index("{attribute}"):
+                raise ValueError(
+                    f"{where}.items[{i}].template: needs exactly one {{group}} slot followed by one "
+                    f"{{attribute}} slot; got {t!r}"
+                )
+            x, y = item.get("stereotype"), item.get("anti_stereotype")
+            if not x or not y or x == y:
+                raise ValueError(f"{where}.items[{i}]: needs two different completions, stereotype and anti_stereotype")
     return cats
 
 
-def _distribution(diffs: list[float], sides: list[str]) -> dict:
-    d = np.asarray(diffs)
+def bias_pair_tokens(enc: tiktoken.Encoding, template: str, group: str, attribute: str) -> tuple[list[int], list[int]]:
+    """(context, scored) token ids of ``template`` filled with ``group`` and ``attribute``: the context
+    ends with the group term, the scored part is everything after it.
+
+    The space before ``{group}`` goes with the term (" English", as GPT-style pre-tokenizers split
+    words) and each part is encoded on its own, so the scored tokens are identical for every group
+    term and only what they are conditioned on differs.
+    """
+    from data_pipeline.tokenizer import EOT
+
+    before, after = template.replace("{attribute}", attribute).split("{group}")
+    head = before.rstrip()
+    context = [enc.encode_single_token(EOT)] + enc.encode(head) + enc.encode(before[len(head) :] + group)
+    return context, enc.encode(after)
+
+
+def bootstrap_grid_mean(grids: list, *, seed: int, resamples: int = 2000, confidence: float = 0.95) -> dict:
+    """Mean over every cell of item x group-pair score grids (one per category) with a percentile
+    bootstrap CI -> {"n", "mean", "std", "ci": [low, high], "excludes_zero", "positive" (fraction > 0)}.
+
+    Each resample draws a grid's items and, independently, its group pairs with replacement (a
+    two-way bootstrap for a crossed design): cells that share a template or a group term are not
+    independent, and resampling single cells would give a CI far too narrow for a statement about
+    templates and groups in general. Drawn with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    grids = [np.asarray(g, dtype=np.float64) for g in grids]
+    cells = np.concatenate([g.ravel() for g in grids])
+    sums = np.zeros(resamples)
+    for g in grids:
+        rows = rng.integers(0, g.shape[0], size=(resamples, g.shape[0]))
+        cols = rng.integers(0, g.shape[1], size=(resamples, g.shape[1]))
+        sums += g[rows[:, :, None], cols[:, None, :]].sum(axis=(1, 2))
+    low, high = np.quantile(sums / len(cells), [(1 - confidence) / 2, (1 + confidence) / 2])
     return {
-        "pairs": len(d),
-        "mean": float(d.mean()),
-        "std": float(d.std()),
-        "min": float(d.min()),
-        "max": float(d.max()),
-        "favours": {sides[0]: float((d > 0).mean()), sides[1]: float((d < 0).mean())},
+        "n": len(cells),
+        "mean": float(cells.mean()),
+        "std": float(cells.std()),
+        "ci": [float(low), float(high)],
+        "excludes_zero": bool(low > 0 or high < 0),
+        "positive": float((cells > 0).mean()),
     }
 
 
@@ -373,50 +430,68 @@ def bias_probe(
     checkpoint_uri,
     *,
     templates_path=None,
+    seed: int = 0,
     batch_size: int = 16,
     endpoint_url: Optional[str] = None,
     device: str = "cpu",
 ) -> dict:
-    """Log-likelihood differences of templated sentence pairs -> {"disclaimer", "difference" (all
-    pairs: mean/std/min/max in nats, fraction favouring each listed side), "categories" (the same per
-    category, sides named), "largest" (the 5 biggest |differences|)}.
+    """Stereotype association of minimal pairs (CrowS-Pairs style) -> {"probe", "disclaimer", "overall"
+    and per "categories" (``bootstrap_grid_mean`` of the scores, nats), "largest" (the 5 biggest
+    |scores|), "bootstrap" (its settings), ...}.
 
-    difference = log P(sentence with the side-a term) - log P(sentence with the side-b term), each
-    sentence scored from end-of-text. Positive favours side a.
+    A score is one item (a template and two completions: the stereotype X and the anti-stereotype Y)
+    with one group pair (stereotyped term a, contrast term b). s(g, c) = log P(every token after the
+    group term | the text up to and including g) with completion c: the pseudo-log-likelihood of the
+    unmodified tokens, as CrowS-Pairs scores masked LMs, here for a causal LM. The tokens before the
+    term are shared and scored alike, and the term's own tokens are never scored, so a term of 4
+    tokens is not penalised against one of 1 (the failure of comparing whole-sentence likelihoods).
+    The score is the log odds ratio
+
+        [s(a, X) - s(b, X)] - [s(a, Y) - s(b, Y)]
+
+    the CrowS-Pairs stereotype pair plus its anti-stereotype pair: how much more the model pairs the
+    stereotype with a than with b, beyond how much a term shifts any continuation (a rare term that
+    lowers everything after it cancels). Positive: the stereotype is the likelier pairing. Summed, not
+    length-normalized: each difference is over the same tokens, and the sum is a log likelihood ratio.
     """
-    from data_pipeline.tokenizer import EOT
-
     model, _, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
     path = templates_path or DEFAULT_BIAS_TEMPLATES
     cats = load_bias_templates(path)
-    eot = enc.encode_single_token(EOT)
-    rows = [
-        (name, t.replace("{term}", a), t.replace("{term}", b))
-        for name, cat in cats.items()
-        for t in cat["templates"]
-        for a, b in cat["pairs"]
+    rows = [(name, item, a, b) for name, cat in cats.items() for item in cat["items"] for a, b in cat["groups"]]
+    pairs = [
+        bias_pair_tokens(enc, item["template"], g, item[c])
+        for _, item, a, b in rows
+        for c in ("stereotype", "anti_stereotype")
+        for g in (a, b)
     ]
-    sentences = [s[0].upper() + s[1:] for _, a, b in rows for s in (a, b)]
-    logps = continuation_logprobs(model, [([eot], enc.encode(s)) for s in sentences], batch_size=batch_size)
-    diffs = [logps[2 * i] - logps[2 * i + 1] for i in range(len(rows))]
-    per_cat = {
-        name: {
-            "sides": list(cat["sides"]),
-            **_distribution([d for (c, _, _), d in zip(rows, diffs) if c == name], cat["sides"]),
-        }
-        for name, cat in cats.items()
-    }
-    largest = sorted(range(len(rows)), key=lambda i: -abs(diffs[i]))[:5]
+    s = np.array(continuation_logprobs(model, pairs, batch_size=batch_size)).reshape(len(rows), 2, 2)
+    scores = (s[:, 0, 0] - s[:, 0, 1]) - (s[:, 1, 0] - s[:, 1, 1])
+    grids, start = {}, 0
+    for name, cat in cats.items():  # rows run item-major within a category: one grid row per item
+        size = len(cat["items"]) * len(cat["groups"])
+        grids[name] = scores[start : start + size].reshape(len(cat["items"]), len(cat["groups"]))
+        start += size
+    boot = {"seed": seed, "resamples": 2000, "confidence": 0.95}
+    largest = np.argsort(-np.abs(scores), kind="stable")[:5]
     return {
+        "probe": BIAS_METHOD,
         "disclaimer": BIAS_DISCLAIMER,
-        "probe": "templated sentence pairs, total log-likelihood (nats)",
         "templates_path": str(path),
-        "difference": _distribution(diffs, ["first listed", "second listed"]),
-        "categories": per_cat,
+        "overall": bootstrap_grid_mean(list(grids.values()), **boot),
+        "categories": {
+            name: {"sides": list(cats[name]["sides"]), **bootstrap_grid_mean([g], **boot)} for name, g in grids.items()
+        },
         "largest": [
-            {"category": rows[i][0], "a": sentences[2 * i], "b": sentences[2 * i + 1], "difference": diffs[i]}
+            {
+                "category": rows[i][0],
+                "groups": [rows[i][2], rows[i][3]],
+                "stereotype": rows[i][1]["template"].replace("{attribute}", rows[i][1]["stereotype"]),
+                "anti_stereotype": rows[i][1]["template"].replace("{attribute}", rows[i][1]["anti_stereotype"]),
+                "score": float(scores[i]),
+            }
             for i in largest
         ],
+        "bootstrap": {**boot, "resampled": "items and group pairs, independently, within each category"},
         "checkpoint": meta["checkpoint_uri"],
     }
 
@@ -467,10 +542,16 @@ def format_summary(result: dict) -> str:
         )
     if "continuation" in s:
         r = s["continuation"]
+        rs = r["rouge_settings"]
         lines.append(
             f"continuation  BLEU {r['bleu']:.2f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
             f"ROUGE-L {r['rougeL']:.3f}  ({r['items']} items, {r['prompt_tokens']} -> "
             f"{r['continuation_tokens']} tokens, greedy)"
+        )
+        lines.append(f"  BLEU: sacrebleu {r['bleu_signature']}")
+        lines.append(
+            f"  ROUGE: rouge-score {rs['version']} {'/'.join(rs['types'])} F1, "
+            f"stemmer {'on' if rs['use_stemmer'] else 'off'}, tokenizer: {rs['tokenizer']}"
         )
     if "mc" in s:
         r = s["mc"]
@@ -480,13 +561,18 @@ def format_summary(result: dict) -> str:
         )
     if "bias" in s:
         r = s["bias"]
-        d = r["difference"]
+        o, b = r["overall"], r["bootstrap"]
         lines.append(
-            f"bias probe    {d['pairs']} pairs, log-likelihood difference mean {d['mean']:+.3f} nats "
-            f"(std {d['std']:.3f}, range {d['min']:+.2f} .. {d['max']:+.2f})"
+            f"bias probe    {o['n']} items, stereotype log odds ratio mean {o['mean']:+.3f} nats, "
+            f"{b['confidence']:.0%} CI [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}] "
+            f"({'excludes' if o['excludes_zero'] else 'covers'} 0; bootstrap seed {b['seed']}); "
+            f"stereotype likelier in {o['positive']:.0%}"
         )
         for name, c in r["categories"].items():
-            fav = "  ".join(f"{side} {frac:.0%}" for side, frac in c["favours"].items())
-            lines.append(f"  {name:<12}mean {c['mean']:+.3f}  favours: {fav}")
+            lines.append(
+                f"  {name:<12}{c['sides'][0]} vs {c['sides'][1]}: mean {c['mean']:+.3f}  CI "
+                f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  ({c['n']} items, stereotype likelier in {c['positive']:.0%})"
+            )
+        lines.append(f"  method: {r['probe']}")
         lines.append(f"  NOTE: {r['disclaimer']}")
     return "\n".join(lines)

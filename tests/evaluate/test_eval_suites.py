@@ -1,7 +1,9 @@
-"""Eval suites on a tiny GPT trained in-process to memorise ~1.5 kB of a play (no Ray)."""
+"""Eval suites on a tiny GPT trained in-process (no Ray, seconds) on play-like exchanges, scored on
+held-out exchanges it never saw: new pairings of the words it learned."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sacrebleu
 import torch
+from rouge_score.rouge_scorer import RougeScorer
 
 from data_pipeline import tokenizer as tok
 from data_pipeline.storage import embedded_corpus_dir
@@ -17,53 +21,96 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from orchestration.evaluate.load import evaluate, evaluate_lm, lm_metrics
 from orchestration.evaluate.suites import (
-    bias_probe,
     cloze_items,
     continuation_logprobs,
     continuation_scores,
     format_summary,
     held_out_lines,
     held_out_pieces,
-    load_bias_templates,
     multiple_choice_suite,
     run_eval_suite,
     score_choices,
 )
 
+# Each exchange asks where a thing is and who is asked; the answer names the thing's place and the
+# person's title. Held-out exchanges pair things and people the training text never paired, so every
+# held-out line is new text: scoring it well takes the learned associations, not recall.
+PLACE = {
+    "sword": "armoury",
+    "crown": "tower",
+    "letter": "closet",
+    "ring": "chapel",
+    "cup": "cellar",
+    "cloak": "wardrobe",
+    "key": "gatehouse",
+    "lute": "gallery",
+}
+TITLE = {
+    "Osric": "sir",
+    "Horatio": "my lord",
+    "Bernardo": "good friend",
+    "Marcellus": "my liege",
+    "Reynaldo": "old man",
+    "Francisco": "good soldier",
+    "Cornelius": "my prince",
+    "Voltemand": "your grace",
+}
+
+
+def exchanges(pairs: list[tuple[str, str]], n: int, rng: np.random.Generator) -> str:
+    """``n`` two-line exchanges over (thing, person) pairs, one document each (end-of-text between)."""
+    out = []
+    for i in rng.integers(0, len(pairs), n):
+        thing, person = pairs[i]
+        out.append(
+            f"  Ham. Where is the {thing}, good {person}?\n"
+            f"  Hor. 'Tis in the {PLACE[thing]}, {TITLE[person]}--I'll go.\n"
+        )
+    return tok.EOT.join(out)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """{"text_file", "text", "spec", "trained": (model, cfg, enc, meta), "random": (...)}; ~3-5 s to train."""
-    text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
-    body = text[len(text) // 10 : len(text) // 10 + 1500]
-    spec = tok.train_bpe([body], 300, "gpt4")
+    """{"text_file" (held-out), "text", "train_text", "spec", "trained": (model, cfg, enc, meta), "random": (...)}."""
+    rng = np.random.default_rng(0)
+    pairs = list(itertools.product(PLACE, TITLE))
+    held = rng.random(len(pairs)) < 0.25
+    train_text = exchanges([p for p, h in zip(pairs, held) if not h], 300, rng)
+    text = exchanges([p for p, h in zip(pairs, held) if h], 60, rng)
+    train_lines = set(train_text.replace(tok.EOT, "\n").split("\n"))
+    assert not {line for line in text.replace(tok.EOT, "\n").split("\n") if line} & train_lines, "held-out leaked"
+    spec = tok.train_bpe([train_text.replace(tok.EOT, "\n")], 450, "gpt4")  # every word one token
     enc = tok.encoding(spec)
-    ids = torch.tensor(enc.encode(body))
+    ids = torch.tensor(enc.encode(train_text, allowed_special="all"))
     cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=48, n_layer=2, n_head=2, n_embd=64)
     torch.manual_seed(0)
     random_model, model = GPT(cfg).eval(), GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    steps = 300
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 30) * max(0.1, 1 - i / steps))
     gen = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: a second thread only adds sync waits on a busy machine
     try:
-        for _ in range(300):
-            starts = torch.randint(0, len(ids) - cfg.block_size - 1, (8,), generator=gen)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - cfg.block_size - 1, (16,), generator=gen)
             batch = torch.stack([ids[s : s + cfg.block_size + 1] for s in starts])
             _, loss = model(batch[:, :-1], batch[:, 1:])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     finally:
         torch.set_num_threads(threads)
-    assert loss.item() < 2.0, "the fixture model should have (mostly) memorised its text"
+    assert loss.item() < 0.5, "the fixture model should have learned the exchanges' form"
     model.eval()
     path = tmp_path_factory.mktemp("text") / "held_out.txt"
-    path.write_text(body, encoding="utf-8")
-    meta = {"checkpoint_uri": "<in-process>", "step": 300}
+    path.write_text(text, encoding="utf-8")
+    meta = {"checkpoint_uri": "<in-process>", "step": steps}
     return {
         "text_file": str(path),
-        "text": body,
+        "text": text,
+        "train_text": train_text,
         "spec": spec,
         "trained": (model, cfg, enc, meta),
         "random": (random_model, cfg, enc, meta),
@@ -90,7 +137,7 @@ def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
 
 def test_bits_per_byte_of_a_model(tiny):
     model, cfg, enc, _ = tiny["trained"]
-    ids = np.asarray(enc.encode(tiny["text"]))
+    ids = np.asarray(enc.encode(tiny["text"].replace(tok.EOT, "\n")))
     seqs = np.stack([ids[i : i + cfg.block_size + 1] for i in range(0, 6 * cfg.block_size, cfg.block_size)])
     r = lm_metrics(model, enc, seqs, batch_size=4)
     assert r["bytes"] == sum(len(enc.decode_bytes(row[1:].tolist())) for row in seqs)
@@ -140,7 +187,16 @@ def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
     assert result["suites"]["mc"]["items"] == 8 and result["suites"]["mc"]["chance"] == pytest.approx(1 / 3)
     assert result["suites"]["continuation"]["prompt_tokens"] == 8
     summary = format_summary(result)
-    for needle in ("bits/byte", "BLEU", "chance 0.333", "not a certification", ckpt):
+    for needle in (
+        "bits/byte",
+        "BLEU",
+        "sacrebleu",
+        "rouge-score",
+        "chance 0.333",
+        "95% CI",
+        "not a certification",
+        ckpt,
+    ):
         assert needle in summary
     with pytest.raises(ValueError, match="num_options"):
         run_eval_suite("lm", ckpt, tiny["text_file"], num_options=3)
@@ -151,18 +207,19 @@ def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
 
 
 def test_cloze_items_are_deterministic_shuffled_and_true(tiny):
-    lines = [[line.rstrip() for line in tiny["text"].split("\n")[1:-1] if line.strip()]]
+    enc = tiny["trained"][2]
+    pieces, cut = held_out_pieces(tiny["text_file"], enc)
+    lines = held_out_lines(pieces, enc, cut)
+    assert not cut and len(lines) == 60 and all(len(piece) == 2 for piece in lines)  # one exchange per document
     items = cloze_items(lines, num_items=20, num_options=4, seed=0)
     assert items == cloze_items(lines, num_items=20, num_options=4, seed=0)
     assert items != cloze_items(lines, num_items=20, num_options=4, seed=1)
     assert len(items) == 20 and len({it["answer"] for it in items}) > 1  # the answer's position varies
-    flat = lines[0]
     for it in items:
-        answer = it["options"][it["answer"]]
-        assert flat[flat.index(it["context"][0]) + 1] == answer  # the true next line
+        assert [it["context"][0], it["options"][it["answer"]]] in lines  # the true next line
         assert len(set(it["options"])) == 4
     with pytest.raises(ValueError, match="too few"):
-        cloze_items([flat[:6]], num_options=4)
+        cloze_items(lines[:3], num_options=4)
 
 
 def test_score_choices_argmax_and_standard_error():
@@ -184,44 +241,44 @@ def test_score_choices_argmax_and_standard_error():
     assert r["chance"] == 0.5 and r["items"] == 4
 
 
-def test_mc_suite_trained_model_beats_chance(tiny):
+def test_mc_suite_on_held_out_text_beats_chance(tiny):
     trained = multiple_choice_suite(tiny["trained"], tiny["text_file"], num_items=30, num_options=4, seed=0)
+    random = multiple_choice_suite(tiny["random"], tiny["text_file"], num_items=30, num_options=4, seed=0)
     assert trained["items"] == 30 and trained["chance"] == 0.25
     assert trained["accuracy"] > trained["chance"] + 2 * trained["stderr"]
+    assert trained["accuracy"] > random["accuracy"] + 2 * trained["stderr"]
     assert trained["stderr"] == pytest.approx(math.sqrt(trained["accuracy"] * (1 - trained["accuracy"]) / 30))
+    for ex in trained["examples"]:  # the items are held-out text
+        assert ex["context"][0] not in tiny["train_text"] and ex["options"][ex["answer"]] not in tiny["train_text"]
 
 
-def test_continuation_of_memorised_text_beats_random_model(tiny):
-    kwargs = dict(num_items=12, prompt_tokens=16, continuation_tokens=16)
+def test_continuation_of_held_out_text_beats_random_model_with_the_libraries_scores(tiny):
+    # The prompt is the question and the speaker; the continuation scored is the answer line
+    kwargs = dict(num_items=12, prompt_tokens=14, continuation_tokens=12)
     trained = continuation_scores(tiny["trained"], tiny["text_file"], **kwargs)
     random = continuation_scores(tiny["random"], tiny["text_file"], **kwargs)
     assert trained["items"] == random["items"] == 12
-    assert trained["rougeL"] > 0.3 and trained["rougeL"] > random["rougeL"] + 0.2
-    assert trained["bleu"] > random["bleu"]
+    for g in trained["generations"]:
+        assert g["prompt"].endswith("Hor.") and g["reference"] not in tiny["train_text"]
+    assert trained["rougeL"] > 0.5 and trained["rougeL"] > random["rougeL"] + 0.3
+    assert trained["bleu"] > random["bleu"] + 10
+    # BLEU and ROUGE are sacrebleu's and rouge-score's on the suite's own generations (play text with
+    # "--" and "'Tis"), and the result and summary name their settings
+    hyps, refs = [g["generated"] for g in trained["generations"]], [g["reference"] for g in trained["generations"]]
+    assert any("--" in h for h in hyps) and all("'Tis" in x for x in refs)
+    assert trained["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
+    assert trained["bleu_signature"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, hyp) for hyp, ref in zip(hyps, refs)]
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert trained[name] == pytest.approx(sum(s[name].fmeasure for s in scores) / len(scores), abs=1e-12)
+    assert trained["rouge_settings"]["types"] == ["rouge1", "rouge2", "rougeL"]
+    assert not trained["rouge_settings"]["use_stemmer"]
+    summary = format_summary({"checkpoint": "<in-process>", "step": 300, "suites": {"continuation": trained}})
+    assert f"BLEU: sacrebleu {trained['bleu_signature']}" in summary
+    assert "ROUGE: rouge-score" in summary and "stemmer off" in summary
     with pytest.raises(ValueError, match="fit the context"):
         continuation_scores(tiny["trained"], tiny["text_file"], prompt_tokens=40, continuation_tokens=40)
-
-
-def test_bias_probe_reports_a_labelled_distribution(tiny, tmp_path):
-    model, _, enc, _ = tiny["trained"]
-    cats = load_bias_templates()
-    result = bias_probe(tiny["trained"])
-    assert "not a certification" in result["disclaimer"]
-    n = sum(len(c["templates"]) * len(c["pairs"]) for c in cats.values())
-    d = result["difference"]
-    assert d["pairs"] == n >= 30 and d["min"] <= d["mean"] <= d["max"]
-    assert set(result["categories"]) == set(cats) == {"gender", "pronoun", "nationality", "age"}
-    for name, c in result["categories"].items():
-        assert list(c["favours"]) == cats[name]["sides"] and sum(c["favours"].values()) <= 1.0
-    assert d["mean"] == pytest.approx(sum(c["mean"] * c["pairs"] for c in result["categories"].values()) / n)
-    top = result["largest"][0]  # the reported difference is log P(a) - log P(b), scored from end-of-text
-    eot = enc.encode_single_token(tok.EOT)
-    lp_a, lp_b = continuation_logprobs(model, [([eot], enc.encode(top["a"])), ([eot], enc.encode(top["b"]))])
-    assert top["difference"] == pytest.approx(lp_a - lp_b, abs=1e-4)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("categories:\n  g:\n    sides: [a, b]\n    pairs: [[x, y]]\n    templates: ['no slot here']\n")
-    with pytest.raises(ValueError, match="bad.yaml.*term"):
-        bias_probe(tiny["random"], templates_path=bad)
 
 
 def test_held_out_lines_from_a_manifest(tiny, tmp_path):

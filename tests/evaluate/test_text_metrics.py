@@ -1,23 +1,35 @@
-"""BLEU, ROUGE and bits per byte against hand-computed values and the reference libraries."""
+"""BLEU (sacrebleu), ROUGE (rouge-score) and bits per byte: hand-computed values, the libraries' own
+scores on play text with "--" and apostrophes, and the settings each result names."""
 
 from __future__ import annotations
 
 import math
+from importlib.metadata import version
 
 import pytest
+import sacrebleu
+from rouge_score.rouge_scorer import RougeScorer
 
-from orchestration.evaluate.text_metrics import (
-    bits_per_byte,
-    bleu_tokenize,
-    corpus_bleu,
-    rouge_l,
-    rouge_n,
-    rouge_scores,
-)
+from orchestration.evaluate.text_metrics import bits_per_byte, corpus_bleu, rouge_scores
 
 HYPS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
 REFS_A = ["The dog bit the man.", "It was not unexpected.", "The man bit him first."]
 REFS_B = ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]
+# Play text where a home-made tokenizer and sacrebleu's 13a disagree: dashes glued to words, elisions
+PLAY_HYPS = [
+    "'Tis true, my lord--he comes.",
+    "and I'll go--",
+    "O, I am slain! Ne'er trust me more--'tis done.",
+    "What, ho! Where's my lord? He comes, he comes--",
+    "Thou art a villain, and I'll prove it so.",
+]
+PLAY_REFS = [
+    "'Tis true, my lord; he comes.",
+    "and I will go--",
+    "O, I am slain! Never trust me more; 'tis done.",
+    "What ho! Where is my lord? He comes--he comes.",
+    "Thou art a villain, and I will prove it so.",
+]
 
 
 def test_bits_per_byte_crafted():
@@ -28,84 +40,96 @@ def test_bits_per_byte_crafted():
         bits_per_byte(1.0, 0)
 
 
-def test_bleu_perfect_and_no_overlap():
+def test_bleu_perfect_no_overlap_and_brevity_penalty():
     assert corpus_bleu(REFS_A, REFS_A)["bleu"] == pytest.approx(100.0)
     none = corpus_bleu(["alpha beta gamma delta"], ["one two three four"])
     assert none["bleu"] == 0.0 and none["precisions"] == [0.0] * 4
-
-
-def test_bleu_brevity_penalty_hand_computed():
     # Every n-gram of the hypothesis matches (precisions 100) but it is half the reference's length:
     # BLEU = 100 * exp(1 - 8/4)
     r = corpus_bleu(["a b c d"], ["a b c d e f g h"])
-    assert r["precisions"] == [100.0] * 4
+    assert r["precisions"] == [100.0] * 4 and (r["hyp_len"], r["ref_len"]) == (4, 8)
     assert r["brevity_penalty"] == pytest.approx(math.exp(-1))
     assert r["bleu"] == pytest.approx(100 * math.exp(-1))
     assert corpus_bleu(["a b c d e f g h i"], ["a b c d e f g h"])["brevity_penalty"] == 1.0  # longer: no penalty
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        corpus_bleu(["a", "b"], ["a"])
 
 
 def test_bleu_smoothing_hand_computed():
     # matches: 1-grams 3/5, 2-grams 2/4, 3-grams 1/3, 4-grams 0/2
     hyp, ref = ["a b c x y"], ["a b c d e"]
     logs = [math.log(60.0), math.log(50.0), math.log(100 / 3)]
-    assert corpus_bleu(hyp, ref, smooth="none")["bleu"] == 0.0
-    assert corpus_bleu(hyp, ref, smooth="exp")["bleu"] == pytest.approx(
+    assert corpus_bleu(hyp, ref, smooth_method="none")["bleu"] == 0.0
+    assert corpus_bleu(hyp, ref, smooth_method="exp")["bleu"] == pytest.approx(
         math.exp((sum(logs) + math.log(100 / (2 * 2))) / 4)
     )
-    assert corpus_bleu(hyp, ref, smooth="floor")["bleu"] == pytest.approx(
-        math.exp((sum(logs) + math.log(100 * 0.1 / 2)) / 4)
+    assert corpus_bleu(hyp, ref, smooth_method="floor")["bleu"] == pytest.approx(
+        math.exp((sum(logs) + math.log(100 * 0.1 / 2)) / 4)  # sacrebleu's floor value is 0.1
     )
-    with pytest.raises(ValueError, match="smooth"):
-        corpus_bleu(hyp, ref, smooth="add-one")
 
 
-def test_bleu_sacrebleu_documented_example():
+def test_bleu_sacrebleu_documented_example_with_two_references():
     # sacrebleu's README: BLEU = 48.53 82.4/50.0/45.5/37.5 (BP = 0.943 ratio = 0.944 hyp_len = 17 ref_len = 18)
     r = corpus_bleu(HYPS, list(zip(REFS_A, REFS_B)))
     assert r["bleu"] == pytest.approx(48.53, abs=0.005)
     assert [round(p, 1) for p in r["precisions"]] == [82.4, 50.0, 45.5, 37.5]
     assert round(r["brevity_penalty"], 3) == 0.943 and (r["hyp_len"], r["ref_len"]) == (17, 18)
+    assert r["signature"].startswith("nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    # A hypothesis with fewer alternatives than the others: sacrebleu's variable-reference mode
+    ragged = corpus_bleu(HYPS, [[REFS_A[0], REFS_B[0]], [REFS_A[1]], [REFS_A[2], REFS_B[2]]])
+    theirs = sacrebleu.corpus_bleu(HYPS, [REFS_A, [REFS_B[0], None, REFS_B[2]]])
+    assert ragged["bleu"] == theirs.score and ragged["signature"].startswith("nrefs:var")
 
 
-def test_bleu_matches_sacrebleu():
-    sacrebleu = pytest.importorskip("sacrebleu")
-    hyps = HYPS + ["A well-known fact, (sort of) is: 3.5 apples!", "the the the the", "to be or not"]
-    refs = REFS_A + ["A well-known fact (sort of): 3.5 pears!", "the cat is on the mat", "to be, or not to be"]
-    # Our tokenizer agrees with sacrebleu's default 13a on plain prose ...
-    assert corpus_bleu(hyps, refs)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
-    # ... and every smoothing method agrees on pre-tokenized text
-    tok_h, tok_r = [" ".join(bleu_tokenize(h)) for h in hyps], [" ".join(bleu_tokenize(r)) for r in refs]
-    for smooth in ("exp", "floor", "none"):
-        for h, r in [(tok_h, tok_r), (tok_h[3:4], tok_r[3:4]), (["a b c x y"], ["a b c d e"])]:
-            ours = corpus_bleu(h, r, smooth=smooth, tokenize=False)["bleu"]
-            theirs = sacrebleu.corpus_bleu(h, [r], smooth_method=smooth, tokenize="none").score
-            assert ours == pytest.approx(theirs, abs=1e-9), (smooth, h)
+def test_bleu_on_play_text_is_sacrebleus():
+    ours = corpus_bleu(PLAY_HYPS, PLAY_REFS)
+    theirs = sacrebleu.corpus_bleu(PLAY_HYPS, [PLAY_REFS])
+    assert ours["bleu"] == theirs.score and ours["precisions"] == theirs.precisions
+    assert (ours["hyp_len"], ours["ref_len"]) == (theirs.sys_len, theirs.ref_len)
+    assert ours["signature"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    # 13a keeps "lord--he" and "go--" whole: "and I'll go--" is 3 tokens, too short for a 4-gram, so
+    # sentence BLEU is 0 (a tokenizer that split off "--" gave 39.8 here)
+    assert corpus_bleu(["and I'll go--"], ["and I will go--"])["bleu"] == 0.0
+    assert corpus_bleu(["and I'll go--"], ["and I will go--"])["hyp_len"] == 3
+    # "'Tis true , my lord--he comes ." (7 tokens) vs "'Tis true , my lord ; he comes ." (9): 6/7 1-grams,
+    # 4/6 2-grams, 2/5 3-grams, 1/4 4-grams match; brevity penalty exp(1 - 9/7)
+    one = corpus_bleu(PLAY_HYPS[:1], PLAY_REFS[:1])
+    expected = 100 * math.exp(1 - 9 / 7) * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    assert one["bleu"] == pytest.approx(expected)
+    assert one["bleu"] == sacrebleu.corpus_bleu(PLAY_HYPS[:1], [PLAY_REFS[:1]]).score
+    # Other sacrebleu tokenizers are named in the signature and score as sacrebleu does
+    intl = corpus_bleu(PLAY_HYPS, PLAY_REFS, tokenize="intl")
+    assert intl["bleu"] == sacrebleu.corpus_bleu(PLAY_HYPS, [PLAY_REFS], tokenize="intl").score
+    assert "tok:intl" in intl["signature"]
 
 
 def test_rouge_hand_computed():
     pred, ref = "the cat sat on the mat", "The cat is on the mat."
-    assert rouge_n(pred, ref, 1) == pytest.approx({"precision": 5 / 6, "recall": 5 / 6, "f1": 5 / 6})
-    assert rouge_n(pred, ref, 2)["f1"] == pytest.approx(3 / 5)  # the cat, on the, the mat
+    r = rouge_scores([pred], [ref])
+    assert r["rouge1"] == pytest.approx({"precision": 5 / 6, "recall": 5 / 6, "f1": 5 / 6})
+    assert r["rouge2"]["f1"] == pytest.approx(3 / 5)  # the cat, on the, the mat
     # LCS differs from bag-of-words overlap: "b a" vs "a b" shares 2 unigrams but an LCS of 1
-    assert rouge_l("b a", "a b")["f1"] == pytest.approx(0.5) and rouge_n("b a", "a b", 1)["f1"] == 1.0
-    assert rouge_l("x y a b", "a b")["precision"] == pytest.approx(0.5)
-    assert rouge_l("x y a b", "a b")["recall"] == pytest.approx(1.0)
-    perfect, disjoint = rouge_scores([ref], [ref]), rouge_scores(["dog"], ["cat"])
-    assert all(perfect[k]["f1"] == 1.0 for k in ("rouge1", "rouge2", "rougeL"))
-    assert all(disjoint[k]["f1"] == 0.0 for k in ("rouge1", "rouge2", "rougeL"))
+    ba = rouge_scores(["b a"], ["a b"])
+    assert ba["rougeL"]["f1"] == pytest.approx(0.5) and ba["rouge1"]["f1"] == 1.0
+    xy = rouge_scores(["x y a b"], ["a b"])["rougeL"]
+    assert xy["precision"] == pytest.approx(0.5) and xy["recall"] == pytest.approx(1.0)
     assert rouge_scores(["", "a b"], ["a b", "a b"])["rougeL"]["f1"] == pytest.approx(0.5)  # averaged per pair
+    # rouge-score's tokenizer on play text: lowercase, "I'll" -> "i", "ll" and "go--" -> "go"
+    play = rouge_scores(["and I'll go--"], ["and I will go"])  # [and i ll go] vs [and i will go]
+    assert play["rouge1"]["f1"] == pytest.approx(3 / 4) and play["rouge2"]["f1"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="equal, non-zero counts"):
+        rouge_scores([], [])
 
 
-def test_rouge_matches_rouge_score():
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    for pred, ref in zip(HYPS + REFS_B, REFS_A + REFS_A):
-        theirs = scorer.score(ref, pred)  # rouge-score takes (target, prediction)
-        for ours, name in [
-            (rouge_n(pred, ref, 1), "rouge1"),
-            (rouge_n(pred, ref, 2), "rouge2"),
-            (rouge_l(pred, ref), "rougeL"),
-        ]:
-            assert ours["precision"] == pytest.approx(theirs[name].precision)
-            assert ours["recall"] == pytest.approx(theirs[name].recall)
-            assert ours["f1"] == pytest.approx(theirs[name].fmeasure)
+def test_rouge_on_play_text_is_rouge_scores_and_names_its_settings():
+    ours = rouge_scores(PLAY_HYPS, PLAY_REFS)
+    assert ours["settings"]["types"] == ["rouge1", "rouge2", "rougeL"] and ours["settings"]["use_stemmer"] is False
+    assert "lowercase" in ours["settings"]["tokenizer"] and ours["settings"]["version"] == version("rouge-score")
+    for stem in (False, True):
+        ours = rouge_scores(PLAY_HYPS, PLAY_REFS, use_stemmer=stem)
+        scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=stem)
+        per_pair = [scorer.score(r, h) for h, r in zip(PLAY_HYPS, PLAY_REFS)]  # rouge-score takes (target, pred)
+        for name in ("rouge1", "rouge2", "rougeL"):
+            assert ours[name]["precision"] == pytest.approx(sum(s[name].precision for s in per_pair) / 5, abs=1e-12)
+            assert ours[name]["recall"] == pytest.approx(sum(s[name].recall for s in per_pair) / 5, abs=1e-12)
+            assert ours[name]["f1"] == pytest.approx(sum(s[name].fmeasure for s in per_pair) / 5, abs=1e-12)
