@@ -91,13 +91,13 @@ def run_ray_dedup(docs: dict[str, str], exact: bool, near, order: list[str]) -> 
         flat = np.concatenate([minhash_signature(docs[k], near) for k in order])
         table = table.append_column("signature", pa.FixedSizeListArray.from_arrays(pa.array(flat), near.num_perm))
     ds = ray.data.from_arrow([table.slice(i, 7) for i in range(0, table.num_rows, 7)])  # several blocks
-    marked, rounds = mark_duplicates(ds, exact, near, num_partitions=3)
+    marked, rounds = mark_duplicates(ds, exact, near, num_partitions=2)
     out = marked.take_all()
     assert sorted(f"{r['source']}#{r['doc_index']}" for r in out) == sorted(docs)  # every row comes back once
     return {f"{r['source']}#{r['doc_index']}": r["dup_reason"] for r in out if r["dup_reason"]}, rounds
 
 
-@pytest.mark.parametrize("exact,near", [(True, NEAR), (False, NEAR), (True, None)])
+@pytest.mark.parametrize("exact,near", [(True, NEAR), (True, None)])
 def test_ray_dedup_equals_the_driver_loop_on_planted_duplicates(ray_session, exact, near):
     docs = planted_corpus()
     keys = list(docs)
