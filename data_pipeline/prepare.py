@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
+from ray.data.expressions import col
 
 from data_pipeline import tokenizer as tok
 from data_pipeline.clean import REASONS, STEPS, clean_batch
@@ -220,7 +221,7 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     num_shards = _num_shards(split_counts, sample, spec, oc.shard_tokens)
     del sample
     val_listed = _ordered_prefix(
-        kept.filter(expr="split == 1"),
+        kept.filter(expr=col("split") == 1),
         ["work", "source", "doc_index", "bytes_out"],
         [("work", "ascending"), ("source", "ascending"), ("doc_index", "ascending")],
         VAL_DOCUMENTS_LISTED,
