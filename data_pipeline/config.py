@@ -7,6 +7,7 @@ a field's ``min``/``max`` raise ``ConfigError`` naming key and file). Every fiel
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -78,14 +79,50 @@ class TokenizerConfig:
 
 
 @dataclass
+class SplitByConfig:
+    """What makes documents versions of one work, so that all of them land on the same side of the
+    train/val split (two editions of a play share most of their text but not their content hash)."""
+
+    # document: each document on its own (its content hash); filename: ``pattern`` searched in the source
+    # file's path, its first capture group names the work; field: the JSON key / Parquet column ``field_name`` names it.
+    kind: Literal["document", "filename", "field"] = "document"
+    pattern: Optional[str] = None  # kind=filename, e.g. '([^/]+?)_gut(?:_f)?\\.txt$'
+    field_name: Optional[str] = None  # kind=field, e.g. book_id
+    aliases: dict[str, str] = field(default_factory=dict)  # captured name -> work name, merges spellings
+
+    def __post_init__(self) -> None:
+        if self.kind == "filename":
+            if not self.pattern:
+                raise ValueError("split_by.kind=filename needs split_by.pattern (a regex with one capture group)")
+            try:
+                groups = re.compile(self.pattern).groups
+            except re.error as err:
+                raise ValueError(f"split_by.pattern {self.pattern!r} is not a valid regex: {err}") from None
+            if groups < 1:
+                raise ValueError(f"split_by.pattern {self.pattern!r} needs a capture group naming the work")
+        if self.kind == "field" and not self.field_name:
+            raise ValueError(
+                "split_by.kind=field needs split_by.field_name (the JSON key / Parquet column naming the work)"
+            )
+        if self.kind != "filename" and self.pattern:
+            raise ValueError(f"split_by.pattern is only used with split_by.kind=filename (kind is {self.kind})")
+        if self.kind != "field" and self.field_name:
+            raise ValueError(f"split_by.field_name is only used with split_by.kind=field (kind is {self.kind})")
+        bad = {k: v for k, v in self.aliases.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"split_by.aliases must map names to names (strings), got {bad}")
+
+
+@dataclass
 class OutputConfig:
     """Token shards: Parquet files of fixed-length sequences plus manifest.json and the tokenizer."""
 
     uri: str = "runs/data/shakespeare"  # local directory or s3://, gs://, abfs:// prefix
     seq_len: int = field(default=256, metadata={"min": 1})  # model context; rows hold seq_len + 1 tokens
-    val_fraction: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})  # by document hash
+    val_fraction: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})  # of works (see split_by)
+    split_by: SplitByConfig = field(default_factory=SplitByConfig)
     shard_tokens: int = field(default=16_000_000, metadata={"min": 1})  # target tokens per shard
-    seed: int = 0  # salts the train/val document split
+    seed: int = 0  # salts the train/val split
     overwrite: bool = False  # replace an existing manifest's shards at uri
     endpoint_url: Optional[str] = None  # S3-compatible store for the output
     region: Optional[str] = None

@@ -1,9 +1,10 @@
 """prepare(): corpus URIs -> cleaned, deduplicated documents -> tokenizer -> token shards + manifest.json.
 
-Stages (Ray Data, all CPUs; the driver sees only counts, hashes, MinHash signatures and the
-tokenizer's training sample):
-  read -> clean (+hash, +MinHash) -> [driver] exact/near dedup -> [driver] train tokenizer on a
-  hash-ordered sample -> tokenize + split -> group by shard -> pack + write Parquet -> manifest.json
+Stages, all in Ray Data (the driver holds counts, the tokenizer's training sample and at most
+``VAL_DOCUMENTS_LISTED`` val document names, never one entry per document):
+  read -> clean (+hash, +MinHash) -> exact/near dedup (group by band key, then by hash; see dedup)
+  -> split by work (output.split_by) -> train the tokenizer on the first documents in hash order
+  -> tokenize -> group by shard -> pack + write Parquet -> manifest.json
 """
 
 from __future__ import annotations
@@ -13,23 +14,37 @@ import json
 import math
 import time
 from collections import Counter
+from typing import Callable
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
-from tqdm import tqdm
+from ray.data.expressions import col
 
 from data_pipeline import tokenizer as tok
 from data_pipeline.clean import REASONS, STEPS, clean_batch
 from data_pipeline.config import DataConfig
-from data_pipeline.dedup import select_duplicates
-from data_pipeline.shards import SPLITS, add_shard_key, pack_and_write, split_of, tokenize_batch
+from data_pipeline.dedup import DOC_COLUMNS, mark_duplicates
+from data_pipeline.manifest import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    VAL_DOCUMENTS_LISTED,
+    CleaningStats,
+    Manifest,
+    ShardEntry,
+    SourceEntry,
+    SplitEntry,
+    SplitPlan,
+    TokenizerEntry,
+    ValDocument,
+    write_manifest,
+)
+from data_pipeline.shards import SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
 from data_pipeline.sources import read_documents, resolve_sources
 from data_pipeline.storage import DataSourceError, filesystem_for, join, write_bytes
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "raylm-token-manifest/1"
+__all__ = ["MANIFEST", "MANIFEST_FORMAT", "prepare"]  # MANIFEST_FORMAT: loader imports it from here
 
 
 def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> None:
@@ -57,28 +72,74 @@ def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> 
                 pass  # already gone: nothing stale to remove
 
 
-def _keep_rows(batch: pa.Table, drop: dict) -> pa.Table:
-    keys = [f"{s}#{i}" for s, i in zip(batch.column("source").to_pylist(), batch.column("doc_index").to_pylist())]
-    reasons = batch.column("drop_reason").to_pylist()
-    mask = pa.array([not r and k not in drop for k, r in zip(keys, reasons)])
-    return batch.filter(mask).select(["doc_hash", "text"])
+def _long(counts: dict[str, int]) -> pa.Table:
+    return pa.table({"name": pa.array(list(counts), pa.string()), "value": pa.array(list(counts.values()), pa.int64())})
 
 
-def _tokenizer_sample(kept: ray.data.Dataset, doc_bytes: dict[str, int], sample_bytes: int) -> list[str]:
-    """Texts of the first documents in content-hash order up to ``sample_bytes``: deterministic."""
-    chosen, total = set(), 0
-    for h in sorted(doc_bytes):
-        if total >= sample_bytes:
-            break
-        chosen.add(h)
-        total += doc_bytes[h]
-    if not chosen:
-        raise DataSourceError(
-            "no documents survived cleaning, so there is nothing to tokenize; check the "
-            "cleaning counts and clean.min_chars / clean.min_alpha_ratio / clean.max_symbol_ratio"
-        )
-    rows = kept.filter(lambda r: r["doc_hash"] in chosen).take_all()
-    return [r["text"] for r in sorted(rows, key=lambda r: r["doc_hash"])]
+def _sum_counts(ds: ray.data.Dataset, fn: Callable[[pa.Table], dict[str, int]]) -> Counter:
+    """Sums ``fn``'s per-batch counters: each Ray task sends (name, value) rows, the driver adds them up."""
+    totals: Counter = Counter()
+    partial = ds.map_batches(lambda b: _long(fn(b)), batch_format="pyarrow", batch_size=None)
+    for batch in partial.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, value in zip(batch.column("name").to_pylist(), batch.column("value").to_pylist()):
+            totals[name] += value
+    return totals
+
+
+def _clean_counts(batch: pa.Table) -> dict[str, int]:
+    counts = {"documents_in": batch.num_rows}
+    for name in ("chars_in", "replaced_chars", *(f"removed_{s}" for s in STEPS)):
+        counts[name] = int(pc.sum(batch.column(name)).as_py() or 0)
+    counts.update((f"dropped:{r}", n) for r, n in Counter(batch.column("drop_reason").to_pylist()).items() if r)
+    return counts
+
+
+def _passed_cleaning(batch: pa.Table, *, near_dedup: bool) -> pa.Table:
+    keep = pc.equal(batch.column("drop_reason"), "")
+    return batch.filter(keep).select(list(DOC_COLUMNS) + (["signature"] if near_dedup else []))
+
+
+def _dedup_counts(batch: pa.Table) -> dict[str, int]:
+    return {f"dropped:{r}": n for r, n in Counter(batch.column("dup_reason").to_pylist()).items() if r}
+
+
+def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> pa.Table:
+    kept = batch.filter(pc.equal(batch.column("dup_reason"), "")).drop_columns(["dup_reason"])
+    return add_split(kept, split_by=split_by, val_fraction=val_fraction, seed=seed)
+
+
+def _split_counts(batch: pa.Table) -> dict[str, int]:
+    counts: Counter = Counter()
+    for split, n, grouped in zip(
+        batch.column("split").to_pylist(), batch.column("bytes_out").to_pylist(), batch.column("grouped").to_pylist()
+    ):
+        counts[f"bytes:{split}"] += n
+        counts[f"documents:{split}"] += 1
+        counts["ungrouped"] += not grouped
+    return dict(counts)
+
+
+def _first_rows(table: pa.Table, sort_keys: list[tuple[str, str]], limit_rows: int, limit_bytes: int) -> pa.Table:
+    """The first rows in ``sort_keys`` order, while fewer than ``limit_rows`` and their bytes before the row
+    are under ``limit_bytes``: a prefix that a merge of such prefixes reproduces exactly."""
+    table = table.sort_by(sort_keys).slice(0, limit_rows)
+    before = pc.subtract(pc.cumulative_sum(table.column("bytes_out")), table.column("bytes_out")).to_numpy()
+    return table.slice(0, int((before < limit_bytes).sum()))
+
+
+def _ordered_prefix(
+    ds: ray.data.Dataset, columns: list[str], sort_keys: list[tuple[str, str]], limit_rows: int, limit_bytes: int
+) -> pa.Table:
+    """The global first rows of ``ds`` in ``sort_keys`` order (see ``_first_rows``) without sorting the
+    dataset: each Ray task keeps its own prefix, the driver merges them; memory is bounded by the limits."""
+    kwargs = {"sort_keys": sort_keys, "limit_rows": limit_rows, "limit_bytes": limit_bytes}
+    prefixes = ds.select_columns(columns).map_batches(
+        _first_rows, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs
+    )
+    merged = None
+    for batch in prefixes.iter_batches(batch_format="pyarrow", batch_size=None):
+        merged = _first_rows(batch if merged is None else pa.concat_tables([merged, batch]), **kwargs)
+    return merged if merged is not None else pa.table({c: [] for c in columns})
 
 
 def _build_tokenizer(cfg: DataConfig, sample: list[str]) -> dict:
@@ -94,52 +155,13 @@ def _build_tokenizer(cfg: DataConfig, sample: list[str]) -> dict:
     return tok.train_bpe(sample, tc.vocab_size, tc.pattern)
 
 
-def _num_shards(doc_bytes: dict[str, int], sample: list[str], spec: dict, oc) -> dict[int, int]:
+def _num_shards(split_bytes: Counter, sample: list[str], spec: dict, shard_tokens: int) -> dict[int, int]:
     """Shards per split from its bytes and the sample's bytes/token: known before tokenizing, so the
     tokenize -> shard stages stream without a counting pass. Shard sizes are ~shard_tokens."""
     enc = tok.encoding(spec)
     sample_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(sample, num_threads=1))
     bytes_per_token = sum(len(t.encode()) for t in sample) / max(1, sample_tokens)
-    split_bytes = Counter()
-    for h, n in doc_bytes.items():
-        split_bytes[split_of(h, oc.val_fraction, oc.seed)] += n
-    return {s: max(1, math.ceil(split_bytes[s] / bytes_per_token / oc.shard_tokens)) for s in (0, 1)}
-
-
-def _collect_clean_stats(cleaned: ray.data.Dataset, near_dedup: bool):
-    cols = [
-        "source",
-        "doc_index",
-        "doc_hash",
-        "drop_reason",
-        "chars_in",
-        "chars_out",
-        "bytes_out",
-        "replaced_chars",
-        *(f"removed_{s}" for s in STEPS),
-    ] + (["signature"] if near_dedup else [])
-    counts: Counter = Counter()
-    reasons: Counter = Counter()
-    keys, hashes, sigs, doc_bytes = [], [], [], {}
-    for batch in tqdm(
-        cleaned.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096),
-        desc="[prepare] collect hashes",
-        unit="batch",
-    ):
-        counts["documents_in"] += batch.num_rows
-        for name in ("chars_in", "chars_out", "replaced_chars", *(f"removed_{s}" for s in STEPS)):
-            counts[name] += int(np.sum(batch.column(name).to_numpy()))
-        kept = np.array([not r for r in batch.column("drop_reason").to_pylist()])
-        reasons.update(r for r in batch.column("drop_reason").to_pylist() if r)
-        b = batch.filter(pa.array(kept))
-        keys += [f"{s}#{i}" for s, i in zip(b.column("source").to_pylist(), b.column("doc_index").to_pylist())]
-        hashes += b.column("doc_hash").to_pylist()
-        doc_bytes.update(zip(b.column("doc_hash").to_pylist(), b.column("bytes_out").to_pylist()))
-        if near_dedup:
-            flat = b.column("signature").combine_chunks().flatten().to_numpy()
-            sigs.append(flat.reshape(b.num_rows, -1))
-    signatures = np.concatenate(sigs) if sigs else None
-    return counts, reasons, keys, hashes, signatures, doc_bytes
+    return {s: max(1, math.ceil(split_bytes[f"bytes:{s}"] / bytes_per_token / shard_tokens)) for s in (0, 1)}
 
 
 def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
@@ -159,9 +181,11 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
             f"[prepare] {sum(len(s.files) for s in sources)} files, {corpus_bytes / 1e6:.1f} MB from "
             f"{', '.join(cfg.sources.uris)}"
         )
-
+    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    near = cfg.near_dedup if cfg.near_dedup.enabled else None
+    group_field = oc.split_by.field_name if oc.split_by.kind == "field" else None
     cleaned = (
-        read_documents(sources, cfg.sources)
+        read_documents(sources, cfg.sources, group_field)
         .map_batches(
             clean_batch,
             batch_format="pyarrow",
@@ -170,33 +194,44 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
         )
         .materialize()
     )
-    counts, reasons, keys, hashes, signatures, doc_bytes = _collect_clean_stats(cleaned, cfg.near_dedup.enabled)
-    drop = select_duplicates(
-        keys, hashes, signatures, cfg.clean.exact_dedup, cfg.near_dedup if cfg.near_dedup.enabled else None
-    )
-    reasons.update(drop.values())
-    key_hash = dict(zip(keys, hashes))
-    for key, reason in drop.items():
-        if reason == "near_duplicate":  # an exact duplicate shares its hash with the copy that stays
-            doc_bytes.pop(key_hash[key], None)
-    kept = cleaned.map_batches(_keep_rows, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
+    counts = _sum_counts(cleaned, _clean_counts)
+    if counts["documents_in"] == sum(n for k, n in counts.items() if k.startswith("dropped:")):
+        raise DataSourceError(
+            f"no documents survived cleaning ({_dropped_text(counts)} of {counts['documents_in']}), so there is "
+            "nothing to tokenize; check the inputs and clean.min_chars / clean.min_alpha_ratio / "
+            "clean.max_symbol_ratio"
+        )
+    passed = cleaned.map_batches(_passed_cleaning, batch_format="pyarrow", fn_kwargs={"near_dedup": near is not None})
+    marked, rounds = mark_duplicates(passed, cfg.clean.exact_dedup, near, num_partitions=2 * num_cpus)
+    marked = marked.materialize()
+    counts.update(_sum_counts(marked, _dedup_counts))
+    kept = marked.map_batches(
+        _survivors,
+        batch_format="pyarrow",
+        fn_kwargs={"split_by": oc.split_by, "val_fraction": oc.val_fraction, "seed": oc.seed},
+    ).materialize()
+    split_counts = _sum_counts(kept, _split_counts)
 
-    sample = _tokenizer_sample(kept, doc_bytes, cfg.tokenizer.sample_bytes)
+    sample = _ordered_prefix(
+        kept, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, cfg.tokenizer.sample_bytes
+    ).column("text")
+    sample = sample.to_pylist()
     spec = _build_tokenizer(cfg, sample)
     dtype = tok.token_dtype(spec["n_vocab"])
-    num_shards = _num_shards(doc_bytes, sample, spec, oc)
+    num_shards = _num_shards(split_counts, sample, spec, oc.shard_tokens)
     del sample
-    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    val_listed = _ordered_prefix(
+        kept.filter(expr=col("split") == 1),
+        ["work", "source", "doc_index", "bytes_out"],
+        [("work", "ascending"), ("source", "ascending"), ("doc_index", "ascending")],
+        VAL_DOCUMENTS_LISTED,
+        2**62,
+    )
     tokenized = kept.map_batches(
         tokenize_batch,
         batch_format="pyarrow",
         batch_size=64,
-        fn_kwargs={
-            "spec_ref": ray.put(spec),
-            "tokenizer_hash": spec["hash"],
-            "val_fraction": oc.val_fraction,
-            "seed": oc.seed,
-        },
+        fn_kwargs={"spec_ref": ray.put(spec), "tokenizer_hash": spec["hash"]},
     )
     sharded = (
         tokenized.map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards})
@@ -217,68 +252,109 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
 
     for name, data in tok.to_files(spec).items():
         write_bytes(out_fs, f"{out_path}/{name}", data)
-    manifest = _manifest(cfg, sources, counts, reasons, spec, dtype, descriptors)
+    split_plan = SplitPlan(
+        by=oc.split_by.kind,
+        val_fraction=oc.val_fraction,
+        seed=oc.seed,
+        val_documents_total=split_counts["documents:1"],
+        ungrouped_documents=split_counts["ungrouped"],
+        val_documents=[
+            ValDocument(source=r["source"], doc_index=r["doc_index"], work=r["work"]) for r in val_listed.to_pylist()
+        ],
+    )
+    manifest = _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan)
     manifest_uri = join(oc.uri, MANIFEST)
-    write_bytes(out_fs, f"{out_path}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(manifest, out_fs, out_path)
     if verbose:
         _print_summary(manifest, corpus_bytes, time.time() - t0, manifest_uri)
     return manifest_uri
 
 
-def _manifest(cfg, sources, counts, reasons, spec, dtype, descriptors) -> dict:
+def _dropped_text(counts: Counter) -> str:
+    dropped = sorted((k.split(":", 1)[1], n) for k, n in counts.items() if k.startswith("dropped:") and n)
+    return ", ".join(f"{r}={n}" for r, n in dropped) or "none dropped"
+
+
+def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan) -> Manifest:
     splits = {}
     for split in SPLITS:
         shards = sorted((d for d in descriptors if d["split"] == split), key=lambda d: d["index"])
-        splits[split] = {
-            "documents": sum(d["documents"] for d in shards),
-            "tokens": sum(d["tokens"] for d in shards),
-            "sequences": sum(d["sequences"] for d in shards),
-            "dropped_tail_tokens": sum(d["dropped_tail_tokens"] for d in shards),
-            "num_shards": len(shards),
-            "shards": [{"file": d["file"], "sequences": d["sequences"], "sha256": d["sha256"]} for d in shards],
-        }
-    documents_out = sum(s["documents"] for s in splits.values())
-    return {
-        "format": MANIFEST_FORMAT,
-        "sources": [{"uri": s.uri, "files": len(s.files), "bytes": s.bytes} for s in sources],
-        "cleaning": {
-            "documents_in": counts["documents_in"],
-            "documents_out": documents_out,
-            "chars_in": counts["chars_in"],
-            "chars_removed": {s: counts[f"removed_{s}"] for s in STEPS},
-            "replacement_chars": counts["replaced_chars"],
-            "dropped": {r: reasons.get(r, 0) for r in sorted(set(REASONS) | set(reasons))},
-        },
-        "tokenizer": {
-            "name": spec["name"],
-            "hash": spec["hash"],
-            "n_vocab": spec["n_vocab"],
-            "eot_token": tok.eot_id(spec),
-            "ranks_file": tok.RANKS_FILE,
-            "meta_file": tok.META_FILE,
-        },
-        "seq_len": cfg.output.seq_len,
-        "row_tokens": cfg.output.seq_len + 1,
-        "dtype": dtype,
-        "splits": splits,
-        "config": dataclasses.asdict(cfg),
-    }
-
-
-def _print_summary(m: dict, corpus_bytes: int, wall_s: float, manifest_uri: str) -> None:
-    c = m["cleaning"]
-    dropped = ", ".join(f"{k}={v}" for k, v in c["dropped"].items() if v) or "none"
-    print(
-        f"[prepare] corpus {corpus_bytes / 1e6:.1f} MB, documents {c['documents_in']} -> {c['documents_out']} "
-        f"(dropped: {dropped}; U+FFFD replacements {c['replacement_chars']})"
-    )
-    for split, s in m["splits"].items():
-        print(
-            f"[prepare] {split}: {s['tokens']:,} tokens in {s['sequences']:,} rows of {m['row_tokens']} "
-            f"({s['num_shards']} shards, {s['dropped_tail_tokens']:,} tail tokens dropped)"
+        splits[split] = SplitEntry(
+            documents=sum(d["documents"] for d in shards),
+            tokens=sum(d["tokens"] for d in shards),
+            sequences=sum(d["sequences"] for d in shards),
+            dropped_tail_tokens=sum(d["dropped_tail_tokens"] for d in shards),
+            num_shards=len(shards),
+            shards=[ShardEntry(file=d["file"], sequences=d["sequences"], sha256=d["sha256"]) for d in shards],
         )
-    print(
-        f"[prepare] tokenizer {m['tokenizer']['name']} n_vocab={m['tokenizer']['n_vocab']} dtype={m['dtype']}; "
-        f"wall {wall_s:.1f} s"
+    reasons = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("dropped:")}
+    return Manifest(
+        sources=[SourceEntry(uri=s.uri, files=len(s.files), bytes=s.bytes) for s in sources],
+        cleaning=CleaningStats(
+            documents_in=counts["documents_in"],
+            documents_out=sum(s.documents for s in splits.values()),
+            chars_in=counts["chars_in"],
+            chars_removed={s: counts[f"removed_{s}"] for s in STEPS},
+            replacement_chars=counts["replaced_chars"],
+            dropped={r: reasons.get(r, 0) for r in sorted(set(REASONS) | set(reasons))},
+            near_dedup_rounds=rounds,
+        ),
+        tokenizer=TokenizerEntry(
+            name=spec["name"],
+            hash=spec["hash"],
+            n_vocab=spec["n_vocab"],
+            eot_token=tok.eot_id(spec),
+            ranks_file=tok.RANKS_FILE,
+            meta_file=tok.META_FILE,
+        ),
+        seq_len=cfg.output.seq_len,
+        row_tokens=cfg.output.seq_len + 1,
+        dtype=dtype,
+        splits=splits,
+        split=split_plan,
+        config=dataclasses.asdict(cfg),
     )
+
+
+def _print_summary(m: Manifest, corpus_bytes: int, wall_s: float, manifest_uri: str) -> None:
+    c = m.cleaning
+    dropped = ", ".join(f"{k}={v}" for k, v in c.dropped.items() if v) or "none"
+    print(
+        f"[prepare] corpus {corpus_bytes / 1e6:.1f} MB, documents {c.documents_in} -> {c.documents_out} "
+        f"(dropped: {dropped}; U+FFFD replacements {c.replacement_chars})"
+    )
+    for split, s in m.splits.items():
+        print(
+            f"[prepare] {split}: {s.tokens:,} tokens in {s.sequences:,} rows of {m.row_tokens} "
+            f"({s.num_shards} shards, {s.documents} documents, {s.dropped_tail_tokens:,} tail tokens dropped)"
+        )
+    _print_val_documents(m)
+    print(f"[prepare] tokenizer {m.tokenizer.name} n_vocab={m.tokenizer.n_vocab} dtype={m.dtype}; wall {wall_s:.1f} s")
     print(f"[prepare] wrote {manifest_uri}")
+
+
+def _print_val_documents(m: Manifest) -> None:
+    """The val documents by work (the leak check a reader can do by eye), and a warning when val is empty."""
+    plan = m.split
+    works: dict[str, list[str]] = {}
+    for d in plan.val_documents:
+        name = d.source.rsplit("/", 1)[-1] + (f"#{d.doc_index}" if d.doc_index else "")
+        works.setdefault(d.work, []).append(name)
+    listed = "; ".join(f"{w}: {', '.join(names)}" for w, names in works.items())
+    more = plan.val_documents_total - len(plan.val_documents)
+    print(
+        f"[prepare] val documents by work (split_by {plan.by}): {listed or 'none'}"
+        + (f"; and {more} more (manifest.json lists {len(plan.val_documents)})" if more > 0 else "")
+    )
+    if plan.ungrouped_documents and plan.by != "document":
+        print(
+            f"[prepare] WARNING: split_by.{plan.by} found no work for {plan.ungrouped_documents} documents; "
+            "each was split on its own"
+        )
+    val = m.splits["val"]
+    if plan.val_fraction > 0 and val.sequences == 0:
+        print(
+            f"[prepare] WARNING: val has 0 rows ({plan.val_documents_total} documents, {val.dropped_tail_tokens:,} "
+            f"tokens: fewer than one row of {m.row_tokens}); validation loss cannot be measured. Raise "
+            "output.val_fraction, change output.seed, lower output.seq_len or add documents"
+        )

@@ -1,7 +1,8 @@
-"""Tokenize documents, split train/val by document hash, pack into fixed-length rows, write Parquet shards.
+"""Tokenize documents, split train/val by work, pack into fixed-length rows, write Parquet shards.
 
-Determinism: a document's split and shard are functions of its content hash (and output.seed); a
-shard packs its documents in hash order. So shard bytes depend only on the cleaned corpus and the
+Determinism: a document's split is a function of its work (``output.split_by``: by default its content
+hash) and output.seed, so every version of one work lands on the same side; its shard is a function of
+its content hash; a shard packs its documents in hash order. So shard bytes depend only on the cleaned corpus and the
 config, never on Ray's block order or the number of CPUs. Each shard's tail that does not fill a
 row of ``seq_len + 1`` tokens is dropped and counted (``dropped_tail_tokens``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import re
 import zlib
 
 import numpy as np
@@ -21,15 +23,45 @@ import pyarrow.parquet as pq
 import ray
 
 from data_pipeline import tokenizer as tok
+from data_pipeline.config import SplitByConfig
 
 SPLITS = ("train", "val")
 SHARD_FORMAT = "raylm-token-shard/1"
 
 
-def split_of(doc_hash: str, val_fraction: float, seed: int) -> int:
-    """0 = train, 1 = val: a uniform draw from sha256(seed, doc hash), stable across runs and machines."""
-    draw = int.from_bytes(hashlib.sha256(f"{seed}:{doc_hash}".encode()).digest()[:8], "big") / 2**64
+def split_of(work: str, val_fraction: float, seed: int) -> int:
+    """0 = train, 1 = val: a uniform draw from sha256(seed, work), stable across runs and machines.
+    ``work`` is what ``work_of`` returns (a document's content hash unless documents are grouped)."""
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{work}".encode()).digest()[:8], "big") / 2**64
     return 1 if draw < val_fraction else 0
+
+
+def work_of(source: str, group: str, doc_hash: str, split_by: SplitByConfig) -> tuple[str, bool]:
+    """(work, grouped): the name shared by every version of a document's work, or its content hash
+    (grouped=False) when ``split_by`` finds no name for it: no pattern match, no metadata field."""
+    if split_by.kind == "filename":
+        match = re.search(split_by.pattern, source)
+        group = (match.group(1) or "") if match else ""
+    elif split_by.kind == "document":
+        group = ""
+    if not group:
+        return doc_hash, False
+    return split_by.aliases.get(group, group), True
+
+
+def add_split(batch: pa.Table, *, split_by: SplitByConfig, val_fraction: float, seed: int) -> pa.Table:
+    """Ray Data batch fn: adds ``work``, ``grouped`` and ``split`` (0 train, 1 val) to document rows."""
+    works = [
+        work_of(src, grp, h, split_by)
+        for src, grp, h in zip(
+            batch.column("source").to_pylist(), batch.column("group").to_pylist(), batch.column("doc_hash").to_pylist()
+        )
+    ]
+    return (
+        batch.append_column("work", pa.array([w for w, _ in works], pa.string()))
+        .append_column("grouped", pa.array([g for _, g in works], pa.bool_()))
+        .append_column("split", pa.array([split_of(w, val_fraction, seed) for w, _ in works], pa.int8()))
+    )
 
 
 def shard_of(doc_hash: str, num_shards: int) -> int:
@@ -39,8 +71,8 @@ def shard_of(doc_hash: str, num_shards: int) -> int:
 _ENCODINGS: dict = {}  # per worker process: tokenizer hash -> (Encoding, eot id)
 
 
-def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str, val_fraction: float, seed: int) -> pa.Table:
-    """Ray Data batch fn: (doc_hash, text) -> (doc_hash, split, tokens + eot, num_tokens).
+def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str) -> pa.Table:
+    """Ray Data batch fn: (doc_hash, split, text) -> (doc_hash, split, tokens + eot, num_tokens).
 
     The spec travels once through the object store; each worker process builds its
     tiktoken.Encoding once (parsing 100k ranks takes ~0.3 s) and reuses it across tasks.
@@ -61,7 +93,7 @@ def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str, val_fracti
     return pa.table(
         {
             "doc_hash": hashes,
-            "split": pa.array([split_of(h, val_fraction, seed) for h in hashes], pa.int8()),
+            "split": batch.column("split"),
             "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
             "num_tokens": pa.array(lengths),
         }

@@ -2,7 +2,8 @@
 
 Rows: source (file path), doc_index (line/row within the file), text, replaced_chars (invalid UTF-8
 sequences turned into U+FFFD), read_error ('' or why the row holds no text: 'bad_json',
-'missing_text_field'; counted like any other drop reason).
+'missing_text_field'; counted like any other drop reason), group (the value of ``output.split_by``'s
+metadata field, '' when there is none: what makes documents one work for the train/val split).
 .txt is one document per file; .jsonl/.json (optionally .gz/.zst, decompressed as a stream) is one
 JSON object per line; .parquet is read row group by row group, text column only. Memory per read
 task is bounded by one block of documents (or one .txt file), not by file size.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -42,6 +43,7 @@ _SCHEMA = pa.schema(
         ("text", pa.string()),
         ("replaced_chars", pa.int64()),
         ("read_error", pa.string()),
+        ("group", pa.string()),
     ]
 )
 _DOCS_PER_BLOCK = 2048
@@ -84,9 +86,11 @@ def _format_of(path: str, fmt: str) -> str:
 class _DocumentDatasource(FileBasedDatasource):
     """Streams .txt and .jsonl files into document rows; Ray handles listing, compression, retries."""
 
-    def __init__(self, paths: list[str], *, filesystem: pafs.FileSystem, fmt: str, text_field: str):
+    def __init__(
+        self, paths: list[str], *, filesystem: pafs.FileSystem, fmt: str, text_field: str, group_field: Optional[str]
+    ):
         super().__init__(paths, filesystem=filesystem)
-        self._fmt, self._text_field = fmt, text_field
+        self._fmt, self._text_field, self._group_field = fmt, text_field, group_field
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = _format_of(path, self._fmt)
@@ -96,7 +100,16 @@ class _DocumentDatasource(FileBasedDatasource):
         if fmt == "txt":
             text, replaced = decode_utf8(f.read())
             yield pa.Table.from_pylist(
-                [{"source": path, "doc_index": 0, "text": text, "replaced_chars": replaced, "read_error": ""}],
+                [
+                    {
+                        "source": path,
+                        "doc_index": 0,
+                        "text": text,
+                        "replaced_chars": replaced,
+                        "read_error": "",
+                        "group": "",
+                    }
+                ],
                 schema=_SCHEMA,
             )
             return
@@ -122,9 +135,18 @@ class _DocumentDatasource(FileBasedDatasource):
             raise DataSourceError(
                 f"{path}: no column {self._text_field!r} (columns: {pf.schema_arrow.names}); set sources.text_field"
             )
+        columns = [self._text_field]
+        if self._group_field:
+            if self._group_field not in pf.schema_arrow.names:
+                raise DataSourceError(
+                    f"{path}: no column {self._group_field!r} (columns: {pf.schema_arrow.names}); "
+                    "set output.split_by.field_name"
+                )
+            columns.append(self._group_field)
         index = 0
-        for batch in pf.iter_batches(batch_size=_DOCS_PER_BLOCK, columns=[self._text_field]):
+        for batch in pf.iter_batches(batch_size=_DOCS_PER_BLOCK, columns=columns):
             texts = batch.column(0).cast(pa.string()).to_pylist()
+            groups = batch.column(1).cast(pa.string()).to_pylist() if self._group_field else [None] * len(texts)
             yield pa.Table.from_pylist(
                 [
                     {
@@ -133,8 +155,9 @@ class _DocumentDatasource(FileBasedDatasource):
                         "text": t or "",
                         "replaced_chars": 0,
                         "read_error": "missing_text_field" if t is None else "",
+                        "group": g or "",
                     }
-                    for i, t in enumerate(texts)
+                    for i, (t, g) in enumerate(zip(texts, groups))
                 ],
                 schema=_SCHEMA,
             )
@@ -142,7 +165,14 @@ class _DocumentDatasource(FileBasedDatasource):
 
     def _parse_line(self, line: bytes, path: str, index: int) -> dict:
         text, replaced = decode_utf8(line)
-        row = {"source": path, "doc_index": index, "text": "", "replaced_chars": replaced, "read_error": ""}
+        row = {
+            "source": path,
+            "doc_index": index,
+            "text": "",
+            "replaced_chars": replaced,
+            "read_error": "",
+            "group": "",
+        }
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
@@ -153,17 +183,26 @@ class _DocumentDatasource(FileBasedDatasource):
             row["read_error"] = "missing_text_field"
             return row
         row["text"] = value
+        group = obj.get(self._group_field) if self._group_field else None
+        row["group"] = "" if group is None else str(group)
         return row
 
 
-def read_documents(sources: list[ResolvedSource], cfg: SourceConfig) -> ray.data.Dataset:
-    """One Ray dataset over every source's files (text formats streamed, Parquet by column)."""
+def read_documents(
+    sources: list[ResolvedSource], cfg: SourceConfig, group_field: Optional[str] = None
+) -> ray.data.Dataset:
+    """One Ray dataset over every source's files (text formats streamed, Parquet by column);
+    ``group_field`` names the JSON key / Parquet column read into the ``group`` column."""
     datasets = []
     for src in sources:
         datasets.append(
             ray.data.read_datasource(
                 _DocumentDatasource(
-                    [f.path for f in src.files], filesystem=src.fs, fmt=cfg.format, text_field=cfg.text_field
+                    [f.path for f in src.files],
+                    filesystem=src.fs,
+                    fmt=cfg.format,
+                    text_field=cfg.text_field,
+                    group_field=group_field,
                 )
             )
         )

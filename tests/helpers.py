@@ -9,23 +9,23 @@ from orchestration.config import Config
 
 def tiny_corpus_manifest(root: Path, *, seq_len: int = 32, vocab_size: int = 512, chars: int = 180_000) -> str:
     """Token shards (vocab 512, seq_len 32) of ~180 kB cut from one embedded play, written directly
-    with the data pipeline's own tokenizer and shard writers (no `prepare` run: seconds, no Ray).
+    with the data pipeline's own tokenizer, shard and manifest writers (no `prepare` run: seconds, no Ray).
 
     3 train shards + 1 val shard, the layout `raylm prepare` writes. Reuses an existing one under ``root``.
     """
     import hashlib
-    import json
 
     import numpy as np
+    import pyarrow.fs as pafs
 
     from data_pipeline import tokenizer as tok
-    from data_pipeline.prepare import MANIFEST_FORMAT
+    from data_pipeline.manifest import MANIFEST, Manifest, ShardEntry, SplitEntry, TokenizerEntry, write_manifest
     from data_pipeline.shards import SHARD_FORMAT, shard_bytes
     from data_pipeline.storage import embedded_corpus_dir
 
     out = root / "data"
-    if (out / "manifest.json").exists():
-        return str(out / "manifest.json")
+    if (out / MANIFEST).exists():
+        return str(out / MANIFEST)
     text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
     body = text[len(text) // 10 : len(text) // 10 + chars]
     spec = tok.train_bpe([body], vocab_size, "gpt4")
@@ -52,38 +52,34 @@ def tiny_corpus_manifest(root: Path, *, seq_len: int = 32, vocab_size: int = 512
             )
             name = f"{split}/shard-{i:05d}.parquet"
             (out / name).write_bytes(data)
-            entries.append({"file": name, "sequences": len(shard), "sha256": hashlib.sha256(data).hexdigest()})
-        n = sum(e["sequences"] for e in entries)
-        splits[split] = {
-            "documents": len(entries),
-            "tokens": n * row,
-            "sequences": n,
-            "dropped_tail_tokens": 0,
-            "num_shards": len(entries),
-            "shards": entries,
-        }
+            entries.append(ShardEntry(file=name, sequences=len(shard), sha256=hashlib.sha256(data).hexdigest()))
+        n = sum(e.sequences for e in entries)
+        splits[split] = SplitEntry(
+            documents=len(entries),
+            tokens=n * row,
+            sequences=n,
+            dropped_tail_tokens=0,
+            num_shards=len(entries),
+            shards=entries,
+        )
     for name, data in tok.to_files(spec).items():
         (out / name).write_bytes(data)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "sources": [],
-        "cleaning": {},
-        "tokenizer": {
-            "name": spec["name"],
-            "hash": spec["hash"],
-            "n_vocab": spec["n_vocab"],
-            "eot_token": tok.eot_id(spec),
-            "ranks_file": tok.RANKS_FILE,
-            "meta_file": tok.META_FILE,
-        },
-        "seq_len": seq_len,
-        "row_tokens": row,
-        "dtype": "uint16",
-        "splits": splits,
-        "config": {},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return str(out / "manifest.json")
+    manifest = Manifest(
+        tokenizer=TokenizerEntry(
+            name=spec["name"],
+            hash=spec["hash"],
+            n_vocab=spec["n_vocab"],
+            eot_token=tok.eot_id(spec),
+            ranks_file=tok.RANKS_FILE,
+            meta_file=tok.META_FILE,
+        ),
+        seq_len=seq_len,
+        row_tokens=row,
+        dtype="uint16",
+        splits=splits,
+    )
+    write_manifest(manifest, pafs.LocalFileSystem(), str(out))
+    return str(out / MANIFEST)
 
 
 def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int = 2, overrides=()) -> Config:

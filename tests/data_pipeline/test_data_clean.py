@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 
@@ -16,8 +14,8 @@ from data_pipeline.clean import (
     strip_gutenberg,
     strip_markup,
 )
-from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig
-from data_pipeline.dedup import select_duplicates
+from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, SplitByConfig
+from data_pipeline.shards import split_of, work_of
 from data_pipeline.storage import embedded_corpus_dir
 from orchestration.config import ConfigError, build_dataclass
 
@@ -77,21 +75,49 @@ def test_invalid_utf8_is_replaced_and_counted():
     assert replaced == 0
 
 
-def test_exact_and_near_duplicates_selected_deterministically():
+def test_minhash_is_deterministic_and_estimates_jaccard():
     cfg = NearDedupConfig(num_perm=128, bands=32, threshold=0.7)
-    other = " ".join(f"alpha{i % 89} beta{i % 7} gamma" for i in range(400))
     near = PLAY.replace("word5 ", "WORDX ", 3)
-    docs = {"a#0": PLAY, "b#0": PLAY, "c#0": near, "d#0": other}
-    hashes = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in docs.items()}
-    keys = list(docs)
-    sigs = np.stack([minhash_signature(docs[k], cfg) for k in keys])
-    drop = select_duplicates(keys, [hashes[k] for k in keys], sigs, exact=True, near=cfg)
-    assert sorted(drop.values()) == ["exact_duplicate", "near_duplicate"]
-    assert "d#0" not in drop and drop.get("a#0", drop.get("b#0")) == "exact_duplicate"
-    # same decision whatever the input order
-    rev = keys[::-1]
-    assert select_duplicates(rev, [hashes[k] for k in rev], sigs[::-1], exact=True, near=cfg) == drop
-    assert np.array_equal(minhash_signature(PLAY, cfg), minhash_signature(PLAY, cfg))
+    other = " ".join(f"alpha{i % 89} beta{i % 7} gamma" for i in range(400))
+    sig = minhash_signature(PLAY, cfg)
+    assert np.array_equal(sig, minhash_signature(PLAY, cfg))
+    assert np.mean(sig == minhash_signature(near, cfg)) >= 0.7 > np.mean(sig == minhash_signature(other, cfg))
+
+
+def test_split_by_filename_puts_both_editions_of_every_play_in_one_work():
+    """On the real embedded file list with configs/shakespeare.yaml's split_by: 42 works, each play's
+    modern and First Folio texts share one, and no work ends up on both sides at any seed."""
+    from orchestration.config import load_config
+
+    data = load_config("configs/shakespeare.yaml", []).data
+    files = sorted(embedded_corpus_dir().glob("*_gut*.txt"))
+    works: dict[str, list[str]] = {}
+    for path in files:
+        work, grouped = work_of(str(path), "", "unused-hash", data.output.split_by)
+        assert grouped, path
+        works.setdefault(work, []).append(path.name)
+    assert len(files) == 77 and len(works) == 42
+    singles = {w for w, names in works.items() if len(names) == 1}
+    assert singles == {
+        "lovers_complaint", "passionate_pilgrim", "pericles", "phoenix_and_the_turtle", "rape_of_lucrece",
+        "sonnets", "troilus_and_cressida",
+    }  # fmt: skip
+    assert all(sum(n.endswith("_gut_f.txt") for n in names) == 1 for w, names in works.items() if w not in singles)
+    assert works["twelfth_night"] == ["twelfe-night_gut_f.txt", "twelfth_night_gut.txt"]
+    for seed in range(20):
+        for names in works.values():
+            sides = {split_of(work_of(n, "", n, data.output.split_by)[0], 0.3, seed) for n in names}
+            assert len(sides) == 1
+    val = [w for w in works if split_of(w, data.output.val_fraction, data.output.seed)]
+    assert val == ["hamlet", "much_ado_about_nothing", "pericles", "richard_ii"]  # the demo's held-out works
+
+
+def test_split_by_field_and_document_and_aliases():
+    by_field = SplitByConfig(kind="field", field_name="book", aliases={"b1-reprint": "b1"})
+    assert work_of("x.jsonl", "b1-reprint", "h1", by_field) == ("b1", True)
+    assert work_of("x.jsonl", "", "h1", by_field) == ("h1", False)  # no field value: its own work
+    assert work_of("a_gut.txt", "", "h1", SplitByConfig()) == ("h1", False)
+    assert split_of("h1", 0.5, 0) == split_of("h1", 0.5, 0)
 
 
 def test_tokenizer_round_trip_files_and_hash():
@@ -135,3 +161,11 @@ def test_config_is_strict():
         build_dataclass(DataConfig, {"clean": {"min_alpha_ratio": 2.0}}, "t.yaml")
     with pytest.raises(ConfigError, match="tokenizer.path"):
         build_dataclass(DataConfig, {"tokenizer": {"kind": "file"}}, "t.yaml")
+    with pytest.raises(ConfigError, match="split_by.kind=filename needs split_by.pattern"):
+        build_dataclass(DataConfig, {"output": {"split_by": {"kind": "filename"}}}, "t.yaml")
+    with pytest.raises(ConfigError, match="needs a capture group"):
+        build_dataclass(DataConfig, {"output": {"split_by": {"kind": "filename", "pattern": "_gut"}}}, "t.yaml")
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        build_dataclass(DataConfig, {"output": {"split_by": {"kind": "filename", "pattern": "(a"}}}, "t.yaml")
+    with pytest.raises(ConfigError, match="split_by.field_name"):
+        build_dataclass(DataConfig, {"output": {"split_by": {"kind": "field"}}}, "t.yaml")

@@ -12,21 +12,36 @@ import pytest
 import zstandard
 
 from data_pipeline.clean import normalize_whitespace
-from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
+from data_pipeline.config import (
+    CleanConfig,
+    DataConfig,
+    NearDedupConfig,
+    OutputConfig,
+    SourceConfig,
+    SplitByConfig,
+    TokenizerConfig,
+)
 from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest
+from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import prepare
+from data_pipeline.shards import split_of
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir
 
 PLAYS = ["comedy_of_errours_gut_f.txt", "lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt"]
+MODERN = "comedy_of_errors_gut.txt"  # the other edition of PLAYS[0]: one work
+BY_PLAY = SplitByConfig(
+    kind="filename", pattern=r"([^/]+?)_gut(?:_f)?\.txt$", aliases={"comedy_of_errours": "comedy_of_errors"}
+)
 
 
 def small_config(uris: list[str], out: Path, **output) -> DataConfig:
+    output.setdefault("split_by", BY_PLAY)
     return DataConfig(
         sources=SourceConfig(uris=uris),
         clean=CleanConfig(min_chars=50),
         near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
         tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
-        output=OutputConfig(uri=str(out), seq_len=64, val_fraction=0.2, shard_tokens=8_000, **output),
+        output=OutputConfig(**{"uri": str(out), "seq_len": 64, "val_fraction": 0.2, "shard_tokens": 8_000, **output}),
     )
 
 
@@ -36,6 +51,7 @@ def mixed_corpus(tmp_path_factory) -> Path:
     texts = [(embedded_corpus_dir() / p).read_text(encoding="utf-8") for p in PLAYS]
     for name, text in zip(PLAYS, texts):
         (root / name).write_text(text, encoding="utf-8")
+    (root / MODERN).write_text((embedded_corpus_dir() / MODERN).read_text(encoding="utf-8"), encoding="utf-8")
     (root / "copy_of_lovers.txt").write_text(texts[1], encoding="utf-8")  # exact duplicate
     (root / "near_lovers.txt").write_text(texts[1].replace("the", "thee", 5), encoding="utf-8")
     (root / "page.txt").write_text("<html><body><p>" + texts[2][:3000] + "</p><script>x=1</script></body></html>")
@@ -70,9 +86,9 @@ def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
 def test_counts_every_drop_reason_and_cleaning_step(prepared):
     m = read_manifest(prepared[0])
     c = m["cleaning"]
-    assert m["sources"][0]["files"] == 12
-    # 9 txt + 6 jsonl lines + 1 zst + 3 parquet rows
-    assert c["documents_in"] == 19
+    assert m["sources"][0]["files"] == 13
+    # 10 txt + 6 jsonl lines + 1 zst + 3 parquet rows
+    assert c["documents_in"] == 20
     assert c["dropped"] == {
         "bad_json": 1,
         "missing_text_field": 2,
@@ -83,10 +99,24 @@ def test_counts_every_drop_reason_and_cleaning_step(prepared):
         "low_alpha": 0,
         "high_symbol": 0,
     }
-    assert c["documents_out"] == 19 - 7
+    assert c["documents_out"] == 20 - 7
     assert c["replacement_chars"] == 20
     assert c["chars_removed"]["markup"] > 0 and c["chars_removed"]["gutenberg"] > 0
-    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 12
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 13
+
+
+def test_both_editions_of_a_play_land_on_one_side_and_val_is_listed(prepared):
+    m = load_manifest(prepared[0])
+    plan = m.split
+    assert plan.by == "filename" and plan.val_documents_total == len(plan.val_documents) == m.splits["val"].documents
+    val = {(Path(d.source).name, d.work) for d in plan.val_documents}
+    comedy = {(PLAYS[0], "comedy_of_errors"), (MODERN, "comedy_of_errors")}
+    comedy_in_val = split_of("comedy_of_errors", 0.2, 0) == 1
+    assert (comedy <= val) if comedy_in_val else not (comedy & val)
+    # the pattern names the works of 3 surviving files (lovers_complaint_gut.txt is the dropped exact copy
+    # of copy_of_lovers.txt, first by source path); the other 10 documents are each their own work
+    assert plan.ungrouped_documents == m.cleaning.documents_out - 3
+    assert m.cleaning.near_dedup_rounds >= 1
 
 
 def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus):
@@ -138,6 +168,29 @@ def test_existing_output_needs_overwrite(prepared, mixed_corpus):
     out = Path(prepared[0]).parent
     with pytest.raises(DataSourceError, match="already exists.*output.overwrite"):
         prepare(small_config([str(mixed_corpus)], out))
+
+
+def test_documents_that_cleaning_drops_never_crash(ray_session, tmp_path, capsys):
+    """Empty, binary and invalid-UTF-8 files with near-dedup on: the "nothing survived" error names the
+    drops; mixed with good documents they are counted, and an empty val split is a warning naming the fix."""
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "empty.txt").write_bytes(b"")
+    (junk / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (junk / "latin1.txt").write_bytes(("\xe9\xe8" * 40).encode("latin-1"))
+    with pytest.raises(DataSourceError, match="no documents survived cleaning .*empty=1.*of 3"):
+        prepare(small_config([str(junk)], tmp_path / "out0"))
+
+    play = (embedded_corpus_dir() / PLAYS[1]).read_text(encoding="utf-8")
+    (junk / "play_gut.txt").write_text(play, encoding="utf-8")
+    (junk / "short_gut.txt").write_text("A short poem, " * 8, encoding="utf-8")  # < one row of 65 tokens
+    seed = next(s for s in range(100) if split_of("play", 0.5, s) == 0 and split_of("short", 0.5, s) == 1)
+    uri = prepare(small_config([str(junk)], tmp_path / "out1", seed=seed, val_fraction=0.5))
+    out = capsys.readouterr().out
+    m = load_manifest(uri)
+    assert m.cleaning.documents_in == 5 and m.cleaning.documents_out == 2
+    assert m.splits["val"].sequences == 0 and [d.work for d in m.split.val_documents] == ["short"]
+    assert "WARNING: val has 0 rows" in out and "output.val_fraction" in out and "short: short_gut.txt" in out
 
 
 def test_no_matching_files_and_missing_path(ray_session, tmp_path):

@@ -1,0 +1,175 @@
+"""manifest.json: what `prepare` wrote (sources, cleaning counts, tokenizer, split plan, shards), typed.
+
+One writer and one reader for the file: ``prepare`` builds a ``Manifest`` and calls ``write_manifest``;
+``Manifest.from_dict`` checks every key and type and names the bad one. The JSON layout is the one
+``data_pipeline.loader.read_manifest`` reads (keys may be added, never renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+
+from data_pipeline.storage import DataSourceError, read_bytes, write_bytes
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "raylm-token-manifest/1"
+VAL_DOCUMENTS_LISTED = 1000  # the manifest lists at most this many val documents (the count is always exact)
+
+
+class ManifestError(DataSourceError):
+    """A manifest.json that is not one `prepare` writes: missing key, wrong type, other format."""
+
+
+@dataclass
+class SourceEntry:
+    uri: str
+    files: int
+    bytes: int
+
+
+@dataclass
+class CleaningStats:
+    documents_in: int = 0
+    documents_out: int = 0
+    chars_in: int = 0
+    chars_removed: dict[str, int] = field(default_factory=dict)  # per cleaning step
+    replacement_chars: int = 0  # invalid UTF-8 sequences decoded to U+FFFD
+    dropped: dict[str, int] = field(default_factory=dict)  # per drop reason
+    near_dedup_rounds: int = 0  # rounds of the Ray Data near-dedup resolution
+
+
+@dataclass
+class TokenizerEntry:
+    name: str
+    hash: str
+    n_vocab: int
+    eot_token: int
+    ranks_file: str
+    meta_file: str
+
+
+@dataclass
+class ShardEntry:
+    file: str  # relative to the manifest's directory
+    sequences: int
+    sha256: str
+
+
+@dataclass
+class SplitEntry:
+    documents: int
+    tokens: int
+    sequences: int
+    dropped_tail_tokens: int
+    num_shards: int
+    shards: list[ShardEntry]
+
+
+@dataclass
+class ValDocument:
+    source: str
+    doc_index: int
+    work: str  # what split_by named it (its content hash when it has no group)
+
+
+@dataclass
+class SplitPlan:
+    """How documents were assigned to train/val, and which went to val."""
+
+    by: str  # output.split_by.kind
+    val_fraction: float
+    seed: int
+    val_documents_total: int
+    ungrouped_documents: int  # documents split_by found no work for: each is its own work
+    val_documents: list[ValDocument]  # sorted by (work, source, doc_index); the first VAL_DOCUMENTS_LISTED
+
+
+@dataclass
+class Manifest:
+    tokenizer: TokenizerEntry
+    seq_len: int
+    row_tokens: int
+    dtype: str
+    splits: dict[str, SplitEntry]
+    sources: list[SourceEntry] = field(default_factory=list)
+    cleaning: CleaningStats = field(default_factory=CleaningStats)
+    split: Optional[SplitPlan] = None
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved DataConfig
+    format: str = MANIFEST_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict, where: str = MANIFEST) -> Manifest:
+        """A Manifest from parsed JSON; ``ManifestError`` naming ``where`` and the key when it is not one."""
+        if not isinstance(value, dict) or value.get("format") != MANIFEST_FORMAT:
+            got = value.get("format") if isinstance(value, dict) else type(value).__name__
+            raise ManifestError(f"{where}: not a raylm token manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+        return _build(cls, {k: v for k, v in value.items() if k != "uri"}, where, "")
+
+
+def _build(tp: Any, value: Any, where: str, key: str) -> Any:
+    def fail(why: str) -> ManifestError:
+        return ManifestError(f"{where}: key '{key or '<top>'}' {why}; re-run `raylm prepare` to rewrite it")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise fail(f"has unknown keys {unknown}")
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise fail(f"lacks {missing}")
+        return tp(**{n: _build(hints[n], v, where, f"{key}.{n}" if key else n) for n, v in value.items()})
+    if origin is typing.Union:
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner, value, where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(f"must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail(f"must be a mapping, got {type(value).__name__}")
+        item = typing.get_args(tp)[1]
+        return {k: _build(item, v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else isinstance(value, tp)
+    if not ok or (tp is int and isinstance(value, bool)):
+        raise fail(f"must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def write_manifest(manifest: Manifest, fs: pafs.FileSystem, path: str) -> None:
+    """Writes ``<path>/manifest.json`` (``path`` as ``storage.filesystem_for`` resolved it)."""
+    write_bytes(fs, f"{path}/{MANIFEST}", (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+
+
+def load_manifest(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
+    """The Manifest at ``uri`` (a manifest.json URI or its directory)."""
+    if not uri.endswith(".json"):
+        uri = uri.rstrip("/") + "/" + MANIFEST
+    try:
+        value = json.loads(read_bytes(uri, endpoint_url, region))
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{uri}: not JSON ({err}); re-run `raylm prepare` to rewrite it") from None
+    return Manifest.from_dict(value, uri)
