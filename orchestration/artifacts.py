@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_META_FILE = "raylm_meta.json"
 FINETUNE_SUMMARY_FILE, FINETUNE_MARKDOWN_FILE = "finetune_summary.json", "finetune.md"
 DEMO_SUMMARY_FILE = "demo_summary.json"
+LATEST_RUN_FILE = "latest_run"  # in <storage>/<run_name>: the URI of that name's newest timestamped run
 TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
 SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
 BASELINES_FILE, BASELINES_MARKDOWN_FILE = "baselines.json", "baselines.md"
@@ -264,6 +265,16 @@ def latest_complete_checkpoint(run: RunDir) -> Optional[tuple[RunDir, dict]]:
         if meta is not None:
             return ckpt, meta
     return None
+
+
+def write_latest_run(family: RunDir, run_uri: str) -> str:
+    """Point ``family`` (e.g. runs/shakespeare) at ``run_uri`` (runs/shakespeare-<time>), so configs
+    that name the family (fine-tune's ``checkpoint: runs/shakespeare``) find the newest demo run."""
+    return family.write_text(LATEST_RUN_FILE, run_uri + "\n")
+
+
+def read_latest_run(family: RunDir) -> Optional[str]:
+    return family.read_text(LATEST_RUN_FILE).strip() if family.has(LATEST_RUN_FILE) else None
 
 
 # ---- sweeps, searches, fine-tunes ---------------------------------------------------------------------

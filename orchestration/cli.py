@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from orchestration.config import ConfigError, load_config
+from orchestration.runtime import VERBOSE_ENV
 
 CONFIG_HELP = "YAML config file (see configs/); defaults are used when omitted"
 OVERRIDE_HELP = "config overrides as key.sub=value, e.g. model.n_layer=4 train.lr=3e-4"
@@ -274,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raylm",
         description="Build GPT-style language models from scratch and train them on Ray + DeepSpeed.",
     )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also show worker logs and Ray's INFO lines (default: raylm's progress lines only)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -519,6 +527,8 @@ def _input_errors() -> tuple[type[Exception], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # before Ray starts: its processes inherit it
     try:
         return args.func(args)
     except ConfigError as err:

@@ -3,7 +3,9 @@
 The README's main job. It reuses prepared shards when their manifest was built from the same data
 config (prepare is deterministic, so they are the shards it would write again), trains a fresh run,
 and ends with a summary that puts the validation loss next to the unigram entropy of the training
-tokens: a model that learned nothing beyond token frequencies scores that entropy.
+tokens: a model that learned nothing beyond token frequencies scores that entropy. Each demo run is
+``runs/shakespeare-<time>``; ``runs/shakespeare/latest_run`` names the newest, so the fine-tune
+configs (``checkpoint: runs/shakespeare``) start from it unmodified.
 """
 
 from __future__ import annotations
@@ -69,23 +71,28 @@ def unigram_entropy(manifest_uri: str, endpoint_url: str | None = None) -> float
 
 def run_demo(cfg: PretrainConfig, *, prompt: str = "ROMEO:", max_new_tokens: int = 200) -> dict:
     """Run the whole pipeline once; print a summary and return it (also written to demo_summary.json)."""
-    from orchestration.artifacts import DEMO_SUMMARY_FILE, RunDir
+    from orchestration.artifacts import DEMO_SUMMARY_FILE, RUN_FILE, RunDir, write_latest_run
     from orchestration.evaluate.lm import evaluate_lm
     from orchestration.evaluate.sample import generate_text
     from orchestration.report.write import write_report
     from orchestration.runtime import init_ray
-    from orchestration.train.driver import run_training
+    from orchestration.train.driver import run_dir, run_training
 
     t0 = time.time()
     init_ray()
     manifest_uri = prepared_manifest(cfg)
     t_prepared = time.time()
+    family = run_dir(cfg.train)  # runs/shakespeare: the name configs/finetune_*.yaml start from
     run_name = f"{cfg.train.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=manifest_uri, run_name=run_name))
     trained = run_training(cfg, resume=False)
     t_trained = time.time()
     if trained["checkpoint"] is None:
         raise RuntimeError(f"training finished without a checkpoint in {trained['run_dir']}")
+    if family.has(RUN_FILE):  # a `raylm train` run of that name: its own checkpoints stay what it means
+        print(f"[demo] {family.uri} is a training run of its own; not pointing it at {trained['run_dir']}")
+    else:
+        write_latest_run(family, trained["run_dir"])
     ev = evaluate_lm(
         trained["checkpoint"], manifest_uri, split="val", max_sequences=512, endpoint_url=cfg.train.endpoint_url
     )

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 DEFAULT_EXTENSIONS_DIR = str(Path.home() / ".cache" / "raylm" / "torch_extensions")
+VERBOSE_ENV = "RAYLM_VERBOSE"  # "1": forward worker logs and Ray's INFO lines to the console (raylm -v)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def init_ray(address: str | None = None) -> None:
@@ -14,10 +21,22 @@ def init_ray(address: str | None = None) -> None:
     The environment is set before Ray starts so its processes inherit it: a local Ray binds only to
     127.0.0.1 and DeepSpeed's JIT-built CPU ops are cached in one place across runs. Ray Train's
     controller keeps its default poll interval (the loop reports only at evaluations and checkpoints).
+
+    The console shows raylm's own lines: the driver prints progress from metrics.jsonl, so worker
+    stdout and Ray's INFO/deprecation chatter stay in Ray's session logs unless ``RAYLM_VERBOSE=1``.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized():
+        return
+    loud = verbose()
+    if not loud:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    ray.init(
+        address=address or os.environ.get("RAY_ADDRESS"),
+        log_to_driver=loud,
+        logging_level=logging.INFO if loud else logging.WARNING,
+    )

@@ -1,7 +1,8 @@
 """A consolidated checkpoint -> a model in eval mode: plain PyTorch, no Ray Train, no DeepSpeed.
 
-A checkpoint URI is a ``checkpoint_<step>`` directory or a run directory (its newest complete
-checkpoint is used), local or on object storage. Eval, generation, export, serving and fine-tuning
+A checkpoint URI is a ``checkpoint_<step>`` directory, a run directory (its newest complete
+checkpoint is used) or a run name the demo points at its newest run (``latest_run``), local or on
+object storage. Eval, generation, export, serving and fine-tuning
 load checkpoints through here.
 """
 
@@ -16,7 +17,14 @@ import tiktoken
 from model.build import build_model
 from model.config import ModelConfig
 from model.gpt import GPT
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta, latest_complete_checkpoint
+from orchestration.artifacts import (
+    CHECKPOINT_META_FILE,
+    LATEST_RUN_FILE,
+    RunDir,
+    complete_checkpoint_meta,
+    latest_complete_checkpoint,
+    read_latest_run,
+)
 from orchestration.train.checkpoint import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
@@ -27,15 +35,22 @@ from orchestration.train.checkpoint import (
 
 
 def resolve_checkpoint(uri: str, endpoint_url: Optional[str]) -> str:
-    """A complete checkpoint dir for ``uri`` (itself, or a run dir's newest complete checkpoint)."""
+    """A complete checkpoint dir for ``uri``: itself, a run dir's newest complete checkpoint, or that of
+    the run its ``latest_run`` pointer names (a run's own checkpoints win over a pointer)."""
     where = RunDir.at(uri, endpoint_url)
     if complete_checkpoint_meta(where) is not None:
         return where.uri
     latest = latest_complete_checkpoint(where)
+    pointed = read_latest_run(where) if latest is None else None
+    if pointed is not None:
+        print(f"[raylm] {uri} -> {pointed} ({LATEST_RUN_FILE})", flush=True)
+        latest = latest_complete_checkpoint(RunDir.at(pointed, endpoint_url))
     if latest is None:
         raise CheckpointError(
             f"{uri}: neither a complete checkpoint (with {CHECKPOINT_META_FILE}) nor a run directory "
-            "holding one; pass a checkpoint_<step> directory or a run directory"
+            "holding one"
+            + (f" (its {LATEST_RUN_FILE} names {pointed}, which holds none)" if pointed else "")
+            + "; pass a checkpoint_<step> directory or a run directory (`raylm demo` or `raylm train` writes one)"
         )
     return latest[0].uri
 

@@ -23,7 +23,8 @@ import numpy as np
 import tiktoken
 import torch
 
-from orchestration.evaluate.load import evaluate_lm, loaded_checkpoint
+from orchestration.evaluate.lm import evaluate_lm
+from orchestration.evaluate.load import loaded_checkpoint
 from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
 
 DEFAULT_BIAS_TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "eval" / "bias_templates.yaml"

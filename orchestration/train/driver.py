@@ -179,6 +179,7 @@ def launch(
     from ray.train.torch import TorchTrainer
 
     from orchestration.train.loop import worker_loop
+    from orchestration.train.progress import ProgressPrinter
     from orchestration.train.trackers import TrackerError, check_trackers
 
     train = cfg.train
@@ -228,7 +229,11 @@ def launch(
         datasets=datasets,
         dataset_config=_data_config(),
     )
-    result = trainer.fit()
+    progress = ProgressPrinter(run, plan.total_steps).start()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.stop()
     if result.error:
         raise result.error
     records = read_metrics(run)

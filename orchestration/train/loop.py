@@ -143,7 +143,6 @@ def worker_loop(loop_config: dict) -> None:
         if rank == 0:
             metrics_log.append(record)
             trackers.log(record)
-            print("[raylm] " + format_record(record, total_steps), flush=True)
         if do_ckpt or stopper.stopped:
             t_ckpt = time.perf_counter()
             ckpt_dir = save_checkpoint(
@@ -277,32 +276,6 @@ class _Window:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-def format_record(record: dict, total_steps: int) -> str:
-    """One console line for a metrics record."""
-    parts = [
-        f"step {record['step']}/{total_steps}",
-        f"loss {record['loss']:.4f}",
-        f"lr {record['lr']:.2e}",
-        f"{record['tokens_per_s']:,.0f} tok/s",
-        f"wait {record['data_wait_s'] * 1e3:.1f} ms",
-    ]
-    if record.get("mfu") is not None:
-        parts.append(f"mfu {record['mfu']:.1%}")
-    else:
-        parts.append(f"{record['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}")
-        if "val_perplexity" in record:
-            parts.append(f"(ppl {record['val_perplexity']:.1f})")
-        if "val_accuracy" in record:
-            parts.append(f"acc {record['val_accuracy']:.3f}")
-    if "best_val_loss" in record:
-        parts.append(f"best {record['best_val_loss']:.4f}")
-        if record["stopped_early"]:
-            parts.append(f"early stop ({record['evals_without_improvement']} evals without improvement)")
-    return " | ".join(parts)
 
 
 def _driver_checkpoint(plan: WorkerPlan):

@@ -96,9 +96,9 @@ SHAPES = {
         "GPT2LMHeadModel",
     ),
     "shakespeare": (_preset_shape("shakespeare"), "Starcoder2ForCausalLM"),
-    "ladder": (_preset_shape("ladder-20m"), "LlamaForCausalLM"),
+    "ladder": (_preset_shape("ladder-23m"), "LlamaForCausalLM"),
     "llama-gqa-bias-untied": (
-        dict(_preset_shape("ladder-20m"), n_head=4, n_kv_head=1, bias=True, tie_embeddings=False, rope_theta=500.0),
+        dict(_preset_shape("ladder-23m"), n_head=4, n_kv_head=1, bias=True, tie_embeddings=False, rope_theta=500.0),
         "LlamaForCausalLM",
     ),
     "rope-gelu-rmsnorm-gqa": (

@@ -19,7 +19,7 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.storage import embedded_corpus_dir
 from model.config import ModelConfig
 from model.gpt import GPT
-from orchestration.evaluate.load import evaluate, evaluate_lm, lm_metrics
+from orchestration.evaluate.lm import evaluate_lm, lm_metrics
 from orchestration.evaluate.suites import (
     cloze_items,
     continuation_logprobs,
@@ -171,7 +171,7 @@ def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
     model, _, _, _ = tiny["trained"]
     ckpt = _write_checkpoint(tmp_path / "run", model, tiny["spec"], step=300)
     lm = evaluate_lm(str(tmp_path / "run"), tiny["text_file"], max_sequences=8)  # run dir -> newest checkpoint
-    assert lm["loss"] == pytest.approx(evaluate(ckpt, tiny["text_file"], max_sequences=8)["loss"], rel=1e-5)
+    assert lm["loss"] == pytest.approx(evaluate_lm(ckpt, tiny["text_file"], max_sequences=8)["loss"], rel=1e-5)
     assert lm["checkpoint"] == ckpt and lm["bits_per_byte"] > 0
     result = run_eval_suite(
         "all",
