@@ -152,8 +152,9 @@ class MetricsLog:
     """Rank 0's ``metrics.jsonl``: records are appended in memory and written out by a background
     thread at most every ``flush_interval_s`` (and on ``close``), so a slow or remote store never
     stalls the step loop. On a local disk new lines are appended; object stores cannot append, so
-    there a flush rewrites the file. A resumed run first drops lines past its checkpoint
-    (``truncate_after``: one rewrite) so no step is logged twice."""
+    there a flush rewrites the file. ``flush`` writes synchronously; the loop calls it at each
+    checkpoint, so a crash never loses a record its checkpoint covers. A resumed run first drops lines
+    past its checkpoint (``truncate_after``: one rewrite) so no step is logged twice."""
 
     def __init__(self, run: RunDir, *, flush_interval_s: float = 5.0):
         self.run, self.flush_interval_s = run, flush_interval_s
@@ -161,6 +162,7 @@ class MetricsLog:
         self._written = len(self.lines)  # lines already in the file; -1: the file must be rewritten
         self._appendable = isinstance(run.fs, pafs.LocalFileSystem)
         self._lock, self._dirty, self._error = threading.Lock(), threading.Event(), None
+        self._write_lock = threading.Lock()  # one writer at a time: the thread, flush or close
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="raylm-metrics", daemon=True)
         self._thread.start()
@@ -183,6 +185,14 @@ class MetricsLog:
             self.lines.append(json.dumps(record))
         self._dirty.set()
 
+    def flush(self) -> None:
+        """Write every record appended so far, now (retrying transient storage errors)."""
+        from data_pipeline.storage import with_retries
+
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.run.uri_of(METRICS_FILE)} failed: {self._error}") from self._error
+        with_retries(self._write, what=self.run.uri_of(METRICS_FILE))
+
     def close(self) -> None:
         """Write everything out now (call at the end of the loop); raises if the last write failed."""
         self._closed.set()
@@ -191,6 +201,10 @@ class MetricsLog:
         self._write()
 
     def _write(self) -> None:
+        with self._write_lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
         with self._lock:
             lines, written = list(self.lines), self._written
         if self._appendable and written >= 0 and self.run.has(METRICS_FILE):

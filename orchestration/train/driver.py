@@ -16,12 +16,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from orchestration.artifacts import RunDir, latest_complete_checkpoint, read_metrics, write_config, write_run_facts
+from orchestration.artifacts import (
+    RunDir,
+    complete_checkpoint_meta,
+    latest_complete_checkpoint,
+    read_metrics,
+    write_config,
+    write_run_facts,
+)
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import DEFAULT_EXTENSIONS_DIR, init_ray
 from orchestration.train.config import TrainConfig
 from orchestration.train.plan import WorkerPlan
 
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see loop.FAIL_AT_STEP_ENV)
 # Checkpoint-meta keys and config fields a resumed run must share with its checkpoint.
 SAME_RUN_META = ("seq_len", "tokenizer_hash", "data")
@@ -109,10 +117,10 @@ def resume_point(
     if exists and not resume:
         raise ConfigError(f"run directory {run.uri} already exists; pick another train.run_name or resume it")
     found = latest_complete_checkpoint(run) if exists else None
+    if exists:
+        set_aside_damaged_ray_snapshot(run, found[1]["step"] if found else None)
     if found is None and branch_from:
         branch = RunDir.at(branch_from, run.endpoint_url)
-        from orchestration.artifacts import complete_checkpoint_meta
-
         meta = complete_checkpoint_meta(branch)
         if meta is None:
             raise ConfigError(f"branch checkpoint {branch.uri} is missing or incomplete; rerun the run it belongs to")
@@ -123,6 +131,30 @@ def resume_point(
     check_same_run(meta, cfg, meta_now, run.uri)
     print(f"[raylm] resuming {run.uri} from step {meta['step']} ({ckpt.uri})", flush=True)
     return ckpt.uri, meta
+
+
+def set_aside_damaged_ray_snapshot(run: RunDir, resume_step: Optional[int]) -> None:
+    """Ray Train restores from its own snapshot's newest checkpoint before the driver's pick, and refuses
+    to start when a checkpoint it lists is gone. When a listed checkpoint is damaged or missing (a file
+    deleted, an upload cut short), the snapshot is renamed aside (kept, not deleted) so the workers start
+    from the newest complete checkpoint the driver chose; the damaged directory stays for inspection."""
+    if not run.has(RAY_SNAPSHOT_FILE):
+        return
+    snapshot = run.read_json(RAY_SNAPSHOT_FILE)
+    listed = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    damaged = [name for name in listed if complete_checkpoint_meta(run.child(name)) is None]
+    if not damaged:
+        return
+    aside = f"{RAY_SNAPSHOT_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.write_bytes(aside, run.read_bytes(RAY_SNAPSHOT_FILE))
+    run.fs.delete_file(run.path_of(RAY_SNAPSHOT_FILE))
+    where = f"step {resume_step}" if resume_step is not None else "the start"
+    print(
+        f"[raylm] warning: damaged or incomplete checkpoint(s) in {run.uri}: {', '.join(damaged)} (a file "
+        f"missing or of the wrong size); skipped, resuming from {where}; Ray's snapshot listing them moved "
+        f"to {aside}",
+        flush=True,
+    )
 
 
 def check_same_run(meta: dict, cfg, meta_now: dict, uri: str) -> None:

@@ -144,6 +144,8 @@ def worker_loop(loop_config: dict) -> None:
             metrics_log.append(record)
             trackers.log(record)
         if do_ckpt or stopper.stopped:
+            if rank == 0:
+                metrics_log.flush()  # the records this checkpoint covers survive any crash after it
             t_ckpt = time.perf_counter()
             ckpt_dir = save_checkpoint(
                 engine,

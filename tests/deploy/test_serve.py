@@ -78,7 +78,7 @@ def test_sub_batches_share_settings_and_context_room():
 
 
 def test_generate_info_and_seeded_reproducibility(server):
-    from orchestration.evaluate.load import generate_text
+    from orchestration.evaluate.sample import generate_text
 
     url = server["url"]
     status, out = _request(f"{url}/generate", {"prompt": "To be, or not", "max_tokens": 8, "temperature": 0})

@@ -128,10 +128,12 @@ def test_worker_crash_is_absorbed_and_matches_uninterrupted_run(reference_runs, 
     assert [r["step"] for r in records] == [5, 10, 15, 20]  # redone steps are logged once
     ref_summary, ref_records = reference_runs[3]
     # Resuming at step 10 read only the rows from step 10 on: by step 15 each rank has read at most its
-    # 5 steps x 8 rows plus the reader's 2 prefetched steps, the same bound as a run from step 0.
+    # 5 steps x 8 rows plus the reader's read-ahead (2 queued steps + 1 in the prefetch thread's hand),
+    # the same as a run from step 0 at its step 5.
     per_rank_step = 8  # global batch 16 / 2 ranks
     for first_record in (records[2], ref_records[0]):
-        assert all(0 < rows <= (5 + 2) * per_rank_step for rows in first_record["data_read_rows_per_rank"])
+        assert all(0 < rows <= (5 + 3) * per_rank_step for rows in first_record["data_read_rows_per_rank"])
+    assert records[2]["data_read_rows_per_rank"] == ref_records[0]["data_read_rows_per_rank"]
     assert summary["final_step"] == ref_summary["final_step"] == STEPS
     assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
     assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-5)
@@ -187,3 +189,26 @@ def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkey
     assert summary["final_step"] == STEPS
     assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
     assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-5)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_runs, workdir, capsys):
+    """A file deleted from the newest checkpoint (which Ray's own snapshot lists): re-running the run
+    resumes from the previous complete checkpoint by itself and ends where the uninterrupted run ends."""
+    import shutil
+
+    from orchestration.train.driver import RAY_SNAPSHOT_FILE, run_training
+
+    root, manifest = workdir
+    ref_summary, _ = reference_runs[1]
+    run_dir = root / "runs" / "zero1-damaged"
+    shutil.copytree(ref_summary["run_dir"], run_dir)  # the finished ZeRO-1 run, under another name
+    assert RAY_SNAPSHOT_FILE in {p.name for p in run_dir.iterdir()}
+    (run_dir / "checkpoint_00000020" / "model.safetensors").unlink()
+    summary = run_training(tiny_config(manifest, root / "runs", "zero1-damaged", zero_stage=1))
+    out = capsys.readouterr().out
+    assert "checkpoint_00000020" in out and "resuming from step 10" in out
+    assert [p.name for p in run_dir.glob(f"{RAY_SNAPSHOT_FILE}.damaged-*")]  # set aside, not deleted
+    assert _metrics(str(run_dir))[-1]["start_step"] == 10
+    assert summary["final_step"] == STEPS and summary["checkpoint"].endswith("checkpoint_00000020")
+    assert latest_complete_checkpoint(RunDir.at(str(run_dir)))[1]["step"] == STEPS  # rewritten whole
+    assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
