@@ -27,6 +27,8 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> fl
 
     train = cfg.train
     torch.manual_seed(train.seed)
+    if device == "cuda":  # as raylm's workers do (engine.worker_device): TF32 matmuls for fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = GPT(cfg.model).to(device)
     optimizer = build_optimizer(model, train)
     step_fn = torch.compile(model) if train.compile else model
@@ -133,7 +135,7 @@ def main() -> None:
     bare = bare_loop(cfg, rows, args.steps, args.warmup, device)
     ours, last = raylm_path(cfg, args.steps, args.warmup)
     fpt = flops_per_token(cfg.model, seq_len)
-    peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None)
+    peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None, args.precision)
     print(
         f"\nmodel {args.preset} ({sum(p.numel() for p in __import__('model.gpt', fromlist=['GPT']).GPT(cfg.model).parameters()) / 1e6:.2f}M params), "  # noqa: E501
         f"micro batch {args.micro_batch_size} x {seq_len} tokens, {args.precision}, ZeRO-{args.zero_stage}, "

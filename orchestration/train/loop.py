@@ -55,7 +55,7 @@ def worker_loop(loop_config: dict) -> None:
     engine = wrap_with_deepspeed(task.model, train)
     model_cfg = ModelConfig(**plan.model_config)
     total_steps, tokens_per_step = plan.total_steps, train.global_batch_size * plan.seq_len
-    peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train.precision)
     run = RunDir.at(plan.run_uri, plan.endpoint_url)
     metrics_log = MetricsLog(run) if rank == 0 else None
     exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent

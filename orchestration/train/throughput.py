@@ -19,13 +19,15 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def peak_flops_per_device(device_name: Optional[str]) -> Optional[float]:
-    """Dense bf16 peak FLOP/s for a CUDA device name; None for CPU or an unknown device."""
+def peak_flops_per_device(device_name: Optional[str], precision: str = "bf16") -> Optional[float]:
+    """Dense peak FLOP/s of the precision the matmuls run in, for a CUDA device name; None for CPU or
+    an unknown device. bf16 / fp16: the tensor-core peak above. fp32: the TF32 tensor-core peak (half
+    the bf16 one on every device listed), as fp32 runs enable TF32 matmuls (``engine.worker_device``)."""
     if not device_name:
         return None
     for key, flops in PEAK_BF16_FLOPS:
         if key.lower() in device_name.lower():
-            return flops
+            return flops / 2 if precision == "fp32" else flops
     return None
 
 

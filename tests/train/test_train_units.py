@@ -116,6 +116,10 @@ def test_mfu_math_and_peak_table():
     assert peak_flops_per_device("NVIDIA L4") == 121e12 and peak_flops_per_device("NVIDIA L40S") == 362e12
     assert peak_flops_per_device("NVIDIA A10G") == 70e12
     assert peak_flops_per_device(None) is None and peak_flops_per_device("cpu") is None
+    # fp32 runs use TF32 tensor cores: MFU against that peak, not bf16's
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "fp32") == 494.5e12
+    assert peak_flops_per_device("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "fp16") == 989e12
     out = throughput(tokens=1000, seconds=2.0, flops_per_token=1e9, num_devices=2, peak_flops=1e12)
     assert out == {"tokens_per_s": 500.0, "flops_per_s": 5e11, "mfu": 0.25}
     assert throughput(tokens=1000, seconds=2.0, flops_per_token=1e9, num_devices=1, peak_flops=None)["mfu"] is None
