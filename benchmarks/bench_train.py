@@ -1,7 +1,10 @@
-"""Training throughput: a bare PyTorch loop vs the raylm path (Ray Train + DeepSpeed, one worker).
+"""Training throughput: a bare PyTorch loop vs the raylm path (Ray Train, one worker, DDP or ZeRO).
 
-Same model, batch, optimizer, precision and data in one run; prints tokens/s of each, the ratio
-raylm / bare (target >= 0.95) and MFU on a GPU with a known peak (achieved FLOP/s on CPU).
+Same model, batch, optimizer, precision, data and torch thread count in one run; prints tokens/s of
+each, the ratio raylm / bare (target >= 0.95), MFU on a GPU with a known peak (achieved FLOP/s on
+CPU), peak device memory on a GPU, and the thread count each side ran with (the bare loop is pinned
+to ``--threads``, the Ray worker gets ``--threads`` CPUs and reports the threads it saw). With
+``--json``, appends one result line to that file (benchmarks/gpu_suite.sh builds its table from them).
 
     python benchmarks/bench_train.py --data runs/data/shakespeare/manifest.json --preset shakespeare
     python benchmarks/bench_train.py --data ... --gpu --precision bf16 --compile --preset gpt2-small
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 
 
-def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> float:
-    """tokens/s of model + AdamW (same param groups) with no Ray and no DeepSpeed."""
+def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tuple[float, int | None]:
+    """(tokens/s, peak device bytes) of model + AdamW (same param groups) with no Ray and no DeepSpeed:
+    nanoGPT's loop (whole-model compile, autocast, grad accumulation, clipping, fused AdamW on CUDA)."""
     from model.gpt import GPT
     from orchestration.train.engine import build_optimizer
     from orchestration.train.schedule import lr_for
@@ -29,6 +33,8 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> fl
     torch.manual_seed(train.seed)
     if device == "cuda":  # as raylm's workers do (engine.worker_device): TF32 matmuls for fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model = GPT(cfg.model).to(device)
     optimizer = build_optimizer(model, train)
     step_fn = torch.compile(model) if train.compile else model
@@ -56,11 +62,17 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> fl
         optimizer.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    del model, optimizer, step_fn
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the Ray worker shares this GPU next
+    return tokens / seconds, peak_bytes
 
 
-def raylm_path(cfg, steps: int, warmup: int) -> tuple[float, dict]:
-    """Steady-state tokens/s of run_training with one worker (log intervals after warm-up)."""
+def raylm_path(cfg, warmup: int) -> tuple[float, dict]:
+    """Steady-state tokens/s of run_training with one worker (log intervals after warm-up), and its
+    last metrics record (peak memory, torch threads, data wait)."""
     from orchestration.train.driver import run_training
 
     summary = run_training(cfg, resume=False)
@@ -79,10 +91,15 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--zero-stage", type=int, default=0)
+    ap.add_argument(
+        "--zero-stages", default="0", help="comma list, each measured against the one bare loop: 0 = DDP, 1-3 = ZeRO"
+    )
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of both sides")
+    ap.add_argument("--json", default=None, help="append one JSON result line per stage to this file")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -91,38 +108,18 @@ def main() -> None:
 
     from data_pipeline.loader import read_manifest, sequence_dataset
     from model.flops import flops_per_token
-    from orchestration.config import load_config
+    from model.gpt import GPT
     from orchestration.train.throughput import peak_flops_per_device
 
     manifest = read_manifest(args.data)
     seq_len = manifest["seq_len"]
-    storage = tempfile.mkdtemp(prefix="raylm_bench_")
-    cfg = load_config(
-        None,
-        [
-            f"model.preset={args.preset}",
-            f"model.vocab_size={manifest['tokenizer']['n_vocab']}",
-            f"model.block_size={seq_len}",
-            f"train.data={args.data}",
-            f"train.storage_path={storage}",
-            "train.run_name=bench",
-            "train.num_workers=1",
-            f"train.use_gpu={str(args.gpu).lower()}",
-            f"train.micro_batch_size={args.micro_batch_size}",
-            f"train.max_steps={args.warmup + args.steps}",
-            "train.warmup_steps=2",
-            f"train.zero_stage={args.zero_stage}",
-            f"train.precision={args.precision}",
-            f"train.compile={str(args.compile).lower()}",
-            "train.log_interval=5",
-            "train.eval_interval=0",
-            "train.checkpoint_interval=0",
-            f"train.cpus_per_worker={os.cpu_count()}",
-        ],
-    )
+    stages = [int(s) for s in args.zero_stages.split(",")]
+    cfg = bench_config(args, manifest, stages[0])
     device = "cuda" if args.gpu else "cpu"
-    # The worker gets every core (as the bare loop does); one more logical CPU runs Ray Data's reads.
-    ray.init(num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=True)
+    # The worker gets --threads CPUs (Ray sets its OMP_NUM_THREADS from them); one more logical CPU
+    # runs Ray Data's reads. The bare loop runs in this process pinned to the same thread count.
+    torch.set_num_threads(args.threads)
+    ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=True)
     # The bare loop gets the same rows (the run's first sequences), read once into memory.
     n_rows = (args.warmup + args.steps) * args.micro_batch_size
     rows = np.stack(
@@ -131,22 +128,89 @@ def main() -> None:
             for r in sequence_dataset(args.data, "train", seed=cfg.train.seed, num_sequences=n_rows).take(n_rows)
         ]
     )
-
-    bare = bare_loop(cfg, rows, args.steps, args.warmup, device)
-    ours, last = raylm_path(cfg, args.steps, args.warmup)
+    bare, bare_peak = bare_loop(cfg, rows, args.steps, args.warmup, device)
     fpt = flops_per_token(cfg.model, seq_len)
     peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None, args.precision)
+    n_params = sum(p.numel() for p in GPT(cfg.model).parameters())
     print(
-        f"\nmodel {args.preset} ({sum(p.numel() for p in __import__('model.gpt', fromlist=['GPT']).GPT(cfg.model).parameters()) / 1e6:.2f}M params), "  # noqa: E501
-        f"micro batch {args.micro_batch_size} x {seq_len} tokens, {args.precision}, ZeRO-{args.zero_stage}, "
-        f"compile={args.compile}, device {device}, torch threads {torch.get_num_threads()}"
+        f"\nmodel {args.preset} ({n_params / 1e6:.2f}M params), micro batch {args.micro_batch_size} x {seq_len} "
+        f"tokens, {args.precision}, compile={args.compile}, activation checkpointing "
+        f"{args.activation_checkpointing}, device {device}"
+        + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
-    for name, tps in (("bare PyTorch loop", bare), ("raylm (Ray Train + DeepSpeed, 1 worker)", ours)):
-        util = f"MFU {tps * fpt / peak:.1%}" if peak else f"{tps * fpt / 1e9:.2f} GFLOP/s"
-        print(f"  {name:42s} {tps:12,.0f} tokens/s   {util}")
-    print(
-        f"  ratio raylm / bare: {ours / bare:.3f} (target >= 0.95); raylm data wait {last['data_wait_s'] * 1e3:.2f} ms/step"  # noqa: E501
+    print(f"  {'bare PyTorch loop':34s} {_side(bare, bare_peak, fpt, peak)}   torch threads {torch.get_num_threads()}")
+    for stage in stages:
+        ours, last = raylm_path(bench_config(args, manifest, stage), args.warmup)
+        path = "DDP" if stage == 0 else f"ZeRO-{stage}"
+        ours_peak = last["peak_memory_bytes"] if args.gpu else None
+        print(
+            f"  {'raylm, ' + path + ', 1 Ray Train worker':34s} {_side(ours, ours_peak, fpt, peak)}   torch threads "
+            f"{last['torch_threads']}   ratio raylm / bare {ours / bare:.3f} (target >= 0.95)   "
+            f"data wait {last['data_wait_s'] * 1e3:.2f} ms/step"
+        )
+        if last["torch_threads"] != torch.get_num_threads():
+            print("  WARNING: the two sides ran with different thread counts; the ratio is not a fair comparison")
+        if args.json:
+            result = {
+                "preset": args.preset,
+                "params": n_params,
+                "path": path,
+                "precision": args.precision,
+                "compile": args.compile,
+                "seq_len": seq_len,
+                "micro_batch_size": args.micro_batch_size,
+                "bare_tokens_per_s": bare,
+                "raylm_tokens_per_s": ours,
+                "ratio": ours / bare,
+                "bare_mfu": bare * fpt / peak if peak else None,
+                "raylm_mfu": ours * fpt / peak if peak else None,
+                "peak_flops": peak,
+                "bare_peak_bytes": bare_peak,
+                "raylm_peak_bytes": ours_peak,
+                "threads": [torch.get_num_threads(), last["torch_threads"]],
+            }
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+def bench_config(args, manifest: dict, stage: int):
+    """The one-worker run the raylm side makes (and whose model and batch the bare loop copies)."""
+    from orchestration.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"model.vocab_size={manifest['tokenizer']['n_vocab']}",  # as the driver sets it for the raylm side
+            f"model.block_size={manifest['seq_len']}",
+            f"train.data={args.data}",
+            f"train.storage_path={tempfile.mkdtemp(prefix='raylm_bench_')}",
+            "train.run_name=bench",
+            "train.num_workers=1",
+            f"train.use_gpu={str(args.gpu).lower()}",
+            f"train.micro_batch_size={args.micro_batch_size}",
+            f"train.max_steps={args.warmup + args.steps}",
+            "train.warmup_steps=2",
+            f"train.zero_stage={stage}",
+            f"train.precision={args.precision}",
+            f"train.compile={str(args.compile).lower()}",
+            f"train.activation_checkpointing={args.activation_checkpointing}",
+            "train.log_interval=5",
+            "train.eval_interval=0",
+            "train.checkpoint_interval=0",
+            f"train.cpus_per_worker={args.threads}",
+        ],
     )
+
+
+def _side(tokens_per_s: float, peak_bytes, flops_per_token: float, peak_flops) -> str:
+    util = (
+        f"MFU {tokens_per_s * flops_per_token / peak_flops:5.1%}"
+        if peak_flops
+        else (f"{tokens_per_s * flops_per_token / 1e9:.2f} GFLOP/s")
+    )
+    memory = f"   peak {peak_bytes / 2**30:5.1f} GiB" if peak_bytes else ""
+    return f"{tokens_per_s:12,.0f} tokens/s   {util}{memory}"
 
 
 if __name__ == "__main__":

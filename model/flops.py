@@ -126,10 +126,12 @@ def estimate_training_memory(
     activation_checkpointing: str = "none",
     checkpoint_every: int = 2,
 ) -> dict[str, int]:
-    """Bytes per worker for data-parallel AdamW training under DeepSpeed ZeRO.
+    """Bytes per worker for data-parallel AdamW training: DDP at ZeRO stage 0, DeepSpeed ZeRO at 1-3.
 
-    Mixed precision (bf16/fp16) holds 16-bit params and grads and 12 bytes/param of optimizer state
-    (fp32 master copy, m, v); fp32 holds 4 + 4 + 8. ZeRO-1 shards the optimizer state over
+    fp32 holds 4 + 4 + 8 bytes/param (params, grads, Adam m and v). Mixed precision under DeepSpeed
+    (stages 1-3) holds 16-bit params and grads and 12 bytes/param of optimizer state (fp32 master
+    copy, m, v); under DDP (stage 0) the params stay fp32 masters with fp32 grads, and autocast keeps
+    a 16-bit copy of each weight for the backward (4 + 2, 4, 8). ZeRO-1 shards the optimizer state over
     num_workers, ZeRO-2 the grads too, ZeRO-3 the params too. Offloading moves the optimizer state
     (and, at stage 3, the params) to CPU memory, reported as cpu_bytes per worker.
     Returns params_bytes, grads_bytes, optimizer_bytes, activations_bytes, total_bytes (all GPU)
@@ -144,6 +146,8 @@ def estimate_training_memory(
     n = count_params(cfg)
     if precision == "fp32":
         params, grads, optimizer = 4 * n, 4 * n, 8 * n
+    elif zero_stage == 0:
+        params, grads, optimizer = 6 * n, 4 * n, 8 * n
     else:
         params, grads, optimizer = 2 * n, 2 * n, 12 * n
     if zero_stage >= 1:

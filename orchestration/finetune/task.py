@@ -15,7 +15,7 @@ from model.config import ModelConfig
 from orchestration.finetune.config import FinetuneConfig
 from orchestration.train.checkpoint import MODEL_FILE
 from orchestration.train.plan import WorkerPlan
-from orchestration.train.task import EarlyStopping, Task, dataset_batches, lm_forward
+from orchestration.train.task import EarlyStopping, Task, dataset_batches, lm_forward, to_device
 
 ADAPTER_FILE, HEAD_FILE, FINETUNE_FILE = "adapter.safetensors", "classifier_head.safetensors", "finetune.json"
 
@@ -79,13 +79,13 @@ def task_forward(
     so val losses weighted by them are exact means over the split."""
     if task == "lm":
         return lm_forward(engine, batch, device)
-    tokens = torch.from_numpy(batch["tokens"]).long().to(device)
+    tokens = to_device(batch["tokens"], device)
     if task == "classification":
-        labels = torch.from_numpy(batch["labels"]).long().to(device)
-        logits, loss = engine(tokens, labels, torch.from_numpy(batch["lengths"]).long().to(device))
+        labels = to_device(batch["labels"], device)
+        logits, loss = engine(tokens, labels, to_device(batch["lengths"], device))
         correct = (logits.argmax(-1) == labels).sum()
         return loss, torch.tensor(float(len(labels)), device=device), correct.float()
-    targets = torch.from_numpy(batch["targets"]).long().to(device)
+    targets = to_device(batch["targets"], device)
     _, loss = engine(tokens[:, :-1], targets)
     return loss, (targets != -1).sum().float(), torch.zeros((), device=device)
 

