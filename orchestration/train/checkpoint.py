@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -149,33 +150,75 @@ def save_checkpoint(
     return str(tmp)
 
 
-def restore_checkpoint(engine, local_dir: str, *, rank: int, world_size: int) -> dict:
-    """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir.
-
-    Returns the checkpoint's meta (step, consumed_sequences, ...). Raises CheckpointError when the
-    directory is incomplete, or when ZeRO state (stages 1-3, sharded by rank) was written by a
-    different number of workers; a stage-0 (DDP) checkpoint is unsharded and loads at any worker
-    count, each rank then keeping its own seeded RNG streams when the count changed.
-    ``model.safetensors`` serves eval and fine-tuning at any scale either way.
-    """
+def _complete_meta(local_dir: str) -> dict:
     meta = complete_checkpoint_meta(RunDir(local_dir, pafs.LocalFileSystem(), local_dir))
     if meta is None:
         raise CheckpointError(
             f"checkpoint {local_dir} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
             "delete it to resume from the previous one"
         )
-    same_world = meta["world_size"] == world_size
-    if not same_world and meta.get("zero_stage", 1) != 0:
-        raise CheckpointError(
-            f"checkpoint {local_dir} was written by {meta['world_size']} workers but this "
-            f"run has {world_size} and its ZeRO-{meta.get('zero_stage')} state is sharded by worker; set "
-            f"train.num_workers={meta['world_size']} to resume"
-        )
-    load_path, _ = engine.load_checkpoint(
-        local_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    return meta
+
+
+def universal_checkpoint(local_dir: str, world_size: int) -> Optional[str]:
+    """When ``local_dir`` holds ZeRO state (stages 1-3) sharded over another worker count: a temp dir
+    with it converted to DeepSpeed's universal checkpoint (each parameter's fp32 weights and Adam
+    moments whole, which any partitioning loads), under the same tag. None when nothing needs
+    resharding: the same worker count, or stage 0's unsharded state. Every rank converts its own copy
+    (each node holds the checkpoint locally); only a resume on a new worker count pays for it."""
+    meta = _complete_meta(local_dir)
+    if meta["world_size"] == world_size or meta.get("zero_stage", 1) == 0:
+        return None
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = tempfile.mkdtemp(prefix="raylm_universal_")
+    args = argparse.Namespace(
+        input_folder=os.path.join(local_dir, DS_TAG),
+        output_folder=os.path.join(out, DS_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # torch's AdamW leaves out state the converter looks for
     )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        ds_to_universal(args)
+    return out
+
+
+def restore_checkpoint(
+    engine, local_dir: str, *, rank: int, world_size: int, universal_dir: Optional[str] = None
+) -> dict:
+    """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir.
+
+    Returns the checkpoint's meta (step, consumed_sequences, ...); raises CheckpointError when the
+    directory is incomplete. State written by another worker count loads too: a stage-0 (DDP)
+    checkpoint is unsharded, ZeRO state comes from ``universal_dir`` (``universal_checkpoint``, with
+    the engine built to load it); each rank then keeps its own seeded RNG streams.
+    """
+    meta = _complete_meta(local_dir)
+    same_world = meta["world_size"] == world_size
+    if not same_world and meta.get("zero_stage", 1) != 0 and universal_dir is None:
+        raise CheckpointError(
+            f"checkpoint {local_dir} holds ZeRO-{meta.get('zero_stage')} state sharded over {meta['world_size']} "
+            f"workers; this run has {world_size}: convert it with universal_checkpoint() first"
+        )
+    # Our AdamW groups' hyperparameters come from the config, not the checkpoint: DeepSpeed's ZeRO-3
+    # universal load copies group 0's (weight decay 0.1) onto every group, the no-decay one included.
+    hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in engine.optimizer.param_groups]
+    load_path, _ = engine.load_checkpoint(
+        universal_dir or local_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    for group, values in zip(engine.optimizer.param_groups, hyper):
+        group.update(values)
+    if universal_dir is not None:
+        shutil.rmtree(universal_dir, ignore_errors=True)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint under {local_dir}/{DS_TAG}")
+        raise CheckpointError(f"the engine found no checkpoint under {universal_dir or local_dir}/{DS_TAG}")
     if same_world:
         _set_rng_state(torch.load(os.path.join(local_dir, f"rng_rank{rank}.pt"), weights_only=False))
     return meta

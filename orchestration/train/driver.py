@@ -41,9 +41,6 @@ SAME_RUN_FIELDS = (
     ("model", "n_embd"),
     ("model", "n_head"),
 )
-# ...and, when the checkpoint holds ZeRO-sharded state (stages 1-3), the worker count that sharded it.
-# A stage-0 (DDP) checkpoint is unsharded: it resumes on any worker count at the same global batch.
-SHARDED_RUN_FIELDS = (("train", "num_workers"),)
 
 
 def run_dir(train: TrainConfig) -> RunDir:
@@ -162,8 +159,7 @@ def set_aside_damaged_ray_snapshot(run: RunDir, resume_step: Optional[int]) -> N
 def check_same_run(meta: dict, cfg, meta_now: dict, uri: str) -> None:
     """A resumed run keeps the shapes, tokenizer, sequence length and data its checkpoint was written with."""
     old = meta["config"]
-    sharded = meta.get("zero_stage", old.get("train", {}).get("zero_stage", 1)) != 0
-    for section, key in SAME_RUN_FIELDS + (SHARDED_RUN_FIELDS if sharded else ()):
+    for section, key in SAME_RUN_FIELDS:  # not num_workers: checkpoints reshard (checkpoint.universal_checkpoint)
         if section not in old or key not in old[section] or not hasattr(getattr(cfg, section), key):
             continue
         before, now = old[section][key], getattr(getattr(cfg, section), key)

@@ -12,8 +12,9 @@ import torch
 from orchestration.train.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig) -> dict:
-    """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping)."""
+def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping);
+    ``load_universal``: the checkpoint to load is a universal one (resharding to this worker count)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         # bucket sizes stay at DeepSpeed's defaults (5e8 elements): small buckets mean many small collectives
@@ -38,6 +39,7 @@ def deepspeed_config(train: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -106,9 +108,10 @@ def prepare_model(raw_model: torch.nn.Module, train: TrainConfig) -> torch.nn.Mo
     return torch.compile(raw_model)
 
 
-def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.device):
+def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.device, load_universal: bool = False):
     """The engine over ``raw_model`` (checkpointed and compiled as asked) with AdamW on its trainable
-    parameters: DDP with autocast at ZeRO stage 0 (nothing to shard), DeepSpeed ZeRO at stages 1-3."""
+    parameters: DDP with autocast at ZeRO stage 0 (nothing to shard), DeepSpeed ZeRO at stages 1-3
+    (``load_universal``: it will load a universal checkpoint)."""
     if train.zero_stage == 0:
         from orchestration.train.ddp import DDPEngine
 
@@ -118,7 +121,7 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
     engine, _, _, _ = deepspeed.initialize(
         model=prepare_model(raw_model, train),
         optimizer=build_optimizer(raw_model, train),
-        config=deepspeed_config(train),
+        config=deepspeed_config(train, load_universal),
         dist_init_required=False,
     )
     return engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from typing import Iterator, Optional
 
 import torch
@@ -30,7 +31,7 @@ def worker_loop(loop_config: dict) -> None:
 
     from model.config import ModelConfig
     from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name
-    from orchestration.train.checkpoint import restore_checkpoint, save_checkpoint
+    from orchestration.train.checkpoint import restore_checkpoint, save_checkpoint, universal_checkpoint
     from orchestration.train.config import TrainConfig
     from orchestration.train.engine import (
         grad_norm,
@@ -52,21 +53,25 @@ def worker_loop(loop_config: dict) -> None:
     # --- setup: the task's model (seeded: identical on every rank), then DDP or DeepSpeed wraps it
     device = worker_device(train)
     task: Task = loop_config["make_task"](plan, device, rank, world_size)
-    engine = wrap_model(task.model, train, device)
     model_cfg = ModelConfig(**plan.model_config)
     total_steps, tokens_per_step = plan.total_steps, train.global_batch_size * plan.seq_len
     peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train.precision)
     run = RunDir.at(plan.run_uri, plan.endpoint_url)
     metrics_log = MetricsLog(run) if rank == 0 else None
     exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent
-    seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
 
-    # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick
+    # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick.
+    # ZeRO state sharded by another worker count is converted to DeepSpeed's universal checkpoint
+    # first, which the engine is then told to load.
     step = 0
     checkpoint = ray.train.get_checkpoint() or _driver_checkpoint(plan)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as local_dir:
-            step = restore_checkpoint(engine, local_dir, rank=rank, world_size=world_size)["step"]
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext() as local_dir:
+        universal_dir = universal_checkpoint(local_dir, world_size) if local_dir else None
+        engine = wrap_model(task.model, train, device, load_universal=universal_dir is not None)
+        seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
+        if local_dir:
+            meta = restore_checkpoint(engine, local_dir, rank=rank, world_size=world_size, universal_dir=universal_dir)
+            step = meta["step"]
     if rank == 0:
         metrics_log.truncate_after(step)  # lines past the resume point are about to be redone
         if task.banner or step:
