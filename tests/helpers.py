@@ -110,3 +110,17 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
         "model.n_embd=32",
     ]
     return load_config(None, base + list(overrides))
+
+
+def tiny_corpus_on_s3(root: Path, endpoint_url: str, bucket: str) -> str:
+    """``tiny_corpus_manifest``'s shards uploaded to ``s3://bucket/data/`` on the S3 server at
+    ``endpoint_url`` (the bucket is created); returns the manifest's URI there."""
+    import boto3
+
+    local = Path(tiny_corpus_manifest(root)).parent
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"data/{path.relative_to(local)}")
+    return f"s3://{bucket}/data/manifest.json"

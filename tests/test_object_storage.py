@@ -3,10 +3,8 @@ storage: the moto S3 server on 127.0.0.1, reached through the same boto3 / pyarr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import tiny_config, tiny_corpus_manifest
+from helpers import tiny_config, tiny_corpus_on_s3
 
 from orchestration.artifacts import (
     SCALING_FIT_FILE,
@@ -24,15 +22,8 @@ BUCKET = "raylm-it"
 @pytest.fixture(scope="module")
 def s3_data(tmp_path_factory, ray_session, s3_server) -> tuple[str, str]:
     """(manifest URI on S3, endpoint URL): the tiny corpus's shards uploaded to a bucket."""
-    import boto3
-
-    local = Path(tiny_corpus_manifest(tmp_path_factory.mktemp("s3data"))).parent
-    s3 = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
-    for path in local.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), BUCKET, f"data/{path.relative_to(local)}")
-    return f"s3://{BUCKET}/data/manifest.json", s3_server["endpoint_url"]
+    endpoint = s3_server["endpoint_url"]
+    return tiny_corpus_on_s3(tmp_path_factory.mktemp("s3data"), endpoint, BUCKET), endpoint
 
 
 def _overrides(endpoint: str) -> list[str]:
