@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare + train + eval + generate on the embedded Shakespeare corpus, local Ray",
         description="The end-to-end job on the embedded default (configs/shakespeare.yaml): prepare the "
         "Shakespeare corpus, pretrain with Ray Train + DeepSpeed, evaluate, sample, and print a "
-        "summary with the run directory. About 10 minutes on 2 CPU cores.",
+        "summary with the run directory. About 5 minutes on 2 CPU cores.",
     )
     _add_config_args(demo)
     demo.add_argument("--prompt", default="ROMEO:", help="prompt for the closing sample (default 'ROMEO:')")

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_EXTENSIONS_DIR = str(Path.home() / ".cache" / "raylm" / "torch_extensions")
+RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
 VERBOSE_ENV = "RAYLM_VERBOSE"  # "1": forward worker logs and Ray's INFO lines to the console (raylm -v)
 
 
@@ -35,6 +36,10 @@ def init_ray(address: str | None = None) -> None:
     if not loud:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         logging.getLogger("ray").setLevel(logging.WARNING)
+        # the notice that a local cluster uses token authentication, printed on every start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Ray Data reconfigures its loggers at each execution from this file: console at WARNING
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_CONFIG))
     ray.init(
         address=address or os.environ.get("RAY_ADDRESS"),
         log_to_driver=loud,
