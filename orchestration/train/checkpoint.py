@@ -150,7 +150,8 @@ def save_checkpoint(
     return str(tmp)
 
 
-def _complete_meta(local_dir: str) -> dict:
+def checkpoint_meta(local_dir: str) -> dict:
+    """A local checkpoint directory's meta (step, world size, ZeRO stage, ...); CheckpointError if incomplete."""
     meta = complete_checkpoint_meta(RunDir(local_dir, pafs.LocalFileSystem(), local_dir))
     if meta is None:
         raise CheckpointError(
@@ -160,13 +161,12 @@ def _complete_meta(local_dir: str) -> dict:
     return meta
 
 
-def universal_checkpoint(local_dir: str, world_size: int) -> Optional[str]:
+def universal_checkpoint(local_dir: str, meta: dict, world_size: int) -> Optional[str]:
     """When ``local_dir`` holds ZeRO state (stages 1-3) sharded over another worker count: a temp dir
     with it converted to DeepSpeed's universal checkpoint (each parameter's fp32 weights and Adam
     moments whole, which any partitioning loads), under the same tag. None when nothing needs
     resharding: the same worker count, or stage 0's unsharded state. Every rank converts its own copy
     (each node holds the checkpoint locally); only a resume on a new worker count pays for it."""
-    meta = _complete_meta(local_dir)
     if meta["world_size"] == world_size or meta.get("zero_stage", 1) == 0:
         return None
     import argparse
@@ -191,16 +191,13 @@ def universal_checkpoint(local_dir: str, world_size: int) -> Optional[str]:
 
 
 def restore_checkpoint(
-    engine, local_dir: str, *, rank: int, world_size: int, universal_dir: Optional[str] = None
-) -> dict:
-    """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir.
-
-    Returns the checkpoint's meta (step, consumed_sequences, ...); raises CheckpointError when the
-    directory is incomplete. State written by another worker count loads too: a stage-0 (DDP)
+    engine, local_dir: str, meta: dict, *, rank: int, world_size: int, universal_dir: Optional[str] = None
+) -> None:
+    """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir whose
+    ``checkpoint_meta`` is ``meta``. State written by another worker count loads too: a stage-0 (DDP)
     checkpoint is unsharded, ZeRO state comes from ``universal_dir`` (``universal_checkpoint``, with
     the engine built to load it); each rank then keeps its own seeded RNG streams.
     """
-    meta = _complete_meta(local_dir)
     same_world = meta["world_size"] == world_size
     if not same_world and meta.get("zero_stage", 1) != 0 and universal_dir is None:
         raise CheckpointError(
@@ -221,7 +218,6 @@ def restore_checkpoint(
         raise CheckpointError(f"the engine found no checkpoint under {universal_dir or local_dir}/{DS_TAG}")
     if same_world:
         _set_rng_state(torch.load(os.path.join(local_dir, f"rng_rank{rank}.pt"), weights_only=False))
-    return meta
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:

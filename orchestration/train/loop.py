@@ -31,7 +31,12 @@ def worker_loop(loop_config: dict) -> None:
 
     from model.config import ModelConfig
     from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name
-    from orchestration.train.checkpoint import restore_checkpoint, save_checkpoint, universal_checkpoint
+    from orchestration.train.checkpoint import (
+        checkpoint_meta,
+        restore_checkpoint,
+        save_checkpoint,
+        universal_checkpoint,
+    )
     from orchestration.train.config import TrainConfig
     from orchestration.train.engine import (
         grad_norm,
@@ -66,11 +71,12 @@ def worker_loop(loop_config: dict) -> None:
     step = 0
     checkpoint = ray.train.get_checkpoint() or _driver_checkpoint(plan)
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as local_dir:
-        universal_dir = universal_checkpoint(local_dir, world_size) if local_dir else None
+        meta = checkpoint_meta(local_dir) if local_dir else None
+        universal_dir = universal_checkpoint(local_dir, meta, world_size) if meta else None
         engine = wrap_model(task.model, train, device, load_universal=universal_dir is not None)
         seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
-        if local_dir:
-            meta = restore_checkpoint(engine, local_dir, rank=rank, world_size=world_size, universal_dir=universal_dir)
+        if meta:
+            restore_checkpoint(engine, local_dir, meta, rank=rank, world_size=world_size, universal_dir=universal_dir)
             step = meta["step"]
     if rank == 0:
         metrics_log.truncate_after(step)  # lines past the resume point are about to be redone

@@ -68,7 +68,7 @@ def main() -> None:
             f"train.num_workers={num_workers}",
             "train.cpus_per_worker=1",  # one worker per 1-CPU node
             f"train.grad_accum_steps={accum}",  # global batch 24 either way
-            "train.max_steps=40",
+            "train.max_steps=60",
             "train.checkpoint_interval=10",
             "train.eval_interval=10",
             "train.max_failures=0",
@@ -87,15 +87,18 @@ def main() -> None:
 
     thread = threading.Thread(target=first_run)
     thread.start()
+    # Where the workers run is read as soon as all three are up (the state API can take seconds under
+    # load); the node goes as soon as the step-10 checkpoint is complete, with 50 steps still to run.
+    nodes: list = []
     deadline = time.monotonic() + 300
     while thread.is_alive() and time.monotonic() < deadline:
+        if not nodes:
+            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            nodes = sorted({a.node_id for a in alive}) if len(alive) == 3 else []
         found = latest_complete_checkpoint(run) if run.exists() else None
-        if found is not None and found[1]["step"] >= 10:
+        if nodes and found is not None and found[1]["step"] >= 10:
             break
         time.sleep(0.2)
-    nodes = sorted(
-        {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
-    )
     cluster.remove_node(workers[-1], allow_graceful=False)  # the node is gone, not drained
     thread.join(timeout=300)
     lost_at = latest_complete_checkpoint(run)[1]["step"]
