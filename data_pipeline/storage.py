@@ -8,6 +8,7 @@ gs:// (Google default credentials), abfs:// / az:// (Azure default credentials),
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import os
 import re
@@ -90,7 +91,36 @@ def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise DataSourceError(f"endpoint_url {endpoint_url!r} must look like http(s)://host:port")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
+
+
+S3_RETRY_ATTEMPTS_ENV = "RAYLM_S3_RETRY_ATTEMPTS"
+S3_RETRY_ATTEMPTS = 10  # the AWS SDK's backoff (25 ms x 2^n) spans ~13 s before a request fails
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with the AWS SDK retrying every request (connection refused, 5xx,
+    throttling) up to ``RAYLM_S3_RETRY_ATTEMPTS`` times (default 10: ~13 s of backoff), and keeping
+    that when pickled: pyarrow's own pickling drops ``retry_strategy``, so Ray Train's controller and
+    workers, which get the run's filesystem pickled, would fall back to 3 quick tries, and a storage
+    outage of a few seconds during a checkpoint registration or upload would end the run."""
+
+    def __init__(self, retry_attempts: Optional[int] = None, **kwargs):
+        self.retry_attempts = retry_attempts or _s3_retry_attempts()
+        self._kwargs = kwargs
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=self.retry_attempts), **kwargs)
+
+    def __reduce__(self):
+        return functools.partial(RetryingS3FileSystem, self.retry_attempts, **self._kwargs), ()
+
+
+def _s3_retry_attempts() -> int:
+    raw = os.environ.get(S3_RETRY_ATTEMPTS_ENV, str(S3_RETRY_ATTEMPTS))
+    if not raw.isdigit() or int(raw) < 1:
+        raise DataSourceError(
+            f"{S3_RETRY_ATTEMPTS_ENV}={raw!r}: give a whole number of tries >= 1 (default {S3_RETRY_ATTEMPTS})"
+        )
+    return int(raw)
 
 
 # Bucket names as AWS S3 and Google Cloud Storage accept them (lowercase, digits, '.', '-', '_' for GCS).

@@ -124,3 +124,41 @@ def tiny_corpus_on_s3(root: Path, endpoint_url: str, bucket: str) -> str:
         if path.is_file():
             s3.upload_file(str(path), bucket, f"data/{path.relative_to(local)}")
     return f"s3://{bucket}/data/manifest.json"
+
+
+class RestartableS3:
+    """A moto S3 server on a fixed 127.0.0.1 port that can go away and come back (moto keeps its
+    buckets in-process, so a server restarted on the same port serves the same objects): a storage
+    outage that loses nothing, as a flaky network or endpoint gives."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._server = self._start()
+
+    def _start(self):
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        return server
+
+    def outage(self, seconds: float):
+        """Stop the server now and start it again after ``seconds``; returns the timer (join() it)."""
+        import threading
+
+        self._server.stop()
+
+        def restart() -> None:
+            self._server = self._start()
+
+        timer = threading.Timer(seconds, restart)
+        timer.start()
+        return timer
+
+    def stop(self) -> None:
+        self._server.stop()

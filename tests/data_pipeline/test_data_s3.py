@@ -111,3 +111,23 @@ def test_malformed_bucket_names_fail_before_any_request(uri):
 
     with pytest.raises(DataSourceError, match="not a valid bucket name"):
         filesystem_for(uri)
+
+
+def test_s3_filesystem_keeps_its_retries_when_pickled(monkeypatch):
+    """Ray Train gets the run's filesystem pickled (controller, workers); pyarrow's own pickling
+    drops retry_strategy, raylm's keeps the number of tries. A bad tries setting is named."""
+    import pickle
+
+    from data_pipeline.storage import S3_RETRY_ATTEMPTS, S3_RETRY_ATTEMPTS_ENV, RetryingS3FileSystem
+
+    fs, _ = filesystem_for("s3://bucket/run", "http://127.0.0.1:9")
+    assert isinstance(fs, RetryingS3FileSystem) and fs.retry_attempts == S3_RETRY_ATTEMPTS
+    monkeypatch.setenv(S3_RETRY_ATTEMPTS_ENV, "4")
+    fs, _ = filesystem_for("s3://bucket/run", "http://127.0.0.1:9")
+    monkeypatch.delenv(S3_RETRY_ATTEMPTS_ENV)
+    copy = pickle.loads(pickle.dumps(fs))
+    assert isinstance(copy, RetryingS3FileSystem) and copy.retry_attempts == 4
+    assert copy.equals(fs)  # endpoint, region and the rest travel too
+    monkeypatch.setenv(S3_RETRY_ATTEMPTS_ENV, "many")
+    with pytest.raises(DataSourceError, match=f"{S3_RETRY_ATTEMPTS_ENV}='many': give a whole number"):
+        filesystem_for("s3://bucket/run", "http://127.0.0.1:9")

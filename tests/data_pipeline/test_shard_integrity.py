@@ -5,8 +5,6 @@ batch holding bad rows is yielded; storage outages of a few seconds are absorbed
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from data_pipeline.loader import ShardCorruptError, rank_batches, read_manifest, sequence_dataset, shard_footers
 from data_pipeline.storage import DataSourceError
-from tests.helpers import tiny_corpus_manifest
+from tests.helpers import RestartableS3, tiny_corpus_manifest
 
 BATCH = 32
 
@@ -116,26 +114,18 @@ def test_row_count_and_old_layout_are_refused(copy):
         epoch(manifest)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monkeypatch):
-    """A real moto S3 server stopped mid-read and restarted 1.5 s later on the same port (moto keeps its
-    buckets in-process), then stopped for good."""
+    """A real moto S3 server stopped mid-read and restarted 1.5 s later on the same port, then stopped
+    for good. The AWS SDK's own retries are cut to 3 quick tries here so that raylm's backoff is what
+    absorbs the outage and the long one is named within seconds."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+    from data_pipeline.storage import S3_RETRY_ATTEMPTS_ENV
+
+    monkeypatch.setenv(S3_RETRY_ATTEMPTS_ENV, "3")
+    server = RestartableS3()
+    endpoint = server.endpoint_url
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="outage")
     for f in clean_dir.rglob("*"):
         if f.is_file():
@@ -143,16 +133,13 @@ def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monke
     manifest = read_manifest("s3://outage/data/manifest.json", endpoint_url=endpoint)
     batches = iter(reader(manifest, 20, endpoint_url=endpoint))
     next(batches)
-    server.stop()
-    restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    restart = threading.Timer(1.5, restarted.start)
-    restart.start()
+    restart = server.outage(1.5)
     t0 = time.perf_counter()
     for _ in range(5):  # steps that touch every shard, through the outage
         next(batches)
     assert time.perf_counter() - t0 > 1.0
     restart.join()
-    restarted.stop()
+    server.stop()
     with pytest.raises(DataSourceError, match=r"s3://outage/data/manifest.json: shard train/.*still failing after 5"):
         for _ in range(14):
             next(batches)
