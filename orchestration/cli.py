@@ -237,6 +237,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from orchestration.artifacts import RunDir
+    from orchestration.evaluate.load import resolve_checkpoint
+    from orchestration.train.checkpoint import MODEL_FILE, ensure_consolidated
+
+    uri = resolve_checkpoint(args.checkpoint, args.endpoint_url)
+    if not ensure_consolidated(RunDir.at(uri, args.endpoint_url)):
+        print(f"{uri} already has {MODEL_FILE}")
+    return 0
+
+
 def _add_run_parser(sub, name: str, *, help: str, description: str, no_resume_help: str) -> None:
     """A command that runs a training job (``RUNS``): a config, overrides and --no-resume."""
     parser = sub.add_parser(name, help=help, description=description)
@@ -501,6 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
+
+    consolidate = sub.add_parser(
+        "consolidate",
+        help="write a checkpoint's model.safetensors from its engine files",
+        description="Checkpoints a run saves before its end hold only the engine's sharded state (each rank "
+        "its own files: no save stalls the step loop gathering the whole model); the run's last save also "
+        "writes model.safetensors. This writes it for any other checkpoint, beside its files, streaming "
+        "tensor by tensor. eval, generate, export, serve and finetune do the same by themselves when they "
+        "load such a checkpoint.",
+    )
+    consolidate.add_argument("checkpoint", help="a checkpoint directory/URI or a run directory (its newest)")
+    consolidate.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    consolidate.set_defaults(func=cmd_consolidate)
 
     from orchestration.deploy.serve import add_serve_parser
     from orchestration.deploy.submit import add_submit_parser

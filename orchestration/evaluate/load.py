@@ -29,6 +29,7 @@ from orchestration.train.checkpoint import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,
+    ensure_consolidated,
     load_consolidated_state,
     load_weights,
 )
@@ -56,14 +57,16 @@ def resolve_checkpoint(uri: str, endpoint_url: Optional[str]) -> str:
 
 
 def local_checkpoint_copy(uri: str, endpoint_url: Optional[str]) -> str:
-    """Local directory with the checkpoint's inference files (downloads them from object storage)."""
+    """Local directory with the checkpoint's inference files (downloads them from object storage). A
+    checkpoint without consolidated weights (one a run saved before its end) gets them first."""
+    ckpt = RunDir.at(uri, endpoint_url)
+    ensure_consolidated(ckpt)
     if "://" not in uri:
         return uri
-    ckpt = RunDir.at(uri, endpoint_url)
     meta = complete_checkpoint_meta(ckpt)
     local = Path(tempfile.mkdtemp(prefix="raylm_ckpt_"))
     wanted = [f for f in meta["files"] if not f.startswith("ds/") and not f.startswith("rng_rank")]
-    for name in [*wanted, CHECKPOINT_META_FILE]:
+    for name in [*dict.fromkeys([*wanted, MODEL_FILE]), CHECKPOINT_META_FILE]:
         (local / name).write_bytes(ckpt.read_bytes(name))
     return str(local)
 

@@ -2,6 +2,7 @@
 
 config (TrainConfig) -> driver: validate, resume point, WorkerPlan (plan), launch a TorchTrainer
   -> loop (on every worker): the Task (task; pretraining here, fine-tuning in finetune.task),
-     the engine (engine: DeepSpeed config, AdamW, the wrap), lr from schedule, metrics
-     (throughput, prometheus), checkpoints (checkpoint) -> run dir (orchestration.artifacts)
+     the engine (engine: DeepSpeed config, AdamW, the wrap; ddp: ZeRO-0), lr from schedule, metrics
+     (throughput, prometheus), checkpoints (checkpoint: each rank's engine files; consolidate:
+     model.safetensors streamed at the run's end or on demand) -> run dir (orchestration.artifacts)
 """

@@ -1,74 +1,72 @@
-"""Checkpoints: the engine's own state + a consolidated ``model.safetensors`` + metadata.
+"""Checkpoints: the engine's own state, each rank writing its own files, + metadata; the consolidated
+``model.safetensors`` only at the end of a run (``orchestration.train.consolidate``).
 
 Layout of one checkpoint directory (all ranks' files merged into it by Ray Train):
 
     ds/                     the engine's files: DeepSpeed's model states and one optimizer partition
                             per rank (ZeRO 1-3), or one engine_state.pt (ZeRO-0: DDP, nothing sharded)
     rng_rank{r}.pt          each rank's torch/numpy/python RNG state
-    model.safetensors       full fp32 weights (gathered from ZeRO shards), loadable without DeepSpeed
+    model.safetensors       full fp32 weights, loadable without DeepSpeed: written by the run's last
+                            save (streamed), or later from ds/ by ``raylm consolidate`` / any reader
     model_config.json       the ModelConfig (vocab size from the tokenizer)
     tokenizer.json          where the tokenizer lives (manifest URI + tokenizer hash)
     raylm_meta.json         step, consumed sequences, config and every file's size: written LAST
 
 ``raylm_meta.json`` is the completeness marker: a directory is a usable checkpoint only when it
 exists and every file it lists is present with the listed size (``complete_checkpoint_meta``), so a partial
-upload is never picked as the latest.
+upload is never picked as the latest. A resuming rank fetches only the files it loads
+(``fetched_checkpoint``): its own ZeRO partitions, the shared model states and its RNG state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
 
 from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
+from orchestration.train.consolidate import (
+    DS_TAG,
+    MODEL_FILE,
+    consolidate_checkpoint,
+    full_fp32_param,
+    persistent_buffers,
+    write_from_engine,
+)
 
-MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
-DS_TAG = "ds"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the run, with its location."""
 
 
-def gather_fp32_state_dict(engine, raw_model: torch.nn.Module, rank: int) -> Optional[dict]:
-    """Full fp32 weights of a DeepSpeed-wrapped model on rank 0 (None on other ranks).
-
-    Collective: every rank must call it. Master weights come from the ZeRO optimizer partitions
-    (``safe_get_full_fp32_param`` all-reduces the shards) so a bf16 run saves its fp32 masters; with
-    no partitioned master copy (ZeRO-0 in fp32) the parameter itself is the master.
-    """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state: dict[str, torch.Tensor] = {}
+def gather_fp32_state_dict(raw_model: torch.nn.Module, rank: int) -> Optional[dict]:
+    """Full fp32 weights on rank 0 (None on other ranks), as one dict: for ``weight_files`` mappings
+    (fine-tuning's merged LoRA weights, adapters and head), which need the whole state at once.
+    Collective: every rank must call it."""
+    state = {}
     for name, param in raw_model.named_parameters():  # tied weights appear once
-        full = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if full is None and hasattr(param, "ds_id"):
-            # ZeRO-3 partitions frozen parameters too (fine-tuning) but keeps no fp32 master for them
-            with deepspeed.zero.GatheredParameters([param]):
-                full = param.detach().clone()
-        elif full is None:
-            full = param.detach()
+        full = full_fp32_param(param)
         if rank == 0:
-            state[name] = full.detach().float().cpu().clone().contiguous()
+            state[name] = full.cpu().clone().contiguous()
     if rank != 0:
         return None
-    params = {n for n, _ in raw_model.named_parameters(remove_duplicate=False)}
-    for name, tensor in raw_model.state_dict().items():  # persistent buffers
-        if name not in params:
-            state[name] = tensor.detach().float().cpu().clone().contiguous()
+    for name, tensor in persistent_buffers(raw_model):
+        state[name] = tensor.detach().float().cpu().clone().contiguous()
     return state
 
 
@@ -104,28 +102,34 @@ def save_checkpoint(
     model_config,
     files: dict[str, bytes],
     meta: dict,
+    consolidate: bool,
     weight_files: Optional[Callable[[dict], dict[str, dict]]] = None,
-) -> str:
-    """Write this rank's part of a checkpoint to a fresh local temp dir and return its path.
+) -> tuple[str, list[int]]:
+    """Write this rank's part of a checkpoint to a fresh local temp dir; returns (its path, the bytes
+    each rank wrote).
 
-    Collective (DeepSpeed save, weight gather, file-list gather). Rank 0 also writes the consolidated
-    weights, model config, ``files`` (name -> bytes: the tokenizer, which travels with the weights,
-    and other small files) and, last, ``raylm_meta.json`` (``meta`` plus step, world size and every
-    rank's files) so ``complete_checkpoint_meta`` can tell a finished checkpoint from a partial one.
-    ``weight_files`` maps the gathered state dict to
-    {file name: state dict} (default: all of it in ``model.safetensors``); fine-tuning uses it to
-    save merged LoRA weights, the adapters and a task head apart.
+    Collective (engine save, file-list gather). Each rank writes its own engine files and RNG state;
+    rank 0 also the model config, ``files`` (name -> bytes: the tokenizer, which travels with the
+    weights, and other small files) and, last, ``raylm_meta.json`` (``meta`` plus step, world size and
+    every rank's files) so ``complete_checkpoint_meta`` can tell a finished checkpoint from a partial
+    one. ``consolidate`` (the run's last save) adds ``model.safetensors``, streamed tensor by tensor;
+    with ``weight_files`` (fine-tuning: merged LoRA weights, the adapters and a task head apart) the
+    gathered state dict is mapped to {file name: state dict} instead.
     """
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_{step:08d}_rank{rank}_"))
     engine.save_checkpoint(str(tmp), tag=DS_TAG)
-    state = gather_fp32_state_dict(engine, raw_model, rank)
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if consolidate and weight_files is None:
+        write_from_engine(raw_model, rank, tmp / MODEL_FILE, {"format": "pt", "step": step})
+    elif consolidate:
+        state = gather_fp32_state_dict(raw_model, rank)
+        if rank == 0:
+            for file_name, tensors in weight_files(state).items():
+                save_file(tensors, str(tmp / file_name), metadata={"format": "pt", "step": str(step)})
     if rank == 0:
-        for file_name, tensors in (weight_files or (lambda full: {MODEL_FILE: full}))(state).items():
-            save_file(tensors, str(tmp / file_name), metadata={"format": "pt", "step": str(step)})
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config), indent=2))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
@@ -147,7 +151,7 @@ def save_checkpoint(
             "files": merged,
         }
         (tmp / CHECKPOINT_META_FILE).write_text(json.dumps(full_meta, indent=2))
-    return str(tmp)
+    return str(tmp), [sum(rank_files.values()) for rank_files in all_files]
 
 
 def checkpoint_meta(local_dir: str) -> dict:
@@ -159,6 +163,56 @@ def checkpoint_meta(local_dir: str) -> dict:
             "delete it to resume from the previous one"
         )
     return meta
+
+
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
+
+
+def files_to_restore(files: dict[str, int], rank: int, resharding: bool) -> list[str]:
+    """The checkpoint files one rank loads to resume: its RNG state and the engine files it reads (the
+    shared model states and its own ZeRO partitions; every rank's partitions when the state is
+    resharded for another worker count). Never the consolidated weights."""
+    wanted = []
+    for name in files:
+        in_engine = name.startswith(f"{DS_TAG}/")
+        if not in_engine and not name.startswith("rng_rank"):
+            continue
+        owner = _RANK_FILE.search(name.rsplit("/", 1)[-1])
+        if owner and int(owner.group(1)) != rank and not (resharding and in_engine):
+            continue
+        wanted.append(name)
+    return wanted
+
+
+def _download(ckpt: RunDir, names: list[str], local: str) -> None:
+    from data_pipeline.storage import with_retries
+
+    for name in names:
+        target = os.path.join(local, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        copy = functools.partial(pafs.copy_files, ckpt.path_of(name), target, source_filesystem=ckpt.fs)
+        with_retries(copy, what=ckpt.uri_of(name))
+
+
+@contextlib.contextmanager
+def fetched_checkpoint(ckpt: RunDir, rank: int, world_size: int) -> Iterator[tuple[str, dict]]:
+    """(local directory, meta) of a complete checkpoint for one resuming rank. A local checkpoint is
+    read in place; from object storage only ``files_to_restore`` is downloaded, into a temp dir
+    removed on exit, so no node fetches other ranks' partitions or the consolidated weights."""
+    if isinstance(ckpt.fs, pafs.LocalFileSystem):
+        yield ckpt.path, checkpoint_meta(ckpt.path)
+        return
+    from data_pipeline.storage import with_retries
+
+    meta = with_retries(lambda: complete_checkpoint_meta(ckpt), what=ckpt.uri)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing)")
+    local = tempfile.mkdtemp(prefix=f"raylm_restore_rank{rank}_")
+    try:
+        _download(ckpt, files_to_restore(meta["files"], rank, meta["world_size"] != world_size), local)
+        yield local, meta
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def universal_checkpoint(local_dir: str, meta: dict, world_size: int) -> Optional[str]:
@@ -220,6 +274,42 @@ def restore_checkpoint(
         _set_rng_state(torch.load(os.path.join(local_dir, f"rng_rank{rank}.pt"), weights_only=False))
 
 
+def ensure_consolidated(ckpt: RunDir) -> bool:
+    """Give a complete checkpoint its ``model.safetensors`` if it has none (an interval checkpoint:
+    only the run's last save writes it), built from its engine files and written beside them (on
+    object storage: downloaded to a temp dir, consolidated, uploaded). Returns whether it wrote one."""
+    import time
+
+    from data_pipeline.storage import with_retries
+
+    meta = complete_checkpoint_meta(ckpt)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing)")
+    if ckpt.has(MODEL_FILE):
+        return False
+    t0 = time.perf_counter()
+    if isinstance(ckpt.fs, pafs.LocalFileSystem):
+        out = consolidate_checkpoint(ckpt.path, meta)
+    else:
+        local = tempfile.mkdtemp(prefix="raylm_consolidate_")
+        try:
+            _download(ckpt, [f for f in meta["files"] if f.startswith(f"{DS_TAG}/")], local)
+            out = consolidate_checkpoint(local, meta)
+            upload = functools.partial(
+                pafs.copy_files, str(out), ckpt.path_of(MODEL_FILE), destination_filesystem=ckpt.fs
+            )
+            with_retries(upload, what=ckpt.uri_of(MODEL_FILE))
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    size = ckpt.fs.get_file_info(ckpt.path_of(MODEL_FILE)).size
+    print(
+        f"[raylm] consolidated {ckpt.uri_of(MODEL_FILE)} from its engine files (ZeRO stage {meta.get('zero_stage')}) "
+        f"({size / 1e6:,.1f} MB, {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    return True
+
+
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load a consolidated state dict; tied aliases (lm_head = wte) may be absent, nothing else."""
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -245,6 +335,8 @@ def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
     if not meta_path.is_file():
         raise CheckpointError(f"{local_dir} has no {CHECKPOINT_META_FILE}: not a complete raylm checkpoint")
     meta: Any = json.loads(meta_path.read_text())
+    if not (root / MODEL_FILE).is_file():  # an interval checkpoint: consolidate it from its engine files
+        consolidate_checkpoint(root, meta)
     state = load_file(str(root / MODEL_FILE))
     model_cfg = json.loads((root / MODEL_CONFIG_FILE).read_text())
     tokenizer_ref = json.loads((root / TOKENIZER_FILE).read_text())

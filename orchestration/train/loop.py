@@ -32,7 +32,7 @@ def worker_loop(loop_config: dict) -> None:
     from model.config import ModelConfig
     from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name
     from orchestration.train.checkpoint import (
-        checkpoint_meta,
+        fetched_checkpoint,
         restore_checkpoint,
         save_checkpoint,
         universal_checkpoint,
@@ -65,13 +65,13 @@ def worker_loop(loop_config: dict) -> None:
     metrics_log = MetricsLog(run) if rank == 0 else None
     exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent
 
-    # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick.
-    # ZeRO state sharded by another worker count is converted to DeepSpeed's universal checkpoint
-    # first, which the engine is then told to load.
+    # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick;
+    # each rank fetches only the files it loads. ZeRO state sharded by another worker count is
+    # converted to DeepSpeed's universal checkpoint first, which the engine is then told to load.
     step = 0
-    checkpoint = ray.train.get_checkpoint() or _driver_checkpoint(plan)
-    with checkpoint.as_directory() if checkpoint is not None else nullcontext() as local_dir:
-        meta = checkpoint_meta(local_dir) if local_dir else None
+    checkpoint = _checkpoint_dir(ray.train.get_checkpoint(), plan) or _driver_checkpoint(plan)
+    fetched = fetched_checkpoint(checkpoint, rank, world_size) if checkpoint is not None else nullcontext((None, None))
+    with fetched as (local_dir, meta):
         universal_dir = universal_checkpoint(local_dir, meta, world_size) if meta else None
         engine = wrap_model(task.model, train, device, load_universal=universal_dir is not None)
         seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
@@ -81,7 +81,7 @@ def worker_loop(loop_config: dict) -> None:
     if rank == 0:
         metrics_log.truncate_after(step)  # lines past the resume point are about to be redone
         if task.banner or step:
-            print(f"[raylm] {task.banner}" + (f"; resumed from {checkpoint.path} at step {step}" if step else ""))
+            print(f"[raylm] {task.banner}" + (f"; resumed from {checkpoint.uri} at step {step}" if step else ""))
     start_step, consumed = step, step * train.global_batch_size
     if consumed < plan.start_sequence:
         raise RuntimeError(
@@ -152,15 +152,13 @@ def worker_loop(loop_config: dict) -> None:
         if do_eval and task.val_batches is not None:
             record.update(validation_metrics(engine, task, device))
             record.update(stopper.after_eval(record["val_loss"], is_last))
-        exporter.record(record)
-        if rank == 0:
-            metrics_log.append(record)
-            trackers.log(record)
+        ckpt_dir = None
         if do_ckpt or stopper.stopped:
-            if rank == 0:
-                metrics_log.flush()  # the records this checkpoint covers survive any crash after it
+            # The step loop's stall: each rank writes its own engine files locally; only the run's
+            # last save (or every save of a task that keeps weights per checkpoint) also writes the
+            # consolidated weights. The upload is async.
             t_ckpt = time.perf_counter()
-            ckpt_dir = save_checkpoint(
+            ckpt_dir, bytes_per_rank = save_checkpoint(
                 engine,
                 task.model,
                 step=step,
@@ -170,9 +168,19 @@ def worker_loop(loop_config: dict) -> None:
                 model_config=model_cfg,
                 files=plan.checkpoint_files,
                 meta={**plan.checkpoint_meta, "config": plan.config, "zero_stage": train.zero_stage},
+                consolidate=is_last or stopper.stopped or task.weight_files is not None,
                 weight_files=task.weight_files,
             )
-            exporter.record_checkpoint(time.perf_counter() - t_ckpt)  # local write; the upload is async
+            record["checkpoint_s"] = max(_gather(time.perf_counter() - t_ckpt))  # the slowest rank's
+            record["checkpoint_bytes_per_rank"] = bytes_per_rank
+            exporter.record_checkpoint(record["checkpoint_s"])
+        exporter.record(record)
+        if rank == 0:
+            metrics_log.append(record)
+            trackers.log(record)
+            if ckpt_dir is not None:
+                metrics_log.flush()  # the records this checkpoint covers survive any crash after it
+        if ckpt_dir is not None:
             # Async: the upload runs in the background while training continues; Ray registers the
             # checkpoint only once every rank's part has landed.
             ray.train.report(
@@ -295,14 +303,22 @@ class _Window:
 
 def _driver_checkpoint(plan: WorkerPlan):
     """The complete checkpoint the driver picked (resume or branch) when Ray has none of its own."""
-    if not plan.resume_uri:
+    from orchestration.artifacts import RunDir
+
+    return RunDir.at(plan.resume_uri, plan.endpoint_url) if plan.resume_uri else None
+
+
+def _checkpoint_dir(checkpoint, plan: WorkerPlan):
+    """Ray's latest checkpoint of this run (after a worker failure) as a RunDir on its filesystem."""
+    if checkpoint is None:
         return None
-    from ray.train import Checkpoint
+    import pyarrow.fs as pafs
 
     from orchestration.artifacts import RunDir
 
-    ckpt = RunDir.at(plan.resume_uri, plan.endpoint_url)
-    return Checkpoint(ckpt.path, filesystem=ckpt.fs)
+    local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+    uri = checkpoint.path if local else f"{plan.run_uri.split('://', 1)[0]}://{checkpoint.path}"
+    return RunDir(uri, checkpoint.filesystem, checkpoint.path, plan.endpoint_url)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:

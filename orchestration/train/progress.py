@@ -36,6 +36,8 @@ def format_record(record: dict, total_steps: int) -> str:
             parts.append(f"(ppl {record['val_perplexity']:.1f})")
         if "val_accuracy" in record:
             parts.append(f"acc {record['val_accuracy']:.3f}")
+    if "checkpoint_s" in record:
+        parts.append(f"ckpt {record['checkpoint_s']:.1f} s")
     if "best_val_loss" in record:
         parts.append(f"best {record['best_val_loss']:.4f}")
         if record["stopped_early"]:
@@ -74,7 +76,10 @@ class ProgressPrinter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._print_new()
+        try:
+            self._print_new()
+        except OSError as err:  # storage down as the run ends: the lines are in metrics.jsonl
+            print(f"[raylm] could not read the last metrics records ({err})", flush=True)
         if self._bar is not None:
             self._bar.close()
 
