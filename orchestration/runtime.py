@@ -45,3 +45,15 @@ def init_ray(address: str | None = None) -> None:
         log_to_driver=loud,
         logging_level=logging.INFO if loud else logging.WARNING,
     )
+
+
+def cluster_capacity() -> tuple[dict, dict | None, bool]:
+    """(resources the cluster has now, the most its node types allow where the cluster publishes them
+    (KubeRay does; ``ray up`` clusters do not: None), whether nodes may be added at all: False for a
+    Ray this process started itself, True for a cluster it joined, whose autoscaler may add nodes)."""
+    import ray
+    from ray._private.state import state as ray_state  # what Ray Train's own pre-check reads
+
+    node = ray._private.worker._global_node
+    joined = node is not None and not node.is_head()
+    return ray.cluster_resources(), ray_state.get_max_resources_from_cluster_config(), joined

@@ -75,12 +75,14 @@ def trial_resources(train, gpu_per_trial: Optional[float]) -> Optional[float]:
 
 
 def default_concurrency(train, gpus_per_worker: Optional[float], requested: Optional[int]) -> int:
-    """How many trials run at once: as asked, else as many as the cluster's CPUs (and GPUs) hold."""
-    import ray
+    """How many trials run at once: as asked, else as many as the cluster's CPUs (and GPUs) hold, or
+    can hold once its autoscaler has added the nodes its node types allow (where it publishes them)."""
+    from orchestration.runtime import cluster_capacity
 
     if requested is not None:
         return requested
-    resources = ray.cluster_resources()
+    now, most, _ = cluster_capacity()
+    resources = {k: max(now.get(k, 0), (most or {}).get(k, 0)) for k in ("CPU", "GPU")}
     fit = resources.get("CPU", 1) // max(train.num_workers * train.cpus_per_worker, 1e-9)
     if train.use_gpu:
         fit = min(fit, resources.get("GPU", 0) // (train.num_workers * (gpus_per_worker or 1.0)))

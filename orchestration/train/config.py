@@ -64,6 +64,8 @@ class TrainConfig:
     checkpoint_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
     num_to_keep: Optional[int] = field(default=2, metadata={"min": 1})  # None: keep all
     max_failures: int = field(default=0, metadata={"min": -1})  # worker failures to absorb; -1: forever
+    # how long a run waits, in all, for nodes the autoscaler adds (at start, after a lost node); -1: forever
+    scale_up_timeout_s: float = field(default=1800.0, metadata={"min": -1})
 
     seed: int = 1337
     # experiment trackers fed from rank 0's metrics records (orchestration/train/trackers.py)

@@ -177,21 +177,62 @@ def check_same_run(meta: dict, cfg, meta_now: dict, uri: str) -> None:
 
 
 def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None) -> None:
-    import ray
+    """Refuse a run the cluster can never hold: more than a Ray this process started has, or more than
+    the node types of a cluster that publishes them allow. A joined cluster short of resources now may
+    have an autoscaler: the run starts anyway, saying so; Ray Train's placement group asks for the
+    nodes and its start is retried until they come up, for at most ``train.scale_up_timeout_s``."""
+    from orchestration.runtime import cluster_capacity
 
-    resources = ray.cluster_resources()
-    need_cpu = train.num_workers * train.cpus_per_worker
-    if resources.get("CPU", 0) < need_cpu:
+    need = {"CPU": train.num_workers * train.cpus_per_worker}
+    if train.use_gpu:
+        need["GPU"] = train.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
+    now, most, joined = cluster_capacity()
+    if all(now.get(k, 0) >= v for k, v in need.items()):
+        return
+    what = "train.num_workers x train.cpus_per_worker" + (" (and a GPU each: train.use_gpu)" if train.use_gpu else "")
+    have = ", ".join(f"{now.get(k, 0):g} {k}" for k in need)
+    if not joined:
         raise ConfigError(
-            f"train.num_workers x train.cpus_per_worker = {need_cpu} CPUs but the Ray cluster "
-            f"has {resources.get('CPU', 0)}; lower them or add nodes"
+            f"{what} = {_resources(need)}, but this machine's Ray has {have}; lower them, or run on a "
+            "cluster (RAY_ADDRESS, `raylm submit`)"
         )
-    need_gpu = train.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
-    if train.use_gpu and resources.get("GPU", 0) < need_gpu:
+    if most is not None and any(most.get(k, 0) < v for k, v in need.items()):
         raise ConfigError(
-            f"train.use_gpu with {train.num_workers} workers needs {need_gpu} GPUs; "
-            f"the Ray cluster has {resources.get('GPU', 0)}"
+            f"{what} = {_resources(need)}, but the Ray cluster has {have} and its node types allow at most "
+            f"{', '.join(f'{most.get(k, 0):g} {k}' for k in need)}; lower them or raise the node types' "
+            "max_workers in the cluster file"
         )
+    wait = "for as long as it takes" if train.scale_up_timeout_s < 0 else f"up to {train.scale_up_timeout_s:.0f} s"
+    print(
+        f"[raylm] the run needs {_resources(need)}; the cluster has {have} now: waiting {wait} "
+        "(train.scale_up_timeout_s) for the autoscaler to add nodes",
+        flush=True,
+    )
+
+
+def _resources(need: dict) -> str:
+    return " + ".join(f"{v:g} {k}" for k, v in need.items())
+
+
+def start_retry_limit(train: TrainConfig) -> int:
+    """Ray Train's retries of a worker-group start that timed out waiting for resources (each waits
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default) that add up to ``scale_up_timeout_s``."""
+    if train.scale_up_timeout_s < 0:
+        return -1
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    return max(1, math.ceil(train.scale_up_timeout_s / per_try))
+
+
+def resume_hint(run: RunDir) -> str:
+    """What re-running a failed run does: resume from its newest complete checkpoint, or start over."""
+    try:
+        latest = latest_complete_checkpoint(run)
+    except OSError as err:  # storage still unreachable (the outage that ended the run, say)
+        return f"storage unreachable ({err}); once it is back, re-running resumes from its last complete checkpoint"
+    if latest is None:
+        return f"no complete checkpoint under {run.uri} yet: re-running starts from step 0"
+    ckpt, meta = latest
+    return f"re-running it resumes from step {meta['step']} ({ckpt.uri})"
 
 
 def launch(
@@ -252,7 +293,9 @@ def launch(
             name=run.name,
             storage_path=run.parent_path if "://" in run.uri else run.uri.rsplit("/", 1)[0],
             storage_filesystem=run.fs if "://" in run.uri else None,
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=train.max_failures, controller_failure_limit=start_retry_limit(train)
+            ),
             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
             worker_runtime_env={"env_vars": _worker_env(train)},
             callbacks=list(callbacks),
@@ -261,12 +304,14 @@ def launch(
         dataset_config=_data_config(),
     )
     progress = ProgressPrinter(run, plan.total_steps).start()
+    finished = False
     try:
-        result = trainer.fit()
+        result = trainer.fit()  # raises the run's error (a worker's, or Ray Train's controller's)
+        finished = True
     finally:
         progress.stop()
-    if result.error:
-        raise result.error
+        if not finished:
+            print(f"[raylm] the run failed: {resume_hint(run)}", flush=True)
     records = read_metrics(run)
     last = records[-1] if records else {}
     val = [r for r in records if "val_loss" in r]

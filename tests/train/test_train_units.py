@@ -208,3 +208,14 @@ def test_optimizer_state_numel_walks_to_torch_optimizer():
         optimizer = Wrapper()
 
     assert optimizer_state_numel(Engine()) == 2 * (4 * 3 + 3)  # exp_avg + exp_avg_sq
+
+
+def test_a_run_larger_than_a_local_ray_is_refused_naming_the_keys(ray_session):
+    """A Ray this process started has no autoscaler: asking for more than it has fails at once."""
+    from orchestration.train.config import TrainConfig
+    from orchestration.train.driver import check_resources
+
+    check_resources(TrainConfig(num_workers=2, cpus_per_worker=0.5))
+    refused = r"train.num_workers x train.cpus_per_worker = 8 CPU, but this machine's Ray has 2 CPU; lower"
+    with pytest.raises(ConfigError, match=refused):
+        check_resources(TrainConfig(num_workers=4, cpus_per_worker=2))
