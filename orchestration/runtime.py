@@ -47,13 +47,20 @@ def init_ray(address: str | None = None) -> None:
     )
 
 
-def cluster_capacity() -> tuple[dict, dict | None, bool]:
-    """(resources the cluster has now, the most its node types allow where the cluster publishes them
-    (KubeRay does; ``ray up`` clusters do not: None), whether nodes may be added at all: False for a
-    Ray this process started itself, True for a cluster it joined, whose autoscaler may add nodes)."""
+def joined_cluster() -> bool:
+    """Whether this driver joined a Ray cluster (RAY_ADDRESS, a Ray job), whose autoscaler may add
+    nodes, rather than starting a Ray of its own, to which nothing can add any. False inside a Ray
+    worker (a Tune trial): the sweep's driver decided for its trials."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return worker.global_worker.mode == worker.SCRIPT_MODE and node is not None and not node.is_head()
+
+
+def cluster_capacity() -> tuple[dict, dict | None]:
+    """(resources the cluster has now, the most its node types allow where the cluster publishes them:
+    KubeRay does, ``ray up`` clusters do not: None)."""
     import ray
     from ray._private.state import state as ray_state  # what Ray Train's own pre-check reads
 
-    node = ray._private.worker._global_node
-    joined = node is not None and not node.is_head()
-    return ray.cluster_resources(), ray_state.get_max_resources_from_cluster_config(), joined
+    return ray.cluster_resources(), ray_state.get_max_resources_from_cluster_config()

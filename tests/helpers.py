@@ -126,17 +126,26 @@ def tiny_corpus_on_s3(root: Path, endpoint_url: str, bucket: str) -> str:
     return f"s3://{bucket}/data/manifest.json"
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all bound at once, so none repeats)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 class RestartableS3:
     """A moto S3 server on a fixed 127.0.0.1 port that can go away and come back (moto keeps its
     buckets in-process, so a server restarted on the same port serves the same objects): a storage
     outage that loses nothing, as a flaky network or endpoint gives."""
 
     def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        (self.port,) = free_ports(1)
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._server = self._start()
 

@@ -81,7 +81,7 @@ def default_concurrency(train, gpus_per_worker: Optional[float], requested: Opti
 
     if requested is not None:
         return requested
-    now, most, _ = cluster_capacity()
+    now, most = cluster_capacity()
     resources = {k: max(now.get(k, 0), (most or {}).get(k, 0)) for k in ("CPU", "GPU")}
     fit = resources.get("CPU", 1) // max(train.num_workers * train.cpus_per_worker, 1e-9)
     if train.use_gpu:

@@ -7,6 +7,7 @@ this section live in ``__post_init__``; checks that need the data manifest or th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -24,6 +25,11 @@ class TrainConfig:
 
     # --- scale-out
     num_workers: int = field(default=2, metadata={"min": 1})
+    # elastic (Ray Train's worker range): after losing nodes the run continues on as few as min_workers
+    # and grows back to num_workers when nodes return (checked every resize_check_interval_s); the
+    # global batch stays, so global_batch_size must divide by micro_batch_size x every count between
+    min_workers: Optional[int] = field(default=None, metadata={"min": 1})
+    resize_check_interval_s: float = field(default=60.0, metadata={"min": 1.0})
     use_gpu: bool = False
     cpus_per_worker: float = field(default=1.0, metadata={"min": 0.0})
 
@@ -63,7 +69,9 @@ class TrainConfig:
     val_sequences: int = field(default=128, metadata={"min": 1})  # the fixed val set: first rows of the val split
     checkpoint_interval: int = field(default=100, metadata={"min": 0})  # 0: only at the end
     num_to_keep: Optional[int] = field(default=2, metadata={"min": 1})  # None: keep all
-    max_failures: int = field(default=0, metadata={"min": -1})  # worker failures to absorb; -1: forever
+    # worker-group failures to absorb, each restarting from the latest checkpoint; -1: forever;
+    # None: 3 on a cluster the command joined, 0 on a Ray it started itself
+    max_failures: Optional[int] = field(default=None, metadata={"min": -1})
     # how long a run waits, in all, for nodes the autoscaler adds (at start, after a lost node); -1: forever
     scale_up_timeout_s: float = field(default=1800.0, metadata={"min": -1})
 
@@ -96,6 +104,25 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO owns the optimizer states)")
         self._resolve_batch()
+        if self.min_workers is not None:
+            self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        per_worker = self.micro_batch_size
+        odd = [n for n in range(self.min_workers, self.num_workers) if self.global_batch_size % (per_worker * n)]
+        if odd:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must split into micro_batch_size ({per_worker}) x "
+                f"every worker count from min_workers to num_workers; it does not for {odd}: change "
+                "global_batch_size, micro_batch_size or the range"
+            )
+
+    def at_world_size(self, workers: int) -> TrainConfig:
+        """This config on ``workers`` workers (an elastic run resized): the same global batch, the
+        gradient accumulation re-derived."""
+        return dataclasses.replace(self, num_workers=workers, grad_accum_steps=None)
 
     def _resolve_batch(self) -> None:
         """Fill whichever of grad_accum_steps / global_batch_size is missing; check they agree."""

@@ -181,17 +181,18 @@ def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None)
     the node types of a cluster that publishes them allow. A joined cluster short of resources now may
     have an autoscaler: the run starts anyway, saying so; Ray Train's placement group asks for the
     nodes and its start is retried until they come up, for at most ``train.scale_up_timeout_s``."""
-    from orchestration.runtime import cluster_capacity
+    from orchestration.runtime import cluster_capacity, joined_cluster
 
-    need = {"CPU": train.num_workers * train.cpus_per_worker}
+    workers = train.min_workers or train.num_workers  # an elastic run starts on as few as min_workers
+    need = {"CPU": workers * train.cpus_per_worker}
     if train.use_gpu:
-        need["GPU"] = train.num_workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
-    now, most, joined = cluster_capacity()
+        need["GPU"] = workers * (1.0 if gpus_per_worker is None else gpus_per_worker)
+    now, most = cluster_capacity()
     if all(now.get(k, 0) >= v for k, v in need.items()):
         return
     what = "train.num_workers x train.cpus_per_worker" + (" (and a GPU each: train.use_gpu)" if train.use_gpu else "")
     have = ", ".join(f"{now.get(k, 0):g} {k}" for k in need)
-    if not joined:
+    if not joined_cluster():
         raise ConfigError(
             f"{what} = {_resources(need)}, but this machine's Ray has {have}; lower them, or run on a "
             "cluster (RAY_ADDRESS, `raylm submit`)"
@@ -212,6 +213,19 @@ def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None)
 
 def _resources(need: dict) -> str:
     return " + ".join(f"{v:g} {k}" for k, v in need.items())
+
+
+CLUSTER_MAX_FAILURES = 3
+
+
+def max_failures(train: TrainConfig) -> int:
+    """Worker-group failures a run absorbs (restarting from its latest checkpoint): as configured, else
+    3 on a cluster (a lost node or a crashed worker is routine there) and 0 on a Ray of the command's own."""
+    from orchestration.runtime import joined_cluster
+
+    if train.max_failures is not None:
+        return train.max_failures
+    return CLUSTER_MAX_FAILURES if joined_cluster() else 0
 
 
 def start_retry_limit(train: TrainConfig) -> int:
@@ -287,14 +301,17 @@ def launch(
         worker_loop,
         train_loop_config={"plan": plan, "make_task": make_task},
         scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+            num_workers=(train.min_workers, train.num_workers) if train.min_workers else train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=train.resize_check_interval_s,
         ),
         run_config=RunConfig(
             name=run.name,
             storage_path=run.parent_path if "://" in run.uri else run.uri.rsplit("/", 1)[0],
             storage_filesystem=run.fs if "://" in run.uri else None,
             failure_config=FailureConfig(
-                max_failures=train.max_failures, controller_failure_limit=start_retry_limit(train)
+                max_failures=max_failures(train), controller_failure_limit=start_retry_limit(train)
             ),
             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=train.num_to_keep),
             worker_runtime_env={"env_vars": _worker_env(train)},

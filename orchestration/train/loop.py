@@ -54,6 +54,8 @@ def worker_loop(loop_config: dict) -> None:
     train = TrainConfig(**plan.config["train"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    if world_size != train.num_workers:  # an elastic run on fewer (or again more) workers
+        train = train.at_world_size(world_size)
 
     # --- setup: the task's model (seeded: identical on every rank), then DDP or DeepSpeed wraps it
     device = worker_device(train)

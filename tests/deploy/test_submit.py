@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import tiny_corpus_manifest
+from helpers import free_ports, tiny_corpus_manifest
 
 from orchestration.deploy import submit as sub
 
@@ -156,16 +155,6 @@ def test_submit_parser_takes_the_command_after_the_separator():
 # --- a real Ray head ----------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _our_leftovers(temp_dir: str, gcs_address: str) -> list[int]:
     """PIDs of processes of the cluster this fixture started: Ray's own name the temp dir on their
     command line, the job drivers carry its GCS address in their environment."""
@@ -187,7 +176,7 @@ def _our_leftovers(temp_dir: str, gcs_address: str) -> list[int]:
 def ray_head():
     """A token-authenticated Ray head on 127.0.0.1; yields (jobs API URL, auth token)."""
     temp_dir = tempfile.mkdtemp(prefix="rlsub_", dir="/tmp")  # short: Ray's socket paths are length-limited
-    (gcs, dash, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr) = _free_ports(9)
+    (gcs, dash, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr) = free_ports(9)
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(

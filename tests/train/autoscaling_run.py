@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,6 @@ import time
 from pathlib import Path
 
 WORKER_TYPE = "cpu_worker"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def autoscaling_config(gcs_address: str) -> dict:
@@ -106,6 +95,8 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--storage", required=True)
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+    from helpers import free_ports, tiny_config
 
     gcs, dash, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr = free_ports(9)
     gcs_address = f"127.0.0.1:{gcs}"
@@ -135,9 +126,7 @@ def main() -> None:
     try:
         # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS
         os.environ["RAY_ADDRESS"] = gcs_address
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
         import ray
-        from helpers import tiny_config
 
         from orchestration.train.driver import run_training
 

@@ -18,23 +18,10 @@ SCRIPT = Path(__file__).with_name("multinode_run.py")
 AUTOSCALING_SCRIPT = Path(__file__).with_name("autoscaling_run.py")
 
 
-def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_server):
-    """3 workers on 3 nodes (ZeRO-1); one node is removed after the step-10 checkpoint; the run fails,
-    and running it again on the 2 nodes left (2 workers, same global batch: the ZeRO state reshards)
-    continues from the newest complete checkpoint to the end, every step logged once."""
-    endpoint = s3_server["endpoint_url"]
-    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-multinode")
+def _run_child(script: Path, *args: str) -> tuple[dict, str]:
+    """Run a cluster script in its own process: (the JSON of its RESULT line, its stdout)."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--manifest",
-            manifest,
-            "--storage",
-            "s3://raylm-multinode/runs",
-            "--endpoint",
-            endpoint,
-        ],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -42,7 +29,19 @@ def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_serve
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT ") :]), proc.stdout
+
+
+def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_server):
+    """3 workers on 3 nodes (ZeRO-1); one node is removed after the step-10 checkpoint; the run fails,
+    and running it again on the 2 nodes left (2 workers, same global batch: the ZeRO state reshards)
+    continues from the newest complete checkpoint to the end, every step logged once."""
+    endpoint = s3_server["endpoint_url"]
+    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-multinode")
+    result, _ = _run_child(
+        SCRIPT, "--scenario", "lost-node", "--manifest", manifest, "--storage", "s3://raylm-multinode/runs",
+        "--endpoint", endpoint,
+    )  # fmt: skip
     print({k: v for k, v in result.items() if k != "records"})
 
     assert len(result["worker_nodes"]) == 3  # one worker per node
@@ -58,6 +57,27 @@ def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_serve
     assert result["summary"]["final_step"] == 60 and records[-1]["loss"] < records[0]["loss"] - 0.2
 
 
+def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(tmp_path, s3_server):
+    """2 workers on 2 nodes with train.min_workers=1: a node removed after the step-10 checkpoint, the
+    run goes on with 1 worker (same global batch, ZeRO state resharded) from its newest checkpoint;
+    the node added back, it grows to 2 workers again; no restart by hand, every step logged once."""
+    endpoint = s3_server["endpoint_url"]
+    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-elastic")
+    result, _ = _run_child(
+        SCRIPT, "--scenario", "elastic", "--manifest", manifest, "--storage", "s3://raylm-elastic/runs",
+        "--endpoint", endpoint,
+    )  # fmt: skip
+    records = result["records"]
+    workers = [len(r["data_read_rows_per_rank"]) for r in records]
+    print(result["error"], result["summary"], list(zip([r["step"] for r in records], workers)))
+    assert result["error"] is None and result["summary"]["final_step"] == 200
+    assert [r["step"] for r in records] == list(range(10, 210, 10))  # every logged step once
+    shrunk = workers.index(1)
+    assert workers[0] == 2 and 2 in workers[shrunk:]  # 2 workers, then 1, then 2 again
+    starts = sorted({r["start_step"] for r in records})
+    assert len(starts) >= 3 and starts[0] == 0  # two resumes from checkpoints, no step lost beyond them
+
+
 def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(tmp_path):
     """A head with no CPUs and an autoscaler whose worker node type starts at zero nodes (Ray's fake
     multi-node provider): `raylm train` for 2 workers x 1 CPU says it waits for the autoscaler instead
@@ -65,17 +85,8 @@ def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(tmp_path):
     from helpers import tiny_corpus_manifest
 
     manifest = tiny_corpus_manifest(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, str(AUTOSCALING_SCRIPT), "--manifest", manifest, "--storage", str(tmp_path / "runs")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result, stdout = _run_child(AUTOSCALING_SCRIPT, "--manifest", manifest, "--storage", str(tmp_path / "runs"))
     print(result)
     assert result["worker_nodes_before"] == 0 and result["worker_nodes_after"] == 2
-    assert "waiting up to 300 s (train.scale_up_timeout_s) for the autoscaler to add nodes" in proc.stdout
+    assert "waiting up to 300 s (train.scale_up_timeout_s) for the autoscaler to add nodes" in stdout
     assert result["summary"]["final_step"] == 10

@@ -279,9 +279,10 @@ def test_checkpoints_resume_on_another_worker_count(reference_runs, workdir):
     _assert_same_end(back, two, "ZeRO-3 3 -> 2")
 
 
-def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkeypatch, tmp_path):
-    """ZeRO-2: a run dies with no retries left; running it again resumes at step 10 and matches the
-    uninterrupted run (model, optimizer, LR schedule, data position)."""
+def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkeypatch, tmp_path, capsys):
+    """ZeRO-2: a run dies with no retries left, saying from where re-running it resumes; running it
+    again resumes at step 10 and matches the uninterrupted run (model, optimizer, LR schedule, data
+    position)."""
     from orchestration.train.driver import run_training
 
     root, manifest = workdir
@@ -292,6 +293,8 @@ def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkey
         run_training(cfg, resume=False)
     run_dir = str(root / "runs" / "zero2-restart")
     assert latest_complete_checkpoint(RunDir.at(run_dir))[1]["step"] == 10
+    hint = f"[raylm] the run failed: re-running it resumes from step 10 ({run_dir}/checkpoint_00000010)"
+    assert hint in capsys.readouterr().out
     with pytest.raises(ConfigError, match="already exists"):
         run_training(cfg, resume=False)  # never silently starts over on top of a run
     monkeypatch.delenv(FAIL_AT_STEP_ENV)

@@ -219,3 +219,15 @@ def test_a_run_larger_than_a_local_ray_is_refused_naming_the_keys(ray_session):
     refused = r"train.num_workers x train.cpus_per_worker = 8 CPU, but this machine's Ray has 2 CPU; lower"
     with pytest.raises(ConfigError, match=refused):
         check_resources(TrainConfig(num_workers=4, cpus_per_worker=2))
+
+
+def test_an_elastic_range_keeps_the_global_batch_at_every_worker_count():
+    from orchestration.train.config import TrainConfig
+
+    train = TrainConfig(num_workers=4, min_workers=2, micro_batch_size=2, global_batch_size=24)
+    assert [train.at_world_size(n).grad_accum_steps for n in (2, 3, 4)] == [6, 4, 3]
+    assert {train.at_world_size(n).global_batch_size for n in (2, 3, 4)} == {24}
+    with pytest.raises(ValueError, match=r"must split into micro_batch_size \(2\) x every worker count .* for \[3\]"):
+        TrainConfig(num_workers=4, min_workers=2, micro_batch_size=2, global_batch_size=16)
+    with pytest.raises(ValueError, match=r"min_workers \(3\) must be <= num_workers \(2\)"):
+        TrainConfig(num_workers=2, min_workers=3)
