@@ -6,7 +6,7 @@ per node. Scenarios:
 
 - ``lost-node``: 3 workers on 3 nodes; one node is removed once the step-10 checkpoint is complete;
   then the same run is run again on the 2 nodes left with 2 workers (same global batch).
-- ``elastic``: 2 nodes, ``train.min_workers=1``; one node is removed once the step-10 checkpoint is
+- ``elastic``: 2 nodes, ``train.min_workers=1``; one node is removed once the step-20 checkpoint is
   complete, and added back once the run has logged a step on the one worker left.
 
 Prints one JSON line: what happened (nodes, errors, checkpoints) and the run's summary and metrics.
@@ -141,15 +141,18 @@ def elastic(args, cluster, nodes) -> dict:
     overrides = [
         "train.num_workers=2",
         "train.min_workers=1",  # global batch 16: 2 workers x 4 x 2, or 1 worker x 4 x 4
-        "train.max_steps=200",
-        "train.log_interval=10",
-        "train.eval_interval=100",
+        # long enough on one worker for Ray Train to see the node come back: its autoscaling
+        # coordinator re-reads the cluster's resources every 20 s (seen here: 280-360 steps later)
+        "train.max_steps=1200",
+        "train.log_interval=20",
+        "train.checkpoint_interval=20",
+        "train.eval_interval=400",
         "train.max_failures=3",
         "train.resize_check_interval_s=2",
     ]
     run = RunDir.at(f"{args.storage}/elastic", args.endpoint)
     thread, outcome = in_background(lambda: run_training(config(args, "elastic", overrides), resume=False))
-    wait_for(lambda: checkpoint_at_least(run, 10), thread)
+    wait_for(lambda: checkpoint_at_least(run, 20), thread)
     cluster.remove_node(nodes[-1], allow_graceful=False)
 
     def on_one_worker() -> bool:

@@ -58,7 +58,7 @@ def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_serve
 
 
 def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(tmp_path, s3_server):
-    """2 workers on 2 nodes with train.min_workers=1: a node removed after the step-10 checkpoint, the
+    """2 workers on 2 nodes with train.min_workers=1: a node removed after the step-20 checkpoint, the
     run goes on with 1 worker (same global batch, ZeRO state resharded) from its newest checkpoint;
     the node added back, it grows to 2 workers again; no restart by hand, every step logged once."""
     endpoint = s3_server["endpoint_url"]
@@ -70,8 +70,8 @@ def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(tmp_path, s3_s
     records = result["records"]
     workers = [len(r["data_read_rows_per_rank"]) for r in records]
     print(result["error"], result["summary"], list(zip([r["step"] for r in records], workers)))
-    assert result["error"] is None and result["summary"]["final_step"] == 200
-    assert [r["step"] for r in records] == list(range(10, 210, 10))  # every logged step once
+    assert result["error"] is None and result["summary"]["final_step"] == 1200
+    assert [r["step"] for r in records] == list(range(20, 1220, 20))  # every logged step once
     shrunk = workers.index(1)
     assert workers[0] == 2 and 2 in workers[shrunk:]  # 2 workers, then 1, then 2 again
     starts = sorted({r["start_step"] for r in records})
