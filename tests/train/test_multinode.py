@@ -32,16 +32,19 @@ def _run_child(script: Path, *args: str) -> tuple[dict, str]:
     return json.loads(lines[-1][len("RESULT ") :]), proc.stdout
 
 
+def _run_scenario(scenario: str, tmp_path: Path, endpoint: str) -> dict:
+    """A multinode_run.py scenario with the tiny corpus and the run on the S3 server (its own bucket)."""
+    bucket = f"raylm-{scenario}"
+    manifest = tiny_corpus_on_s3(tmp_path, endpoint, bucket)
+    args = ["--scenario", scenario, "--manifest", manifest, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint]
+    return _run_child(SCRIPT, *args)[0]
+
+
 def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_server):
     """3 workers on 3 nodes (ZeRO-1); one node is removed after the step-10 checkpoint; the run fails,
     and running it again on the 2 nodes left (2 workers, same global batch: the ZeRO state reshards)
     continues from the newest complete checkpoint to the end, every step logged once."""
-    endpoint = s3_server["endpoint_url"]
-    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-multinode")
-    result, _ = _run_child(
-        SCRIPT, "--scenario", "lost-node", "--manifest", manifest, "--storage", "s3://raylm-multinode/runs",
-        "--endpoint", endpoint,
-    )  # fmt: skip
+    result = _run_scenario("lost-node", tmp_path, s3_server["endpoint_url"])
     print({k: v for k, v in result.items() if k != "records"})
 
     assert len(result["worker_nodes"]) == 3  # one worker per node
@@ -61,12 +64,7 @@ def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(tmp_path, s3_s
     """2 workers on 2 nodes with train.min_workers=1: a node removed after the step-20 checkpoint, the
     run goes on with 1 worker (same global batch, ZeRO state resharded) from its newest checkpoint;
     the node added back, it grows to 2 workers again; no restart by hand, every step logged once."""
-    endpoint = s3_server["endpoint_url"]
-    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-elastic")
-    result, _ = _run_child(
-        SCRIPT, "--scenario", "elastic", "--manifest", manifest, "--storage", "s3://raylm-elastic/runs",
-        "--endpoint", endpoint,
-    )  # fmt: skip
+    result = _run_scenario("elastic", tmp_path, s3_server["endpoint_url"])
     records = result["records"]
     workers = [len(r["data_read_rows_per_rank"]) for r in records]
     print(result["error"], result["summary"], list(zip([r["step"] for r in records], workers)))
