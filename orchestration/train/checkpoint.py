@@ -154,13 +154,13 @@ def save_checkpoint(
     return str(tmp), [sum(rank_files.values()) for rank_files in all_files]
 
 
-def checkpoint_meta(local_dir: str) -> dict:
-    """A local checkpoint directory's meta (step, world size, ZeRO stage, ...); CheckpointError if incomplete."""
-    meta = complete_checkpoint_meta(RunDir(local_dir, pafs.LocalFileSystem(), local_dir))
+def checkpoint_meta(ckpt: RunDir) -> dict:
+    """A checkpoint's meta (step, world size, ZeRO stage, ...); CheckpointError if it is incomplete."""
+    meta = complete_checkpoint_meta(ckpt)
     if meta is None:
         raise CheckpointError(
-            f"checkpoint {local_dir} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
-            "delete it to resume from the previous one"
+            f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
+            "delete it to use the previous one"
         )
     return meta
 
@@ -199,14 +199,12 @@ def fetched_checkpoint(ckpt: RunDir, rank: int, world_size: int) -> Iterator[tup
     """(local directory, meta) of a complete checkpoint for one resuming rank. A local checkpoint is
     read in place; from object storage only ``files_to_restore`` is downloaded, into a temp dir
     removed on exit, so no node fetches other ranks' partitions or the consolidated weights."""
-    if isinstance(ckpt.fs, pafs.LocalFileSystem):
-        yield ckpt.path, checkpoint_meta(ckpt.path)
-        return
     from data_pipeline.storage import with_retries
 
-    meta = with_retries(lambda: complete_checkpoint_meta(ckpt), what=ckpt.uri)
-    if meta is None:
-        raise CheckpointError(f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing)")
+    meta = with_retries(lambda: checkpoint_meta(ckpt), what=ckpt.uri)
+    if isinstance(ckpt.fs, pafs.LocalFileSystem):
+        yield ckpt.path, meta
+        return
     local = tempfile.mkdtemp(prefix=f"raylm_restore_rank{rank}_")
     try:
         _download(ckpt, files_to_restore(meta["files"], rank, meta["world_size"] != world_size), local)
@@ -282,9 +280,7 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
 
     from data_pipeline.storage import with_retries
 
-    meta = complete_checkpoint_meta(ckpt)
-    if meta is None:
-        raise CheckpointError(f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing)")
+    meta = checkpoint_meta(ckpt)
     if ckpt.has(MODEL_FILE):
         return False
     t0 = time.perf_counter()
@@ -335,8 +331,6 @@ def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
     if not meta_path.is_file():
         raise CheckpointError(f"{local_dir} has no {CHECKPOINT_META_FILE}: not a complete raylm checkpoint")
     meta: Any = json.loads(meta_path.read_text())
-    if not (root / MODEL_FILE).is_file():  # an interval checkpoint: consolidate it from its engine files
-        consolidate_checkpoint(root, meta)
     state = load_file(str(root / MODEL_FILE))
     model_cfg = json.loads((root / MODEL_CONFIG_FILE).read_text())
     tokenizer_ref = json.loads((root / TOKENIZER_FILE).read_text())

@@ -190,7 +190,9 @@ def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None)
     now, most = cluster_capacity()
     if all(now.get(k, 0) >= v for k, v in need.items()):
         return
-    what = "train.num_workers x train.cpus_per_worker" + (" (and a GPU each: train.use_gpu)" if train.use_gpu else "")
+    what = f"train.{'min_workers' if train.min_workers else 'num_workers'} x train.cpus_per_worker" + (
+        " (and a GPU each: train.use_gpu)" if train.use_gpu else ""
+    )
     have = ", ".join(f"{now.get(k, 0):g} {k}" for k in need)
     if not joined_cluster():
         raise ConfigError(
