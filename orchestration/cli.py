@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from orchestration.config import ConfigError, load_config
-from orchestration.runtime import VERBOSE_ENV
+from orchestration.runtime import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV
 
 CONFIG_HELP = "YAML config file (see configs/); defaults are used when omitted"
 OVERRIDE_HELP = "config overrides as key.sub=value, e.g. model.n_layer=4 train.lr=3e-4"
@@ -56,6 +56,47 @@ def temperature(text: str) -> float:
     if not (math.isfinite(value) and value >= 0.0):
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
     return value
+
+
+def torch_device(text: str) -> str:
+    """argparse type: a torch device this machine has (cpu; cuda or cuda:N where CUDA is available)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: raylm runs on cpu or cuda")
+    return text
+
+
+def ngram_order(text: str) -> int:
+    """argparse type: an n-gram order the n-gram model supports."""
+    from model.ngram import MAX_ORDER, MIN_ORDER
+
+    value = int(text)
+    if not MIN_ORDER <= value <= MAX_ORDER:
+        raise argparse.ArgumentTypeError(f"must be in [{MIN_ORDER}, {MAX_ORDER}], got {value}")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a local directory to write into (made if missing), not an existing file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a directory")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type: a local file to write, not an existing directory."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name a file, e.g. {Path(text) / 'eval.json'}")
+    return text
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -239,12 +280,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from orchestration.artifacts import RunDir
-    from orchestration.evaluate.load import resolve_checkpoint
     from orchestration.train.checkpoint import MODEL_FILE, ensure_consolidated
 
-    uri = resolve_checkpoint(args.checkpoint, args.endpoint_url)
-    if not ensure_consolidated(RunDir.at(uri, args.endpoint_url)):
-        print(f"{uri} already has {MODEL_FILE}")
+    # args.checkpoint: a complete checkpoint directory (main resolved a run directory to its newest)
+    if not ensure_consolidated(RunDir.at(args.checkpoint, args.endpoint_url)):
+        print(f"{args.checkpoint} already has {MODEL_FILE}")
     return 0
 
 
@@ -263,7 +303,9 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         help="a checkpoint directory/URI (checkpoint_NNNNNN) or a run directory (its latest checkpoint)",
     )
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs (MinIO, R2)")
-    parser.add_argument("--device", default=None, help="torch device to run on, e.g. cpu, cuda (default cpu)")
+    parser.add_argument(
+        "--device", type=torch_device, default=None, help="torch device to run on, e.g. cpu, cuda (default cpu)"
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -359,13 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (loaded without DeepSpeed). Suites: lm = loss, perplexity and "
         "bits-per-byte; continuation = BLEU and ROUGE of greedy continuations of held-out text; "
         "mc = zero-shot multiple choice (cloze of held-out lines) with accuracy and standard error; "
-        "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite.",
+        "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite. Without "
+        "--data, held-out text is the val split of the manifest the checkpoint was trained on (a fine-tune on "
+        "task rows or an export: that of the checkpoint it came from), named in the output.",
     )
     _add_checkpoint_args(ev)
     ev.add_argument(
         "--data",
         default=None,
-        help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file (all suites but bias)",
+        help="a manifest.json URI from `raylm prepare`, or a UTF-8 text file (all suites but bias; default: "
+        "the --split of the manifest the checkpoint was trained on)",
     )
     ev.add_argument(
         "--suite",
@@ -384,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--continuation-tokens", type=positive_int, default=None, help="continuation length scored (default 32)"
     )
     ev.add_argument("--templates", default=None, help="bias templates file (default configs/eval/bias_templates.yaml)")
-    ev.add_argument("--out", default=None, help="also write the full result as JSON to this file")
+    ev.add_argument("--out", type=output_file, default=None, help="also write the full result as JSON to this file")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser(
@@ -451,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit an n-gram model on a manifest's train split; score its val split.",
     )
     ngram.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
-    ngram.add_argument("--out", required=True, help="directory to write the model to")
-    ngram.add_argument("--n", type=positive_int, default=3, help="order, 1-5 (default 3)")
+    ngram.add_argument("--out", type=output_dir, required=True, help="directory to write the model to")
+    ngram.add_argument("--n", type=ngram_order, default=3, help="order, 1-5 (default 3)")
     ngram.add_argument(
         "--discount",
-        type=float,
+        type=probability,
         default=None,
         help="one fixed KN discount (default: modified KN's three estimated discounts per order)",
     )
@@ -469,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--transformer", required=True, help="transformer checkpoint or run directory")
     compare.add_argument("--lstm", default=None, help="LSTM checkpoint or run directory (model.arch=lstm)")
     compare.add_argument("--ngram", action="append", default=[], help="n-gram model directory (repeatable)")
-    compare.add_argument("--out", required=True, help="directory for baselines.json / baselines.md")
+    compare.add_argument("--out", type=output_dir, required=True, help="directory for baselines.json / baselines.md")
     for kind in (ngram, compare):
         kind.add_argument("--max-sequences", type=positive_int, default=256, help="val sequences scored (default 256)")
         kind.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
@@ -485,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison (baselines.json).",
     )
     report.add_argument("path", help="the run, sweep, tune or baselines directory (local or s3://)")
-    report.add_argument("--out", default=None, help="where to write the report (default: inside PATH)")
+    report.add_argument("--out", type=output_dir, default=None, help="where to write the report (default: inside PATH)")
     report.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
     report.set_defaults(func=cmd_report)
 
@@ -501,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         "self-describing checkpoint.",
     )
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--out", type=output_dir, required=True, help="output directory")
     export.add_argument("--format", choices=["hf", "raylm"], default="hf", help="output format (default hf)")
     export.add_argument(
         "--lora",
@@ -542,10 +587,23 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from data_pipeline.storage import DataSourceError
     from data_pipeline.tokenizer import TokenizerError
     from orchestration.deploy.export import ExportError
+    from orchestration.evaluate.data_source import EvalError
     from orchestration.report.render import ReportError
     from orchestration.train.checkpoint import CheckpointError
 
-    return ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError, ExportError
+    # and a path or address the command was given that the system refused (it names which)
+    os_errors = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    raylm_errors = (ManifestMismatchError, DataSourceError, TokenizerError, CheckpointError, ReportError, ExportError)
+    return *raylm_errors, EvalError, *os_errors, ConnectionError
+
+
+def _find_checkpoint(args: argparse.Namespace) -> None:
+    """eval, generate, export, consolidate, serve: the checkpoint argument resolved (a run directory ->
+    its newest complete checkpoint) before the command starts Ray or loads a model, so a wrong path is
+    refused at once."""
+    from orchestration.evaluate.load import resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint, args.endpoint_url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,7 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # before Ray starts: its processes inherit it
+    else:  # Ray Data reads its logging config when it is first imported: console at WARNING
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_CONFIG))
     try:
+        if getattr(args, "checkpoint", None):
+            _find_checkpoint(args)
         return args.func(args)
     except ConfigError as err:
         print(f"raylm: config error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,10 @@ def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
         (["generate", "--checkpoint", "x", "--prompt", "a", "--top-p", "1.5"], "--top-p"),
         (["eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size"),
         (["eval", "--checkpoint", "x", "--max-sequences", "0"], "--max-sequences"),
+        (["eval", "--checkpoint", "x", "--device", "tpu9"], "--device"),
+        (["generate", "--checkpoint", "x", "--prompt", "a", "--device", "bogus"], "--device"),
+        (["baseline", "ngram", "--data", "m.json", "--out", "o", "--n", "9"], "--n"),
+        (["baseline", "ngram", "--data", "m.json", "--out", "o", "--discount", "7"], "--discount"),
     ],
 )
 def test_out_of_range_options_are_one_line_errors_with_status_2(argv, option, capsys):
@@ -88,8 +93,58 @@ def test_unreachable_storage_is_a_config_error(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("RAYLM_S3_RETRY_ATTEMPTS", "1")  # nothing listens on port 9: no ~13 s of backoff first
     manifest = tiny_corpus_manifest(tmp_path)
     argv = ["train", "train.storage_path=s3://raylm-nowhere/runs", "train.endpoint_url=http://127.0.0.1:9"]
     assert main([*argv, f"train.data={manifest}", "model.block_size=32"]) == 2
     err = capsys.readouterr().err
     assert "train.storage_path: cannot reach s3://raylm-nowhere/runs/run" in err and "Traceback" not in err
+
+
+def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    """One bad input per command: {command: (argv, what its error must name)}. Each is refused before
+    Ray starts or a model loads."""
+    missing, empty, a_file = root / "missing", root / "empty", root / "a_file"
+    empty.mkdir(exist_ok=True)
+    a_file.write_text("not a directory\n")
+    return {
+        "model-info": (["model-info", "--config", str(empty)], str(empty)),
+        "prepare": (["prepare", "--config", str(missing / "prepare.yaml")], "does not exist"),
+        "train": (["train", f"train.data={missing}/manifest.json"], f"{missing}/manifest.json"),
+        "finetune": (["finetune", f"finetune.checkpoint={missing}", "finetune.data=shakespeare-play-qa"], str(missing)),
+        "demo": (["demo", "model.n_layer=0"], "model.n_layer"),
+        "eval": (["eval", "--checkpoint", str(empty)], "neither a complete checkpoint"),
+        "generate": (["generate", "--checkpoint", str(missing), "--prompt", "ROMEO:"], str(missing)),
+        "consolidate": (["consolidate", str(empty)], str(empty)),
+        "baseline": (
+            ["baseline", "compare", "--data", f"{missing}/m.json", "--transformer", "x", "--out", str(root)],
+            "m.json",
+        ),
+        "tune": (["tune", f"train.data={missing}/manifest.json"], "tune.search_space is empty"),
+        "scaling": (["scaling", f"train.data={missing}/manifest.json"], f"{missing}/manifest.json"),
+        "report": (["report", str(empty)], "not a run, sweep, tune or baselines directory"),
+        "export": (["export", "--checkpoint", str(missing), "--out", str(a_file)], f"{a_file} is a file"),
+        "serve": (["serve", "--checkpoint", str(missing)], str(missing)),
+        "submit": (["submit", "--list", "--stop", "raylm_job"], "not allowed with argument --list"),
+    }
+
+
+def test_every_command_has_a_bad_input_case(tmp_path):
+    assert sorted(bad_inputs(tmp_path)) == subcommands()
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_a_bad_input_to_each_command_is_a_short_error_with_status_2(command, tmp_path, capsys):
+    """No traceback, exit status 2, the last line says what was wrong; and no Ray was started for it."""
+    import ray
+
+    argv, named = bad_inputs(tmp_path)[command]
+    ray_before = ray.is_initialized()
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:  # argparse's own errors
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert named in err.strip().splitlines()[-1]
+    assert ray.is_initialized() == ray_before

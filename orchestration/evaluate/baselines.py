@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from model.ngram import NGramLM
+from orchestration.evaluate.data_source import EvalError
 
 NGRAM_SOURCE_FILE = "ngram_source.json"
 
@@ -35,7 +36,7 @@ def read_split_rows(
 
     manifest = read_manifest(manifest_uri, endpoint_url)
     if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
+        raise EvalError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
     row = manifest["seq_len"] + 1
     fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
     parts, have = [], 0
@@ -47,7 +48,7 @@ def read_split_rows(
         parts.append(rows.astype(np.int64))
         have += len(rows)
     if not parts:
-        raise ValueError(f"{manifest['uri']}: split {split!r} holds no sequences")
+        raise EvalError(f"{manifest['uri']}: split {split!r} holds no sequences")
     rows = np.concatenate(parts)
     return (rows if max_sequences is None else rows[:max_sequences]), manifest
 
@@ -68,10 +69,13 @@ def train_ngram(
     t0 = time.perf_counter()
     rows, manifest = read_split_rows(manifest_uri, "train", endpoint_url=endpoint_url)
     vocab_size = int(manifest["tokenizer"]["n_vocab"])
-    check_order(n, vocab_size)
+    try:
+        check_order(n, vocab_size)
+    except ValueError as err:
+        raise EvalError(f"{manifest['uri']}: {err}") from err
     spec = tok.load_spec(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
     if spec["hash"] != manifest["tokenizer"]["hash"]:
-        raise ValueError(
+        raise EvalError(
             f"{manifest['uri']}: tokenizer files next to it do not match the manifest's hash; re-run prepare"
         )
     model = NGramLM.fit(rows.reshape(-1), n, vocab_size, discount=discount)
@@ -114,7 +118,7 @@ def _windows(
     if data.endswith(".json"):
         rows, manifest = read_split_rows(data, split, max_sequences=max_sequences, endpoint_url=endpoint_url)
         if tokenizer_hash is not None and manifest["tokenizer"]["hash"] != tokenizer_hash:
-            raise ValueError(
+            raise EvalError(
                 f"{data}: shards use tokenizer {manifest['tokenizer']['hash'][:12]}, the model was "
                 f"fitted with {tokenizer_hash[:12]}; evaluate on data prepared with the same tokenizer"
             )
@@ -163,7 +167,7 @@ def evaluate_ngram(
     model, enc, source = load_ngram(model_dir)
     windows = _windows(data, enc, source["seq_len"], split, max_sequences, endpoint_url, source["tokenizer_hash"])
     if len(windows) == 0:
-        raise ValueError(f"{data}: fewer than {source['seq_len'] + 1} tokens, nothing to evaluate")
+        raise EvalError(f"{data}: fewer than {source['seq_len'] + 1} tokens, nothing to evaluate")
     nll = model.window_nll(windows)
     return {**_nll_metrics(nll, windows[:, 1:], token_byte_lengths(enc)), "sequences": int(len(windows)), "n": model.n}
 

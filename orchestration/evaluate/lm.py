@@ -14,16 +14,21 @@ import tiktoken
 import torch
 
 from model.gpt import GPT
+from orchestration.evaluate.data_source import EvalError, check_tokenizer
 from orchestration.evaluate.load import loaded_checkpoint
 
 
 def token_windows(
     data: str, enc: tiktoken.Encoding, seq_len: int, max_sequences: int, split: str, endpoint_url: Optional[str]
 ) -> np.ndarray:
-    """[n, seq_len + 1] token windows from a manifest's split or from a text file."""
+    """[n, seq_len + 1] token windows from a manifest's split (rows tokenized with ``enc``, read by Ray
+    Data) or from a text file."""
     if data.endswith(".json"):
-        from data_pipeline.loader import sequence_dataset
+        from data_pipeline.loader import read_manifest, sequence_dataset
+        from orchestration.runtime import init_ray
 
+        check_tokenizer(read_manifest(data, endpoint_url), enc)
+        init_ray()  # as every raylm command starts it: loopback only, a quiet console
         ds = sequence_dataset(data, split, seed=0, num_sequences=max_sequences, endpoint_url=endpoint_url)
         rows = [np.asarray(r["tokens"], dtype=np.int64) for r in ds.take(max_sequences)]
         return np.stack(rows)[:, : seq_len + 1] if rows else np.zeros((0, seq_len + 1), np.int64)
@@ -106,7 +111,7 @@ def evaluate_lm(
     model, model_cfg, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
     seqs = token_windows(data, enc, model_cfg.block_size, max_sequences, split, endpoint_url)
     if len(seqs) == 0:
-        raise ValueError(f"{data}: fewer than {model_cfg.block_size + 1} tokens, nothing to evaluate")
+        raise EvalError(f"{data}: fewer than {model_cfg.block_size + 1} tokens, nothing to evaluate")
     return {
         **lm_metrics(model, enc, seqs, batch_size=batch_size),
         "sequences": int(len(seqs)),

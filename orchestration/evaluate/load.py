@@ -39,13 +39,18 @@ def resolve_checkpoint(uri: str, endpoint_url: Optional[str]) -> str:
     """A complete checkpoint dir for ``uri``: itself, a run dir's newest complete checkpoint, or that of
     the run its ``latest_run`` pointer names (a run's own checkpoints win over a pointer)."""
     where = RunDir.at(uri, endpoint_url)
-    if complete_checkpoint_meta(where) is not None:
-        return where.uri
-    latest = latest_complete_checkpoint(where)
-    pointed = read_latest_run(where) if latest is None else None
-    if pointed is not None:
-        print(f"[raylm] {uri} -> {pointed} ({LATEST_RUN_FILE})", flush=True)
-        latest = latest_complete_checkpoint(RunDir.at(pointed, endpoint_url))
+    try:
+        if complete_checkpoint_meta(where) is not None:
+            return where.uri
+        latest = latest_complete_checkpoint(where)
+        pointed = read_latest_run(where) if latest is None else None
+        if pointed is not None:
+            print(f"[raylm] {uri} -> {pointed} ({LATEST_RUN_FILE})", flush=True)
+            latest = latest_complete_checkpoint(RunDir.at(pointed, endpoint_url))
+    except OSError as err:  # storage unreachable, access denied, ...
+        raise CheckpointError(
+            f"{uri}: cannot look for a checkpoint there ({err}); check the URI and its endpoint URL"
+        ) from err
     if latest is None:
         raise CheckpointError(
             f"{uri}: neither a complete checkpoint (with {CHECKPOINT_META_FILE}) nor a run directory "

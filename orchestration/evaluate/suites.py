@@ -23,6 +23,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from orchestration.evaluate.data_source import EvalError, check_tokenizer, training_manifest
 from orchestration.evaluate.lm import evaluate_lm
 from orchestration.evaluate.load import loaded_checkpoint
 from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
@@ -85,18 +86,13 @@ def _manifest_rows(
 ) -> list[list[int]]:
     import pyarrow.parquet as pq
 
-    from data_pipeline.loader import ManifestMismatchError, read_manifest
+    from data_pipeline.loader import read_manifest
     from data_pipeline.storage import filesystem_for
 
     manifest = read_manifest(manifest_uri, endpoint_url)
-    tok_hash = manifest["tokenizer"]["hash"]
-    if not enc.name.endswith(tok_hash[:12]):  # data_pipeline.tokenizer.encoding names it by its hash
-        raise ManifestMismatchError(
-            f"{manifest['uri']}: tokenized with {tok_hash[:12]}, but the checkpoint's "
-            f"tokenizer is {enc.name}; evaluate on data prepared with the checkpoint's tokenizer"
-        )
+    check_tokenizer(manifest, enc)
     if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
+        raise EvalError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
     fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
     rows: list[list[int]] = []
     for shard in manifest["splits"][split]["shards"]:
@@ -135,7 +131,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], *, ba
         rows = []
         for ctx, cont in pairs[i : i + batch_size]:
             if not ctx or not cont or len(cont) > block:
-                raise ValueError(
+                raise EvalError(
                     f"need a context and a continuation of at most block_size={block} tokens, "
                     f"got {len(ctx)} and {len(cont)}"
                 )
@@ -187,14 +183,14 @@ def continuation_scores(
     model, model_cfg, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
     k, m = prompt_tokens, continuation_tokens
     if k < 1 or m < 1 or k + m > model_cfg.block_size + 1:
-        raise ValueError(
+        raise EvalError(
             f"prompt_tokens={k} + continuation_tokens={m} must be >= 1 each and fit the "
             f"context (block_size + 1 = {model_cfg.block_size + 1})"
         )
     pieces, _ = held_out_pieces(data, enc, split=split, max_sequences=max_sequences, endpoint_url=endpoint_url)
     windows = [p[s : s + k + m] for p in pieces for s in range(0, len(p) - (k + m) + 1, k + m)]
     if not windows:
-        raise ValueError(
+        raise EvalError(
             f"{data}: no held-out stretch of {k + m} tokens without an end-of-text; "
             "lower prompt_tokens / continuation_tokens"
         )
@@ -249,7 +245,7 @@ def cloze_items(
     Options are shuffled, so the answer's position varies. Lines shorter than ``min_chars`` are not used.
     """
     if num_options < 2:
-        raise ValueError(f"num_options={num_options}: a multiple-choice item needs at least 2 options")
+        raise EvalError(f"num_options={num_options}: a multiple-choice item needs at least 2 options")
     flat = [(p, i, line) for p, piece in enumerate(lines) for i, line in enumerate(piece)]
     usable = [len(line) >= min_chars for _, _, line in flat]
     starts = [
@@ -259,7 +255,7 @@ def cloze_items(
     ]
     pool = np.array([j for j in range(len(flat)) if usable[j]])
     if len(starts) == 0 or len(pool) < 4 * num_options:
-        raise ValueError(
+        raise EvalError(
             f"held-out text has {len(starts)} usable line pairs and {len(pool)} usable lines "
             f"(>= {min_chars} chars); too few for {num_options}-option items: use more held-out text"
         )
@@ -358,28 +354,32 @@ def load_bias_templates(path=None) -> dict:
     import yaml
 
     path = Path(path or DEFAULT_BIAS_TEMPLATES)
-    cats = (yaml.safe_load(path.read_text()) or {}).get("categories")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise EvalError(f"bias templates {path}: cannot read them ({err}); pass --templates FILE.yaml") from err
+    cats = tree.get("categories") if isinstance(tree, dict) else None
     if not isinstance(cats, dict) or not cats:
-        raise ValueError(f"{path}: expected a top-level 'categories' mapping of category -> sides/groups/items")
+        raise EvalError(f"{path}: expected a top-level 'categories' mapping of category -> sides/groups/items")
     for name, cat in cats.items():
         where = f"{path}: categories.{name}"
         if not isinstance(cat, dict) or {"sides", "groups", "items"} - set(cat):
-            raise ValueError(f"{where}: needs keys sides, groups, items (see {DEFAULT_BIAS_TEMPLATES.name})")
+            raise EvalError(f"{where}: needs keys sides, groups, items (see {DEFAULT_BIAS_TEMPLATES.name})")
         if len(cat["sides"]) != 2 or not cat["groups"] or not cat["items"]:
-            raise ValueError(f"{where}: needs two sides and at least one group pair and one item")
+            raise EvalError(f"{where}: needs two sides and at least one group pair and one item")
         bad_groups = [g for g in cat["groups"] if len(g) != 2 or not all(g) or g[0] == g[1]]
         if bad_groups:
-            raise ValueError(f"{where}.groups: each needs two different, non-empty terms; bad: {bad_groups}")
+            raise EvalError(f"{where}.groups: each needs two different, non-empty terms; bad: {bad_groups}")
         for i, item in enumerate(cat["items"]):
             t = item.get("template", "") if isinstance(item, dict) else ""
             if t.count("{group}") != 1 or t.count("{attribute}") != 1 or t.index("{group}") > t.index("{attribute}"):
-                raise ValueError(
+                raise EvalError(
                     f"{where}.items[{i}].template: needs exactly one {{group}} slot followed by one "
                     f"{{attribute}} slot; got {t!r}"
                 )
             x, y = item.get("stereotype"), item.get("anti_stereotype")
             if not x or not y or x == y:
-                raise ValueError(f"{where}.items[{i}]: needs two different completions, stereotype and anti_stereotype")
+                raise EvalError(f"{where}.items[{i}]: needs two different completions, stereotype and anti_stereotype")
     return cats
 
 
@@ -504,36 +504,54 @@ SUITES = {"lm": evaluate_lm, "continuation": continuation_scores, "mc": multiple
 
 def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **options) -> dict:
     """Run one suite or "all" (lm, continuation, mc, bias) on one loaded checkpoint ->
-    {"checkpoint", "step", "suites": {name: result}}.
+    {"checkpoint", "step", "data": {"uri", "split", "origin"} (None for bias alone), "suites": {name: result}}.
 
-    ``options`` are the suites' keyword arguments (split, num_items, seed, device, ...); each suite
-    gets those it takes, and an option no chosen suite takes is an error.
+    ``data`` None: the suites that score held-out text read the split (default val) of the manifest
+    the checkpoint was trained on (``data_source.training_manifest``). ``options`` are the suites'
+    keyword arguments (split, num_items, seed, device, ...); each suite gets those it takes, and an
+    option no chosen suite takes is an error.
     """
     names = list(SUITES) if suite == "all" else [suite]
     if any(n not in SUITES for n in names):
-        raise ValueError(f"unknown eval suite {suite!r}; choose one of {sorted(SUITES) + ['all']}")
+        raise EvalError(f"unknown eval suite {suite!r}; choose one of {sorted(SUITES) + ['all']}")
     accepted = {n: set(inspect.signature(SUITES[n]).parameters) - {"checkpoint_uri", "data"} for n in names}
     unused = set(options) - set().union(*accepted.values())
     if unused:
-        raise ValueError(
+        raise EvalError(
             f"options {sorted(unused)} are not taken by suite {suite!r}; "
             f"it takes {sorted(set().union(*accepted.values()))}"
         )
-    if data is None and any(n != "bias" for n in names):
-        raise ValueError(f"suite {suite!r} needs held-out data: a manifest URI or a text file")
+    scores_text = any(n != "bias" for n in names)
+    if data is not None and not scores_text:
+        raise EvalError(f"suite {suite!r} scores its templates, not held-out data: drop --data")
+    if data is not None and "split" in options and not data.endswith(".json"):
+        raise EvalError(f"split={options['split']!r} picks a manifest's split; {data} is a text file, read whole")
     loaded = loaded_checkpoint(
         checkpoint_uri, endpoint_url=options.get("endpoint_url"), device=options.get("device", "cpu")
     )
+    source = None
+    if scores_text:
+        origin = "given"
+        if data is None:
+            own = training_manifest(loaded[3], options.get("endpoint_url"))
+            data, origin = own.uri, own.origin
+            print(f"[raylm] no --data: scoring {own.uri} ({origin})", flush=True)
+        split = options.get("split", "val") if data.endswith(".json") else None  # a text file is read whole
+        source = {"uri": data, "split": split, "origin": origin}
     results = {}
     for n in names:
         kwargs = {k: v for k, v in options.items() if k in accepted[n]}
         results[n] = SUITES[n](loaded, **kwargs) if n == "bias" else SUITES[n](loaded, data, **kwargs)
-    return {"checkpoint": loaded[3]["checkpoint_uri"], "step": loaded[3].get("step"), "suites": results}
+    return {"checkpoint": loaded[3]["checkpoint_uri"], "step": loaded[3].get("step"), "data": source, "suites": results}
 
 
 def format_summary(result: dict) -> str:
     """A few printable lines for ``run_eval_suite``'s result."""
     lines = [f"checkpoint {result['checkpoint']} (step {result.get('step')})"]
+    data = result.get("data")
+    if data:
+        split = f", {data['split']} split" if data["split"] else ""
+        lines.append(f"data       {data['uri']}{split}" + (f" ({data['origin']})" if data["origin"] != "given" else ""))
     s = result["suites"]
     if "lm" in s:
         r = s["lm"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.storage import embedded_corpus_dir
 from model.config import ModelConfig
 from model.gpt import GPT
+from orchestration.evaluate.data_source import EvalError, training_manifest
 from orchestration.evaluate.lm import evaluate_lm, lm_metrics
 from orchestration.evaluate.suites import (
     cloze_items,
@@ -117,8 +120,9 @@ def tiny(tmp_path_factory):
     }
 
 
-def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
-    """A complete checkpoint directory as save_checkpoint lays it out (inference files only)."""
+def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int, meta: Optional[dict] = None) -> str:
+    """A complete checkpoint directory as save_checkpoint lays it out (inference files only); ``meta``
+    adds what a run's driver puts in its raylm_meta.json ("data", ...)."""
     from safetensors.torch import save_file
 
     from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
@@ -131,7 +135,7 @@ def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int) -> str:
     for name, data in tok.to_files(spec).items():
         (ckpt / name).write_bytes(data)
     files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    (ckpt / META_FILE).write_text(json.dumps({"step": step, "files": files}))
+    (ckpt / META_FILE).write_text(json.dumps({**(meta or {}), "step": step, "files": files}))
     return str(ckpt)
 
 
@@ -202,8 +206,8 @@ def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
         run_eval_suite("lm", ckpt, tiny["text_file"], num_options=3)
     with pytest.raises(ValueError, match="unknown eval suite"):
         run_eval_suite("mmlu", ckpt, tiny["text_file"])
-    with pytest.raises(ValueError, match="needs held-out data"):
-        run_eval_suite("mc", ckpt)
+    with pytest.raises(EvalError, match="names no training data; pass --data"):
+        run_eval_suite("mc", ckpt)  # no --data, and the checkpoint's meta names none
 
 
 def test_cloze_items_are_deterministic_shuffled_and_true(tiny):
@@ -294,3 +298,136 @@ def test_held_out_lines_from_a_manifest(tiny, tmp_path):
     assert sum(map(len, lines)) > 0 and all(line in source for piece in lines for line in piece)
     with pytest.raises(ManifestMismatchError, match="checkpoint's tokenizer"):
         held_out_pieces(manifest, tiny["trained"][2], max_sequences=5)
+
+
+# ---------------------------------------------------------------- no --data: the checkpoint's own manifest
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A run directory as `raylm train` leaves it, without Ray Train: a tiny GPT trained in-process (a
+    second) on tiny_corpus_manifest's train rows; config.yaml, run.json and the checkpoint's
+    raylm_meta.json name the manifest, as the driver writes them.
+    {"run", "checkpoint", "manifest", "model", "spec"}."""
+    from helpers import tiny_corpus_manifest
+
+    from orchestration.artifacts import RunDir, write_config, write_run_facts
+    from orchestration.config import config_to_dict, load_config
+    from orchestration.evaluate.baselines import read_split_rows
+
+    root = tmp_path_factory.mktemp("own_run")
+    manifest = tiny_corpus_manifest(root)
+    spec = tok.load_spec(str(Path(manifest).parent))
+    rows = torch.from_numpy(read_split_rows(manifest, "train")[0])
+    cfg = ModelConfig(vocab_size=spec["n_vocab"], block_size=32, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        batch = rows[torch.randint(0, len(rows), (16,))]
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    run = root / "runs" / "tiny"
+    facts = {"seq_len": 32, "tokenizer_hash": spec["hash"], "data": manifest}  # the driver's checkpoint meta
+    ckpt = _write_checkpoint(run, model, spec, step=40, meta=facts)
+    write_config(RunDir.at(str(run)), config_to_dict(load_config(None, [f"train.data={manifest}"])))
+    write_run_facts(RunDir.at(str(run)), {"task": "pretrain_task", "model": asdict(cfg), "total_steps": 40, **facts})
+    return {"run": str(run), "checkpoint": ckpt, "manifest": manifest, "model": model, "spec": spec}
+
+
+def test_eval_without_data_scores_the_val_split_of_the_run_s_manifest(own_run, ray_session, tmp_path, capsys):
+    """`raylm eval --checkpoint RUN_DIR`: the lm suite reads the val split of the manifest the run trained
+    on (through Ray Data), and the console and the JSON it writes name that manifest."""
+    from orchestration.cli import main
+    from orchestration.evaluate.baselines import read_split_rows
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", own_run["run"], "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    manifest = own_run["manifest"]
+    assert f"no --data: scoring {manifest}" in console
+    assert f"data       {manifest}, val split (the manifest the checkpoint was trained on)" in console
+    result = json.loads(out.read_text())
+    assert result["checkpoint"] == own_run["checkpoint"] and result["step"] == 40
+    assert result["data"] == {"uri": manifest, "split": "val", "origin": "the manifest the checkpoint was trained on"}
+    val = read_split_rows(manifest, "val")[0]
+    lm = result["suites"]["lm"]
+    assert lm["sequences"] == min(256, len(val))
+    expected = lm_metrics(own_run["model"], tok.encoding(own_run["spec"]), val[: lm["sequences"]])["loss"]
+    assert lm["loss"] == pytest.approx(expected, rel=1e-5) and lm["loss"] < math.log(own_run["spec"]["n_vocab"])
+
+
+def test_eval_without_data_when_the_manifest_is_gone_names_it_and_data(own_run, tmp_path, capsys):
+    """A checkpoint whose manifest was deleted: exit 2 and one line naming the manifest and --data,
+    before anything is scored (no Ray)."""
+    import shutil
+
+    from orchestration.cli import main
+
+    moved = tmp_path / "data"
+    shutil.copytree(Path(own_run["manifest"]).parent, moved)
+    meta = {"seq_len": 32, "tokenizer_hash": own_run["spec"]["hash"], "data": str(moved / "manifest.json")}
+    ckpt = _write_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta)
+    shutil.rmtree(moved)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--suite", "mc"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{ckpt} was trained on {moved}/manifest.json, which cannot be read now" in err and "pass --data" in err
+
+
+def test_a_fine_tune_on_task_rows_and_an_export_lead_to_the_pretraining_manifest(own_run, tmp_path):
+    """A fine-tune trained on prompts or labels (no token rows to hold out) scores the manifest its base
+    checkpoint was trained on; an exported folder follows the checkpoint it was exported from."""
+    from orchestration.deploy.export import export_checkpoint
+    from orchestration.evaluate.load import load_checkpoint_model
+
+    model, spec, manifest, base = own_run["model"], own_run["spec"], own_run["manifest"], own_run["checkpoint"]
+    sft = {"data": "shakespeare-play-qa", "base_checkpoint": base}
+    tuned = _write_checkpoint(tmp_path / "sft", model, spec, step=5, meta=sft)
+    found = training_manifest(load_checkpoint_model(tuned)[3])
+    assert found.uri == manifest
+    hop = f"{tuned} was fine-tuned from {base} on task rows (shakespeare-play-qa)"
+    assert found.origin == f"the manifest {base} was trained on; {hop}"
+    exported = export_checkpoint(tuned, str(tmp_path / "export"), fmt="raylm")["out_dir"]
+    found = training_manifest(load_checkpoint_model(exported)[3])
+    assert found.uri == manifest and f"{exported} was exported from {tuned}; {hop}" in found.origin
+    lm_tuned = _write_checkpoint(tmp_path / "lm", model, spec, step=5, meta={"data": manifest, "base_checkpoint": "x"})
+    assert training_manifest(load_checkpoint_model(lm_tuned)[3]).uri == manifest  # task lm: its own manifest
+    orphan_meta = {"data": str(tmp_path / "qa_{split}.jsonl"), "base_checkpoint": str(tmp_path / "gone")}
+    orphan = _write_checkpoint(tmp_path / "orphan", model, spec, step=5, meta=orphan_meta)
+    with pytest.raises(EvalError, match=f"but {re.escape(str(tmp_path))}/gone is gone .* pass --data"):
+        training_manifest(load_checkpoint_model(orphan)[3])
+
+
+def test_eval_without_data_on_object_storage(own_run, s3_server, tmp_path, capsys, monkeypatch):
+    """A run and its manifest on S3: the checkpoint's meta names the s3:// manifest and eval reads it
+    (the mc suite: no Ray); a manifest deleted from the bucket, or storage that cannot be reached, is
+    the same clean error."""
+    import boto3
+    from helpers import free_ports, tiny_corpus_on_s3
+
+    from orchestration.cli import main
+
+    endpoint, bucket = s3_server["endpoint_url"], "raylm-own-data"
+    manifest = tiny_corpus_on_s3(tmp_path, endpoint, bucket)
+    meta = {"seq_len": 32, "tokenizer_hash": own_run["spec"]["hash"], "data": manifest}
+    local = Path(_write_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta))
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for path in local.iterdir():
+        s3.upload_file(str(path), bucket, f"runs/tiny/{local.name}/{path.name}")
+    argv = ["eval", "--checkpoint", f"s3://{bucket}/runs/tiny", "--endpoint-url", endpoint, "--suite", "mc"]
+    assert main([*argv, "--num-items", "8"]) == 0
+    assert f"data       {manifest}, val split (the manifest the checkpoint was trained on)" in capsys.readouterr().out
+    monkeypatch.setenv("RAYLM_S3_RETRY_ATTEMPTS", "1")  # no ~13 s of backoff against a closed port
+    (closed,) = free_ports(1)
+    unreachable = f"http://127.0.0.1:{closed}"  # the local run's manifest is on S3, behind this endpoint
+    assert main(["eval", "--checkpoint", str(local.parent), "--endpoint-url", unreachable, "--suite", "mc"]) == 2
+    err = capsys.readouterr().err
+    assert f"was trained on {manifest}, which cannot be read now" in err and "Traceback" not in err
+    s3.delete_object(Bucket=bucket, Key="data/manifest.json")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"was trained on {manifest}, which cannot be read now" in err and "Traceback" not in err
