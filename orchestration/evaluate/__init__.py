@@ -1,6 +1,7 @@
 """Evaluating checkpoints with plain PyTorch (no Ray Train, no DeepSpeed).
 
-load (checkpoint URI -> model, config, tokenizer) -> lm (loss, perplexity, bits per byte on
-held-out windows), suites (continuation BLEU/ROUGE via text_metrics, multiple choice, bias probe),
-sample (generation); baselines (n-gram fit and the n-gram / LSTM / transformer table)
+load (checkpoint URI -> model, config, tokenizer) -> data_source (which held-out text: --data, or the
+manifest the checkpoint was trained on) -> lm (loss, perplexity, bits per byte on held-out windows),
+suites (continuation BLEU/ROUGE via text_metrics, multiple choice, bias probe), sample (generation);
+baselines (n-gram fit and the n-gram / LSTM / transformer table)
 """
