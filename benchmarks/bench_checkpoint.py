@@ -14,6 +14,7 @@ The stall is the slowest rank's wall time of the local write (the upload to stor
 
     python benchmarks/bench_checkpoint.py                      # gpt2-small, 2 CPU workers, ZeRO-1 and ZeRO-3
     python benchmarks/bench_checkpoint.py --preset shakespeare --stages 0,1,2,3 --saves 3
+    python benchmarks/bench_checkpoint.py --smoke      # seconds: the tiny preset, ZeRO-1, one save of each kind
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import argparse
 import os
 import shutil
 import time
+
+from harness import local_ray, ship_by_value
 
 
 def save_timings(config: dict) -> dict:
@@ -106,7 +109,9 @@ def run_stage(args, stage: int) -> dict:
     return trainer.fit().return_value
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[int, float]:
+    """Runs the benchmark on ``argv`` (the command line when None); returns consolidated / interval
+    stall per ZeRO stage."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-small")
     parser.add_argument("--vocab", type=int, default=50257)
@@ -117,26 +122,31 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=2, help="timed saves of each kind per stage")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--storage", default="/tmp/raylm_bench_checkpoint")
-    args = parser.parse_args()
-
-    import ray
+    parser.add_argument("--smoke", action="store_true", help="seconds: tiny preset, vocab 512, ZeRO-1, one save each")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(preset="tiny", vocab=512, seq_len=32, stages="1", saves=1)
+        args = parser.parse_args(argv)
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.gpu else "cpu")
-    ray.init(num_cpus=args.workers * args.threads, log_to_driver=False)
+    ratios = {}
     print(f"{args.preset}, {args.workers} workers x {args.threads} CPU, seq_len {args.seq_len}, {args.saves} saves")
     print("| ZeRO | params | interval save: stall s | bytes/rank | consolidated save: stall s | bytes/rank | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for stage in (int(s) for s in args.stages.split(",")):
-        result = run_stage(args, stage)
-        best = {kind: min(result[kind], key=lambda r: r["stall_s"]) for kind in ("interval", "consolidated")}
-        mb = {kind: "/".join(f"{b / 1e6:,.0f}M" for b in best[kind]["bytes_per_rank"]) for kind in best}
-        ratio = best["consolidated"]["stall_s"] / best["interval"]["stall_s"]
-        print(
-            f"| {stage} | {result['params'] / 1e6:.1f}M | {best['interval']['stall_s']:.2f} | {mb['interval']} "
-            f"| {best['consolidated']['stall_s']:.2f} | {mb['consolidated']} | {ratio:.2f} |",
-            flush=True,
-        )
+    ship_by_value(__name__)
+    with local_ray(num_cpus=args.workers * args.threads, log_to_driver=False):
+        for stage in (int(s) for s in args.stages.split(",")):
+            result = run_stage(args, stage)
+            best = {kind: min(result[kind], key=lambda r: r["stall_s"]) for kind in ("interval", "consolidated")}
+            mb = {kind: "/".join(f"{b / 1e6:,.0f}M" for b in best[kind]["bytes_per_rank"]) for kind in best}
+            ratios[stage] = best["consolidated"]["stall_s"] / best["interval"]["stall_s"]
+            print(
+                f"| {stage} | {result['params'] / 1e6:.1f}M | {best['interval']['stall_s']:.2f} | {mb['interval']} "
+                f"| {best['consolidated']['stall_s']:.2f} | {mb['consolidated']} | {ratios[stage]:.2f} |",
+                flush=True,
+            )
     print("stall = slowest rank's local write, best of the saves; ratio = consolidated / interval")
+    return ratios
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ filesystem) and the bytes of the rows they trained on in metrics.jsonl; the rati
 ranks at the last step, driver footers excluded as above.
 
     .venv/bin/python benchmarks/bench_ingest.py --data runs/data/shakespeare/manifest.json [--steps 8] [--train]
+    .venv/bin/python benchmarks/bench_ingest.py --smoke    # seconds: 2 steps of 16 rows on data it prepares
 
 Prints one line per worker count and, last, ``read/trained at 4 workers: R``.
 """
@@ -21,9 +22,12 @@ Prints one line per worker count and, last, ``read/trained at 4 workers: R``.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
+from harness import local_ray, smoke_manifest
 
 from data_pipeline.loader import ShardReader, rank_batches, read_manifest, shard_footers
 
@@ -111,9 +115,10 @@ def train_ratio(manifest_uri: str, args, world_size: int, root: str) -> dict:
             "trained": last["data_trained_bytes_per_rank"]}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[int, float]:
+    """Runs the benchmark on ``argv`` (the command line when None); returns read/trained per worker count."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="manifest.json URI (or its directory)")
+    parser.add_argument("--data", default=None, help="manifest.json URI (or its directory); --smoke prepares one")
     parser.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
@@ -121,8 +126,23 @@ def main() -> None:
     parser.add_argument("--late-step", type=int, default=0, help="resume step compared to step 1 (0: 3 epochs in)")
     parser.add_argument("--endpoint-url", default=None)
     parser.add_argument("--train", action="store_true", help="also measure through real Ray Train workers")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: 2 steps of 16 rows; without --data, on a corpus it prepares"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(steps=2, global_batch=16)
+        args = parser.parse_args(argv)
+    if args.data is not None:
+        return measure(args)
+    if not args.smoke:
+        parser.error("--data is required (a manifest written by `raylm prepare`), or run with --smoke")
+    with tempfile.TemporaryDirectory(prefix="raylm_bench_ingest_") as tmp, local_ray(include_dashboard=False):
+        args.data = smoke_manifest(Path(tmp))
+        return measure(args)
 
+
+def measure(args) -> dict[int, float]:
     manifest = read_manifest(args.data, args.endpoint_url)
     t0 = time.perf_counter()
     footers = shard_footers(manifest, "train", args.endpoint_url)
@@ -172,6 +192,7 @@ def main() -> None:
                 f"{[round(b / 1e3, 1) for b in got['trained']]} kB of trained rows; read/trained {got['ratio']:.3f}"
             )
     print(f"read/trained at 4 workers: {ratio[4]:.3f}" + (" (raylm train)" if args.train else ""))
+    return ratio
 
 
 if __name__ == "__main__":

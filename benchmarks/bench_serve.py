@@ -6,24 +6,21 @@ sending ``--requests-per-client`` sampled requests of ``--max-tokens`` tokens. P
 requests/s, generated tokens/s, the batch sizes the replica saw, and batched / baseline ratios.
 
     .venv/bin/python benchmarks/bench_serve.py --checkpoint RUN_OR_CHECKPOINT_DIR [--clients 16]
+    .venv/bin/python benchmarks/bench_serve.py --smoke   # seconds; without --checkpoint, trains a tiny one first
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from orchestration.deploy.serve import build_app  # noqa: E402
+from harness import SMOKE_SEQ_LEN, local_ray, smoke_manifest
 
 
 def _call(url: str, body: dict | None = None, timeout: float = 120.0) -> dict:
@@ -72,41 +69,81 @@ def drive(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
     }
 
 
-def main() -> None:
+def smoke_checkpoint(root: Path) -> str:
+    """The run directory of a tiny `raylm train` run (1 worker, 4 steps) on the smoke data under ``root``."""
+    from orchestration.config import load_config
+    from orchestration.train.driver import run_training
+
+    overrides = [
+        f"train.data={smoke_manifest(root)}",
+        f"train.storage_path={root}",
+        "train.run_name=smoke",
+        "train.num_workers=1",
+        "train.micro_batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.log_interval=2",
+        "train.eval_interval=0",
+        "model.preset=tiny",
+        f"model.block_size={SMOKE_SEQ_LEN}",
+    ]
+    return run_training(load_config(None, overrides), resume=False)["run_dir"]
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict]:
+    """Runs the benchmark on ``argv`` (the command line when None); returns the load results per
+    max_batch_size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", default=None, help="run or checkpoint directory (--smoke trains one)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--port", type=int, default=8123)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: 4 clients x 2 requests; trains a checkpoint if none is given"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(clients=4, requests_per_client=2, max_tokens=8, max_batch_size=4)
+        args = parser.parse_args(argv)
+    if args.checkpoint is None and not args.smoke:
+        parser.error("--checkpoint is required (a run or checkpoint directory of `raylm train`), or run with --smoke")
+    with tempfile.TemporaryDirectory(prefix="raylm_bench_serve_") as tmp, local_ray():
+        return measure(args, args.checkpoint or smoke_checkpoint(Path(tmp)))
 
-    ray.init()
+
+def measure(args, checkpoint: str) -> dict[int, dict]:
+    from ray import serve
+
+    from orchestration.deploy.serve import build_app
+
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
     results = {}
-    for batch in (1, args.max_batch_size):
-        serve.run(
-            build_app(args.checkpoint, max_batch_size=batch, max_tokens_cap=args.max_tokens),
-            name="bench",
-            route_prefix="/",
-        )
-        drive(url, 2, 1, args.max_tokens)  # warm-up
-        r = results[batch] = drive(url, args.clients, args.requests_per_client, args.max_tokens)
-        print(
-            f"max_batch_size={batch:3d}: {r['requests']} requests, {r['errors']} errors, p50 {r['p50_ms']:.0f} ms, "
-            f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, "
-            f"max batch seen {r['stats']['max_batch_size_seen']}"
-        )
-        serve.delete("bench")
+    try:
+        for batch in (1, args.max_batch_size):
+            serve.run(
+                build_app(checkpoint, max_batch_size=batch, max_tokens_cap=args.max_tokens),
+                name="bench",
+                route_prefix="/",
+            )
+            drive(url, 2, 1, args.max_tokens)  # warm-up
+            r = results[batch] = drive(url, args.clients, args.requests_per_client, args.max_tokens)
+            print(
+                f"max_batch_size={batch:3d}: {r['requests']} requests, {r['errors']} errors, p50 {r['p50_ms']:.0f} "
+                f"ms, p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.1f} req/s, {r['tokens_per_s']:.0f} tokens/s, "
+                f"max batch seen {r['stats']['max_batch_size_seen']}"
+            )
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
     base, batched = results[1], results[args.max_batch_size]
     print(
         f"batched / one-at-a-time: requests/s x{batched['requests_per_s'] / base['requests_per_s']:.2f}, "
         f"p50 latency x{batched['p50_ms'] / base['p50_ms']:.2f} ({args.clients} clients, {args.max_tokens} tokens)"
     )
-    serve.shutdown()
-    ray.shutdown()
+    return results
 
 
 if __name__ == "__main__":

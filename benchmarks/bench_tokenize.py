@@ -2,38 +2,28 @@
 
 Corpus: the embedded Shakespeare plays repeated ``--copies`` times (>= 100 MB by default), each copy
 perturbed (a copy number per line) so no two documents are equal. Cleaning and dedup are bypassed:
-this measures the tokenize stage alone (``data_pipeline.shards.tokenize_batch`` on a materialized
+this measures the tokenize stage alone (``data_pipeline.prepare.tokenize_stage`` on a materialized
 document dataset), not the whole prepare().
 
-Prints tokens/s for raw ``Encoding.encode_ordinary_batch(num_threads=1)`` in this process, tokens/s
-of the Ray stage over all CPUs, per-core rates and the ratio pipeline / (cores x raw).
+Baseline, same documents and tokenizer, in this process: raw tiktoken ``encode_ordinary_batch(
+num_threads=1)``. Prints its tokens/s, the stage's over all CPUs, and last the ratio
+stage / (cores x raw).
 
     .venv/bin/python benchmarks/bench_tokenize.py [--copies 11] [--vocab-size 4096]
+    .venv/bin/python benchmarks/bench_tokenize.py --smoke    # seconds: 4 plays, vocab 512
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-
-from data_pipeline import tokenizer as tok  # noqa: E402
-from data_pipeline.clean import content_hash  # noqa: E402
-from data_pipeline.config import SourceConfig  # noqa: E402
-from data_pipeline.shards import tokenize_batch  # noqa: E402
-from data_pipeline.sources import read_documents, resolve_sources  # noqa: E402
-from data_pipeline.storage import EMBEDDED_GLOB, embedded_corpus_dir  # noqa: E402
+from harness import local_ray, ship_by_value
 
 
-def build_corpus(root: Path, copies: int) -> int:
-    plays = sorted(embedded_corpus_dir().glob(EMBEDDED_GLOB))
+def build_corpus(root: Path, plays: list[Path], copies: int) -> int:
     total = 0
     for c in range(copies):
         for play in plays:
@@ -44,23 +34,54 @@ def build_corpus(root: Path, copies: int) -> int:
     return total
 
 
-def as_documents(batch: pa.Table) -> pa.Table:
+def as_documents(batch):
+    """Read rows -> the rows the tokenize stage gets in prepare (content hash, split, text)."""
+    import pyarrow as pa
+
+    from data_pipeline.clean import content_hash
+
     texts = batch.column("text").to_pylist()
-    return pa.table({"doc_hash": [content_hash(t) for t in texts], "text": texts})
+    return pa.table(
+        {
+            "doc_hash": [content_hash(t) for t in texts],
+            "split": pa.array([0] * len(texts), pa.int8()),
+            "text": texts,
+        }
+    )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> float:
+    """Runs the benchmark on ``argv`` (the command line when None); returns the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--copies", type=int, default=11)
+    parser.add_argument("--plays", type=int, default=None, help="the first N embedded plays (default: all 78)")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="seconds: one copy of 4 plays, vocab 512")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(copies=1, plays=4, vocab_size=512)
+        args = parser.parse_args(argv)
+    ship_by_value(__name__)
+    with local_ray(include_dashboard=False, log_to_driver=False):
+        return measure(args)
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+
+def measure(args) -> float:
+    import pyarrow.compute as pc
+    import ray
+
+    from data_pipeline import tokenizer as tok
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.prepare import tokenize_stage
+    from data_pipeline.sources import read_documents, resolve_sources
+    from data_pipeline.storage import EMBEDDED_GLOB, embedded_corpus_dir
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     cores = int(ray.cluster_resources()["CPU"])
+    plays = sorted(embedded_corpus_dir().glob(EMBEDDED_GLOB))[: args.plays]
     with tempfile.TemporaryDirectory() as tmp:
-        corpus_bytes = build_corpus(Path(tmp), args.copies)
-        print(f"corpus: {corpus_bytes / 1e6:.1f} MB, {args.copies} perturbed copies of the Shakespeare plays")
+        corpus_bytes = build_corpus(Path(tmp), plays, args.copies)
+        print(f"corpus: {corpus_bytes / 1e6:.1f} MB, {args.copies} perturbed copies of {len(plays)} Shakespeare plays")
         docs = (
             read_documents(resolve_sources(SourceConfig(uris=[f"{tmp}/*.txt"])), SourceConfig())
             .map_batches(as_documents, batch_format="pyarrow")
@@ -68,8 +89,7 @@ def main() -> None:
         )
         texts = [t for b in docs.iter_batches(batch_format="pyarrow") for t in b.column("text").to_pylist()]
 
-    plays = [p.read_text(encoding="utf-8") for p in sorted(embedded_corpus_dir().glob(EMBEDDED_GLOB))]
-    spec = tok.train_bpe(plays, args.vocab_size, "gpt4")
+    spec = tok.train_bpe([p.read_text(encoding="utf-8") for p in plays], args.vocab_size, "gpt4")
     enc = tok.encoding(spec)
 
     t0 = time.perf_counter()
@@ -78,26 +98,26 @@ def main() -> None:
     raw_rate = raw_tokens / raw_s
     del texts
 
-    spec_ref = ray.put(spec)
-    fn_kwargs = {"spec_ref": spec_ref, "tokenizer_hash": spec["hash"], "val_fraction": 0.05, "seed": 0}
     # warm-up: start workers and build each one's Encoding outside the timed run
-    docs.limit(4 * cores).map_batches(
-        tokenize_batch, batch_format="pyarrow", batch_size=1, fn_kwargs=fn_kwargs
-    ).materialize()
+    tokenize_stage(docs.limit(4 * cores), spec).materialize()
     t0 = time.perf_counter()
-    out = docs.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=64, fn_kwargs=fn_kwargs).materialize()
+    out = tokenize_stage(docs, spec).materialize()
     pipe_s = time.perf_counter() - t0
-    pipe_tokens = int(out.sum("num_tokens")) - out.count()  # minus the appended eot per document
+    # minus the appended eot per document (read back in the driver: Dataset.sum would shuffle)
+    counts = [(pc.sum(b.column("num_tokens")).as_py(), b.num_rows) for b in out.iter_batches(batch_format="pyarrow")]
+    pipe_tokens = sum(n for n, _ in counts) - sum(rows for _, rows in counts)
     pipe_rate = pipe_tokens / pipe_s
 
-    assert pipe_tokens == raw_tokens, (pipe_tokens, raw_tokens)
+    if pipe_tokens != raw_tokens:
+        raise RuntimeError(f"the stage made {pipe_tokens:,} tokens, raw tiktoken {raw_tokens:,}: not the same work")
+    ratio = pipe_rate / (cores * raw_rate)
     print(f"raw tiktoken, 1 process:   {raw_tokens:,} tokens in {raw_s:.2f} s = {raw_rate / 1e6:.2f} M tokens/s")
     print(
         f"pipeline stage, {cores} CPUs:   {pipe_tokens:,} tokens in {pipe_s:.2f} s = {pipe_rate / 1e6:.2f} M tokens/s "
         f"({pipe_rate / cores / 1e6:.2f} M tokens/s per core)"
     )
-    print(f"ratio pipeline / ({cores} x raw) = {pipe_rate / (cores * raw_rate):.2f}")
-    ray.shutdown()
+    print(f"tokenize stage / (cores x raw tiktoken): {ratio:.2f}")
+    return ratio
 
 
 if __name__ == "__main__":

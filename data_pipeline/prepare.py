@@ -164,6 +164,17 @@ def _num_shards(split_bytes: Counter, sample: list[str], spec: dict, shard_token
     return {s: max(1, math.ceil(split_bytes[f"bytes:{s}"] / bytes_per_token / shard_tokens)) for s in (0, 1)}
 
 
+def tokenize_stage(docs: ray.data.Dataset, spec: dict) -> ray.data.Dataset:
+    """Document rows (doc_hash, split, text) -> (doc_hash, split, tokens + eot, num_tokens), encoded in
+    Ray tasks; benchmarks/bench_tokenize.py measures exactly this."""
+    return docs.map_batches(
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=64,
+        fn_kwargs={"spec_ref": ray.put(spec), "tokenizer_hash": spec["hash"]},
+    )
+
+
 def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     """Build token shards for ``cfg`` and return the manifest URI.
 
@@ -227,14 +238,9 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
         VAL_DOCUMENTS_LISTED,
         2**62,
     )
-    tokenized = kept.map_batches(
-        tokenize_batch,
-        batch_format="pyarrow",
-        batch_size=64,
-        fn_kwargs={"spec_ref": ray.put(spec), "tokenizer_hash": spec["hash"]},
-    )
     sharded = (
-        tokenized.map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards})
+        tokenize_stage(kept, spec)
+        .map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards})
         .groupby("shard_key", num_partitions=min(sum(num_shards.values()), 8 * num_cpus))
         .map_groups(
             pack_and_write,

@@ -1,0 +1,89 @@
+"""Every benchmark in benchmarks/ runs in its ``--smoke`` mode (tiny model and data, the real code path)
+and prints its closing ratio line, so a benchmark that rots fails the suite.
+
+The scripts run in this process through their ``main(argv)`` on the session's Ray (they start one only
+when none is running); gpu_suite.sh runs as a script whose steps join that Ray through RAY_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import free_ports
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RATIO = r"(\d+\.\d+)"
+
+
+def bench(name: str, monkeypatch):
+    """The benchmark script ``benchmarks/<name>.py`` as a module (its folder on sys.path, as when run)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.rstrip().splitlines()[-1]
+
+
+def test_bench_tokenize_smoke(ray_session, monkeypatch, capsys):
+    ratio = bench("bench_tokenize", monkeypatch).main(["--smoke"])
+    assert re.fullmatch(rf"tokenize stage / \(cores x raw tiktoken\): {RATIO}", last_line(capsys))
+    assert ratio > 0
+
+
+def test_bench_ingest_smoke_prepares_its_own_data(ray_session, monkeypatch, capsys):
+    """No --data, as on a clean clone: the smoke run prepares its corpus with the real pipeline."""
+    ratios = bench("bench_ingest", monkeypatch).main(["--smoke"])
+    line = last_line(capsys)
+    assert re.fullmatch(rf"read/trained at 4 workers: {RATIO}", line)
+    # a rank reads the 8-row blocks holding its rows (zstd-compressed): at 4 ranks of 4 rows, about 2x
+    assert set(ratios) == {1, 2, 4} and all(0 < r < 3 for r in ratios.values()), ratios
+
+
+@pytest.fixture(scope="module")
+def gpu_suite_smoke(ray_session, tmp_path_factory) -> Path:
+    """``gpu_suite.sh --smoke`` (prepare, bench_train at ZeRO stage 0, the table) joined to the session's
+    Ray; returns its OUT directory (results.jsonl, runs/bench_zero0 with a complete checkpoint)."""
+    out = tmp_path_factory.mktemp("gpu_suite")
+    env = {**os.environ, "OUT": str(out), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_bench_train_and_prints_the_table(gpu_suite_smoke):
+    (result,) = [json.loads(line) for line in (gpu_suite_smoke / "results.jsonl").read_text().splitlines()]
+    assert result["preset"] == "tiny" and result["path"] == "DDP" and result["threads"] == [1, 1]
+    assert result["bare_tokens_per_s"] > 0 and result["raylm_tokens_per_s"] > 0
+    out = (gpu_suite_smoke / "stdout.txt").read_text()
+    assert re.search(rf"ratio raylm / bare {RATIO}", out)
+    assert re.search(rf"\| tiny \([\d.]+M, mb 4x32\) \| DDP \| [\d,]+ \| [\d,]+ \| {result['ratio']:.3f} \|", out)
+
+
+@pytest.mark.slow
+def test_bench_serve_smoke(gpu_suite_smoke, monkeypatch, capsys):
+    """On the checkpoint the gpu_suite smoke run left (one Ray Train launch for both)."""
+    (port,) = free_ports(1)
+    args = ["--smoke", "--checkpoint", str(gpu_suite_smoke / "runs" / "bench_zero0"), "--port", str(port)]
+    results = bench("bench_serve", monkeypatch).main(args)
+    assert re.fullmatch(rf"batched / one-at-a-time: requests/s x{RATIO}, p50 latency x{RATIO} .*", last_line(capsys))
+    for r in results.values():
+        assert r["errors"] == 0 and r["requests"] == 4 * 2, r
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_smoke(ray_session, tmp_path, monkeypatch, capsys):
+    ratios = bench("bench_checkpoint", monkeypatch).main(["--smoke", "--storage", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(r"\| 1 \| [\d.]+M \| [\d.]+ \| \d+M/\d+M \| [\d.]+ \| \d+M/\d+M \| [\d.]+ \|", out), out
+    assert out.rstrip().endswith("ratio = consolidated / interval") and ratios[1] > 0
