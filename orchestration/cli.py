@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from orchestration.config import ConfigError, load_config
-from orchestration.runtime import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV
+from orchestration.runtime import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV, keep_local_ray_on_loopback
 
 CONFIG_HELP = "YAML config file (see configs/); defaults are used when omitted"
 OVERRIDE_HELP = "config overrides as key.sub=value, e.g. model.n_layer=4 train.lr=3e-4"
@@ -609,6 +609,8 @@ def _find_checkpoint(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "submit":  # before any command imports ray; a submitted job joins its cluster
+        keep_local_ray_on_loopback()
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # before Ray starts: its processes inherit it
     else:  # Ray Data reads its logging config when it is first imported: console at WARNING
