@@ -19,17 +19,21 @@ one is a 400 naming the field; and if a shared ``generate`` call still fails (a 
 non-finite weights, say), each of its requests is retried by itself, so only the ones that fail on
 their own get a 500 while the rest of the batch is answered.
 
-Network: the HTTP proxy binds --host (127.0.0.1 by default). Ray 2.60's Serve replica also starts an
-inter-deployment gRPC server on [::]:0 (all interfaces, a random port; hard-coded in
-``ray/serve/_private/replica.py``, no setting moves it to loopback); it only accepts calls carrying
-the cluster's auth token (Ray's token authentication, on by default in 2.60) and uses TLS when
-RAY_USE_TLS=1. Firewall the node's ephemeral ports from untrusted networks.
+Network: the HTTP proxy binds --host (127.0.0.1 by default). A Ray that `raylm serve` starts itself
+has 127.0.0.1 as its node address (``orchestration.runtime``), so Ray's own servers and Serve's
+controller, proxy and replicas listen on loopback only. The one exception Ray 2.60 has no setting for
+is each replica's inter-deployment gRPC server, hard-coded to [::]:0 (every interface) in
+``ray/serve/_private/replica.py``: ``keep_replica_grpc_on_node_address`` binds it to the node address
+when that is loopback. On a cluster it keeps Serve's binding (the other nodes reach it), accepts only
+calls carrying the cluster's auth token (Ray's token authentication, on by default in 2.60) and uses
+TLS when RAY_USE_TLS=1: the cluster files let only the cluster's own nodes reach it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -322,11 +326,42 @@ class GenerateServer:
         return out
 
 
+def keep_replica_grpc_on_node_address() -> None:
+    """In a Serve replica on a loopback node (a Ray `raylm serve` started itself): bind the replica's
+    inter-deployment gRPC server to 127.0.0.1 instead of Ray 2.60's hard-coded [::]:0.
+
+    Serve binds it through ``replica.add_port_to_grpc_server`` after the user's class is built and has
+    no setting for the host, so that module-level name is wrapped here, before. A cluster node (a
+    routable address) keeps Serve's binding.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    host = ray.util.get_node_ip_address()
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if not ipaddress.ip_address(host).is_loopback or getattr(bind, "raylm_node_address", False):
+        return
+    if bind is None:
+        logger.warning("this Ray's Serve replica has no add_port_to_grpc_server: its gRPC server stays on [::]")
+        return
+    node = f"[{host}]" if ":" in host else host
+
+    def bind_to_node(server, address: str) -> int:
+        return bind(server, node + address[len("[::]") :] if address.startswith("[::]:") else address)
+
+    bind_to_node.raylm_node_address = True
+    replica.add_port_to_grpc_server = bind_to_node
+
+
 def _deployment_class():
     """GenerateServer with the batched method bound; built lazily so importing this module needs no Serve."""
     from ray import serve
 
     class RaylmGenerator(GenerateServer):
+        def __init__(self, *args):
+            keep_replica_grpc_on_node_address()  # before Serve starts the replica's gRPC server
+            super().__init__(*args)
+
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _generate_batch(self, reqs: list[dict]) -> list[dict]:
             return await self._run(reqs)
