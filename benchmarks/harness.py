@@ -43,8 +43,8 @@ def local_ray(**init_kwargs) -> Iterator[None]:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=init_kwargs.get("log_to_driver", True))  # its resources are the cluster's
-    else:
-        ray.init(**init_kwargs)
+    else:  # "local": never the newest cluster `ray start` left on this machine (another user's)
+        ray.init(address="local", **init_kwargs)
     try:
         yield
     finally:

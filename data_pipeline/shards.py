@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import re
 import zlib
 
@@ -81,18 +80,20 @@ def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str) -> pa.Tabl
         spec = ray.get(spec_ref)
         _ENCODINGS[tokenizer_hash] = (tok.encoding(spec), tok.eot_id(spec))
     enc, eot = _ENCODINGS[tokenizer_hash]
-    hashes = batch.column("doc_hash").to_pylist()
-    ids = enc.encode_ordinary_batch(batch.column("text").to_pylist(), num_threads=1)
-    for doc in ids:
-        doc.append(eot)
-    lengths = np.array([len(d) for d in ids], dtype=np.int64)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    # With no special token allowed or refused, encode_to_numpy gives encode_ordinary's ids (a literal
+    # "<|endoftext|>" in a document is ordinary text) as one uint32 buffer per document: no Python list
+    # of ints to build and copy back into an array (~15% of the encode's own time)
+    docs = [enc.encode_to_numpy(text, disallowed_special=()) for text in batch.column("text").to_pylist()]
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    # ~10x faster than pa.array(list of lists): one pass over the ints, no per-list Arrow builder
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(offsets[-1]))
+    flat = np.empty(int(offsets[-1]), dtype=np.uint32)
+    for doc, end in zip(docs, offsets[1:]):
+        flat[end - 1 - len(doc) : end - 1] = doc
+    flat[offsets[1:] - 1] = eot
     return pa.table(
         {
-            "doc_hash": hashes,
+            "doc_hash": batch.column("doc_hash"),
             "split": batch.column("split"),
             "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
             "num_tokens": pa.array(lengths),
