@@ -268,6 +268,7 @@ def launch(
 
     from orchestration.train.loop import worker_loop
     from orchestration.train.progress import ProgressPrinter
+    from orchestration.train.rendezvous import LoopbackStoreConfig
     from orchestration.train.trackers import TrackerError, check_trackers
 
     train = cfg.train
@@ -302,6 +303,7 @@ def launch(
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"plan": plan, "make_task": make_task},
+        torch_config=LoopbackStoreConfig(),  # rank 0's rendezvous store on 127.0.0.1 on a local Ray
         scaling_config=ScalingConfig(
             num_workers=(train.min_workers, train.num_workers) if train.min_workers else train.num_workers,
             use_gpu=train.use_gpu,
