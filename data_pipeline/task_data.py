@@ -31,7 +31,12 @@ import numpy as np
 
 from data_pipeline.storage import DataSourceError, read_bytes
 
-SHIPPED_TASKS = ("shakespeare-genre", "shakespeare-play-qa", "shakespeare-instruct")
+# shipped task -> the kind of rows it builds (finetune.task): genre labels, or prompts with responses
+SHIPPED_TASKS: dict[str, str] = {
+    "shakespeare-genre": "classification",
+    "shakespeare-play-qa": "sft",
+    "shakespeare-instruct": "sft",
+}
 GENRES = ("comedy", "history", "tragedy")
 PLAY_QUESTION = "\nQ: Which play is this from?\nA:"
 EDITION_QUESTION = "\nQ: Is this spelled as in the First Folio or modernized?\nA:"
@@ -174,28 +179,43 @@ def read_jsonl(uri: str, required: tuple[str, ...], endpoint_url: Optional[str] 
     return rows
 
 
+def check_source(source: str, task: str) -> None:
+    """ValueError unless ``source`` can hold ``task`` ("classification" or "sft") rows: a shipped task
+    of that kind, or a JSONL URI with a ``{split}`` placeholder. Nothing is read, so a config can be
+    checked before a checkpoint is fetched or Ray starts."""
+    kind = SHIPPED_TASKS.get(source)
+    if kind is not None:
+        if kind != task:
+            same = [name for name, k in SHIPPED_TASKS.items() if k == task]
+            raise ValueError(
+                f"shipped task {source!r} builds {kind} rows, not {task}; set finetune.task={kind}"
+                + (f" or use {', '.join(same)}" if same else "")
+            )
+        return
+    shipped = ", ".join(f"{name} ({k})" for name, k in SHIPPED_TASKS.items())
+    if "{split}" in source:
+        return
+    if "://" not in source and not Path(source).suffix:
+        raise ValueError(
+            f"{source!r} is neither a shipped task ({shipped}) nor a .jsonl path; for your own rows name a "
+            "JSONL file per split with a '{split}' placeholder, e.g. data_{split}.jsonl"
+        )
+    raise ValueError(
+        f"{source!r} needs a '{{split}}' placeholder (e.g. data_{{split}}.jsonl) so train and val files "
+        f"differ; or use a shipped task ({shipped})"
+    )
+
+
 def load_examples(
     source: str, task: str, split: str, *, endpoint_url: Optional[str] = None, **builder_kwargs
 ) -> list[dict]:
-    """Rows for ``task`` ("classification" or "sft") from a shipped task name or a JSONL URI."""
-    required = ("text", "label") if task == "classification" else ("prompt", "response")
+    """Rows for ``task`` ("classification" or "sft") from a shipped task name or a JSONL URI
+    (``check_source`` says which sources are allowed)."""
+    check_source(source, task)
     if source in SHIPPED_TASKS:
-        rows = shakespeare_task(source, split, **builder_kwargs)
-        if set(required) - set(rows[0]):
-            raise ValueError(f"shipped task {source!r} is not a {task} task")
-        return rows
-    uri = source.replace("{split}", split)
-    if uri == source and "://" not in source and not Path(source).suffix:
-        raise ValueError(
-            f"finetune data {source!r} is neither a shipped task ({', '.join(SHIPPED_TASKS)}) "
-            "nor a .jsonl path; use a '{split}' placeholder for per-split files"
-        )
-    if uri == source:
-        raise ValueError(
-            f"finetune data {source!r} needs a '{{split}}' placeholder (e.g. data_{{split}}.jsonl) "
-            "so train and val files differ"
-        )
-    return read_jsonl(uri, required, endpoint_url)
+        return shakespeare_task(source, split, **builder_kwargs)
+    required = ("text", "label") if task == "classification" else ("prompt", "response")
+    return read_jsonl(source.replace("{split}", split), required, endpoint_url)
 
 
 def encode_sft(enc, rows: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:

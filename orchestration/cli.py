@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
-from orchestration.config import ConfigError, load_config
+from orchestration.arg_types import (
+    ngram_order,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    port_number,
+    positive_int,
+    probability,
+    temperature,
+    torch_device,
+)
+from orchestration.config import ConfigError, check_finetune_data, load_config
 from orchestration.runtime import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV, keep_local_ray_on_loopback
 
 CONFIG_HELP = "YAML config file (see configs/); defaults are used when omitted"
@@ -27,76 +39,28 @@ def _load(args: argparse.Namespace, schema: str = "PretrainConfig"):
     return load_config(args.config, args.overrides, schema=getattr(config, schema))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+# Options a command declares outside this file as plain int/str (deploy/serve.py), checked here with the
+# same argparse types before the command starts Ray; they can move into that parser as `type=`.
+OPTION_CHECKS: dict[str, dict[str, Callable[[str], object]]] = {
+    "serve": {
+        "--port": port_number,
+        "--max-batch-size": positive_int,
+        "--batch-wait-timeout-s": non_negative_float,
+        "--max-tokens-cap": positive_int,
+        "--num-replicas": positive_int,
+        "--device": torch_device,
+    },
+}
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a finite number in (0, 1]."""
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def temperature(text: str) -> float:
-    """argparse type: 0 (greedy) or a finite positive temperature."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
-    return value
-
-
-def torch_device(text: str) -> str:
-    """argparse type: a torch device this machine has (cpu; cuda or cuda:N where CUDA is available)."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: raylm runs on cpu or cuda")
-    return text
-
-
-def ngram_order(text: str) -> int:
-    """argparse type: an n-gram order the n-gram model supports."""
-    from model.ngram import MAX_ORDER, MIN_ORDER
-
-    value = int(text)
-    if not MIN_ORDER <= value <= MAX_ORDER:
-        raise argparse.ArgumentTypeError(f"must be in [{MIN_ORDER}, {MAX_ORDER}], got {value}")
-    return value
-
-
-def output_dir(text: str) -> str:
-    """argparse type: a local directory to write into (made if missing), not an existing file."""
-    if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; name a directory")
-    return text
-
-
-def output_file(text: str) -> str:
-    """argparse type: a local file to write, not an existing directory."""
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory; name a file, e.g. {Path(text) / 'eval.json'}")
-    return text
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The command's ``OPTION_CHECKS``, reported as argparse reports a bad value: one line naming the
+    option, exit status 2."""
+    for option, check in OPTION_CHECKS.get(args.command, {}).items():
+        try:
+            check(str(getattr(args, option.lstrip("-").replace("-", "_"))))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument {option}: {err}")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -130,10 +94,12 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare
+    from data_pipeline.sources import resolve_sources
     from orchestration.config import schema_of
     from orchestration.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides, schema=schema_of(args.config))
+    resolve_sources(cfg.data.sources)  # a corpus that is not there is refused before Ray starts
     init_ray()
     prepare(cfg.data)
     return 0
@@ -163,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner, schema, out_key = RUNS[args.command]
     module, function = runner.split(":")
     cfg = _load(args, schema)
+    if args.command == "finetune":
+        check_finetune_data(cfg.finetune)
     summary = getattr(importlib.import_module(module), function)(cfg, resume=not args.no_resume)
     _report(summary[out_key], cfg)
     return 0
@@ -609,6 +577,7 @@ def _find_checkpoint(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_options(parser, args)
     if args.command != "submit":  # before any command imports ray; a submitted job joins its cluster
         keep_local_ray_on_loopback()
     if args.verbose:

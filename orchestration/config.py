@@ -287,6 +287,12 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            found = sorted(p.name for p in Path(path).glob("*.yaml"))
+            hint = f" (it holds {', '.join(found)})" if found else " (see configs/)"
+            raise ConfigError(f"config {path} is a directory; pass a YAML file{hint}") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path} is not a UTF-8 text file; pass a YAML config (see configs/)") from None
         try:
@@ -301,6 +307,20 @@ def load_config(
     if overrides:
         source += " + overrides " + " ".join(overrides)
     return build_dataclass(schema, tree, source)
+
+
+def check_finetune_data(ft: FinetuneConfig) -> None:
+    """A labelled task's ``finetune.data`` must be a shipped task of that kind or a JSONL URI with
+    ``{split}``; checked without reading anything, so `raylm finetune` refuses it before a checkpoint
+    is fetched or Ray starts."""
+    if ft.data is None or ft.task == "lm":
+        return  # a missing value is the driver's check (run_finetune); a manifest is read when the run starts
+    from data_pipeline.task_data import check_source
+
+    try:
+        check_source(ft.data, ft.task)
+    except ValueError as err:
+        raise ConfigError(f"key 'finetune.data' (finetune.task={ft.task}): {err}") from None
 
 
 def with_absolute_paths(cfg: Any) -> Any:

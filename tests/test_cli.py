@@ -78,6 +78,14 @@ def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
         (["generate", "--checkpoint", "x", "--prompt", "a", "--device", "bogus"], "--device"),
         (["baseline", "ngram", "--data", "m.json", "--out", "o", "--n", "9"], "--n"),
         (["baseline", "ngram", "--data", "m.json", "--out", "o", "--discount", "7"], "--discount"),
+        # serve's own parser takes plain ints: checked before the (missing) checkpoint is looked up or Ray starts
+        (["serve", "--checkpoint", "x", "--port", "-1"], "--port"),
+        (["serve", "--checkpoint", "x", "--port", "70000"], "--port"),
+        (["serve", "--checkpoint", "x", "--max-batch-size", "0"], "--max-batch-size"),
+        (["serve", "--checkpoint", "x", "--num-replicas", "0"], "--num-replicas"),
+        (["serve", "--checkpoint", "x", "--max-tokens-cap", "0"], "--max-tokens-cap"),
+        (["serve", "--checkpoint", "x", "--batch-wait-timeout-s", "-1"], "--batch-wait-timeout-s"),
+        (["serve", "--checkpoint", "x", "--device", "tpu9"], "--device"),
     ],
 )
 def test_out_of_range_options_are_one_line_errors_with_status_2(argv, option, capsys):
@@ -99,6 +107,43 @@ def test_unreachable_storage_is_a_config_error(tmp_path, capsys, monkeypatch):
     assert main([*argv, f"train.data={manifest}", "model.block_size=32"]) == 2
     err = capsys.readouterr().err
     assert "train.storage_path: cannot reach s3://raylm-nowhere/runs/run" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["finetune.data=bogus-task"], ["'finetune.data'", "'bogus-task'", "shakespeare-play-qa (sft)", "{split}"]),
+        (["finetune.data=qa.jsonl"], ["'finetune.data'", "'qa.jsonl'", "needs a '{split}' placeholder"]),
+        (
+            ["finetune.task=classification", "finetune.data=shakespeare-play-qa"],
+            ["'finetune.data'", "builds sft rows, not classification", "shakespeare-genre"],
+        ),
+    ],
+)
+def test_finetune_data_is_checked_when_the_config_loads(overrides, named, tmp_path, capsys):
+    """A finetune.data that cannot hold the task's rows is a config error (key, value, what is allowed),
+    found before the checkpoint (missing here) is looked at or Ray starts."""
+    assert main(["finetune", f"finetune.checkpoint={tmp_path / 'missing'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raylm: config error:") and "Traceback" not in err
+    assert all(name in err for name in named), err
+
+
+def test_a_directory_as_config_is_a_config_error_naming_it(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text("train:\n  lr: 0.001\n")
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: config {tmp_path} is a directory; pass a YAML file (it holds tiny.yaml)" in err
+
+
+def test_prepare_refuses_a_missing_corpus_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    ray_before = ray.is_initialized()
+    argv = ["prepare", f"data.sources.uris=[{tmp_path / 'nowhere'}]", f"data.output.uri={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    assert f"{tmp_path / 'nowhere'}: no such file" in capsys.readouterr().err
+    assert ray.is_initialized() == ray_before
 
 
 def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
