@@ -6,9 +6,10 @@ W takes positions [s*G + r*G/W, s*G + (r+1)*G/W) of step s and fetches only the 
 them, so a global batch depends on (manifest, seed, G, step) and never on W, and resuming at step k
 reads step k's rows first. Every row group read is checked against the CRC-32 its shard carries
 (``ShardCorruptError``); transient storage errors are retried. ``rank_val_batches`` gives each rank
-its part of a fixed validation set. Bytes read are counted at the filesystem layer (``stats``).
+its part of a fixed validation set; ``split_rows`` reads a split's first rows in one process (eval,
+baselines). Bytes read are counted at the filesystem layer (``stats``).
 
-``sequence_dataset`` + ``worker_batches`` (fine-tuning, eval, the demo): a Ray Data stream of the same
+``sequence_dataset`` + ``worker_batches`` (fine-tuning, the demo): a Ray Data stream of the same
 shards where every worker iterates the unsplit stream and keeps ``position % world_size == rank``.
 Epoch e visits shards in ``rng(seed, e)`` order and each shard's rows in ``rng(seed, e, shard)`` order.
 """
@@ -567,6 +568,28 @@ def shard_footers(
     reader, so ranks read no metadata from storage. Footers are small and picklable."""
     reader = ShardReader(manifest, split, endpoint_url=endpoint_url, region=region)
     return {s["file"]: reader.layout(i).footer for i, s in enumerate(reader.shards)}
+
+
+def split_rows(
+    manifest: dict,
+    split: str,
+    *,
+    num_sequences: Optional[int] = None,
+    endpoint_url: Optional[str] = None,
+    region: Optional[str] = None,
+) -> np.ndarray:
+    """int64 [n, seq_len + 1]: the first ``num_sequences`` rows of ``split`` (all when None) in shard-file
+    order, read in this process through ``ShardReader`` (block CRCs checked), no Ray. For the val split
+    these are the rows ``sequence_dataset(..., "val")`` streams and ``rank_val_batches`` scores."""
+    reader = ShardReader(manifest, split, endpoint_url=endpoint_url, region=region)
+    left = sum(s["sequences"] for s in reader.shards) if num_sequences is None else num_sequences
+    segments = []
+    for shard, entry in enumerate(reader.shards):
+        take = min(left, entry["sequences"])
+        if take > 0:
+            segments.append((shard, 0, take))
+            left -= take
+    return reader.read(segments)
 
 
 class _TrainOrder:

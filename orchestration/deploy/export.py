@@ -9,7 +9,8 @@ generation_config.json, and a ``tokenizer.json`` + tokenizer_config.json for HF'
 tokenizers). ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`` load it offline.
 
 ``raylm``: weights, model_config.json and tokenizer files plus a ``raylm_meta.json``, i.e. a complete
-consolidated checkpoint that ``load_checkpoint_model`` (eval, generate, serve) loads as it is.
+consolidated checkpoint that ``load_checkpoint_model`` (eval, generate, serve) loads as it is; its meta
+names the source checkpoint and copies the source's training data (``TRAINING_DATA_KEYS``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
 FORMATS = ("hf", "raylm")
 # raylm's tokenizer metadata is also called tokenizer.json; in an HF folder that name is HF's
 RAYLM_TOKENIZER_META = "raylm_tokenizer.json"
+# checkpoint meta keys a raylm export copies: the training data and, for a fine-tune on task rows, the
+# checkpoint it started from (orchestration.evaluate.data_source reads them to find held-out data)
+TRAINING_DATA_KEYS = ("data", "base_checkpoint")
 
 
 class ExportError(ValueError):
@@ -101,6 +105,8 @@ def export_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = {"checkpoint": ckpt_uri, "step": meta.get("step")}
+    # what the weights were trained on travels with them: eval without --data needs no source checkpoint
+    lineage = {key: meta[key] for key in TRAINING_DATA_KEYS if meta.get(key) is not None}
 
     if fmt == "hf":
         eot = spec["special_tokens"].get(EOT)
@@ -144,7 +150,7 @@ def export_checkpoint(
         # Written last and listing every file, like a training checkpoint: it makes the folder complete
         sizes = {f: (out / f).stat().st_size for f in files}
         (out / CHECKPOINT_META_FILE).write_text(
-            json.dumps({**source, "format": "raylm-export", "files": sizes}, indent=2)
+            json.dumps({**source, **lineage, "format": "raylm-export", "files": sizes}, indent=2)
         )
         files.append(CHECKPOINT_META_FILE)
     print(f"exported {source['checkpoint']} as {fmt} to {out} ({len(files)} files)")

@@ -5,7 +5,8 @@ same val windows ``evaluate_lm`` reads (the first ``max_sequences`` rows of the 
 order), with the same conventions: loss averages every target token; bits per byte sums the NLL of
 the text tokens (end-of-text decodes to no bytes and is left out) over the bytes they decode to.
 The LSTM baseline is a checkpoint of an ordinary training run with ``model.arch=lstm``
-(configs/lstm_shakespeare.yaml). No Ray: shards are read with pyarrow, locally or from S3.
+(configs/lstm_shakespeare.yaml). No Ray: shards are read by the loader's reader
+(``evaluate.data_source.manifest_rows``), locally or from S3.
 """
 
 from __future__ import annotations
@@ -19,38 +20,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from model.ngram import NGramLM
-from orchestration.evaluate.data_source import EvalError
+from orchestration.evaluate.data_source import EvalError, manifest_rows
 
 NGRAM_SOURCE_FILE = "ngram_source.json"
-
-
-def read_split_rows(
-    manifest_uri: str, split: str, *, max_sequences: Optional[int] = None, endpoint_url: Optional[str] = None
-) -> tuple[np.ndarray, dict]:
-    """(int64 [n, seq_len + 1] rows of ``split`` in shard-file order, the manifest), at most
-    max_sequences rows. Same rows and order as ``sequence_dataset(..., "val")`` without Ray."""
-    import pyarrow.parquet as pq
-
-    from data_pipeline.loader import read_manifest
-    from data_pipeline.storage import filesystem_for
-
-    manifest = read_manifest(manifest_uri, endpoint_url)
-    if split not in manifest["splits"]:
-        raise EvalError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
-    row = manifest["seq_len"] + 1
-    fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
-    parts, have = [], 0
-    for shard in manifest["splits"][split]["shards"]:
-        if max_sequences is not None and have >= max_sequences:
-            break
-        table = pq.read_table(f"{base}/{shard['file']}", filesystem=fs, columns=["tokens"])
-        rows = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(table.num_rows, row)
-        parts.append(rows.astype(np.int64))
-        have += len(rows)
-    if not parts:
-        raise EvalError(f"{manifest['uri']}: split {split!r} holds no sequences")
-    rows = np.concatenate(parts)
-    return (rows if max_sequences is None else rows[:max_sequences]), manifest
 
 
 def train_ngram(
@@ -67,7 +39,7 @@ def train_ngram(
     from model.ngram import check_order
 
     t0 = time.perf_counter()
-    rows, manifest = read_split_rows(manifest_uri, "train", endpoint_url=endpoint_url)
+    rows, manifest = manifest_rows(manifest_uri, "train", endpoint_url=endpoint_url)
     vocab_size = int(manifest["tokenizer"]["n_vocab"])
     try:
         check_order(n, vocab_size)
@@ -116,7 +88,7 @@ def _windows(
 ) -> np.ndarray:
     """The eval windows evaluate_lm reads: a manifest's split rows, or a text file cut into windows."""
     if data.endswith(".json"):
-        rows, manifest = read_split_rows(data, split, max_sequences=max_sequences, endpoint_url=endpoint_url)
+        rows, manifest = manifest_rows(data, split, max_sequences, endpoint_url)
         if tokenizer_hash is not None and manifest["tokenizer"]["hash"] != tokenizer_hash:
             raise EvalError(
                 f"{data}: shards use tokenizer {manifest['tokenizer']['hash'][:12]}, the model was "
@@ -214,7 +186,7 @@ def compare_baselines(
     ngram_dir one or several ``train_ngram`` outputs (no FLOPs: counting is not matmul work). With
     out_dir, writes baselines.json and baselines.md (a markdown table) there.
     """
-    rows, manifest = read_split_rows(manifest_uri, split, max_sequences=max_sequences, endpoint_url=endpoint_url)
+    rows, manifest = manifest_rows(manifest_uri, split, max_sequences, endpoint_url)
     seq_len = manifest["seq_len"]
     table = [_neural_row("transformer", transformer_checkpoint, rows, seq_len, batch_size, endpoint_url)]
     if lstm_checkpoint is not None:

@@ -7,9 +7,13 @@ its ``raylm_meta.json`` (the file that travels with every checkpoint, locally or
     fine-tune, task lm               "data": the manifest it trained on
     fine-tune, task sft/classif.     "data": a shipped task or a JSONL of prompts/labels, no token rows;
                                      "base_checkpoint" leads to the checkpoint it started from
-    `raylm export --format raylm`    "checkpoint" leads to the checkpoint it was exported from
+    `raylm export --format raylm`    "data" (and "base_checkpoint") copied from the checkpoint it was
+                                     exported from; an export without them (older raylm): "checkpoint"
+                                     leads to that checkpoint
 
-``check_tokenizer``: held-out token rows must come from the checkpoint's own tokenizer.
+``manifest_rows``: a manifest split's first rows, the ones training's validation scores (lm, mc,
+continuation suites and the baselines read them). ``check_tokenizer``: held-out token rows must come
+from the checkpoint's own tokenizer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import tiktoken
 
 from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
@@ -62,7 +67,12 @@ def training_manifest(meta: dict, endpoint_url: Optional[str] = None) -> Trainin
         came_from = meta.get("base_checkpoint") if data is not None else meta.get("checkpoint")
         if came_from is None:
             raise EvalError(f"{where}: its {CHECKPOINT_META_FILE} names no training data; {PASS_DATA}")
-        hop = f"fine-tuned from {came_from} on task rows ({data})" if data is not None else f"exported from {came_from}"
+        if data is None:
+            hop = f"exported from {came_from}"
+        else:
+            hop = f"fine-tuned from {came_from} on task rows ({data})"
+            if meta.get("checkpoint") is not None:  # an export carrying its source's data
+                hop = f"exported from {meta['checkpoint']}, {hop}"
         path.append(f"{where} was {hop}")
         try:
             meta = complete_checkpoint_meta(RunDir.at(came_from, endpoint_url))
@@ -85,6 +95,30 @@ def training_manifest(meta: dict, endpoint_url: Optional[str] = None) -> Trainin
     if path:
         origin = f"the manifest {where} was trained on; {'; '.join(path)}"
     return TrainingManifest(uri, origin)
+
+
+def manifest_rows(
+    uri: str,
+    split: str,
+    max_sequences: Optional[int] = None,
+    endpoint_url: Optional[str] = None,
+    *,
+    enc: Optional[tiktoken.Encoding] = None,
+) -> tuple[np.ndarray, dict]:
+    """(int64 [n, seq_len + 1] rows, the manifest): the first ``max_sequences`` rows (all when None) of a
+    manifest's split in file order (``data_pipeline.loader.split_rows``: no Ray), the rows training's
+    validation scores; checked against ``enc`` when given (``check_tokenizer``)."""
+    from data_pipeline.loader import read_manifest, split_rows
+
+    manifest = read_manifest(uri, endpoint_url)
+    if enc is not None:
+        check_tokenizer(manifest, enc)
+    if split not in manifest["splits"]:
+        raise EvalError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
+    rows = split_rows(manifest, split, num_sequences=max_sequences, endpoint_url=endpoint_url)
+    if len(rows) == 0:
+        raise EvalError(f"{manifest['uri']}: split {split!r} holds no sequences; score another split or manifest")
+    return rows, manifest
 
 
 def check_tokenizer(manifest: dict, enc: tiktoken.Encoding) -> None:

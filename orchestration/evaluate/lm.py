@@ -1,7 +1,8 @@
 """Language-model metrics of a checkpoint on held-out text: loss, perplexity, bits per byte.
 
-Held-out text is a manifest's split (its first rows, in file order) or a text file cut into
-non-overlapping windows of the model's context.
+Held-out text is a manifest's split (its first rows, in file order: the rows training's validation
+scores, read in this process without Ray) or a text file cut into non-overlapping windows of the
+model's context.
 """
 
 from __future__ import annotations
@@ -14,24 +15,19 @@ import tiktoken
 import torch
 
 from model.gpt import GPT
-from orchestration.evaluate.data_source import EvalError, check_tokenizer
+from orchestration.evaluate.data_source import EvalError
 from orchestration.evaluate.load import loaded_checkpoint
 
 
 def token_windows(
     data: str, enc: tiktoken.Encoding, seq_len: int, max_sequences: int, split: str, endpoint_url: Optional[str]
 ) -> np.ndarray:
-    """[n, seq_len + 1] token windows from a manifest's split (rows tokenized with ``enc``, read by Ray
-    Data) or from a text file."""
+    """[n, seq_len + 1] token windows from a manifest's split (its first rows in file order, tokenized
+    with ``enc``) or from a text file."""
     if data.endswith(".json"):
-        from data_pipeline.loader import read_manifest, sequence_dataset
-        from orchestration.runtime import init_ray
+        from orchestration.evaluate.data_source import manifest_rows
 
-        check_tokenizer(read_manifest(data, endpoint_url), enc)
-        init_ray()  # as every raylm command starts it: loopback only, a quiet console
-        ds = sequence_dataset(data, split, seed=0, num_sequences=max_sequences, endpoint_url=endpoint_url)
-        rows = [np.asarray(r["tokens"], dtype=np.int64) for r in ds.take(max_sequences)]
-        return np.stack(rows)[:, : seq_len + 1] if rows else np.zeros((0, seq_len + 1), np.int64)
+        return manifest_rows(data, split, max_sequences, endpoint_url, enc=enc)[0][:, : seq_len + 1]
     from data_pipeline.storage import read_bytes
 
     tokens = np.asarray(

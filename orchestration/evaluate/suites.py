@@ -23,7 +23,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from orchestration.evaluate.data_source import EvalError, check_tokenizer, training_manifest
+from orchestration.evaluate.data_source import EvalError, manifest_rows, training_manifest
 from orchestration.evaluate.lm import evaluate_lm
 from orchestration.evaluate.load import loaded_checkpoint
 from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
@@ -65,7 +65,7 @@ def held_out_pieces(
 
     eot = enc.encode_single_token(EOT)
     if data.endswith(".json"):
-        rows, cut = _manifest_rows(data, enc, split, max_sequences, endpoint_url), True
+        rows, cut = manifest_rows(data, split, max_sequences, endpoint_url, enc=enc)[0].tolist(), True
     else:
         rows, cut = [enc.encode(read_bytes(data, endpoint_url).decode("utf-8"), allowed_special="all")], False
     pieces = []
@@ -79,29 +79,6 @@ def held_out_pieces(
                 piece.append(t)
         pieces.append(piece)
     return [p for p in pieces if p], cut
-
-
-def _manifest_rows(
-    manifest_uri: str, enc: tiktoken.Encoding, split: str, max_sequences: int, endpoint_url: Optional[str]
-) -> list[list[int]]:
-    import pyarrow.parquet as pq
-
-    from data_pipeline.loader import read_manifest
-    from data_pipeline.storage import filesystem_for
-
-    manifest = read_manifest(manifest_uri, endpoint_url)
-    check_tokenizer(manifest, enc)
-    if split not in manifest["splits"]:
-        raise EvalError(f"split {split!r} not in {manifest['uri']} (has {sorted(manifest['splits'])})")
-    fs, base = filesystem_for(manifest["uri"].rsplit("/", 1)[0], endpoint_url)
-    rows: list[list[int]] = []
-    for shard in manifest["splits"][split]["shards"]:
-        table = pq.read_table(f"{base}/{shard['file']}", filesystem=fs)
-        tokens = table.column("tokens").combine_chunks().flatten().to_numpy()
-        rows.extend(tokens.reshape(table.num_rows, -1)[: max_sequences - len(rows)].tolist())
-        if len(rows) >= max_sequences:
-            break
-    return rows
 
 
 def held_out_lines(pieces: list[list[int]], enc: tiktoken.Encoding, edges_cut: bool) -> list[list[str]]:

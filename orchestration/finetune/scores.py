@@ -1,7 +1,7 @@
 """Before/after metrics of a fine-tune, computed the same way on the pretrained and the tuned model.
 
 Plain PyTorch on the driver (no Ray Train, no DeepSpeed), on the same validation rows as training:
-- lm: next-token loss on the domain corpus's val split (``evaluate.evaluate``);
+- lm: next-token loss on the domain corpus's val split (``evaluate.lm.evaluate_lm``, read without Ray);
 - sft: loss on response tokens only, and exact match of the greedy answer against the reference;
 - classification: accuracy and loss of the classifier; before tuning there is no head, so "before"
   is the pretrained LM scoring each label as a continuation (zero-shot), next to the majority class.

@@ -80,16 +80,17 @@ def test_ngram_rejects_bad_orders_and_missing_inputs(tmp_path):
 
 
 def test_train_and_evaluate_ngram_on_shards(manifest, tmp_path):
-    from orchestration.evaluate.baselines import evaluate_ngram, read_split_rows, train_ngram
+    from orchestration.evaluate.baselines import evaluate_ngram, train_ngram
+    from orchestration.evaluate.data_source import manifest_rows
     from orchestration.evaluate.lm import token_byte_lengths
 
     with pytest.raises(ValueError, match="order n must be"):
         train_ngram(manifest, str(tmp_path / "bad"), n=7)
     fit = {n: train_ngram(manifest, str(tmp_path / f"ng{n}"), n=n) for n in (1, 3)}
-    rows, m = read_split_rows(manifest, "train")
+    rows, m = manifest_rows(manifest, "train")
     assert fit[3]["train_tokens"] == rows.size == m["splits"]["train"]["tokens"]
     r1, r3 = (evaluate_ngram(str(tmp_path / f"ng{n}"), manifest, max_sequences=20) for n in (1, 3))
-    val, _ = read_split_rows(manifest, "val", max_sequences=20)
+    val, _ = manifest_rows(manifest, "val", 20)
     assert r3["tokens"] == val[:, 1:].size and r3["sequences"] == len(val) and r3["n"] == 3
     assert r3["loss"] < r1["loss"] and r3["perplexity"] == pytest.approx(math.exp(r3["loss"]))
     # bits per byte = the same summed NLL over the bytes the targets decode to (no special tokens here)

@@ -21,7 +21,7 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.storage import embedded_corpus_dir
 from model.config import ModelConfig
 from model.gpt import GPT
-from orchestration.evaluate.data_source import EvalError, training_manifest
+from orchestration.evaluate.data_source import EvalError, manifest_rows, training_manifest
 from orchestration.evaluate.lm import evaluate_lm, lm_metrics
 from orchestration.evaluate.suites import (
     cloze_items,
@@ -313,12 +313,11 @@ def own_run(tmp_path_factory):
 
     from orchestration.artifacts import RunDir, write_config, write_run_facts
     from orchestration.config import config_to_dict, load_config
-    from orchestration.evaluate.baselines import read_split_rows
 
     root = tmp_path_factory.mktemp("own_run")
     manifest = tiny_corpus_manifest(root)
     spec = tok.load_spec(str(Path(manifest).parent))
-    rows = torch.from_numpy(read_split_rows(manifest, "train")[0])
+    rows = torch.from_numpy(manifest_rows(manifest, "train")[0])
     cfg = ModelConfig(vocab_size=spec["n_vocab"], block_size=32, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -338,14 +337,17 @@ def own_run(tmp_path_factory):
     return {"run": str(run), "checkpoint": ckpt, "manifest": manifest, "model": model, "spec": spec}
 
 
-def test_eval_without_data_scores_the_val_split_of_the_run_s_manifest(own_run, ray_session, tmp_path, capsys):
+def test_eval_without_data_scores_the_val_split_of_the_run_s_manifest(own_run, tmp_path, capsys):
     """`raylm eval --checkpoint RUN_DIR`: the lm suite reads the val split of the manifest the run trained
-    on (through Ray Data), and the console and the JSON it writes name that manifest."""
+    on (in this process: no Ray started), and the console and the JSON it writes name that manifest."""
+    import ray
+
     from orchestration.cli import main
-    from orchestration.evaluate.baselines import read_split_rows
 
     out = tmp_path / "eval.json"
+    ray_before = ray.is_initialized()
     assert main(["eval", "--checkpoint", own_run["run"], "--out", str(out)]) == 0
+    assert ray.is_initialized() == ray_before
     console = capsys.readouterr().out
     manifest = own_run["manifest"]
     assert f"no --data: scoring {manifest}" in console
@@ -353,11 +355,28 @@ def test_eval_without_data_scores_the_val_split_of_the_run_s_manifest(own_run, r
     result = json.loads(out.read_text())
     assert result["checkpoint"] == own_run["checkpoint"] and result["step"] == 40
     assert result["data"] == {"uri": manifest, "split": "val", "origin": "the manifest the checkpoint was trained on"}
-    val = read_split_rows(manifest, "val")[0]
+    val = manifest_rows(manifest, "val")[0]
     lm = result["suites"]["lm"]
     assert lm["sequences"] == min(256, len(val))
     expected = lm_metrics(own_run["model"], tok.encoding(own_run["spec"]), val[: lm["sequences"]])["loss"]
     assert lm["loss"] == pytest.approx(expected, rel=1e-5) and lm["loss"] < math.log(own_run["spec"]["n_vocab"])
+
+
+def test_the_lm_suite_scores_the_rows_ray_data_streams(own_run, ray_session):
+    """evaluate_lm reads a manifest's val rows in this process: the same rows, in the same order, as the
+    Ray Data stream it read before and fine-tuning still validates on (``sequence_dataset(..., "val")``),
+    so the same loss."""
+    from data_pipeline.loader import sequence_dataset
+
+    manifest = own_run["manifest"]
+    streamed = sequence_dataset(manifest, "val", seed=0).take_all()
+    assert [r["position"] for r in streamed] == list(range(len(streamed)))
+    ray_rows = np.stack([np.asarray(r["tokens"], dtype=np.int64) for r in streamed])
+    rows = manifest_rows(manifest, "val")[0]
+    assert np.array_equal(rows, ray_rows)
+    result = evaluate_lm(own_run["checkpoint"], manifest, max_sequences=len(rows))
+    expected = lm_metrics(own_run["model"], tok.encoding(own_run["spec"]), ray_rows)
+    assert result["sequences"] == len(ray_rows) and result["loss"] == pytest.approx(expected["loss"], rel=1e-7)
 
 
 def test_eval_without_data_when_the_manifest_is_gone_names_it_and_data(own_run, tmp_path, capsys):
@@ -392,6 +411,12 @@ def test_a_fine_tune_on_task_rows_and_an_export_lead_to_the_pretraining_manifest
     hop = f"{tuned} was fine-tuned from {base} on task rows (shakespeare-play-qa)"
     assert found.origin == f"the manifest {base} was trained on; {hop}"
     exported = export_checkpoint(tuned, str(tmp_path / "export"), fmt="raylm")["out_dir"]
+    found = training_manifest(load_checkpoint_model(exported)[3])  # the export carries the fine-tune's data
+    exported_hop = f"{exported} was exported from {tuned}, fine-tuned from {base} on task rows (shakespeare-play-qa)"
+    assert found.uri == manifest and found.origin == f"the manifest {base} was trained on; {exported_hop}"
+    meta_file = Path(exported) / "raylm_meta.json"  # an export from before it copied them: via its source
+    older = {k: v for k, v in json.loads(meta_file.read_text()).items() if k not in sft}
+    meta_file.write_text(json.dumps(older))
     found = training_manifest(load_checkpoint_model(exported)[3])
     assert found.uri == manifest and f"{exported} was exported from {tuned}; {hop}" in found.origin
     lm_tuned = _write_checkpoint(tmp_path / "lm", model, spec, step=5, meta={"data": manifest, "base_checkpoint": "x"})
@@ -400,6 +425,23 @@ def test_a_fine_tune_on_task_rows_and_an_export_lead_to_the_pretraining_manifest
     orphan = _write_checkpoint(tmp_path / "orphan", model, spec, step=5, meta=orphan_meta)
     with pytest.raises(EvalError, match=f"but {re.escape(str(tmp_path))}/gone is gone .* pass --data"):
         training_manifest(load_checkpoint_model(orphan)[3])
+
+
+def test_an_export_scores_its_training_manifest_after_its_source_is_gone(own_run, tmp_path):
+    """`raylm export --format raylm` copies the checkpoint's training data into its own meta: eval
+    without --data works on the exported folder once the checkpoint it came from is deleted."""
+    import shutil
+
+    from orchestration.deploy.export import export_checkpoint
+    from orchestration.evaluate.load import load_checkpoint_model
+
+    source = shutil.copytree(own_run["checkpoint"], tmp_path / "run" / Path(own_run["checkpoint"]).name)
+    exported = export_checkpoint(str(source), str(tmp_path / "export"), fmt="raylm")["out_dir"]
+    shutil.rmtree(tmp_path / "run")
+    meta = load_checkpoint_model(exported)[3]
+    assert meta["data"] == own_run["manifest"] and meta["checkpoint"] == str(source)
+    found = training_manifest(meta)
+    assert found.uri == own_run["manifest"] and found.origin == "the manifest the checkpoint was trained on"
 
 
 def test_eval_without_data_on_object_storage(own_run, s3_server, tmp_path, capsys, monkeypatch):
