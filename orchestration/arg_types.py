@@ -99,3 +99,18 @@ def output_file(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file, e.g. {Path(text) / 'eval.json'}")
     return text
+
+
+def host_name(text: str) -> str:
+    """argparse type: a host name or IP address that resolves (an address to listen on: whether this
+    node has it is for the server to say, as on a cluster it may be another node's)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise argparse.ArgumentTypeError(
+            f"{text!r} does not resolve ({reason}); use an IP address, e.g. 127.0.0.1 (0.0.0.0: every interface)"
+        ) from None
+    return text

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestration.arg_types import (
+    host_name,
     ngram_order,
     non_negative_float,
     non_negative_int,
@@ -44,6 +45,7 @@ def _load(args: argparse.Namespace, schema: str = "PretrainConfig"):
 OPTION_CHECKS: dict[str, dict[str, Callable[[str], object]]] = {
     "serve": {
         "--port": port_number,
+        "--host": host_name,
         "--max-batch-size": positive_int,
         "--batch-wait-timeout-s": non_negative_float,
         "--max-tokens-cap": positive_int,

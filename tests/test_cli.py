@@ -81,6 +81,7 @@ def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
         # serve's own parser takes plain ints: checked before the (missing) checkpoint is looked up or Ray starts
         (["serve", "--checkpoint", "x", "--port", "-1"], "--port"),
         (["serve", "--checkpoint", "x", "--port", "70000"], "--port"),
+        (["serve", "--checkpoint", "x", "--host", "no.such.host.invalid"], "--host"),
         (["serve", "--checkpoint", "x", "--max-batch-size", "0"], "--max-batch-size"),
         (["serve", "--checkpoint", "x", "--num-replicas", "0"], "--num-replicas"),
         (["serve", "--checkpoint", "x", "--max-tokens-cap", "0"], "--max-tokens-cap"),
