@@ -5,11 +5,12 @@ perturbed (a copy number per line) so no two documents are equal. Cleaning and d
 this measures the tokenize stage alone (``data_pipeline.prepare.tokenize_stage``, what prepare runs, on
 a materialized document dataset), not the whole prepare().
 
-Baseline, same documents and tokenizer, in this process with Ray idle: raw tiktoken, the faster of
-``encode_ordinary_batch(num_threads=1)`` and ``encode_to_numpy`` per document (same ids). Also measured:
-``cores`` plain processes encoding a share each at once (no Ray), i.e. what this machine's cores give
-tiktoken. Each side runs ``--repeats`` times, interleaved; the best run of each counts. Last line:
-``tokenize stage / (cores x raw tiktoken): R``.
+Baseline, same documents and tokenizer: raw single-process tiktoken, the faster of
+``encode_ordinary_batch(num_threads=1)`` in this process (which also runs Ray's driver) and
+``encode_to_numpy`` per document (the same ids; what the stage calls) in a plain process. Also
+measured: ``cores`` plain processes encoding a share each at once, i.e. what this machine's cores give
+tiktoken with no pipeline around it. Each runs ``--repeats`` times, interleaved with the stage; the best
+run of each counts. Last line: ``tokenize stage / (cores x raw tiktoken): R``.
 
     .venv/bin/python benchmarks/bench_tokenize.py [--copies 11] [--vocab-size 4096] [--repeats 3]
     .venv/bin/python benchmarks/bench_tokenize.py --smoke    # seconds: 4 plays, vocab 512, 1 repeat
@@ -67,24 +68,18 @@ def _encode_share(texts: list[str]) -> int:
     return sum(len(_ENCODING.encode_to_numpy(t, disallowed_special=())) for t in texts)
 
 
-def raw_rates(enc, texts: list[str]) -> dict[str, tuple[int, float]]:
-    """{api: (tokens, seconds)} of one process encoding ``texts`` with each tiktoken API."""
-    calls = {
-        "encode_ordinary_batch": lambda: sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1)),
-        "encode_to_numpy": lambda: sum(len(enc.encode_to_numpy(t, disallowed_special=())) for t in texts),
-    }
-    out = {}
-    for api, call in calls.items():
-        t0 = time.perf_counter()
-        tokens = call()
-        out[api] = (tokens, time.perf_counter() - t0)
-    return out
+def raw_run(enc, texts: list[str]) -> tuple[int, float]:
+    """(tokens, seconds) of this process encoding ``texts`` with ``encode_ordinary_batch``, one thread."""
+    t0 = time.perf_counter()
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))
+    return tokens, time.perf_counter() - t0
 
 
-def processes_rate(pool, texts: list[str], cores: int) -> tuple[int, float]:
-    """(tokens, seconds) of ``cores`` warm plain processes encoding a byte-balanced share each at once."""
-    shares: list[list[str]] = [[] for _ in range(cores)]
-    loads = [0] * cores
+def processes_run(pool, texts: list[str], processes: int) -> tuple[int, float]:
+    """(tokens, seconds) of ``processes`` warm plain processes of ``pool`` encoding a byte-balanced share
+    each, at once."""
+    shares: list[list[str]] = [[] for _ in range(processes)]
+    loads = [0] * processes
     for t in sorted(texts, key=len, reverse=True):
         i = loads.index(min(loads))
         shares[i].append(t)
@@ -155,29 +150,34 @@ def measure(args) -> float:
 
     raw: dict[str, list[float]] = {}
     procs, stage = [], []
-    expected = None
+    in_driver, plain_one = "encode_ordinary_batch, this process", "encode_to_numpy, plain process"
     spawn = multiprocessing.get_context("spawn")  # never fork a process that runs Ray's threads
     with ProcessPoolExecutor(cores, mp_context=spawn, initializer=_start_process, initargs=(spec,)) as pool:
-        processes_rate(pool, texts[: 2 * cores], cores)  # warm-up: every process has started
+        processes_run(pool, texts[: 2 * cores], cores)  # warm-up: every process has started
         # warm-up: start Ray's workers and build each one's Encoding outside the timed runs
-        tokenize_stage(docs.limit(4 * cores), spec).materialize()
+        tokenize_stage(docs.limit(4 * cores).materialize(), spec).materialize()
         for _ in range(args.repeats):
-            for api, (tokens, seconds) in raw_rates(enc, texts).items():
-                raw.setdefault(api, []).append(tokens / seconds)
-                expected = tokens
-            tokens, seconds = processes_rate(pool, texts, cores)
-            procs.append(tokens / seconds)
-            tokens, seconds = stage_run(tokenize_stage, docs, spec)
-            if tokens != expected:
-                raise RuntimeError(f"the stage made {tokens:,} tokens, raw tiktoken {expected:,}: not the same work")
-            stage.append(tokens / seconds)
+            expected, seconds = raw_run(enc, texts)
+            raw.setdefault(in_driver, []).append(expected / seconds)
+            runs = {
+                plain_one: processes_run(pool, texts, 1),
+                "processes": processes_run(pool, texts, cores),
+                "stage": stage_run(tokenize_stage, docs, spec),
+            }
+            for name, (tokens, _) in runs.items():
+                if tokens != expected:
+                    raise RuntimeError(f"{name} made {tokens:,} tokens, raw tiktoken {expected:,}: not the same work")
+            raw.setdefault(plain_one, []).append(runs[plain_one][0] / runs[plain_one][1])
+            procs.append(runs["processes"][0] / runs["processes"][1])
+            stage.append(runs["stage"][0] / runs["stage"][1])
 
     best_api = max(raw, key=lambda api: max(raw[api]))
     raw_rate, procs_rate, stage_rate = max(raw[best_api]), max(procs), max(stage)
     ratio = stage_rate / (cores * raw_rate)
     print(f"{expected:,} tokens per run; best of {args.repeats} (M tokens/s of every run in brackets)")
     for api, rates in raw.items():
-        print(f"raw tiktoken, 1 process, {api}: {max(rates) / 1e6:.2f} M tokens/s {_runs(rates)}")
+        mark = "  <- raw, the fastest" if api == best_api else ""
+        print(f"raw tiktoken, 1 process, {api}: {max(rates) / 1e6:.2f} M tokens/s {_runs(rates)}{mark}")
     print(
         f"raw tiktoken, {cores} plain processes at once: {procs_rate / 1e6:.2f} M tokens/s {_runs(procs)} = "
         f"{procs_rate / (cores * raw_rate):.2f} of {cores} x raw ({best_api}): what the cores give tiktoken"

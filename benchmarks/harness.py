@@ -12,11 +12,16 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from orchestration.runtime import RAY_DATA_LOGGING_CONFIG
+from orchestration.runtime import (
+    RAY_DATA_LOGGING_CONFIG,
+    check_loopback_in_time,
+    keep_local_ray_on_loopback,
+    starts_local_ray,
+)
 
-# Set on import, before any benchmark imports ray (Ray reads the first once, at its own import): a
-# local Ray on 127.0.0.1 only, and Ray Data's INFO lines in its log file rather than on the console.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# On import, before any benchmark imports ray (Ray reads its address setting once, at its own import):
+# a Ray started here listens on 127.0.0.1 only; Ray Data's INFO lines go to its log, not the console.
+keep_local_ray_on_loopback()
 os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_CONFIG))
 
 # A few short plays of the embedded corpus (~310 kB): enough rows for every smoke run at seq_len 32.
@@ -41,10 +46,11 @@ def local_ray(**init_kwargs) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=init_kwargs.get("log_to_driver", True))  # its resources are the cluster's
-    else:  # "local": never the newest cluster `ray start` left on this machine (another user's)
+    if starts_local_ray():  # "local": never the newest cluster `ray start` left here (another user's)
+        check_loopback_in_time()
         ray.init(address="local", **init_kwargs)
+    else:
+        ray.init(log_to_driver=init_kwargs.get("log_to_driver", True))  # its resources are the cluster's
     try:
         yield
     finally:
@@ -64,13 +70,15 @@ def ship_by_value(module_name: str) -> None:
 
 def smoke_manifest(root: Path) -> str:
     """Token shards of ``SMOKE_TEXTS`` written by ``raylm prepare``'s pipeline into ``root/data`` (BPE of
-    ``SMOKE_VOCAB`` tokens, rows of ``SMOKE_SEQ_LEN`` + 1); returns the manifest URI. Needs Ray running."""
-    from data_pipeline.config import DataConfig, OutputConfig, SourceConfig, TokenizerConfig
+    ``SMOKE_VOCAB`` tokens, rows of ``SMOKE_SEQ_LEN`` + 1; no near-dedup, which six distinct texts do not
+    need and which adds group-by passes); returns the manifest URI. Needs Ray running."""
+    from data_pipeline.config import DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
     from data_pipeline.prepare import prepare
     from data_pipeline.storage import EMBEDDED_CORPUS
 
     cfg = DataConfig(
         sources=SourceConfig(uris=[f"{EMBEDDED_CORPUS}:{name}" for name in SMOKE_TEXTS]),
+        near_dedup=NearDedupConfig(enabled=False),
         tokenizer=TokenizerConfig(vocab_size=SMOKE_VOCAB),
         output=OutputConfig(uri=str(Path(root).resolve() / "data"), seq_len=SMOKE_SEQ_LEN, shard_tokens=40_000),
     )

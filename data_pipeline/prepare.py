@@ -164,13 +164,24 @@ def _num_shards(split_bytes: Counter, sample: list[str], spec: dict, shard_token
     return {s: max(1, math.ceil(split_bytes[f"bytes:{s}"] / bytes_per_token / shard_tokens)) for s in (0, 1)}
 
 
+# Ray Data (2.60) leaves ~0.2 s between one task and the next on a worker (it polls task completion
+# every 0.1 s), so the stage runs a few large batches per CPU rather than many small ones; a batch's
+# documents stay under TOKENIZE_BATCH_BYTES so a worker's memory is bounded whatever the corpus size.
+TOKENIZE_TASKS_PER_CPU = 3
+TOKENIZE_BATCH_BYTES = 64 << 20
+
+
 def tokenize_stage(docs: ray.data.Dataset, spec: dict) -> ray.data.Dataset:
-    """Document rows (doc_hash, split, text) -> (doc_hash, split, tokens + eot, num_tokens), encoded in
-    Ray tasks; benchmarks/bench_tokenize.py measures exactly this."""
+    """Document rows (doc_hash, split, text) of a materialized dataset -> (doc_hash, split, tokens + eot,
+    num_tokens), encoded in Ray tasks; benchmarks/bench_tokenize.py measures exactly this."""
+    rows, size = docs.count(), docs.size_bytes()  # a materialized dataset's metadata: no pass over it
+    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = math.ceil(rows / (TOKENIZE_TASKS_PER_CPU * num_cpus))
+    bytes_capped = TOKENIZE_BATCH_BYTES * rows // max(1, size)
     return docs.map_batches(
         tokenize_batch,
         batch_format="pyarrow",
-        batch_size=64,
+        batch_size=max(1, min(per_task, bytes_capped)),
         fn_kwargs={"spec_ref": ray.put(spec), "tokenizer_hash": spec["hash"]},
     )
 
