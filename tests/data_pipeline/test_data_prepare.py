@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from ray.data.context import DataContext, ShuffleStrategy
 
 from data_pipeline.clean import normalize_whitespace
 from data_pipeline.config import (
@@ -75,11 +77,27 @@ def mixed_corpus(tmp_path_factory) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def shuffle_strategy(strategy: ShuffleStrategy):
+    """Ray Data's shuffle (every group-by in prepare and dedup) set to ``strategy`` for the block."""
+    context = DataContext.get_current()
+    before, context.shuffle_strategy = context.shuffle_strategy, strategy
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
+
+
 @pytest.fixture(scope="module")
 def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
+    """The mixed corpus prepared twice, on Ray Data's sort-based shuffle and on SHUFFLE_V2 (Ray 2.60's
+    default). The second run is the slow one (~30 s of the fixture on 2 cores: SHUFFLE_V2 starts new
+    worker processes for every group-by) and the only prepare in the suite on Ray's default shuffle."""
     out = tmp_path_factory.mktemp("out")
-    first = prepare(small_config([str(mixed_corpus)], out / "a"))
-    second = prepare(small_config([str(mixed_corpus)], out / "b"))
+    with shuffle_strategy(ShuffleStrategy.SORT_SHUFFLE_PULL_BASED):
+        first = prepare(small_config([str(mixed_corpus)], out / "a"))
+    with shuffle_strategy(ShuffleStrategy.SHUFFLE_V2):
+        second = prepare(small_config([str(mixed_corpus)], out / "b"))
     return first, second
 
 
@@ -152,6 +170,7 @@ def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus)
 
 
 def test_rerun_is_byte_identical(prepared):
+    """Same config and inputs, another run and another Ray Data shuffle: the same bytes."""
     a, b = (Path(p).parent for p in prepared)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) >= 5
