@@ -23,6 +23,7 @@ from data_pipeline.loader import (
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import BLOCK_ROWS
 from data_pipeline.storage import embedded_corpus_dir
+from tests.helpers import tiny_corpus_manifest
 
 PLAYS = [
     "lovers_complaint_gut.txt",
@@ -32,23 +33,25 @@ PLAYS = [
 ]
 
 
-def tiny_config(corpus: Path, out: Path, vocab_size: int) -> DataConfig:
+def tiny_config(corpus: Path, out: Path) -> DataConfig:
     return DataConfig(
         sources=SourceConfig(uris=[f"{corpus}/*.txt"]),
         clean=CleanConfig(min_chars=50),
         near_dedup=NearDedupConfig(enabled=False),
-        tokenizer=TokenizerConfig(vocab_size=vocab_size, sample_bytes=1_000_000),
+        tokenizer=TokenizerConfig(vocab_size=300, sample_bytes=1_000_000),
         output=OutputConfig(uri=str(out), seq_len=16, val_fraction=0.3, shard_tokens=6000, seed=1),
     )
 
 
 @pytest.fixture(scope="module")
 def manifests(ray_session, tmp_path_factory) -> tuple[str, str]:
+    """prepare's shards of four plays, and another tokenizer's shards of the same seq_len (16) written
+    without Ray by ``helpers.tiny_corpus_manifest``: only the tokenizer tells them apart."""
     corpus = tmp_path_factory.mktemp("plays")
     for p in PLAYS:
         shutil.copy(embedded_corpus_dir() / p, corpus / p)
-    out = tmp_path_factory.mktemp("shards")
-    return prepare(tiny_config(corpus, out / "v300", 300)), prepare(tiny_config(corpus, out / "v280", 280))
+    ours = prepare(tiny_config(corpus, tmp_path_factory.mktemp("shards") / "v300"))
+    return ours, tiny_corpus_manifest(tmp_path_factory.mktemp("other"), seq_len=16)
 
 
 def rows_of(ds) -> tuple[list[int], np.ndarray]:
