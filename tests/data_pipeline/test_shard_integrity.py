@@ -115,9 +115,10 @@ def test_row_count_and_old_layout_are_refused(copy):
 
 
 def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monkeypatch):
-    """A real moto S3 server stopped mid-read and restarted 1.5 s later on the same port, then stopped
-    for good. The AWS SDK's own retries are cut to 3 quick tries here so that raylm's backoff is what
-    absorbs the outage and the long one is named within seconds."""
+    """A real moto S3 server stopped mid-read and restarted 0.8 s later on the same port (after raylm's
+    first 0.5 s retry, before its second), then stopped for good. The AWS SDK's own retries are cut to 3
+    quick tries here so that raylm's backoff is what absorbs the outage and the long one is named after
+    its 7.5 s of backoff."""
     import boto3
 
     from data_pipeline.storage import S3_RETRY_ATTEMPTS_ENV
@@ -133,11 +134,11 @@ def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monke
     manifest = read_manifest("s3://outage/data/manifest.json", endpoint_url=endpoint)
     batches = iter(reader(manifest, 20, endpoint_url=endpoint))
     next(batches)
-    restart = server.outage(1.5)
+    restart = server.outage(0.8)
     t0 = time.perf_counter()
     for _ in range(5):  # steps that touch every shard, through the outage
         next(batches)
-    assert time.perf_counter() - t0 > 1.0
+    assert time.perf_counter() - t0 > 0.8  # no batch came before the server was back
     restart.join()
     server.stop()
     with pytest.raises(DataSourceError, match=r"s3://outage/data/manifest.json: shard train/.*still failing after 5"):
