@@ -49,18 +49,47 @@ def ray_session():
 def s3_server():
     """A real S3-compatible HTTP server (moto) on 127.0.0.1; the test credentials are in the env.
 
-    Yields a dict: endpoint_url, access_key, secret_key, region. Code under test reaches it through
-    the same boto3 / pyarrow S3 code paths it uses against AWS, configured by endpoint_url.
+    Yields a dict: endpoint_url, access_key, secret_key, region, and ``server`` (helpers.RestartableS3,
+    whose ``outage(seconds)`` takes it away and brings it back with its objects). Code under test
+    reaches it through the same boto3 / pyarrow S3 code paths it uses against AWS, configured by
+    endpoint_url.
     """
-    from moto.server import ThreadedMotoServer
+    from helpers import RestartableS3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = RestartableS3()
     yield {
-        "endpoint_url": f"http://{host}:{port}",
+        "endpoint_url": server.endpoint_url,
         "access_key": TEST_ACCESS_KEY,
         "secret_key": TEST_SECRET_KEY,
         "region": "us-east-1",
+        "server": server,
     }
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """The manifest of the tiny corpus (tests/helpers.py ``tiny_corpus_manifest``) every training test
+    shares; read-only: a test that damages or moves data takes its own copy with ``tiny_corpus_manifest``."""
+    from helpers import tiny_corpus_manifest
+
+    return tiny_corpus_manifest(tmp_path_factory.mktemp("tiny_corpus"))
+
+
+@pytest.fixture(scope="session")
+def reference_runs(ray_session, tiny_corpus, tmp_path_factory):
+    """helpers.ReferenceRuns: one uninterrupted tiny run per ZeRO stage, trained on first use, shared by
+    every test that compares against a reference or starts from a pretrained checkpoint."""
+    from helpers import ReferenceRuns
+
+    return ReferenceRuns(tmp_path_factory.mktemp("reference_runs"), tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def demo_runs(ray_session, tmp_path_factory) -> dict:
+    """helpers.run_demo_and_finetunes: `raylm demo` on a few kB of the plays, then every
+    configs/finetune_*.yaml from its checkpoint, in a directory of their own; the demo test checks the
+    README path and the fine-tuning tests check each task on the same runs."""
+    from helpers import run_demo_and_finetunes
+
+    return run_demo_and_finetunes(tmp_path_factory.mktemp("demo"))

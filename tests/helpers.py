@@ -1,4 +1,6 @@
-"""Tiny data and configs for the training tests (imported by tests/test_train_*.py)."""
+"""Tiny data, configs and the shared runs of the training tests: the tiny corpus, the reference runs
+(one per ZeRO stage) and the demo with its fine-tunes, each built once per test session
+(tests/conftest.py's fixtures) and reused by every test that compares against or starts from them."""
 
 from __future__ import annotations
 
@@ -6,26 +8,49 @@ from pathlib import Path
 
 from orchestration.config import Config
 
+# One build per shape and test process: the BPE training is the costly part, so later callers get a copy.
+_BUILT: dict[tuple[int, int, int], Path] = {}
+
 
 def tiny_corpus_manifest(root: Path, *, seq_len: int = 32, vocab_size: int = 512, chars: int = 180_000) -> str:
     """Token shards (vocab 512, seq_len 32) of ~180 kB cut from one embedded play, written directly
     with the data pipeline's own tokenizer, shard and manifest writers (no `prepare` run: seconds, no Ray).
 
-    3 train shards + 1 val shard, the layout `raylm prepare` writes. Reuses an existing one under ``root``.
+    3 train shards + 1 val shard, the layout `raylm prepare` writes, under ``root/data``. Reuses an
+    existing one under ``root``; a shape already built in this process is copied (the files are
+    identical: same text, same tokenizer training), not rebuilt.
     """
+    import atexit
+    import shutil
+    import tempfile
+
+    from data_pipeline.manifest import MANIFEST
+
+    out = root / "data"
+    if (out / MANIFEST).exists():
+        return str(out / MANIFEST)
+    key = (seq_len, vocab_size, chars)
+    if key not in _BUILT:
+        scratch = tempfile.mkdtemp(prefix="raylm_tiny_corpus_")
+        atexit.register(shutil.rmtree, scratch, True)
+        built = Path(scratch) / "data"
+        _write_tiny_corpus(built, seq_len, vocab_size, chars)
+        _BUILT[key] = built
+    shutil.copytree(_BUILT[key], out)
+    return str(out / MANIFEST)
+
+
+def _write_tiny_corpus(out: Path, seq_len: int, vocab_size: int, chars: int) -> None:
     import hashlib
 
     import numpy as np
     import pyarrow.fs as pafs
 
     from data_pipeline import tokenizer as tok
-    from data_pipeline.manifest import MANIFEST, Manifest, ShardEntry, SplitEntry, TokenizerEntry, write_manifest
+    from data_pipeline.manifest import Manifest, ShardEntry, SplitEntry, TokenizerEntry, write_manifest
     from data_pipeline.shards import SHARD_FORMAT, shard_bytes
     from data_pipeline.storage import embedded_corpus_dir
 
-    out = root / "data"
-    if (out / MANIFEST).exists():
-        return str(out / MANIFEST)
     text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
     body = text[len(text) // 10 : len(text) // 10 + chars]
     spec = tok.train_bpe([body], vocab_size, "gpt4")
@@ -79,11 +104,13 @@ def tiny_corpus_manifest(root: Path, *, seq_len: int = 32, vocab_size: int = 512
         splits=splits,
     )
     write_manifest(manifest, pafs.LocalFileSystem(), str(out))
-    return str(out / MANIFEST)
 
 
 def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int = 2, overrides=()) -> Config:
-    """A 2-worker run of a tiny GPT (vocab from the manifest) that takes a few seconds."""
+    """A 2-worker run of a tiny GPT (vocab from the manifest) that takes a few seconds: 20 steps of a
+    global batch of 24 sequences (2 workers x 2 x 6 accumulation steps; 24 also splits over 1, 3 and
+    4 workers of 2-sequence micro-batches, so a run can branch onto them), checkpoints and evaluations
+    at steps 10 and 20."""
     from orchestration.config import load_config
 
     base = [
@@ -93,8 +120,8 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
         f"train.zero_stage={zero_stage}",
         "train.num_workers=2",
         "train.cpus_per_worker=0.5",
-        "train.micro_batch_size=4",
-        "train.grad_accum_steps=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=6",
         "train.max_steps=20",
         "train.warmup_steps=2",
         "train.lr=3e-3",
@@ -171,3 +198,141 @@ class RestartableS3:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class ReferenceRuns:
+    """Uninterrupted tiny 2-worker runs (``tiny_config``), one per ZeRO stage, each trained the first time
+    a test asks for it. ``runs[stage]`` is ``(summary, metrics records)``.
+
+    The ZeRO-0 run also feeds TensorBoard and MLflow and runs with selective activation checkpointing +
+    per-block compile: that it matches ZeRO 1-3 to float noise shows both the stages and the recompute
+    keep the math.
+    """
+
+    OVERRIDES = {
+        0: ["train.trackers=[tensorboard, mlflow]", "train.activation_checkpointing=selective", "train.compile=true"]
+    }
+
+    def __init__(self, root: Path, manifest: str) -> None:
+        self.root, self.manifest, self._runs = root, manifest, {}
+
+    def __getitem__(self, stage: int) -> tuple[dict, list[dict]]:
+        if stage not in self._runs:
+            from orchestration.artifacts import RunDir, read_metrics
+            from orchestration.train.driver import run_training
+
+            overrides = self.OVERRIDES.get(stage, [])
+            cfg = tiny_config(self.manifest, self.root / "runs", f"zero{stage}", zero_stage=stage, overrides=overrides)
+            summary = run_training(cfg, resume=False)
+            self._runs[stage] = (summary, read_metrics(RunDir.at(summary["run_dir"])))
+        return self._runs[stage]
+
+    def items(self) -> list[tuple[int, tuple[dict, list[dict]]]]:
+        return [(stage, self[stage]) for stage in (0, 1, 2, 3)]
+
+
+# One worker per run: the demo's and the fine-tunes' own sizes, shrunk to seconds.
+TINY_TRAIN = [
+    "train.num_workers=1",
+    "train.cpus_per_worker=1",
+    "train.micro_batch_size=4",
+    "train.grad_accum_steps=1",
+    "train.warmup_steps=1",
+    "train.log_interval=2",
+]
+# What each shipped fine-tune config runs with besides TINY_TRAIN: sizes, and one engine per task so
+# the three cover ZeRO-2 (LoRA), ZeRO-0 (a full fine-tune with its classification head, stopped
+# early) and ZeRO-3 (frozen embeddings and blocks gathered unchanged into the checkpoint).
+FINETUNE_OVERRIDES = {
+    "sft": [
+        "finetune.max_per_document=2",
+        "finetune.max_val_examples=8",
+        "finetune.sample_prompts=1",
+        "train.zero_stage=2",
+        "train.max_steps=8",
+        "train.eval_interval=4",
+        "train.checkpoint_interval=4",
+    ],
+    "genre": [
+        "finetune.max_per_document=2",
+        "finetune.max_val_examples=8",
+        "finetune.patience=1",  # with min_delta 100 no evaluation improves: stops at the second one
+        "finetune.min_delta=100",
+        "train.zero_stage=0",
+        "train.max_steps=12",
+        "train.eval_interval=4",
+        "train.checkpoint_interval=4",
+    ],
+    "poems": ["train.zero_stage=3", "train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2"],
+}
+
+
+def run_demo_and_finetunes(root: Path) -> dict:
+    """The README's path in ``root``: `raylm demo` on 8 works of 12 kB (prepare takes seconds), then each
+    configs/finetune_*.yaml with its finetune and data sections as shipped (only the sizes in
+    ``FINETUNE_OVERRIDES``; the poems' seq_len shrunk to the tiny model), run through the CLI from
+    ``root`` so the configs' relative ``runs/`` paths land there.
+
+    Returns {"root", "config" (the demo's), "summary" (the demo's), "stdout" (what the demo printed),
+    "finetunes": {name: finetune_summary.json}, "exit_codes": {name: CLI exit code}}.
+    """
+    import contextlib
+    import io
+    import json
+    import os
+
+    from data_pipeline.storage import embedded_corpus_dir
+    from orchestration.cli import main
+    from orchestration.config import load_config
+    from orchestration.demo import DEFAULT_CONFIG, run_demo
+
+    src = root / "plays"
+    src.mkdir()
+    for play in sorted(embedded_corpus_dir().glob("*_gut.txt"))[:8]:
+        text = play.read_text(encoding="utf-8", errors="replace")
+        (src / play.name).write_text(text[len(text) // 3 : len(text) // 3 + 12_000], encoding="utf-8")
+    cfg = load_config(
+        str(DEFAULT_CONFIG),
+        [
+            f"data.sources.uris=[{src}/*.txt]",
+            "data.clean.strip_gutenberg=false",
+            "data.near_dedup.enabled=false",
+            "data.tokenizer.vocab_size=400",
+            "data.output.seq_len=32",
+            "data.output.val_fraction=0.25",
+            "model.block_size=32",
+            "model.n_layer=3",  # finetune_poems.yaml freezes the first 2 blocks
+            "model.n_embd=32",
+            "model.n_head=2",
+            *TINY_TRAIN,
+            "train.val_sequences=4",
+            "train.max_steps=8",
+            "train.eval_interval=4",
+            "train.checkpoint_interval=8",
+        ],
+    )
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            summary = run_demo(cfg, max_new_tokens=8)
+        configs = DEFAULT_CONFIG.parent
+        codes = {
+            "prepare poems": main(["prepare", "-c", str(configs / "finetune_poems.yaml"), "data.output.seq_len=32"])
+        }
+        finetunes = {}
+        for name, overrides in FINETUNE_OVERRIDES.items():
+            codes[name] = main(["finetune", "-c", str(configs / f"finetune_{name}.yaml"), *TINY_TRAIN, *overrides])
+            summary_file = root / "runs" / f"finetune_{name}" / "finetune_summary.json"
+            finetunes[name] = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    finally:
+        os.chdir(cwd)
+    return {
+        "root": root,
+        "config": cfg,
+        "summary": summary,
+        "stdout": stdout.getvalue(),
+        "finetunes": finetunes,
+        "exit_codes": codes,
+    }

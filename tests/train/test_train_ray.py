@@ -1,11 +1,13 @@
 """End-to-end pretraining on local Ray Train (gloo, CPU) with 2 workers and a tiny GPT: DDP at ZeRO
 stage 0, DeepSpeed at stages 1-3.
 
-Launches are the expensive part (~15-20 s each on 2 cores), so each one feeds several assertions:
-one reference run per stage (the same loss trajectory, optimizer state shards, checkpoints are
-complete), variants with activation checkpointing + compile and with bf16, one run whose worker
-process dies mid-run (FailureConfig absorbs it), one driver restart, all compared
-against the uninterrupted references.
+Launches are the expensive part (~15-20 s each on 2 cores), so each one feeds several assertions.
+The session's reference runs (tests/conftest.py ``reference_runs``: one uninterrupted run per stage,
+the ZeRO-0 one with activation checkpointing, per-block compile and trackers) are what every other
+run here is compared against: bf16 variants; branches of a reference checkpoint onto 4, 1 and 3
+workers (worker-count invariance and resharded resume in one run each), the 3-worker one with a
+worker process dying mid-run (FailureConfig absorbs it) and resumed back onto 2 workers; and one run
+killed with no retries left, whose newest registered checkpoint is then damaged before it is re-run.
 """
 
 from __future__ import annotations
@@ -15,43 +17,36 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config, tiny_corpus_manifest
+from helpers import tiny_config
 
-from orchestration.artifacts import RunDir, latest_complete_checkpoint
+from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, latest_complete_checkpoint, read_metrics
 from orchestration.config import ConfigError
 from orchestration.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
 
 pytestmark = pytest.mark.slow
 STEPS = 20  # tiny_config: 20 steps, checkpoints at 10 and 20, eval at 10 and 20
+ROWS_PER_STEP = 24  # tiny_config's global batch
 TRAJECTORY_TOL = 1e-3  # fp32 runs that differ in reduction order or recompute: loss gap at any logged step
 BF16_TOL = 0.05  # bf16 matmuls vs fp32, same steps
 
 
 def _metrics(run_dir: str) -> list[dict]:
-    with open(f"{run_dir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(RunDir.at(run_dir))
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("train")
-    return root, tiny_corpus_manifest(root)
+def _losses(records: list[dict]) -> list[float]:
+    """The run's trajectory: train loss at every logged step, then val loss at every eval."""
+    return [r["loss"] for r in records] + [r["val_loss"] for r in records if "val_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def reference_runs(workdir):
-    """One uninterrupted run per ZeRO stage: {stage: (summary, metrics records)}."""
+def _train(reference_runs, name: str, stage: int, overrides=(), **kwargs) -> tuple[dict, list[dict]]:
+    """A run beside the references (same data, storage root and tiny_config): (summary, records)."""
     from orchestration.train.driver import run_training
 
-    root, manifest = workdir
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        # the ZeRO-0 run also feeds TensorBoard and MLflow (rank 0, in the background)
-        trackers = ["train.trackers=[tensorboard, mlflow]"] if stage == 0 else []
-        cfg = tiny_config(manifest, root / "runs", f"zero{stage}", zero_stage=stage, overrides=trackers)
-        summary = run_training(cfg, resume=False)
-        runs[stage] = (summary, _metrics(summary["run_dir"]))
-    return runs
+    runs = reference_runs.root / "runs"
+    cfg = tiny_config(reference_runs.manifest, runs, name, zero_stage=stage, overrides=overrides)
+    summary = run_training(cfg, **kwargs)
+    return summary, _metrics(summary["run_dir"])
 
 
 def test_every_zero_stage_trains_and_checkpoints(reference_runs):
@@ -63,37 +58,23 @@ def test_every_zero_stage_trains_and_checkpoints(reference_runs):
         assert summary["checkpoint"].endswith("checkpoint_00000020")
         ckpt, meta = latest_complete_checkpoint(RunDir.at(summary["run_dir"]))
         assert ckpt.uri == summary["checkpoint"] and meta["step"] == STEPS and meta["zero_stage"] == stage
-    # Same data, seed and init: DDP (stage 0) and ZeRO 1-3 differ only in reduction order
+    # Same data, seed and init: DDP (stage 0, with selective activation checkpointing and per-block
+    # compile: the same math recomputed) and ZeRO 1-3 differ only in reduction order and float noise.
     ddp = _losses(reference_runs[0][1])
     for stage in (1, 2, 3):
         gap = max(abs(a - b) for a, b in zip(_losses(reference_runs[stage][1]), ddp))
-        print(f"ZeRO-{stage} vs DDP: largest train/val loss gap over the run {gap:.2e}")
+        print(f"ZeRO-{stage} vs DDP (checkpointing + compile): largest train/val loss gap over the run {gap:.2e}")
         assert gap < TRAJECTORY_TOL, (stage, gap)
 
 
-def _losses(records: list[dict]) -> list[float]:
-    """The run's trajectory: train loss at every logged step, then val loss at every eval."""
-    return [r["loss"] for r in records] + [r["val_loss"] for r in records if "val_loss" in r]
-
-
-def test_checkpointing_compile_and_bf16_keep_the_trajectory(reference_runs, workdir):
-    """Activation checkpointing with per-block compile recomputes the same math (fp32: float noise);
-    bf16 (DDP autocast; DeepSpeed's bf16 ZeRO-2) rounds every matmul, so it follows looser."""
-    from orchestration.train.driver import run_training
-
-    root, manifest = workdir
-    variants = {
-        "zero0-ckpt-compile": (0, ["train.activation_checkpointing=selective", "train.compile=true"], TRAJECTORY_TOL),
-        "zero0-bf16": (0, ["train.precision=bf16"], BF16_TOL),
-        "zero2-bf16": (2, ["train.precision=bf16"], BF16_TOL),
-    }
-    for name, (stage, overrides, tol) in variants.items():
-        summary = run_training(tiny_config(manifest, root / "runs", name, zero_stage=stage, overrides=overrides))
-        records = _metrics(summary["run_dir"])
+def test_bf16_keeps_the_trajectory(reference_runs):
+    """bf16 (DDP autocast; DeepSpeed's bf16 ZeRO-2) rounds every matmul, so it follows fp32 loosely."""
+    for name, stage in (("zero0-bf16", 0), ("zero2-bf16", 2)):
+        summary, records = _train(reference_runs, name, stage, ["train.precision=bf16"])
         gap = max(abs(a - b) for a, b in zip(_losses(records), _losses(reference_runs[stage][1])))
-        print(f"{name} vs fp32 ZeRO-{stage}: largest loss gap {gap:.2e} (tolerance {tol})")
+        print(f"{name} vs fp32 ZeRO-{stage}: largest loss gap {gap:.2e} (tolerance {BF16_TOL})")
         assert summary["final_step"] == STEPS and records[-1]["loss"] < records[0]["loss"] - 0.2, name
-        assert gap < tol, (name, gap)
+        assert gap < BF16_TOL, (name, gap)
 
 
 def test_trackers_write_under_the_run_directory(reference_runs, monkeypatch):
@@ -124,17 +105,16 @@ def test_zero_shards_optimizer_state(reference_runs):
             assert 0.45 * full <= numel <= 0.6 * full, (stage, numel, full)
 
 
-def test_consolidated_checkpoint_evaluates_and_generates(reference_runs, workdir, tmp_path):
+def test_consolidated_checkpoint_evaluates_and_generates(reference_runs, tmp_path):
     from orchestration.evaluate.lm import evaluate_lm
     from orchestration.evaluate.load import load_checkpoint_model
     from orchestration.evaluate.sample import generate_text
 
-    root, manifest = workdir
     summary, records = reference_runs[3]  # ZeRO-3: weights were gathered from shards
     model, model_cfg, enc, meta = load_checkpoint_model(summary["run_dir"])
     assert meta["step"] == STEPS and model_cfg.n_embd == 32 and enc.n_vocab == model_cfg.vocab_size
-    # Same val sequences as the in-training eval (2 micro-batches x 4 x 2 ranks): same loss
-    result = evaluate_lm(summary["checkpoint"], manifest, max_sequences=16, batch_size=4)
+    # Same val sequences as the in-training eval (train.val_sequences=16, split over the 2 ranks): same loss
+    result = evaluate_lm(summary["checkpoint"], reference_runs.manifest, max_sequences=16, batch_size=4)
     assert result["loss"] == pytest.approx(records[-1]["val_loss"], abs=1e-3)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     text_file = tmp_path / "sample.txt"
@@ -166,7 +146,7 @@ def test_only_the_last_save_consolidates_and_any_checkpoint_can_be(reference_run
         copy = tmp_path / f"zero{stage}"
         shutil.copytree(run / "checkpoint_00000020", copy)
         (copy / "model.safetensors").unlink()  # the same state, as an interval save leaves it
-        meta_file = copy / "raylm_meta.json"
+        meta_file = copy / CHECKPOINT_META_FILE
         meta = json.loads(meta_file.read_text())
         del meta["files"]["model.safetensors"]
         meta_file.write_text(json.dumps(meta))
@@ -181,62 +161,8 @@ def test_only_the_last_save_consolidates_and_any_checkpoint_can_be(reference_run
         assert meta["step"] == 10 and (interval / "model.safetensors").exists()
 
 
-def test_worker_crash_is_absorbed_and_matches_uninterrupted_run(reference_runs, workdir, monkeypatch, tmp_path):
-    """ZeRO-3: the last rank's process exits hard at step 17; Ray restarts the workers from the
-    step-10 checkpoint and the run ends exactly where the uninterrupted one did."""
-    from orchestration.train.driver import run_training
-
-    root, manifest = workdir
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "17")
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "crashed"))
-    cfg = tiny_config(manifest, root / "runs", "zero3-crash", zero_stage=3, overrides=["train.max_failures=1"])
-    summary = run_training(cfg, resume=False)
-    assert (tmp_path / "crashed").exists()  # the crash really happened
-    records = _metrics(summary["run_dir"])
-    assert records[-1]["start_step"] == 10  # the surviving attempt resumed from the checkpoint
-    assert [r["step"] for r in records] == [5, 10, 15, 20]  # redone steps are logged once
-    ref_summary, ref_records = reference_runs[3]
-    # Resuming at step 10 read only the rows from step 10 on: by step 15 each rank has read at most its
-    # 5 steps x 8 rows plus the reader's read-ahead (2 queued steps + 1 in the prefetch thread's hand),
-    # the same as a run from step 0 at its step 5.
-    per_rank_step = 8  # global batch 16 / 2 ranks
-    for first_record in (records[2], ref_records[0]):
-        assert all(0 < rows <= (5 + 3) * per_rank_step for rows in first_record["data_read_rows_per_rank"])
-    assert records[2]["data_read_rows_per_rank"] == ref_records[0]["data_read_rows_per_rank"]
-    assert summary["final_step"] == ref_summary["final_step"] == STEPS
-    assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
-    assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-5)
-
-
-def test_worker_count_does_not_change_the_run(reference_runs, workdir):
-    """The same global batch on 1, 2 and 4 workers: every rank reads its slice of the same global
-    batches, so loss trajectories agree to reduction-order tolerance and the fixed val set gives the
-    same val loss."""
-    from orchestration.train.driver import run_training
-
-    root, manifest = workdir
-    _, two = reference_runs[1]  # ZeRO-1, 2 workers x 4 sequences x 2 accumulation steps
-    for workers, accum in ((1, 4), (4, 1)):
-        cfg = tiny_config(
-            manifest,
-            root / "runs",
-            f"zero1-w{workers}",
-            zero_stage=1,
-            overrides=[f"train.num_workers={workers}", f"train.grad_accum_steps={accum}"],
-        )
-        records = _metrics(run_training(cfg, resume=False)["run_dir"])
-        assert [r["step"] for r in records] == [r["step"] for r in two]
-        for ours, theirs in zip(records, two):
-            assert ours["loss"] == pytest.approx(theirs["loss"], abs=2e-3), (workers, ours["step"])
-            if "val_loss" in theirs:
-                assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-3), (workers, ours["step"])
-        # every rank trained on global batch / workers rows per step and read only those (8-row blocks)
-        trained = records[-1]["data_trained_bytes_per_rank"]
-        assert len(trained) == workers and len(set(trained)) == 1
-
-
 def _assert_same_end(records: list[dict], ref_records: list[dict], what: str) -> None:
-    """Every logged step the resumed run shares with the uninterrupted one, to reduction-order tolerance
+    """Every logged step the branched run shares with the uninterrupted one, to reduction-order tolerance
     (well inside the 0.02 nats a resharded resume is allowed)."""
     ref = {r["step"]: r for r in ref_records}
     for ours in records:
@@ -247,84 +173,104 @@ def _assert_same_end(records: list[dict], ref_records: list[dict], what: str) ->
     assert records[-1]["step"] == ref_records[-1]["step"] == STEPS, what
 
 
-def test_checkpoints_resume_on_another_worker_count(reference_runs, workdir):
-    """Same global batch, another worker count: DDP's unsharded state and ZeRO-1's (resharded through
-    DeepSpeed's universal checkpoint) go 2 -> 1 workers; ZeRO-3 goes 2 -> 3 -> 2. Each continuation ends
-    where the uninterrupted run ends."""
-    from orchestration.train.driver import run_training
+def _assert_reads_only_its_rows(records: list[dict], workers: int, what: str) -> None:
+    """Every rank trained on global batch / workers rows per step and read only those (8-row blocks)."""
+    assert all(len(r["data_read_rows_per_rank"]) == workers for r in records), what
+    trained = records[-1]["data_trained_bytes_per_rank"]
+    assert len(trained) == workers and len(set(trained)) == 1, what
 
-    root, manifest = workdir
-    one = ["train.num_workers=1", "train.grad_accum_steps=4"]  # global batch 16, as the references
-    for stage in (0, 1):
+
+def test_the_worker_count_changes_neither_the_run_nor_its_resume(reference_runs):
+    """Same global batch, another worker count, from a reference's step-10 checkpoint: DDP's unsharded
+    state goes 2 -> 4 workers and ZeRO-1's (resharded through DeepSpeed's universal checkpoint) 2 -> 1.
+    Every rank reads its slice of the same global batches, so each continuation follows the
+    uninterrupted run to reduction-order tolerance and the fixed val set gives the same val loss."""
+    branches = {
+        0: ["train.num_workers=4", "train.grad_accum_steps=3"],
+        1: ["train.num_workers=1", "train.grad_accum_steps=12"],
+    }
+    for stage, overrides in branches.items():
         ref_summary, ref_records = reference_runs[stage]
-        cfg = tiny_config(manifest, root / "runs", f"zero{stage}-2to1", zero_stage=stage, overrides=one)
-        summary = run_training(cfg, branch_from=f"{ref_summary['run_dir']}/checkpoint_00000010")
-        records = _metrics(summary["run_dir"])
-        assert records[0]["start_step"] == 10 and len(records[-1]["data_read_rows_per_rank"]) == 1
-        _assert_same_end(records, ref_records, f"ZeRO-{stage} 2 -> 1")
-
-    # global batch 24 = 2 workers x 4 x 3 = 3 workers x 4 x 2
-    def zero3(name: str, workers: int, accum: int, branch_from=None, extra=()):
-        overrides = [f"train.num_workers={workers}", f"train.grad_accum_steps={accum}", *extra]
-        cfg = tiny_config(manifest, root / "runs", name, zero_stage=3, overrides=overrides)
-        summary = run_training(cfg, branch_from=branch_from)
-        return summary["run_dir"], _metrics(summary["run_dir"])
-
-    two_dir, two = zero3("zero3-g24-w2", 2, 3)
-    three_dir, three = zero3("zero3-g24-2to3", 3, 2, f"{two_dir}/checkpoint_00000010", ["train.checkpoint_interval=5"])
-    assert len(three[-1]["data_read_rows_per_rank"]) == 3
-    _assert_same_end(three, two, "ZeRO-3 2 -> 3")
-    _, back = zero3("zero3-g24-3to2", 2, 3, f"{three_dir}/checkpoint_00000015")
-    assert back[0]["start_step"] == 15
-    _assert_same_end(back, two, "ZeRO-3 3 -> 2")
+        workers = int(overrides[0].split("=")[1])
+        branch = f"{ref_summary['run_dir']}/checkpoint_00000010"
+        _, records = _train(reference_runs, f"zero{stage}-2to{workers}", stage, overrides, branch_from=branch)
+        assert records[0]["start_step"] == 10 and [r["step"] for r in records] == [15, 20]
+        _assert_reads_only_its_rows(records, workers, f"ZeRO-{stage} 2 -> {workers}")
+        _assert_same_end(records, ref_records, f"ZeRO-{stage} 2 -> {workers}")
 
 
-def test_killed_run_restarts_from_its_checkpoint(reference_runs, workdir, monkeypatch, tmp_path, capsys):
-    """ZeRO-2: a run dies with no retries left, saying from where re-running it resumes; running it
-    again resumes at step 10 and matches the uninterrupted run (model, optimizer, LR schedule, data
-    position)."""
-    from orchestration.train.driver import run_training
-
-    root, manifest = workdir
-    cfg = tiny_config(manifest, root / "runs", "zero2-restart", zero_stage=2)
+def test_zero3_reshards_2_to_3_to_2_and_a_worker_crash_is_absorbed(reference_runs, monkeypatch, tmp_path):
+    """ZeRO-3's reference goes from 2 to 3 workers at step 10 (its partitions resharded); on 3 workers the
+    last rank's process exits hard at step 17 and Ray restarts the workers from the step-15 checkpoint
+    (FailureConfig) by itself; from that run's step 15 the run goes back to 2 workers. Both legs end
+    where the uninterrupted run ends, and a resumed rank reads only the rows from its resume step on."""
+    ref_summary, ref_records = reference_runs[3]
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "17")
     monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "crashed"))
-    with pytest.raises(Exception):  # noqa: B017 - whichever error Ray Train raises for the dead driver's run
+    three = ["train.num_workers=3", "train.grad_accum_steps=4", "train.checkpoint_interval=5", "train.max_failures=1"]
+    branch = f"{ref_summary['run_dir']}/checkpoint_00000010"
+    summary, records = _train(reference_runs, "zero3-2to3", 3, three, branch_from=branch)
+    assert (tmp_path / "crashed").exists()  # the crash really happened
+    assert [r["step"] for r in records] == [15, 20]  # redone steps are logged once
+    assert [r["start_step"] for r in records] == [10, 15]  # the surviving attempt resumed from step 15
+    # Five steps after a resume each rank has read at most its 5 steps x 8 rows plus the reader's
+    # read-ahead (2 queued steps + 1 in the prefetch thread's hand), whether it resumed at 10 or 15.
+    per_rank_step = ROWS_PER_STEP // 3
+    for record in records:
+        assert all(0 < rows <= (5 + 3) * per_rank_step for rows in record["data_read_rows_per_rank"]), record
+    _assert_reads_only_its_rows(records, 3, "ZeRO-3 2 -> 3")
+    _assert_same_end(records, ref_records, "ZeRO-3 2 -> 3")
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+    back = f"{summary['run_dir']}/checkpoint_00000015"
+    _, records = _train(reference_runs, "zero3-3to2", 3, branch_from=back)
+    assert records[0]["start_step"] == 15 and [r["step"] for r in records] == [20]
+    _assert_reads_only_its_rows(records, 2, "ZeRO-3 3 -> 2")
+    _assert_same_end(records, ref_records, "ZeRO-3 3 -> 2")
+
+
+def test_a_killed_run_resumes_and_a_damaged_checkpoint_is_skipped(reference_runs, monkeypatch, tmp_path, capsys):
+    """ZeRO-2, checkpoints every 5 steps: the run dies at step 17 with no retries left, saying from where
+    re-running it resumes (step 15). A file of the newest checkpoint Ray's own snapshot lists is then
+    deleted (step 15, or step 10 when the worker died before Ray registered step 15): re-running
+    resumes from the newest complete checkpoint by itself, sets Ray's snapshot aside (Ray would refuse
+    to start from it), and ends exactly where the uninterrupted run ends (model, optimizer, LR
+    schedule, data position)."""
+    from orchestration.train.driver import RAY_SNAPSHOT_FILE, run_training
+
+    cfg = tiny_config(
+        reference_runs.manifest,
+        reference_runs.root / "runs",
+        "zero2-killed",
+        zero_stage=2,
+        overrides=["train.checkpoint_interval=5"],
+    )
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "17")
+    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "crashed"))
+    with pytest.raises(Exception):  # noqa: B017 - whichever error Ray Train raises for the dead worker's run
         run_training(cfg, resume=False)
-    run_dir = str(root / "runs" / "zero2-restart")
-    assert latest_complete_checkpoint(RunDir.at(run_dir))[1]["step"] == 10
-    hint = f"[raylm] the run failed: re-running it resumes from step 10 ({run_dir}/checkpoint_00000010)"
+    run_dir = reference_runs.root / "runs" / "zero2-killed"
+    assert latest_complete_checkpoint(RunDir.at(str(run_dir)))[1]["step"] == 15
+    hint = f"[raylm] the run failed: re-running it resumes from step 15 ({run_dir}/checkpoint_00000015)"
     assert hint in capsys.readouterr().out
     with pytest.raises(ConfigError, match="already exists"):
         run_training(cfg, resume=False)  # never silently starts over on top of a run
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+    snapshot = json.loads((run_dir / RAY_SNAPSHOT_FILE).read_text())
+    damaged = sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])[-1]
+    resume_step = {"checkpoint_00000015": 10, "checkpoint_00000010": 15}[damaged]
+    listed = json.loads((run_dir / damaged / CHECKPOINT_META_FILE).read_text())["files"]
+    (run_dir / damaged / sorted(listed)[0]).unlink()
     summary = run_training(cfg)  # resume=True
-    records = _metrics(run_dir)
-    assert records[-1]["start_step"] == 10 and [r["step"] for r in records] == [5, 10, 15, 20]
+    out = capsys.readouterr().out
+    assert f"damaged or incomplete checkpoint(s) in {run_dir}: {damaged}" in out
+    assert f"resuming {run_dir} from step {resume_step}" in out
+    assert [p.name for p in run_dir.glob(f"{RAY_SNAPSHOT_FILE}.damaged-*")]  # set aside, not deleted
+    records = _metrics(str(run_dir))
+    assert records[-1]["start_step"] == resume_step and [r["step"] for r in records] == [5, 10, 15, 20]
+    assert summary["final_step"] == STEPS and summary["checkpoint"].endswith("checkpoint_00000020")
+    assert latest_complete_checkpoint(RunDir.at(str(run_dir)))[1]["step"] == STEPS
     ref_summary, _ = reference_runs[2]
-    assert summary["final_step"] == STEPS
     assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
     assert summary["final_val_loss"] == pytest.approx(ref_summary["final_val_loss"], abs=1e-5)
-
-
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_runs, workdir, capsys):
-    """A file deleted from the newest checkpoint (which Ray's own snapshot lists): re-running the run
-    resumes from the previous complete checkpoint by itself and ends where the uninterrupted run ends."""
-    import shutil
-
-    from orchestration.train.driver import RAY_SNAPSHOT_FILE, run_training
-
-    root, manifest = workdir
-    ref_summary, _ = reference_runs[1]
-    run_dir = root / "runs" / "zero1-damaged"
-    shutil.copytree(ref_summary["run_dir"], run_dir)  # the finished ZeRO-1 run, under another name
-    assert RAY_SNAPSHOT_FILE in {p.name for p in run_dir.iterdir()}
-    (run_dir / "checkpoint_00000020" / "model.safetensors").unlink()
-    summary = run_training(tiny_config(manifest, root / "runs", "zero1-damaged", zero_stage=1))
-    out = capsys.readouterr().out
-    assert "checkpoint_00000020" in out and "resuming from step 10" in out
-    assert [p.name for p in run_dir.glob(f"{RAY_SNAPSHOT_FILE}.damaged-*")]  # set aside, not deleted
-    assert _metrics(str(run_dir))[-1]["start_step"] == 10
-    assert summary["final_step"] == STEPS and summary["checkpoint"].endswith("checkpoint_00000020")
-    assert latest_complete_checkpoint(RunDir.at(str(run_dir)))[1]["step"] == STEPS  # rewritten whole
-    assert summary["final_loss"] == pytest.approx(ref_summary["final_loss"], abs=1e-5)
