@@ -1,5 +1,7 @@
 """Scaling sweeps: ladder shapes, grids, point keys, WSD branch plans, fits (fast); one real CPU
-sweep of 2 sizes x 2 IsoFLOP budgets, re-run to show finished points are reused (slow)."""
+sweep of 2 sizes at one IsoFLOP budget, re-run to show finished points are reused (slow). The sweep
+writes to local storage; tests/sweeps/test_tune.py runs its search on S3, so between them the sweep
+drivers' local and object-storage paths are both exercised."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import tiny_corpus_manifest
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
@@ -209,11 +210,6 @@ def test_shipped_scaling_configs_plan():
     assert all(p["config"]["train"]["precision"] == "bf16" and p["config"]["train"]["use_gpu"] for p in gpu)
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return tiny_corpus_manifest(tmp_path_factory.mktemp("scaling_data"))
-
-
 def test_missing_manifest_says_run_prepare(tmp_path):
     from orchestration.sweeps.scaling import run_scaling
 
@@ -224,22 +220,24 @@ def test_missing_manifest_says_run_prepare(tmp_path):
         run_scaling(cfg)
 
 
-def test_bad_sweep_fails_before_any_trial(manifest, tmp_path):
+def test_bad_sweep_fails_before_any_trial(tiny_corpus, tmp_path):
     from orchestration.sweeps.scaling import run_scaling
 
-    cfg = sweep("scaling.budgets=[1e6]", f"train.data={manifest}", f"scaling.storage_path={tmp_path}")
+    cfg = sweep("scaling.budgets=[1e6]", f"train.data={tiny_corpus}", f"scaling.storage_path={tmp_path}")
     with pytest.raises(ConfigError, match="too small for the smallest model"):
         run_scaling(cfg)
     assert not (tmp_path / "scaling").exists()  # nothing was written, no trial started
 
 
 @pytest.mark.slow
-def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(manifest, tmp_path, ray_session):
+def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(tiny_corpus, tmp_path, ray_session):
+    """Two points (2 sizes at one budget), trained at once: the fewest that make a sweep, a fit's
+    refusal and a reuse; tests/sweeps/test_scaling_fit.py checks the fits on enough points."""
     from orchestration.sweeps.scaling import run_scaling
 
     cfg = sweep(
-        "scaling.budgets=[2e9,4e9]",
-        f"train.data={manifest}",
+        "scaling.budgets=[2e9]",
+        f"train.data={tiny_corpus}",
         f"scaling.storage_path={tmp_path}",
         "train.cpus_per_worker=0.25",
         "scaling.max_concurrent_trials=2",
@@ -250,22 +248,23 @@ def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(manifest, tmp_pat
         "scaling.n_boot=10",
     )
     first = run_scaling(cfg)
-    assert first["trials_run"] == 4 and first["reused"] == 0 and not first["failed"]
+    assert first["trials_run"] == 2 and first["reused"] == 0 and not first["failed"]
 
     out = Path(first["sweep_dir"])
     data = json.loads((out / "scaling_points.json").read_text())
     points = data["points"]
-    assert len(points) == 4 and data["grid"]["budgets"] == [2e9, 4e9]
+    assert len(points) == 2 and data["grid"]["budgets"] == [2e9]
     for p in points:
         assert p["status"] == "ok" and math.isfinite(p["loss"]) and p["loss"] < math.log(VOCAB)
         assert p["params"] > p["non_embedding_params"] > 0 and p["n_layer"] in (1, 2)
         assert p["flops"] == pytest.approx(p["budget"], rel=0.05)
         assert (Path(p["run_dir"]) / "metrics.jsonl").is_file() and (out / "points" / f"{p['key']}.json").is_file()
+    assert {p["n_layer"] for p in points} == {1, 2}
     fit = json.loads((out / "scaling_fit.json").read_text())
     assert "too few points for the IsoFLOP fit" in fit["fits"]["all"]["isoflop"]["skipped"]  # 2 sizes per budget
-    assert "needs at least 6 runs; the sweep has 4" in fit["fits"]["all"]["law"]["skipped"]
+    assert "needs at least 6 runs; the sweep has 2" in fit["fits"]["all"]["law"]["skipped"]
 
     again = run_scaling(cfg)  # nothing new to train: every point is reused, no Tuner starts
-    assert again["trials_run"] == 0 and again["reused"] == 4
+    assert again["trials_run"] == 0 and again["reused"] == 2
     assert [p["loss"] for p in again["points"]] == [p["loss"] for p in points]
     assert again["wall_s"] < 10

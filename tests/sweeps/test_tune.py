@@ -1,16 +1,17 @@
 """Hyperparameter search: search-space parsing and checks (fast), one real ASHA search (slow).
 
 The slow test runs 3 tiny single-worker trials as Ray Tune function trainables wrapping a
-TorchTrainer, then re-runs the command to show the experiment is restored, not repeated.
+TorchTrainer, with the data, the trials' runs and the experiment on the S3 server (the scaling sweep's
+test writes locally), writes a report there, then re-runs the command to show the experiment is
+restored from object storage, not repeated.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from helpers import tiny_corpus_manifest
+from helpers import tiny_corpus_on_s3
 
 from orchestration.config import ConfigError, TuneRunConfig
 from orchestration.config import load_config as load_any
@@ -116,14 +117,17 @@ def test_shipped_tune_configs_load():
 
 
 @pytest.mark.slow
-def test_asha_search_runs_writes_results_and_best_config(tmp_path, ray_session, capsys):
+def test_asha_search_on_s3_writes_results_best_config_and_report_and_restores(tmp_path, ray_session, s3_server, capsys):
+    from orchestration.artifacts import TUNE_RESULTS_FILE, RunDir, read_metrics
+    from orchestration.report.write import write_report
     from orchestration.sweeps.tune import run_tune
 
-    manifest = tiny_corpus_manifest(tmp_path)
+    endpoint = s3_server["endpoint_url"]
+    manifest = tiny_corpus_on_s3(tmp_path, endpoint, "raylm-tune")
     overrides = [
         f"train.data={manifest}",
-        f"train.storage_path={tmp_path}/runs",
-        f"tune.storage_path={tmp_path}/tune",
+        f"train.endpoint_url={endpoint}",
+        "tune.storage_path=s3://raylm-tune/tune",
         "model.block_size=32",
         "train.max_steps=20",
         "train.eval_interval=5",
@@ -137,22 +141,29 @@ def test_asha_search_runs_writes_results_and_best_config(tmp_path, ray_session, 
     cfg = load_config(CONFIGS / "tune_tiny.yaml", overrides)
     summary = run_tune(cfg)
 
-    out = Path(summary["tune_dir"])
-    results = json.loads((out / "tune_results.json").read_text())
+    out = RunDir.at(summary["tune_dir"], endpoint)
+    assert out.uri == "s3://raylm-tune/tune/tune_tiny" and out.has(TUNE_RESULTS_FILE)
+    results = out.read_json(TUNE_RESULTS_FILE)
     trials = results["trials"]
     assert len(trials) == 3 and results["best_trial"] == summary["best"]["trial_id"]
     for t in trials:
         assert t["status"] in ("completed", "stopped"), t
         assert set(t["overrides"]) == {"train.lr", "train.warmup_steps"}
         assert t["final_val_loss"] is not None and t["steps"] >= 5
-        assert (Path(t["run_dir"]) / "metrics.jsonl").is_file()
+        assert t["run_dir"] == out.uri_of(f"runs/{t['trial_id']}")  # each trial's run sits in the experiment
+        logged = read_metrics(RunDir.at(t["run_dir"], endpoint))[-1]["step"]
+        # a stopped trial's run may log a step or two after the result ASHA stopped it on
+        assert logged == t["steps"] if t["status"] == "completed" else logged >= t["steps"]
     assert any(t["status"] == "completed" and t["steps"] == 20 for t in trials)
-    best = load_config(summary["best_config"])  # a full config `raylm train --config` accepts
+    assert summary["best_config"] == out.uri_of("best_config.yaml")
+    (tmp_path / "best_config.yaml").write_text(out.read_text("best_config.yaml"))
+    best = load_any(tmp_path / "best_config.yaml")  # a full config `raylm train --config` accepts
     assert best.train.lr == pytest.approx(summary["best"]["overrides"]["train.lr"])
     assert best.train.run_name == "tune_tiny-best" and best.train.data == manifest
     assert "trial" in capsys.readouterr().out  # the results table
+    assert write_report(out.uri, endpoint_url=endpoint)["report.html"] == out.uri_of("report.html")
 
-    again = run_tune(cfg)  # the finished experiment is restored, not re-run
+    again = run_tune(cfg)  # the finished experiment is restored from S3, not re-run
     assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in trials)
     assert again["wall_s"] < summary["wall_s"]
     with pytest.raises(ConfigError, match="already exists"):
