@@ -1,6 +1,7 @@
 """Fine-tuning: LoRA, the classification head, task data, config checks, and real Ray Train runs.
 
-The slow tests pretrain one tiny GPT (20 steps) and fine-tune it three ways through Ray Train +
+The slow tests fine-tune the session's ZeRO-1 reference run (tests/conftest.py ``reference_runs``: a
+tiny GPT pretrained for 20 steps, shared with the training tests) three ways through Ray Train +
 DeepSpeed on 2 CPU workers: SFT with LoRA (ZeRO-2), classification with frozen blocks (ZeRO-3,
 early stopping) and continued pretraining (full, ZeRO-0). Each checks that the driver's
 before/after scoring of the saved checkpoint reproduces what the workers measured.
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_corpus_manifest
 from safetensors.torch import load_file
 
 from model.classifier import GPTClassifier
@@ -197,36 +197,15 @@ def test_early_stopping_state_replays_from_metrics():
 
 
 # --- real runs through Ray Train + DeepSpeed ------------------------------------------------------
+# The session's demo (tests/conftest.py ``demo_runs``) fine-tuned its checkpoint with every shipped
+# config: SFT with LoRA (ZeRO-2), genre classification in full (ZeRO-0, stopped early) and continued
+# pretraining on the poems with frozen embeddings and blocks (ZeRO-3). Each test checks one of them.
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, ray_session) -> tuple[str, str]:
-    """(manifest, run dir) of a tiny GPT pretrained for 20 steps."""
-    from orchestration.train.driver import run_training
-
-    root = tmp_path_factory.mktemp("finetune")
-    manifest = tiny_corpus_manifest(root)
-    return manifest, run_training(tiny_config(manifest, root / "runs", "pre", zero_stage=1))["run_dir"]
-
-
-def _finetune_config(pretrained_dir: str, storage: Path, name: str, overrides: list[str]):
-    base = [
-        f"finetune.checkpoint={pretrained_dir}",
-        f"train.storage_path={storage}",
-        f"train.run_name={name}",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-        "train.micro_batch_size=4",
-        "train.max_steps=12",
-        "train.warmup_steps=2",
-        "train.lr=3e-3",
-        "train.min_lr=3e-4",
-        "train.log_interval=4",
-        "train.eval_interval=4",
-        "train.checkpoint_interval=4",
-        "finetune.max_val_examples=16",
-    ]
-    return load_config(None, base + overrides)
+def _finetuned(demo_runs, name: str) -> dict:
+    ft = demo_runs["finetunes"][name]
+    assert ft is not None and demo_runs["exit_codes"][name] == 0, demo_runs["exit_codes"]
+    return ft
 
 
 def _records(run_dir: str) -> list[dict]:
@@ -234,53 +213,54 @@ def _records(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.slow
-def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(pretrained, tmp_path, monkeypatch):
-    from orchestration.evaluate.load import load_checkpoint_model
-    from orchestration.finetune.driver import run_finetune
-    from orchestration.report.write import write_report
+def _best_eval(records: list[dict]) -> dict:
+    return min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
 
-    _, pre_dir = pretrained
-    for split, n in (("train", 48), ("val", 16)):
+
+def test_sft_from_a_relative_jsonl_reads_prompts_and_responses_on_the_driver(tmp_path, monkeypatch, ray_session):
+    """Your own SFT data: a `{split}` JSONL named relative to where the command runs; the driver reads
+    and tokenizes it (the workers get the arrays), learning only the responses."""
+    from orchestration.finetune.driver import task_data
+
+    for split, n in (("train", 12), ("val", 4)):
         rows = [{"prompt": f"Line {i}: what is the word?\n", "response": f" word{i % 3}"} for i in range(n)]
         (tmp_path / f"sft_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    # relative paths, as configs write them: the workers (in Ray's own working dir) must still find them
     monkeypatch.chdir(tmp_path)
-    relative_pre = Path("pre_link")
-    relative_pre.symlink_to(pre_dir)
-    cfg = _finetune_config(
-        str(relative_pre),
-        Path("runs"),
-        "sft-lora",
-        [
-            "finetune.task=sft",
-            "finetune.data=sft_{split}.jsonl",
-            "finetune.mode=lora",
-            "finetune.lora_rank=2",
-            "train.zero_stage=2",
-            "finetune.patience=0",
-        ],
-    )
-    summary = run_finetune(cfg, resume=False)
+    cfg = load_config(None, ["finetune.checkpoint=x", "finetune.task=sft", "finetune.data=sft_{split}.jsonl"])
+    data = task_data(cfg, _Enc(), "hash", block_size=64, init_uri="x")
+    assert [r["response"] for r in data.rows_val] == [" word0", " word1", " word2", " word0"]
+    assert len(data.rows_train) == 12 and data.n_val == 4 and data.labels is None
+    tokens, targets = data.val_arrays["tokens"][0], data.val_arrays["targets"][0]
+    learned = bytes(t for t in targets.tolist() if 0 <= t < 256).decode()
+    assert learned == " word0" and tokens[0] == ord("L")  # the prompt is read, only the response learned
 
+
+@pytest.mark.slow
+def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(demo_runs, tmp_path):
+    from orchestration.evaluate.load import load_checkpoint_model
+    from orchestration.report.write import write_report
+
+    summary = _finetuned(demo_runs, "sft")
     records = _records(summary["run_dir"])
-    best = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
-    # rank 2 adapters on 4 linears x 2 blocks of width 32 (c_fc 32->128, c_proj 128->32)
-    assert summary["trainable_params"] == 2 * (2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32))
+    assert summary["final_step"] == 8 and summary["task"] == "sft" and summary["mode"] == "lora"
+    # rank 8 adapters on 4 linears x 3 blocks of width 32 (c_attn 32->96, c_proj 32->32, c_fc 32->128,
+    # mlp c_proj 128->32): finetune_sft.yaml's rank on the demo's shape
+    assert summary["trainable_params"] == 3 * 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     # The driver scores the merged weights it saved; the workers scored the adapted model: same loss.
-    assert summary["after"]["response_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert summary["after"]["response_loss"] == pytest.approx(_best_eval(records)["val_loss"], rel=1e-5)
     assert summary["after"]["response_loss"] < summary["before"]["response_loss"]
     ckpt = Path(summary["best_checkpoint"])
     adapters = load_file(str(ckpt / "adapter.safetensors"))
     assert adapters and all(".lora_" in k for k in adapters)
     model, _, _, _ = load_checkpoint_model(str(ckpt))  # a plain GPT: the adapters are merged in
     assert isinstance(model, GPT)
-    assert json.loads((ckpt / "finetune.json").read_text())["lora"]["rank"] == 2
+    assert json.loads((ckpt / "finetune.json").read_text())["lora"]["rank"] == 8
     report = write_report(summary["run_dir"])
     html = Path(report["report.html"]).read_text()
     assert "Fine-tuning: before / after" in html and "response loss" in html
 
-    # Export: merged into a plain GPT-2, or the base GPT-2 + a PEFT adapter; both give the tuned logits.
+    # Export: merged into a plain HF model (the demo's RoPE shape: Starcoder2), or the base model + a PEFT
+    # adapter; both give the tuned logits.
     import peft
     import transformers
 
@@ -290,11 +270,11 @@ def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(pretrain
     with torch.no_grad():
         ours = model(ids)[0]
         merged = export_checkpoint(str(ckpt), str(tmp_path / "merged"), fmt="hf")
-        hf = transformers.GPT2LMHeadModel.from_pretrained(merged["out_dir"]).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(merged["out_dir"]).eval()
         torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=0)
         separate = export_checkpoint(str(ckpt), str(tmp_path / "separate"), fmt="hf", lora="separate")
         assert "adapter/adapter_model.safetensors" in separate["files"]
-        base = transformers.GPT2LMHeadModel.from_pretrained(separate["out_dir"]).eval()
+        base = transformers.AutoModelForCausalLM.from_pretrained(separate["out_dir"]).eval()
         base_logits = base(ids).logits.clone()
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "separate" / "adapter")).eval()
         torch.testing.assert_close(adapted(ids).logits, ours, atol=1e-4, rtol=0)
@@ -302,71 +282,58 @@ def test_sft_with_lora_trains_adapters_only_and_scores_before_and_after(pretrain
 
 
 @pytest.mark.slow
-def test_classification_with_frozen_blocks_under_zero3_stops_early(pretrained, tmp_path):
-    from orchestration.finetune.driver import load_classifier, run_finetune
+def test_full_classification_fine_tune_stops_early_and_scores_its_best_checkpoint(demo_runs):
+    from orchestration.finetune.driver import load_classifier
 
-    _, pre_dir = pretrained
-    cfg = _finetune_config(
-        pre_dir,
-        tmp_path / "runs",
-        "cls",
-        [
-            "finetune.task=classification",
-            "finetune.data=shakespeare-genre",
-            "finetune.max_per_document=2",
-            "finetune.mode=partial",
-            "finetune.freeze_blocks=1",
-            "finetune.freeze_embeddings=true",
-            "train.zero_stage=3",
-            "finetune.patience=1",
-            "finetune.min_delta=100",
-            "train.max_steps=40",
-        ],
-    )
-    summary = run_finetune(cfg, resume=False)
-
+    summary = _finetuned(demo_runs, "genre")
     records = _records(summary["run_dir"])
     evals = [r for r in records if "val_loss" in r]
-    assert summary["stopped_early"] and summary["final_step"] == 8 < summary["total_steps"] == 40
+    assert summary["task"] == "classification" and summary["mode"] == "full"
+    assert summary["stopped_early"] and summary["final_step"] == 8 < summary["total_steps"] == 12
     assert [r["evals_without_improvement"] for r in evals] == [0, 1]
     assert summary["before"]["majority_class"]["accuracy"] > 0 and "zero_shot" in summary["before"]
     best = next(r for r in evals if r["step"] == summary["best_step"])
     assert summary["after"]["accuracy"] == pytest.approx(best["val_accuracy"])
     assert summary["after"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
-    # frozen under ZeRO-3 means gathered unchanged into the checkpoint; the unfrozen block moved
-    pre = load_file(str(Path(pre_dir) / "checkpoint_00000020" / "model.safetensors"))
-    tuned = load_file(str(Path(summary["best_checkpoint"]) / "model.safetensors"))
-    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"):
-        assert torch.equal(pre[name], tuned[name]), name
-    assert not torch.equal(pre["transformer.h.1.attn.c_attn.weight"], tuned["transformer.h.1.attn.c_attn.weight"])
+    # full mode: every weight of the GPT and the head trains
+    ckpt = Path(summary["best_checkpoint"])
+    saved = {**load_file(str(ckpt / "model.safetensors")), **load_file(str(ckpt / "classifier_head.safetensors"))}
+    assert summary["trainable_params"] == sum(np.prod(t.shape) for t in saved.values())
     model = load_classifier(summary["best_checkpoint"], 3)
     assert model.head.out_features == 3
 
 
 @pytest.mark.slow
-def test_continued_pretraining_checks_the_tokenizer_and_lowers_domain_loss(pretrained, tmp_path):
+def test_continued_pretraining_with_frozen_layers_under_zero3_lowers_domain_loss(demo_runs):
+    summary = _finetuned(demo_runs, "poems")
+    assert summary["task"] == "lm" and summary["mode"] == "partial" and summary["final_step"] == 4
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    # frozen under ZeRO-3 means gathered unchanged into the checkpoint; the unfrozen block moved
+    pre = load_file(str(Path(demo_runs["summary"]["checkpoint"]) / "model.safetensors"))
+    tuned = load_file(str(Path(summary["best_checkpoint"]) / "model.safetensors"))
+    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+        assert torch.equal(pre[name], tuned[name]), name
+    assert not torch.equal(pre["transformer.h.2.attn.c_attn.weight"], tuned["transformer.h.2.attn.c_attn.weight"])
+    frozen = sum(
+        t.numel() for n, t in pre.items() if n.startswith(("transformer.wte.", "transformer.h.0.", "transformer.h.1."))
+    )
+    assert summary["trainable_params"] == sum(t.numel() for t in pre.values()) - frozen
+
+
+@pytest.mark.slow
+def test_continued_pretraining_refuses_another_tokenizer(demo_runs, tiny_corpus):
+    """The domain corpus must use the checkpoint's tokenizer: refused before any worker starts."""
     from orchestration.finetune.driver import run_finetune
 
-    manifest, pre_dir = pretrained
-    other = tiny_corpus_manifest(tmp_path / "other", vocab_size=300)
-    with pytest.raises(ConfigError, match="data.tokenizer.kind=file"):
-        run_finetune(
-            _finetune_config(pre_dir, tmp_path / "runs", "bad", ["finetune.task=lm", f"finetune.data={other}"])
-        )
-    cfg = _finetune_config(
-        pre_dir,
-        tmp_path / "runs",
-        "lm",
+    cfg = load_config(
+        None,
         [
+            f"finetune.checkpoint={demo_runs['summary']['checkpoint']}",
             "finetune.task=lm",
-            f"finetune.data={manifest}",
-            "train.zero_stage=0",
-            "train.max_steps=8",
-            "finetune.patience=0",
+            f"finetune.data={tiny_corpus}",  # vocab 512; the demo's is 400
+            f"train.storage_path={demo_runs['root'] / 'runs'}",
+            "train.run_name=refused",
         ],
     )
-    summary = run_finetune(cfg, resume=False)
-    assert summary["after"]["loss"] < summary["before"]["loss"]
-    assert summary["trainable_params"] == sum(
-        np.prod(t.shape) for t in load_file(f"{summary['best_checkpoint']}/model.safetensors").values()
-    )
+    with pytest.raises(ConfigError, match="data.tokenizer.kind=file"):
+        run_finetune(cfg)
