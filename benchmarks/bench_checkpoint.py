@@ -90,8 +90,11 @@ def run_stage(args, stage: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestration.train.rendezvous import LoopbackStoreConfig
+
     trainer = TorchTrainer(
         save_timings,
+        torch_config=LoopbackStoreConfig(),  # as raylm train: rank 0's store on 127.0.0.1 on a local Ray
         train_loop_config={
             "stage": stage,
             "preset": args.preset,
