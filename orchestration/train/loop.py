@@ -67,11 +67,11 @@ def worker_loop(loop_config: dict) -> None:
     metrics_log = MetricsLog(run) if rank == 0 else None
     exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent
 
-    # --- restore: Ray's latest checkpoint (same run, or after a worker failure), else the driver's pick;
+    # --- restore: the newer of Ray's latest checkpoint (after a worker failure) and the driver's pick;
     # each rank fetches only the files it loads. ZeRO state sharded by another worker count is
     # converted to DeepSpeed's universal checkpoint first, which the engine is then told to load.
     step = 0
-    checkpoint = _checkpoint_dir(ray.train.get_checkpoint(), plan) or _driver_checkpoint(plan)
+    checkpoint = newer_checkpoint(_checkpoint_dir(ray.train.get_checkpoint(), plan), _driver_checkpoint(plan))
     fetched = fetched_checkpoint(checkpoint, rank, world_size) if checkpoint is not None else nullcontext((None, None))
     with fetched as (local_dir, meta):
         universal_dir = universal_checkpoint(local_dir, meta, world_size) if meta else None
@@ -301,6 +301,23 @@ class _Window:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def newer_checkpoint(ray_checkpoint, driver_checkpoint):
+    """The checkpoint to restore: Ray's when it is at least as new as the driver's pick, else the driver's.
+
+    Ray Train restores the newest checkpoint registered in its snapshot. A checkpoint can be complete on
+    storage and never registered (a node lost between the ranks' writes and Ray's report): a re-run
+    restores from the driver's pick, as it announced, instead of redoing steps. Within a run, after a
+    worker failure, Ray's is the newer one."""
+    if ray_checkpoint is None or driver_checkpoint is None:
+        return ray_checkpoint or driver_checkpoint
+    from orchestration.artifacts import read_checkpoint_meta
+
+    ray_meta, driver_meta = read_checkpoint_meta(ray_checkpoint), read_checkpoint_meta(driver_checkpoint)
+    if ray_meta is not None and (driver_meta is None or ray_meta["step"] >= driver_meta["step"]):
+        return ray_checkpoint
+    return driver_checkpoint
 
 
 def _driver_checkpoint(plan: WorkerPlan):

@@ -231,3 +231,24 @@ def test_an_elastic_range_keeps_the_global_batch_at_every_worker_count():
         TrainConfig(num_workers=4, min_workers=2, micro_batch_size=2, global_batch_size=16)
     with pytest.raises(ValueError, match=r"min_workers \(3\) must be <= num_workers \(2\)"):
         TrainConfig(num_workers=2, min_workers=3)
+
+
+def test_a_re_run_restores_the_newer_of_rays_checkpoint_and_the_drivers_pick(tmp_path):
+    """A checkpoint complete on storage but never registered with Ray (a node lost in between) is the
+    driver's pick; Ray restores its own older one unless the loop takes the newer of the two."""
+    import json
+
+    from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir
+    from orchestration.train.loop import newer_checkpoint
+
+    def checkpoint(step: int) -> RunDir:
+        path = tmp_path / f"checkpoint_{step:08d}"
+        path.mkdir()
+        (path / CHECKPOINT_META_FILE).write_text(json.dumps({"step": step, "files": {}}))
+        return RunDir.at(str(path))
+
+    registered, on_storage = checkpoint(10), checkpoint(20)
+    assert newer_checkpoint(registered, on_storage) is on_storage  # re-run after a lost node
+    assert newer_checkpoint(on_storage, registered) is on_storage  # a worker restart within the run
+    assert newer_checkpoint(registered, None) is registered and newer_checkpoint(None, on_storage) is on_storage
+    assert newer_checkpoint(None, None) is None
