@@ -32,19 +32,23 @@ def _run_child(script: Path, *args: str) -> tuple[dict, str]:
     return json.loads(lines[-1][len("RESULT ") :]), proc.stdout
 
 
-def _run_scenario(scenario: str, tmp_path: Path, endpoint: str) -> dict:
-    """A multinode_run.py scenario with the tiny corpus and the run on the S3 server (its own bucket)."""
-    bucket = f"raylm-{scenario}"
-    manifest = tiny_corpus_on_s3(tmp_path, endpoint, bucket)
-    args = ["--scenario", scenario, "--manifest", manifest, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint]
-    return _run_child(SCRIPT, *args)[0]
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory, s3_server) -> dict:
+    """multinode_run.py once: the lost-node scenario, then the elastic one, on one 3-node cluster (one
+    cluster start, one process), with the tiny corpus and both runs on the S3 server."""
+    endpoint = s3_server["endpoint_url"]
+    manifest = tiny_corpus_on_s3(tmp_path_factory.mktemp("multinode"), endpoint, "raylm-multinode")
+    args = ["--manifest", manifest, "--storage", "s3://raylm-multinode/runs", "--endpoint", endpoint]
+    result = _run_child(SCRIPT, *args)[0]
+    print("timeline (s):", result["timeline"])
+    return result
 
 
-def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_server):
+def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(multinode):
     """3 workers on 3 nodes (ZeRO-1); one node is removed after the step-10 checkpoint; the run fails,
     and running it again on the 2 nodes left (2 workers, same global batch: the ZeRO state reshards)
     continues from the newest complete checkpoint to the end, every step logged once."""
-    result = _run_scenario("lost-node", tmp_path, s3_server["endpoint_url"])
+    result = multinode["lost_node"]
     print({k: v for k, v in result.items() if k != "records"})
 
     assert len(result["worker_nodes"]) == 3  # one worker per node
@@ -60,20 +64,30 @@ def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(tmp_path, s3_serve
     assert result["summary"]["final_step"] == 60 and records[-1]["loss"] < records[0]["loss"] - 0.2
 
 
-def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(tmp_path, s3_server):
-    """2 workers on 2 nodes with train.min_workers=1: a node removed after the step-20 checkpoint, the
-    run goes on with 1 worker (same global batch, ZeRO state resharded) from its newest checkpoint;
-    the node added back, it grows to 2 workers again; no restart by hand, every step logged once."""
-    result = _run_scenario("elastic", tmp_path, s3_server["endpoint_url"])
+def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(multinode):
+    """2 workers on the 2 nodes the lost-node scenario left, train.min_workers=1: a node removed after
+    the first checkpoint, the run goes on with 1 worker (same global batch, ZeRO state resharded) from
+    its newest checkpoint; a node added back once that worker has checkpointed, it grows to 2 workers
+    again from its newest checkpoint; no restart by hand, every step logged once."""
+    result = multinode["elastic"]
     records = result["records"]
     workers = [len(r["data_read_rows_per_rank"]) for r in records]
-    print(result["error"], result["summary"], list(zip([r["step"] for r in records], workers)))
-    assert result["error"] is None and result["summary"]["final_step"] == 1200
-    assert [r["step"] for r in records] == list(range(20, 1220, 20))  # every logged step once
+    print(result["error"], result["summary"], {k: v for k, v in result.items() if k.startswith("checkpoint")})
+    print(list(zip([r["step"] for r in records], workers, [r["start_step"] for r in records])))
+    final_step, every = result["max_steps"], result["log_interval"]
+    assert result["error"] is None and result["summary"]["final_step"] == final_step
+    assert [r["step"] for r in records] == list(range(every, final_step + every, every))  # every logged step once
     shrunk = workers.index(1)
-    assert workers[0] == 2 and 2 in workers[shrunk:]  # 2 workers, then 1, then 2 again
-    starts = sorted({r["start_step"] for r in records})
-    assert len(starts) >= 3 and starts[0] == 0  # two resumes from checkpoints, no step lost beyond them
+    grown = shrunk + workers[shrunk:].index(2)
+    assert workers[0] == 2 and set(workers[shrunk:grown]) == {1} and set(workers[grown:]) == {2}  # 2, 1, 2
+    # each phase started from a checkpoint no older than the newest one when its node went or came:
+    # no step lost beyond the newest checkpoint
+    starts = [records[0]["start_step"], records[shrunk]["start_step"], records[grown]["start_step"]]
+    assert starts[0] == 0
+    assert starts[1] >= result["checkpoint_at_removal"] and starts[2] >= result["checkpoint_at_node_added"]
+    assert {r["start_step"] for r in records} == set(starts)  # no other restart
+    assert all(r["start_step"] == starts[1] for r in records[shrunk:grown])
+    assert all(r["start_step"] == starts[2] for r in records[grown:])
 
 
 def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(tmp_path):
