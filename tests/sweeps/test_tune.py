@@ -151,9 +151,8 @@ def test_asha_search_on_s3_writes_results_best_config_and_report_and_restores(tm
         assert set(t["overrides"]) == {"train.lr", "train.warmup_steps"}
         assert t["final_val_loss"] is not None and t["steps"] >= 5
         assert t["run_dir"] == out.uri_of(f"runs/{t['trial_id']}")  # each trial's run sits in the experiment
-        logged = read_metrics(RunDir.at(t["run_dir"], endpoint))[-1]["step"]
-        # a stopped trial's run may log a step or two after the result ASHA stopped it on
-        assert logged == t["steps"] if t["status"] == "completed" else logged >= t["steps"]
+        if t["status"] == "completed":  # a stopped trial's metrics end where its last flush did
+            assert read_metrics(RunDir.at(t["run_dir"], endpoint))[-1]["step"] == t["steps"]
     assert any(t["status"] == "completed" and t["steps"] == 20 for t in trials)
     assert summary["best_config"] == out.uri_of("best_config.yaml")
     (tmp_path / "best_config.yaml").write_text(out.read_text("best_config.yaml"))
