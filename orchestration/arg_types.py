@@ -26,11 +26,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
+def non_negative_float(text: str, what: str = "a finite number >= 0") -> float:
     """argparse type: a finite number >= 0 (a timeout, a wait)."""
     value = float(text)
     if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
 
@@ -52,10 +52,7 @@ def probability(text: str) -> float:
 
 def temperature(text: str) -> float:
     """argparse type: 0 (greedy) or a finite positive temperature."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite positive number, got {text}")
-    return value
+    return non_negative_float(text, "0 (greedy) or a finite positive number")
 
 
 def torch_device(text: str) -> str:
