@@ -16,6 +16,9 @@ from data_pipeline.clean import minhash_signature
 from data_pipeline.config import NearDedupConfig
 from data_pipeline.dedup import mark_duplicates
 
+pytestmark = pytest.mark.usefixtures("sort_based_shuffle")
+
+
 NEAR = NearDedupConfig(num_perm=128, bands=32, threshold=0.7)
 
 

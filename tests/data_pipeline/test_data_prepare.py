@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from ray.data.context import DataContext, ShuffleStrategy
+from helpers import shuffle_strategy
 
 from data_pipeline.clean import normalize_whitespace
 from data_pipeline.config import (
@@ -29,6 +28,7 @@ from data_pipeline.prepare import prepare
 from data_pipeline.shards import split_of
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir
 
+pytestmark = pytest.mark.usefixtures("sort_based_shuffle")  # prepared() also runs SHUFFLE_V2
 PLAYS = ["comedy_of_errours_gut_f.txt", "lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt"]
 MODERN = "comedy_of_errors_gut.txt"  # the other edition of PLAYS[0]: one work
 BY_PLAY = SplitByConfig(
@@ -77,26 +77,15 @@ def mixed_corpus(tmp_path_factory) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def shuffle_strategy(strategy: ShuffleStrategy):
-    """Ray Data's shuffle (every group-by in prepare and dedup) set to ``strategy`` for the block."""
-    context = DataContext.get_current()
-    before, context.shuffle_strategy = context.shuffle_strategy, strategy
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = before
-
-
 @pytest.fixture(scope="module")
 def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
     """The mixed corpus prepared twice, on Ray Data's sort-based shuffle and on SHUFFLE_V2 (Ray 2.60's
     default). The second run is the slow one (~30 s of the fixture on 2 cores: SHUFFLE_V2 starts new
     worker processes for every group-by) and the only prepare in the suite on Ray's default shuffle."""
     out = tmp_path_factory.mktemp("out")
-    with shuffle_strategy(ShuffleStrategy.SORT_SHUFFLE_PULL_BASED):
+    with shuffle_strategy("SORT_SHUFFLE_PULL_BASED"):
         first = prepare(small_config([str(mixed_corpus)], out / "a"))
-    with shuffle_strategy(ShuffleStrategy.SHUFFLE_V2):
+    with shuffle_strategy("SHUFFLE_V2"):
         second = prepare(small_config([str(mixed_corpus)], out / "b"))
     return first, second
 

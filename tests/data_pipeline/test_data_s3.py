@@ -14,6 +14,9 @@ from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest, se
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir, filesystem_for
 
+pytestmark = pytest.mark.usefixtures("sort_based_shuffle")
+
+
 PLAYS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt"]
 
 
