@@ -8,13 +8,30 @@ import sys
 import warnings
 from pathlib import Path
 
-DEFAULT_EXTENSIONS_DIR = str(Path.home() / ".cache" / "raylm" / "torch_extensions")
+EXTENSIONS_CACHE = Path.home() / ".cache" / "raylm" / "torch_extensions"
 RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
 VERBOSE_ENV = "RAYLM_VERBOSE"  # "1": forward worker logs and Ray's INFO lines to the console (raylm -v)
 # "0" (read by Ray once, when `ray` is imported): a Ray started here takes 127.0.0.1 as its node address
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # gloo listens on the address of this interface (default: of the hostname, which may be the LAN's)
 GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"
+
+
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built CPU ops are cached (TORCH_EXTENSIONS_DIR, unless set): one directory
+    per ``ninja`` version. torch builds with whichever ninja is first on PATH, and ninja 1.12 changed
+    the command hashes in its build log, so two ninjas sharing a directory (a venv's and the system's:
+    a Ray Job's PATH against a shell's) rebuild each other's op at every launch, 30-50 s on 2 cores."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    ninja = shutil.which("ninja")
+    if ninja is None:  # DeepSpeed says so itself when it needs one
+        return str(EXTENSIONS_CACHE)
+    version = subprocess.run([ninja, "--version"], capture_output=True, text=True).stdout.strip()
+    return str(EXTENSIONS_CACHE / f"ninja-{version.replace('/', '_') or 'unknown'}")
 
 
 def verbose() -> bool:
@@ -72,7 +89,7 @@ def init_ray(address: str | None = None) -> None:
     The console shows raylm's own lines: the driver prints progress from metrics.jsonl, so worker
     stdout and Ray's INFO/deprecation chatter stay in Ray's session logs unless ``RAYLM_VERBOSE=1``.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     import ray
 
     if ray.is_initialized():

@@ -4,9 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev || exit 1
-# Loopback-only Ray, fast Ray Train reports, cached DeepSpeed CPU op builds (see tests/conftest.py).
+# Loopback-only Ray, DeepSpeed on CPU (tests/conftest.py sets the rest before Ray starts).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 AWS_EC2_METADATA_DISABLED=true DS_ACCELERATOR=cpu
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/raylm/torch_extensions}
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

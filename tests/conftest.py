@@ -8,9 +8,10 @@ credential lookup never probes the network.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+
+from orchestration.runtime import extensions_dir
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -21,7 +22,7 @@ TEST_ACCESS_KEY, TEST_SECRET_KEY = "raylm-test-access-key", "raylm-test-secret-k
 os.environ.update(AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY)
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "raylm" / "torch_extensions"))
+os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()  # one per ninja version: see there
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

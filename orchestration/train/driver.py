@@ -25,7 +25,7 @@ from orchestration.artifacts import (
     write_run_facts,
 )
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
-from orchestration.runtime import DEFAULT_EXTENSIONS_DIR, init_ray
+from orchestration.runtime import extensions_dir, init_ray
 from orchestration.train.config import TrainConfig
 from orchestration.train.plan import WorkerPlan
 
@@ -423,7 +423,7 @@ def run_training(
 
 
 def _worker_env(train: TrainConfig) -> dict:
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)}
+    env = {"TORCH_EXTENSIONS_DIR": extensions_dir()}
     if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in os.environ:
         env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     if not train.use_gpu:

@@ -178,7 +178,8 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rlsub_", dir="/tmp")  # short: Ray's socket paths are length-limited
     (gcs, dash, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr) = free_ports(9)
     token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # The job finds its own TORCH_EXTENSIONS_DIR: its PATH (below) may hold another ninja than ours.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "TORCH_EXTENSIONS"))}
     env.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
