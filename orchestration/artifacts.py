@@ -5,7 +5,7 @@ artifact below is read and written through it, so each command works on object s
 locally. The report renders what these writers stored and never recomputes it.
 
     run dir      config.yaml, run.json, metrics.jsonl, checkpoint_<step>/raylm_meta.json, finetune_summary.json,
-                 finetune.md, demo_summary.json, report.html / report.md / results.json
+                 finetune.md, demo_summary.json, report.html / report.md / results.json, stop_requested
     tune dir     tune_results.json, best_config.yaml, runs/<trial>/ (run dirs)
     sweep dir    scaling_points.json, scaling_fit.json, points/<key>.json, runs/<key>/ (run dirs)
     baselines    baselines.json, baselines.md
@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_META_FILE = "raylm_meta.json"
 FINETUNE_SUMMARY_FILE, FINETUNE_MARKDOWN_FILE = "finetune_summary.json", "finetune.md"
 DEMO_SUMMARY_FILE = "demo_summary.json"
+STOP_REQUEST_FILE = "stop_requested"  # `raylm stop`: the run checkpoints at its next log interval and ends
 LATEST_RUN_FILE = "latest_run"  # in <storage>/<run_name>: the URI of that name's newest timestamped run
 TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
 SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
@@ -289,6 +290,33 @@ def write_latest_run(family: RunDir, run_uri: str) -> str:
 
 def read_latest_run(family: RunDir) -> Optional[str]:
     return family.read_text(LATEST_RUN_FILE).strip() if family.has(LATEST_RUN_FILE) else None
+
+
+# ---- stop_requested ----------------------------------------------------------------------------------
+
+
+def request_stop(run: RunDir) -> str:
+    """Ask a running run to save a checkpoint at its next log interval and end there (a Ray Job stop
+    or Ctrl-C loses every step since the last checkpoint); re-running it resumes from that checkpoint.
+    ``run`` is a run directory, or a run family (``runs/shakespeare``) whose newest run is meant."""
+    latest = read_latest_run(run) if not run.has(RUN_FILE) else None
+    if latest:
+        run = RunDir.at(latest, run.endpoint_url)
+    if not run.has(RUN_FILE):
+        raise FileNotFoundError(f"{run.uri} is not a run directory (no {RUN_FILE}): nothing to stop there")
+    return run.write_text(STOP_REQUEST_FILE, "stop at the next log interval, after a checkpoint\n")
+
+
+def stop_requested(run: RunDir) -> bool:
+    return run.has(STOP_REQUEST_FILE)
+
+
+def clear_stop_request(run: RunDir) -> bool:
+    """Remove a stop request; True when there was one."""
+    if not run.has(STOP_REQUEST_FILE):
+        return False
+    run.fs.delete_file(run.path_of(STOP_REQUEST_FILE))
+    return True
 
 
 # ---- sweeps, searches, fine-tunes ---------------------------------------------------------------------

@@ -248,6 +248,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from orchestration.artifacts import RunDir, request_stop
+
+    uri = request_stop(RunDir.at(args.run, args.endpoint_url))
+    print(f"[raylm] wrote {uri}: the run saves a checkpoint at its next log interval and ends")
+    return 0
+
+
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from orchestration.artifacts import RunDir
     from orchestration.train.checkpoint import MODEL_FILE, ensure_consolidated
@@ -540,6 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint", help="a checkpoint directory/URI or a run directory (its newest)")
     consolidate.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     consolidate.set_defaults(func=cmd_consolidate)
+
+    stop = sub.add_parser(
+        "stop",
+        help="ask a running training run to save a checkpoint at its next log interval and end",
+        description="Writes stop_requested into the run directory. Every rank ends at the run's next log "
+        "interval, after a checkpoint with consolidated weights, and the driver exits normally; re-running "
+        "the same command resumes from that checkpoint (the request is removed then). Stopping the Ray Job "
+        "or pressing Ctrl-C instead loses every step since the last checkpoint.",
+    )
+    stop.add_argument("run", help="the run directory (local or s3:// / gs:// / abfs://), or its run family")
+    stop.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    stop.set_defaults(func=cmd_stop)
 
     from orchestration.deploy.serve import add_serve_parser
     from orchestration.deploy.submit import add_submit_parser

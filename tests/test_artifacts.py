@@ -9,13 +9,19 @@ import pytest
 
 from orchestration.artifacts import (
     CHECKPOINT_META_FILE,
+    STOP_REQUEST_FILE,
     MetricsLog,
     RunDir,
+    clear_stop_request,
     complete_checkpoint_meta,
     latest_complete_checkpoint,
     read_config,
     read_metrics,
+    request_stop,
+    stop_requested,
     write_config,
+    write_latest_run,
+    write_run_facts,
 )
 
 
@@ -69,3 +75,16 @@ def test_run_dir_reads_and_writes_on_object_storage(s3_server):
     assert read_metrics(RunDir.at("s3://artifacts/runs/one", s3_server["endpoint_url"])) == [{"step": 1, "loss": 2.0}]
     with pytest.raises(FileNotFoundError):
         run.read_bytes("missing.json")
+
+
+def test_a_stop_request_names_a_run_or_its_family_and_is_cleared_once(tmp_path):
+    """`raylm stop` writes the request into a run directory (a family means its newest run); the worker
+    loop reads it, and the next launch of the run removes it."""
+    run, family = RunDir.at(str(tmp_path / "shakespeare-1")), RunDir.at(str(tmp_path / "shakespeare"))
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        request_stop(run)  # no run there yet
+    write_run_facts(run, {"total_steps": 10})
+    write_latest_run(family, run.uri)
+    assert request_stop(family) == run.uri_of(STOP_REQUEST_FILE) and stop_requested(run)
+    assert not stop_requested(family)
+    assert clear_stop_request(run) and not stop_requested(run) and not clear_stop_request(run)

@@ -162,6 +162,7 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "eval": (["eval", "--checkpoint", str(empty)], "neither a complete checkpoint"),
         "generate": (["generate", "--checkpoint", str(missing), "--prompt", "ROMEO:"], str(missing)),
         "consolidate": (["consolidate", str(empty)], str(empty)),
+        "stop": (["stop", str(empty)], "is not a run directory"),
         "baseline": (
             ["baseline", "compare", "--data", f"{missing}/m.json", "--transformer", "x", "--out", str(root)],
             "m.json",

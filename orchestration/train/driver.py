@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from orchestration.artifacts import (
+    STOP_REQUEST_FILE,
     RunDir,
+    clear_stop_request,
     complete_checkpoint_meta,
     latest_complete_checkpoint,
     read_metrics,
@@ -279,6 +281,8 @@ def launch(
     run = RunDir.at(plan.run_uri, plan.endpoint_url)
     init_ray()
     check_resources(train, gpus_per_worker)
+    if clear_stop_request(run):  # left by `raylm stop` for an earlier launch: this one is meant to train
+        print(f"[raylm] removed {run.uri_of(STOP_REQUEST_FILE)} left from an earlier `raylm stop`", flush=True)
     write_config(run, plan.config)
     write_run_facts(
         run,
@@ -353,6 +357,13 @@ def launch(
         f"run dir {run.uri}; checkpoint {checkpoint}",
         flush=True,
     )
+    if last.get("stopped_on_request"):
+        summary["stopped_on_request"] = True
+        print(
+            f"[raylm] stopped on request at step {summary['final_step']} of {plan.total_steps}: the same "
+            "command (without --no-resume) resumes from that checkpoint",
+            flush=True,
+        )
     return summary
 
 

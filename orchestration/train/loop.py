@@ -1,6 +1,7 @@
 """The one worker loop Ray Train runs on every worker, for every job (pretraining, LSTM, fine-tuning).
 
-setup -> restore -> for step: batch, forward, backward, step, metrics, maybe eval, maybe checkpoint.
+setup -> restore -> for step: batch, forward, backward, step, metrics, maybe eval, maybe checkpoint;
+early stopping or a stop request (``raylm stop``) ends it after a checkpoint.
 What differs between jobs is the ``Task`` (``orchestration.train.task``) that ``make_task(plan, ...)``
 builds; the driver hands each worker ``{"plan": WorkerPlan, "make_task": fn}``.
 """
@@ -30,7 +31,7 @@ def worker_loop(loop_config: dict) -> None:
     from ray.train import Checkpoint, CheckpointUploadMode
 
     from model.config import ModelConfig
-    from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name
+    from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name, stop_requested
     from orchestration.train.checkpoint import (
         fetched_checkpoint,
         restore_checkpoint,
@@ -106,7 +107,8 @@ def worker_loop(loop_config: dict) -> None:
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = _Window(device)
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
-    while step < total_steps and not stopper.stopped:
+    stop_on_request = False  # `raylm stop`: checkpoint at the next log interval, then end
+    while step < total_steps and not (stopper.stopped or stop_on_request):
         if step == fail_at and rank == world_size - 1:
             _crash_once(os.environ.get(FAIL_MARKER_ENV))
         lr = optimizer_step(engine, train, step, total_steps, batches, window, task, device)
@@ -123,7 +125,11 @@ def worker_loop(loop_config: dict) -> None:
         )
         if not (do_eval or do_ckpt or step % train.log_interval == 0):
             continue
-        train_loss = _mean_across_ranks(window.loss_sum / (window.steps * train.grad_accum_steps))
+        # rank 0 looks for a stop request; the loss's all-reduce carries its answer to every rank
+        asked = float(rank == 0 and not is_last and stop_requested(run))
+        loss_sum, asked = _sum_across_ranks(window.loss_sum / (window.steps * train.grad_accum_steps), asked)
+        train_loss = loss_sum / world_size
+        stop_on_request = asked > 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = window.elapsed()
@@ -154,8 +160,10 @@ def worker_loop(loop_config: dict) -> None:
         if do_eval and task.val_batches is not None:
             record.update(validation_metrics(engine, task, device))
             record.update(stopper.after_eval(record["val_loss"], is_last))
+        if stop_on_request:
+            record["stopped_on_request"] = True
         ckpt_dir = None
-        if do_ckpt or stopper.stopped:
+        if do_ckpt or stopper.stopped or stop_on_request:
             # The step loop's stall: each rank writes its own engine files locally; only the run's
             # last save (or every save of a task that keeps weights per checkpoint) also writes the
             # consolidated weights. The upload is async.
@@ -170,7 +178,7 @@ def worker_loop(loop_config: dict) -> None:
                 model_config=model_cfg,
                 files=plan.checkpoint_files,
                 meta={**plan.checkpoint_meta, "config": plan.config, "zero_stage": train.zero_stage},
-                consolidate=is_last or stopper.stopped or task.weight_files is not None,
+                consolidate=is_last or stopper.stopped or stop_on_request or task.weight_files is not None,
                 weight_files=task.weight_files,
             )
             record["checkpoint_s"] = max(_gather(time.perf_counter() - t_ckpt))  # the slowest rank's
@@ -349,12 +357,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _mean_across_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
+def _sum_across_ranks(value: torch.Tensor, flag: float) -> tuple[float, float]:
+    """(value, flag) summed over ranks in one all-reduce and one host sync."""
+    both = torch.stack([value.detach().float(), torch.tensor(flag, device=value.device)])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value.item())
+        dist.all_reduce(both)
+    total, flags = both.tolist()
+    return total, flags
 
 
 def _gather(value):

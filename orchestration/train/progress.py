@@ -42,6 +42,8 @@ def format_record(record: dict, total_steps: int) -> str:
         parts.append(f"best {record['best_val_loss']:.4f}")
         if record["stopped_early"]:
             parts.append(f"early stop ({record['evals_without_improvement']} evals without improvement)")
+    if record.get("stopped_on_request"):
+        parts.append("stopped on request (raylm stop)")
     return " | ".join(parts)
 
 

@@ -8,7 +8,8 @@ worker per node, through two scenarios in turn on the same cluster (one cluster 
    the run fails (no retries), and the same run is run again on the 2 nodes left with 2 workers.
 2. elastic, on those 2 nodes: ``train.min_workers=1``; one node is removed once Ray Train has
    registered the first checkpoint, the run goes on with 1 worker; once that worker has a checkpoint
-   of its own registered, a node is added back and the run grows to 2 workers again by itself.
+   of its own registered, a node is added back and the run grows to 2 workers again by itself; once
+   a step is logged on 2 workers, a stop request (``raylm stop``) ends it after a checkpoint.
 
 Prints one JSON line: per scenario what happened (nodes, errors, checkpoints) and the run's summary
 and metrics, and a timeline (seconds since start) of the events, to show where the time goes.
@@ -170,11 +171,17 @@ def lost_node(args, cluster, nodes, timeline: Timeline) -> dict:
     # Where the workers run is read as soon as all three are up (the state API can take seconds under
     # load); the node goes as soon as the step-10 checkpoint is complete, with 50 steps still to run.
     placed: list = []
+    logged: list = []
 
     def placed_and_checkpointed() -> bool:
         if not placed:
             alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             placed.extend(sorted({a.node_id for a in alive}) if len(alive) == 3 else [])
+            if placed:
+                timeline.mark("lost node: 3 workers alive")
+        if placed and not logged and run.exists() and run.has("metrics.jsonl"):
+            logged.append(True)
+            timeline.mark("lost node: first step logged")
         return bool(placed) and newest_checkpoint_step(run) >= 10
 
     wait_for(placed_and_checkpointed, thread)
@@ -202,12 +209,14 @@ def lost_node(args, cluster, nodes, timeline: Timeline) -> dict:
 # resize check 1-3 s, stopping the worker ~2 s): the run must still be going on its one worker then.
 # One worker ran this config at 43 steps/s on a quiet 2-core machine (0.020 s a step, 0.023 s with
 # logging and checkpoints): 28 s is ~1,300 steps at 45/s; with the <= 200 before it, 1,800 leave room.
+# Once it has grown, the run is stopped on request (`raylm stop`) instead of training to the end.
 ELASTIC_STEPS = 1800
 ELASTIC_LOG_INTERVAL, ELASTIC_CHECKPOINT_INTERVAL = 25, 50  # every checkpoint step is a logged step
 
 
 def elastic(args, cluster, nodes, timeline: Timeline) -> dict:
-    from orchestration.artifacts import RunDir, read_metrics
+    from orchestration.artifacts import RunDir, read_metrics, request_stop
+    from orchestration.train.checkpoint import MODEL_FILE
     from orchestration.train.driver import run_training
 
     overrides = [
@@ -246,6 +255,11 @@ def elastic(args, cluster, nodes, timeline: Timeline) -> dict:
     timeline.mark("elastic: node added")
     wait_for(lambda: any(s > added_after for s in steps_on(2)), thread, timeout_s=400, poll_s=1)
     timeline.mark(f"elastic: step {min((s for s in steps_on(2) if s > added_after), default=None)} logged on 2 workers")
+    # Grown: the rest of ELASTIC_STEPS would prove nothing more. `raylm stop`'s request ends the run at
+    # its next log interval, after a checkpoint, as a user would stop it.
+    if thread.is_alive():
+        request_stop(run)
+        timeline.mark("elastic: stop requested")
     thread.join(timeout=400)
     timeline.mark("elastic: done")
     summary = outcome.get("summary") or {}
@@ -255,7 +269,10 @@ def elastic(args, cluster, nodes, timeline: Timeline) -> dict:
         "checkpoint_at_node_added": added_after,
         "max_steps": ELASTIC_STEPS,
         "log_interval": ELASTIC_LOG_INTERVAL,
-        "summary": {k: summary.get(k) for k in ("final_step", "final_loss", "final_val_loss")},
+        "summary": {k: summary.get(k) for k in ("final_step", "final_loss", "final_val_loss", "checkpoint")},
+        "stopped_on_request": summary.get("stopped_on_request", False),
+        "checkpoint_consolidated": bool(summary.get("checkpoint"))
+        and RunDir.at(summary["checkpoint"], args.endpoint).has(MODEL_FILE),
         "records": read_metrics(run),
     }
 

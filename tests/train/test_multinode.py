@@ -68,14 +68,18 @@ def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(multinode):
     """2 workers on the 2 nodes the lost-node scenario left, train.min_workers=1: a node removed after
     the first checkpoint, the run goes on with 1 worker (same global batch, ZeRO state resharded) from
     its newest checkpoint; a node added back once that worker has checkpointed, it grows to 2 workers
-    again from its newest checkpoint; no restart by hand, every step logged once."""
+    again from its newest checkpoint; no restart by hand, every step logged once. Once grown, `raylm
+    stop`'s request ends it at the next log interval with a consolidated checkpoint there."""
     result = multinode["elastic"]
     records = result["records"]
     workers = [len(r["data_read_rows_per_rank"]) for r in records]
     print(result["error"], result["summary"], {k: v for k, v in result.items() if k.startswith("checkpoint")})
     print(list(zip([r["step"] for r in records], workers, [r["start_step"] for r in records])))
-    final_step, every = result["max_steps"], result["log_interval"]
-    assert result["error"] is None and result["summary"]["final_step"] == final_step
+    final_step, every = result["summary"]["final_step"], result["log_interval"]
+    assert result["error"] is None and result["stopped_on_request"] and records[-1].get("stopped_on_request")
+    assert final_step == records[-1]["step"] < result["max_steps"]  # stopped on request, not at the end
+    assert result["summary"]["checkpoint"].endswith(f"checkpoint_{final_step:08d}")
+    assert result["checkpoint_consolidated"]  # what eval, export and serve load
     assert [r["step"] for r in records] == list(range(every, final_step + every, every))  # every logged step once
     shrunk = workers.index(1)
     grown = shrunk + workers[shrunk:].index(2)

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 from helpers import tiny_config
 
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, latest_complete_checkpoint, read_metrics
+from orchestration.artifacts import (
+    CHECKPOINT_META_FILE,
+    STOP_REQUEST_FILE,
+    RunDir,
+    latest_complete_checkpoint,
+    read_metrics,
+    request_stop,
+)
 from orchestration.config import ConfigError
 from orchestration.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
 
@@ -234,7 +241,8 @@ def test_a_killed_run_resumes_and_a_damaged_checkpoint_is_skipped(reference_runs
     re-running it resumes (step 15). A file of the newest checkpoint Ray's own snapshot lists is then
     deleted (step 15, or step 10 when the worker died before Ray registered step 15): re-running
     resumes from the newest complete checkpoint by itself, sets Ray's snapshot aside (Ray would refuse
-    to start from it), and ends exactly where the uninterrupted run ends (model, optimizer, LR
+    to start from it), removes a stop request left after the run had died (it would end the re-run at
+    once), and ends exactly where the uninterrupted run ends (model, optimizer, LR
     schedule, data position)."""
     from orchestration.train.driver import RAY_SNAPSHOT_FILE, run_training
 
@@ -262,8 +270,10 @@ def test_a_killed_run_resumes_and_a_damaged_checkpoint_is_skipped(reference_runs
     resume_step = {"checkpoint_00000015": 10, "checkpoint_00000010": 15}[damaged]
     listed = json.loads((run_dir / damaged / CHECKPOINT_META_FILE).read_text())["files"]
     (run_dir / damaged / sorted(listed)[0]).unlink()
+    request_stop(RunDir.at(str(run_dir)))  # `raylm stop` after the run had died: stale by the re-run
     summary = run_training(cfg)  # resume=True
     out = capsys.readouterr().out
+    assert f"removed {run_dir}/{STOP_REQUEST_FILE} left from an earlier `raylm stop`" in out
     assert f"damaged or incomplete checkpoint(s) in {run_dir}: {damaged}" in out
     assert f"resuming {run_dir} from step {resume_step}" in out
     assert [p.name for p in run_dir.glob(f"{RAY_SNAPSHOT_FILE}.damaged-*")]  # set aside, not deleted
