@@ -118,6 +118,8 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
         return DDPEngine(prepare_model(raw_model, train), build_optimizer(raw_model, train), train, device)
     import deepspeed
 
+    if device.type == "cpu":
+        skip_shm_comm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=prepare_model(raw_model, train),
         optimizer=build_optimizer(raw_model, train),
@@ -125,6 +127,16 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
         dist_init_required=False,
     )
     return engine
+
+
+def skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles its shared-memory all-reduce op when it starts (36-52 s
+    on 2 cores; once per checkout, torch and ninja) for ``inference_all_reduce`` alone, which training
+    never calls: its gradients and ZeRO partitions go through the gloo process group. Marked
+    unavailable, the backend falls back to that process group for everything."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def optimizer_state_numel(engine) -> int:
