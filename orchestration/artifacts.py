@@ -308,7 +308,12 @@ def request_stop(run: RunDir) -> str:
 
 
 def stop_requested(run: RunDir) -> bool:
-    return run.has(STOP_REQUEST_FILE)
+    """Whether ``raylm stop`` asked the run to end. Storage that cannot be read right now (an outage the
+    run itself rides out) reads as no request: the loop looks again at its next log interval."""
+    try:
+        return run.has(STOP_REQUEST_FILE)
+    except OSError:
+        return False
 
 
 def clear_stop_request(run: RunDir) -> bool:
