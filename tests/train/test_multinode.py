@@ -1,7 +1,8 @@
 """Multi-node behaviour on one machine: a ``ray.cluster_utils.Cluster`` of several raylets (each its
 own node with its own CPUs), data and storage on the moto S3 server; an autoscaling cluster whose
 worker nodes (raylets too) the autoscaler adds. Each cluster runs in a child process
-(tests/train/multinode_run.py, autoscaling_run.py) so the test session's own Ray stays untouched."""
+(tests/train/multinode_run.py, autoscaling_run.py) so the test session's own Ray stays untouched; the
+two run at the same time."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from helpers import tiny_corpus_on_s3
@@ -18,28 +20,60 @@ SCRIPT = Path(__file__).with_name("multinode_run.py")
 AUTOSCALING_SCRIPT = Path(__file__).with_name("autoscaling_run.py")
 
 
-def _run_child(script: Path, *args: str) -> tuple[dict, str]:
-    """Run a cluster script in its own process: (the JSON of its RESULT line, its stdout)."""
-    proc = subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :]), proc.stdout
+class Child(NamedTuple):
+    """A cluster script running in its own process, its output going to files (a pipe nobody reads
+    while another scenario runs would fill up and block it)."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, script: Path, out_dir: Path, *args: str) -> Child:
+        out, err = out_dir / f"{script.stem}.out", out_dir / f"{script.stem}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(script), *args],
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+        return cls(proc, out, err)
+
+    def result(self, timeout_s: float = 600) -> tuple[dict, str]:
+        """(the JSON of its RESULT line, its stdout), once it has ended."""
+        self.proc.wait(timeout=timeout_s)
+        stdout = self.out.read_text()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert self.proc.returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
+        return json.loads(lines[-1][len("RESULT ") :]), stdout
 
 
 @pytest.fixture(scope="module")
-def multinode(tmp_path_factory, s3_server) -> dict:
+def autoscaling(tmp_path_factory):
+    """autoscaling_run.py, started as the module begins: it mostly waits (for its head, the autoscaler,
+    the nodes the autoscaler adds), so it runs beside the multinode scenarios, which wait on Ray's
+    failure detection and 20-s resource re-read, instead of after them (~30 s of the suite)."""
+    from helpers import tiny_corpus_manifest
+
+    root = tmp_path_factory.mktemp("autoscaling")
+    manifest = tiny_corpus_manifest(root)
+    child = Child.start(AUTOSCALING_SCRIPT, root, "--manifest", manifest, "--storage", str(root / "runs"))
+    yield child
+    child.proc.wait(timeout=600)  # its test deselected: it still stops its own cluster, so wait for that
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory, s3_server, autoscaling) -> dict:
     """multinode_run.py once: the lost-node scenario, then the elastic one, on one 3-node cluster (one
-    cluster start, one process), with the tiny corpus and both runs on the S3 server."""
+    cluster start, one process), with the tiny corpus and both runs on the S3 server; the autoscaling
+    scenario runs beside it."""
     endpoint = s3_server["endpoint_url"]
-    manifest = tiny_corpus_on_s3(tmp_path_factory.mktemp("multinode"), endpoint, "raylm-multinode")
+    root = tmp_path_factory.mktemp("multinode")
+    manifest = tiny_corpus_on_s3(root, endpoint, "raylm-multinode")
     args = ["--manifest", manifest, "--storage", "s3://raylm-multinode/runs", "--endpoint", endpoint]
-    result = _run_child(SCRIPT, *args)[0]
+    result = Child.start(SCRIPT, root, *args).result()[0]
     print("timeline (s):", result["timeline"])
     return result
 
@@ -94,14 +128,11 @@ def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(multinode):
     assert all(r["start_step"] == starts[2] for r in records[grown:])
 
 
-def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(tmp_path):
+def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(autoscaling):
     """A head with no CPUs and an autoscaler whose worker node type starts at zero nodes (Ray's fake
     multi-node provider): `raylm train` for 2 workers x 1 CPU says it waits for the autoscaler instead
     of refusing, the autoscaler adds the 2 nodes and the run finishes."""
-    from helpers import tiny_corpus_manifest
-
-    manifest = tiny_corpus_manifest(tmp_path)
-    result, stdout = _run_child(AUTOSCALING_SCRIPT, "--manifest", manifest, "--storage", str(tmp_path / "runs"))
+    result, stdout = autoscaling.result()
     print(result)
     assert result["worker_nodes_before"] == 0 and result["worker_nodes_after"] == 2
     assert "waiting up to 300 s (train.scale_up_timeout_s) for the autoscaler to add nodes" in stdout
