@@ -135,3 +135,6 @@ class DataConfig:
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # Ray Data shuffle of the group-bys (same bytes either way): auto = sort below 256 MB of input, hash
+    # (SHUFFLE_V2, Ray's default) above; see data_pipeline.prepare.shuffle_strategy
+    shuffle: Literal["auto", "hash", "sort"] = "auto"

@@ -90,12 +90,10 @@ def reference_runs(ray_session, tiny_corpus, tmp_path_factory):
 def demo_runs(ray_session, tmp_path_factory) -> dict:
     """helpers.run_demo_and_finetunes: `raylm demo` on a few kB of the plays, then every
     configs/finetune_*.yaml from its checkpoint, in a directory of their own; the demo test checks the
-    README path and the fine-tuning tests check each task on the same runs. Its two prepares run on
-    the sort-based shuffle (see ``sort_based_shuffle``; test_data_prepare.py covers SHUFFLE_V2)."""
-    from helpers import run_demo_and_finetunes, shuffle_strategy
+    README path and the fine-tuning tests check each task on the same runs."""
+    from helpers import run_demo_and_finetunes
 
-    with shuffle_strategy("SORT_SHUFFLE_PULL_BASED"):
-        return run_demo_and_finetunes(tmp_path_factory.mktemp("demo"))
+    return run_demo_and_finetunes(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from helpers import shuffle_strategy
 
 from data_pipeline.clean import normalize_whitespace
 from data_pipeline.config import (
@@ -36,7 +35,7 @@ BY_PLAY = SplitByConfig(
 )
 
 
-def small_config(uris: list[str], out: Path, **output) -> DataConfig:
+def small_config(uris: list[str], out: Path, shuffle: str = "auto", **output) -> DataConfig:
     output.setdefault("split_by", BY_PLAY)
     return DataConfig(
         sources=SourceConfig(uris=uris),
@@ -44,6 +43,7 @@ def small_config(uris: list[str], out: Path, **output) -> DataConfig:
         near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
         tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
         output=OutputConfig(**{"uri": str(out), "seq_len": 64, "val_fraction": 0.2, "shard_tokens": 8_000, **output}),
+        shuffle=shuffle,
     )
 
 
@@ -79,15 +79,24 @@ def mixed_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
-    """The mixed corpus prepared twice, on Ray Data's sort-based shuffle and on SHUFFLE_V2 (Ray 2.60's
-    default). The second run is the slow one (~30 s of the fixture on 2 cores: SHUFFLE_V2 starts new
-    worker processes for every group-by) and the only prepare in the suite on Ray's default shuffle."""
+    """The mixed corpus prepared twice: data.shuffle=auto (the sort-based shuffle, at this size) and
+    data.shuffle=hash (SHUFFLE_V2, Ray 2.60's default). The second run is the slow one (~30 s of the
+    fixture on 2 cores: SHUFFLE_V2 starts new worker processes for every group-by) and the only
+    prepare in the suite on Ray's default shuffle."""
     out = tmp_path_factory.mktemp("out")
-    with shuffle_strategy("SORT_SHUFFLE_PULL_BASED"):
-        first = prepare(small_config([str(mixed_corpus)], out / "a"))
-    with shuffle_strategy("SHUFFLE_V2"):
-        second = prepare(small_config([str(mixed_corpus)], out / "b"))
+    first = prepare(small_config([str(mixed_corpus)], out / "a"))
+    second = prepare(small_config([str(mixed_corpus)], out / "b", shuffle="hash"))
     return first, second
+
+
+def test_auto_shuffle_is_sort_based_for_small_corpora_and_rays_default_above():
+    from ray.data.context import ShuffleStrategy
+
+    from data_pipeline.prepare import SORT_SHUFFLE_MAX_BYTES, shuffle_strategy
+
+    sort, hash_v2 = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, ShuffleStrategy.SHUFFLE_V2
+    assert shuffle_strategy("auto", 5_000_000) == sort and shuffle_strategy("auto", SORT_SHUFFLE_MAX_BYTES) == hash_v2
+    assert shuffle_strategy("hash", 1) == hash_v2 and shuffle_strategy("sort", 10 * SORT_SHUFFLE_MAX_BYTES) == sort
 
 
 def test_counts_every_drop_reason_and_cleaning_step(prepared):
@@ -159,7 +168,7 @@ def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus)
 
 
 def test_rerun_is_byte_identical(prepared):
-    """Same config and inputs, another run and another Ray Data shuffle: the same bytes."""
+    """Same inputs, another run and another Ray Data shuffle (data.shuffle): the same bytes."""
     a, b = (Path(p).parent for p in prepared)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) >= 5
@@ -167,6 +176,7 @@ def test_rerun_is_byte_identical(prepared):
         if rel.name == "manifest.json":  # holds the output uri, which differs
             ma, mb = json.loads((a / rel).read_text()), json.loads((b / rel).read_text())
             ma["config"]["output"].pop("uri"), mb["config"]["output"].pop("uri")
+            assert (ma["config"].pop("shuffle"), mb["config"].pop("shuffle")) == ("auto", "hash")
             assert ma == mb
         else:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
