@@ -274,6 +274,14 @@ def _add_run_parser(sub, name: str, *, help: str, description: str, no_resume_he
     parser.set_defaults(func=cmd_run)
 
 
+def _add_storage_command(sub, name: str, func, *, help: str, description: str, target: tuple[str, str]) -> None:
+    """A command on one directory or URI (``target``: its argument name and help) with --endpoint-url."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument(target[0], help=target[1])
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    parser.set_defaults(func=func)
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -536,30 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
 
-    consolidate = sub.add_parser(
+    _add_storage_command(
+        sub,
         "consolidate",
+        cmd_consolidate,
         help="write a checkpoint's model.safetensors from its engine files",
         description="Checkpoints a run saves before its end hold only the engine's sharded state (each rank "
         "its own files: no save stalls the step loop gathering the whole model); the run's last save also "
         "writes model.safetensors. This writes it for any other checkpoint, beside its files, streaming "
         "tensor by tensor. eval, generate, export, serve and finetune do the same by themselves when they "
         "load such a checkpoint.",
+        target=("checkpoint", "a checkpoint directory/URI or a run directory (its newest)"),
     )
-    consolidate.add_argument("checkpoint", help="a checkpoint directory/URI or a run directory (its newest)")
-    consolidate.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
-    consolidate.set_defaults(func=cmd_consolidate)
-
-    stop = sub.add_parser(
+    _add_storage_command(
+        sub,
         "stop",
+        cmd_stop,
         help="ask a running training run to save a checkpoint at its next log interval and end",
         description="Writes stop_requested into the run directory. Every rank ends at the run's next log "
         "interval, after a checkpoint with consolidated weights, and the driver exits normally; re-running "
         "the same command resumes from that checkpoint (the request is removed then). Stopping the Ray Job "
         "or pressing Ctrl-C instead loses every step since the last checkpoint.",
+        target=("run", "the run directory (local or s3:// / gs:// / abfs://), or its run family"),
     )
-    stop.add_argument("run", help="the run directory (local or s3:// / gs:// / abfs://), or its run family")
-    stop.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
-    stop.set_defaults(func=cmd_stop)
 
     from orchestration.deploy.serve import add_serve_parser
     from orchestration.deploy.submit import add_submit_parser
