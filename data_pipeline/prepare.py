@@ -9,6 +9,7 @@ Stages, all in Ray Data (the driver holds counts, the tokenizer's training sampl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -201,21 +202,29 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     _check_output(out_fs, out_path, oc.uri, oc.overwrite)
     sources = resolve_sources(cfg.sources)
     corpus_bytes = sum(s.bytes for s in sources)
-    strategy = shuffle_strategy(cfg.shuffle, corpus_bytes)
+    strategy = choose_shuffle(cfg.shuffle, corpus_bytes)
     if verbose:
         print(
             f"[prepare] {sum(len(s.files) for s in sources)} files, {corpus_bytes / 1e6:.1f} MB from "
             f"{', '.join(cfg.sources.uris)}; group-bys on Ray Data's {strategy.value} (data.shuffle={cfg.shuffle})"
         )
-    context = ray.data.DataContext.get_current()  # each dataset copies it when it is created
-    shuffle_before, context.shuffle_strategy = context.shuffle_strategy, strategy
-    try:
+    with ray_data_shuffle(strategy):
         return _prepare_documents(cfg, sources, corpus_bytes, out_fs, out_path, t0, verbose)
+
+
+@contextlib.contextmanager
+def ray_data_shuffle(strategy):
+    """Ray Data's shuffle (a ``ShuffleStrategy``) for the datasets created inside the block: each one
+    copies the current DataContext when it is created."""
+    context = ray.data.DataContext.get_current()
+    before, context.shuffle_strategy = context.shuffle_strategy, strategy
+    try:
+        yield
     finally:
-        context.shuffle_strategy = shuffle_before
+        context.shuffle_strategy = before
 
 
-def shuffle_strategy(choice: str, corpus_bytes: int):
+def choose_shuffle(choice: str, corpus_bytes: int):
     """Ray Data's shuffle for prepare's group-bys (dedup, shard assignment); the bytes are the same on
     every one. hash: SHUFFLE_V2, Ray's default, which scales but starts new worker processes for every
     group-by (15-30 s of a small prepare on 2 cores); sort: the sort-based pull shuffle (1-2 s there);

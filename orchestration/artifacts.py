@@ -299,11 +299,11 @@ def request_stop(run: RunDir) -> str:
     """Ask a running run to save a checkpoint at its next log interval and end there (a Ray Job stop
     or Ctrl-C loses every step since the last checkpoint); re-running it resumes from that checkpoint.
     ``run`` is a run directory, or a run family (``runs/shakespeare``) whose newest run is meant."""
-    latest = read_latest_run(run) if not run.has(RUN_FILE) else None
-    if latest:
-        run = RunDir.at(latest, run.endpoint_url)
     if not run.has(RUN_FILE):
-        raise FileNotFoundError(f"{run.uri} is not a run directory (no {RUN_FILE}): nothing to stop there")
+        latest = read_latest_run(run)
+        run = RunDir.at(latest, run.endpoint_url) if latest else run
+        if not latest or not run.has(RUN_FILE):
+            raise FileNotFoundError(f"{run.uri} is not a run directory (no {RUN_FILE}): nothing to stop there")
     return run.write_text(STOP_REQUEST_FILE, "stop at the next log interval, after a checkpoint\n")
 
 

@@ -101,7 +101,9 @@ def sort_based_shuffle(ray_session):
     """A module's prepares and dedups on Ray Data's sort-based shuffle: the same group-bys, ~1-2 s each
     instead of 15-20 s on SHUFFLE_V2 (Ray 2.60's default, which starts new worker processes for every
     group-by); test_data_prepare.py's ``prepared`` re-runs one prepare on SHUFFLE_V2 for identical bytes."""
-    from helpers import shuffle_strategy
+    from ray.data.context import ShuffleStrategy
 
-    with shuffle_strategy("SORT_SHUFFLE_PULL_BASED"):
+    from data_pipeline.prepare import ray_data_shuffle
+
+    with ray_data_shuffle(ShuffleStrategy.SORT_SHUFFLE_PULL_BASED):
         yield

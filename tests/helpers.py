@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from orchestration.config import Config
@@ -152,21 +151,6 @@ def tiny_corpus_on_s3(root: Path, endpoint_url: str, bucket: str) -> str:
         if path.is_file():
             s3.upload_file(str(path), bucket, f"data/{path.relative_to(local)}")
     return f"s3://{bucket}/data/manifest.json"
-
-
-@contextlib.contextmanager
-def shuffle_strategy(name: str):
-    """Ray Data's shuffle (every group-by in prepare and dedup) set to ``ShuffleStrategy[name]`` for the
-    block. Ray 2.60's default, SHUFFLE_V2, starts new worker processes for every group-by: a tiny
-    prepare or dedup takes 15-35 s on it on 2 cores, ~2 s on the sort-based one."""
-    from ray.data.context import DataContext, ShuffleStrategy
-
-    context = DataContext.get_current()
-    before, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy[name]
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = before
 
 
 def free_ports(n: int) -> list[int]:

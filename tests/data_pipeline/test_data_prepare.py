@@ -92,11 +92,11 @@ def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
 def test_auto_shuffle_is_sort_based_for_small_corpora_and_rays_default_above():
     from ray.data.context import ShuffleStrategy
 
-    from data_pipeline.prepare import SORT_SHUFFLE_MAX_BYTES, shuffle_strategy
+    from data_pipeline.prepare import SORT_SHUFFLE_MAX_BYTES, choose_shuffle
 
     sort, hash_v2 = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, ShuffleStrategy.SHUFFLE_V2
-    assert shuffle_strategy("auto", 5_000_000) == sort and shuffle_strategy("auto", SORT_SHUFFLE_MAX_BYTES) == hash_v2
-    assert shuffle_strategy("hash", 1) == hash_v2 and shuffle_strategy("sort", 10 * SORT_SHUFFLE_MAX_BYTES) == sort
+    assert choose_shuffle("auto", 5_000_000) == sort and choose_shuffle("auto", SORT_SHUFFLE_MAX_BYTES) == hash_v2
+    assert choose_shuffle("hash", 1) == hash_v2 and choose_shuffle("sort", 10 * SORT_SHUFFLE_MAX_BYTES) == sort
 
 
 def test_counts_every_drop_reason_and_cleaning_step(prepared):

@@ -159,7 +159,7 @@ def newest_checkpoint_step(run) -> int:
 def lost_node(args, cluster, nodes, timeline: Timeline) -> dict:
     from ray.util.state import list_actors
 
-    from orchestration.artifacts import RunDir, latest_complete_checkpoint, read_metrics
+    from orchestration.artifacts import METRICS_FILE, RunDir, latest_complete_checkpoint, read_metrics
     from orchestration.train.driver import run_training
 
     def cfg(num_workers: int, accum: int):  # global batch 24 either way: 3 x 4 x 2 = 2 x 4 x 3
@@ -179,7 +179,7 @@ def lost_node(args, cluster, nodes, timeline: Timeline) -> dict:
             placed.extend(sorted({a.node_id for a in alive}) if len(alive) == 3 else [])
             if placed:
                 timeline.mark("lost node: 3 workers alive")
-        if placed and not logged and run.exists() and run.has("metrics.jsonl"):
+        if placed and not logged and run.exists() and run.has(METRICS_FILE):
             logged.append(True)
             timeline.mark("lost node: first step logged")
         return bool(placed) and newest_checkpoint_step(run) >= 10
