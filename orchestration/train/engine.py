@@ -7,6 +7,8 @@ use, 60-90 s on CPU) and no scheduler: the loop sets the LR itself from ``orches
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from orchestration.train.config import TrainConfig
@@ -116,8 +118,7 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
         from orchestration.train.ddp import DDPEngine
 
         return DDPEngine(prepare_model(raw_model, train), build_optimizer(raw_model, train), train, device)
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if device.type == "cpu":
         skip_shm_comm_op()
     engine, _, _, _ = deepspeed.initialize(
@@ -127,6 +128,22 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
         dist_init_required=False,
     )
     return engine
+
+
+def import_deepspeed():
+    """``deepspeed``, imported without the ``import mlflow`` its autotuner module makes at import time
+    (1.0 s of every ZeRO worker's start on 2 cores) for autotuning, which raylm never runs. mlflow stays
+    importable: the ``mlflow`` tracker imports it itself, before or after."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner goes without
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
 
 
 def skip_shm_comm_op() -> None:

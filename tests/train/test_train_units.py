@@ -210,6 +210,26 @@ def test_optimizer_state_numel_walks_to_torch_optimizer():
     assert optimizer_state_numel(Engine()) == 2 * (4 * 3 + 3)  # exp_avg + exp_avg_sq
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """In a fresh interpreter (this one may hold both already): DeepSpeed's autotuner goes without
+    mlflow, and the mlflow tracker can still import it afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from orchestration.train.engine import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "import deepspeed.autotuning.autotuner as autotuner\n"
+        "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+        "import mlflow\n"
+        "print(mlflow.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "mlflow"]
+
+
 def test_a_run_larger_than_a_local_ray_is_refused_naming_the_keys(ray_session):
     """A Ray this process started has no autoscaler: asking for more than it has fails at once."""
     from orchestration.train.config import TrainConfig
