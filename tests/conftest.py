@@ -107,3 +107,48 @@ def sort_based_shuffle(ray_session):
 
     with ray_data_shuffle(ShuffleStrategy.SORT_SHUFFLE_PULL_BASED):
         yield
+
+
+CLUSTER_SCENARIOS = "test_multinode.py"  # the tests that read cluster_scenarios
+
+
+@pytest.fixture(scope="session")
+def cluster_scenarios(tmp_path_factory) -> dict:
+    """The simulated-cluster scenarios (tests/train/multinode_run.py, autoscaling_run.py), each a
+    helpers.Child process with a Ray temp dir and an S3 server of its own. ``start_cluster_scenarios``
+    starts them with the session when their tests are selected: they mostly wait on Ray (failure
+    detection, the 20-s resource re-read, the autoscaler), so they run beside the other tests."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from helpers import Child, tiny_corpus_manifest
+
+    scripts = Path(__file__).parent / "train"
+    multinode_root = tmp_path_factory.mktemp("multinode")
+    ray_tmpdir = tempfile.mkdtemp(prefix="rlmn_", dir="/tmp")  # short: Ray's socket paths are length-limited
+    autoscaling_root = tmp_path_factory.mktemp("autoscaling")
+    children = {
+        "multinode": Child.start(
+            scripts / "multinode_run.py", multinode_root, "--root", str(multinode_root), "--ray-tmpdir", ray_tmpdir
+        ),
+        "autoscaling": Child.start(
+            scripts / "autoscaling_run.py",
+            autoscaling_root,
+            "--manifest",
+            tiny_corpus_manifest(autoscaling_root),
+            "--storage",
+            str(autoscaling_root / "runs"),
+        ),
+    }
+    yield children
+    for child in children.values():  # a deselected test's child still stops its own cluster: wait for it
+        child.proc.wait(timeout=600)
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_cluster_scenarios(request):
+    """``cluster_scenarios`` from the session's start, when any of their tests is selected."""
+    if any(item.path.name == CLUSTER_SCENARIOS for item in request.session.items):
+        request.getfixturevalue("cluster_scenarios")

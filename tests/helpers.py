@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from orchestration.config import Config
 
@@ -278,7 +282,6 @@ def run_demo_and_finetunes(root: Path) -> dict:
     """
     import contextlib
     import io
-    import json
     import os
 
     from data_pipeline.storage import embedded_corpus_dir
@@ -336,3 +339,33 @@ def run_demo_and_finetunes(root: Path) -> dict:
         "finetunes": finetunes,
         "exit_codes": codes,
     }
+
+
+class Child(NamedTuple):
+    """A cluster script running in its own process, its output going to files (a pipe nobody reads
+    while another scenario runs would fill up and block it)."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, script: Path, out_dir: Path, *args: str) -> Child:
+        out, err = out_dir / f"{script.stem}.out", out_dir / f"{script.stem}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(script), *args],
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        return cls(proc, out, err)
+
+    def result(self, timeout_s: float = 600) -> tuple[dict, str]:
+        """(the JSON of its RESULT line, its stdout), once it has ended."""
+        self.proc.wait(timeout=timeout_s)
+        stdout = self.out.read_text()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert self.proc.returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
+        return json.loads(lines[-1][len("RESULT ") :]), stdout

@@ -1,8 +1,11 @@
 """A simulated multi-node Ray cluster losing nodes mid-run; run by test_multinode.py in its own process.
 
-Starts one ``ray.cluster_utils.Cluster`` (a head with no CPUs and three 1-CPU worker nodes, each its
-own raylet) and trains a tiny GPT with data and storage on the S3 server at ``--endpoint``, one
-worker per node, through two scenarios in turn on the same cluster (one cluster start, one process):
+Starts a moto S3 server of its own on 127.0.0.1 (the test session's server has outages of its own
+while this runs beside the session's tests) with the tiny corpus on it, and one
+``ray.cluster_utils.Cluster`` (a head with no CPUs and three 1-CPU worker nodes, each its own raylet,
+all under ``--ray-tmpdir``, so that a Ray the session's commands start or join never finds it), and
+trains a tiny GPT with data and storage on that server, one worker per node, through two scenarios in
+turn on the same cluster (one cluster start, one process):
 
 1. lost node: 3 workers on the 3 nodes; one node is removed once the step-10 checkpoint is complete,
    the run fails (no retries), and the same run is run again on the 2 nodes left with 2 workers.
@@ -14,7 +17,7 @@ worker per node, through two scenarios in turn on the same cluster (one cluster 
 Prints one JSON line: per scenario what happened (nodes, errors, checkpoints) and the run's summary
 and metrics, and a timeline (seconds since start) of the events, to show where the time goes.
 
-    python tests/train/multinode_run.py --manifest s3://b/data/manifest.json --storage s3://b/runs --endpoint URL
+    python tests/train/multinode_run.py --root DIR --ray-tmpdir /tmp/SHORT
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 # After a node loss the elastic run's first retries ask for 2 workers again (Ray Train's view of the
 # cluster lags by up to 20 s, see ELASTIC_STEPS), which can never be placed: each wait is a stall.
 WORKER_GROUP_START_TIMEOUT_S = "5"
+BUCKET = "raylm-multinode"
 
 
 class Timeline:
@@ -45,14 +49,17 @@ class Timeline:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--root", required=True, help="a directory for the corpus")
+    ap.add_argument("--ray-tmpdir", required=True, help="Ray's temp dir: short (socket paths are length-limited)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
-    from helpers import free_ports
+    from helpers import RestartableS3, free_ports, tiny_corpus_on_s3
 
     timeline = Timeline()
+    os.environ["RAY_TMPDIR"] = args.ray_tmpdir
+    s3 = RestartableS3()
+    args.endpoint, args.storage = s3.endpoint_url, f"s3://{BUCKET}/runs"
+    args.manifest = tiny_corpus_on_s3(Path(args.root), s3.endpoint_url, BUCKET)
     # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS: with the test
     # session's own Ray on this machine too, "auto" would be ambiguous. Set before any raylet starts.
     gcs_port, dashboard_port = free_ports(2)
@@ -85,6 +92,7 @@ def main() -> None:
     print("RESULT " + json.dumps(result), flush=True)
     ray.shutdown()
     cluster.shutdown()
+    s3.stop()
 
 
 def config(args, run_name: str, overrides: list[str]):

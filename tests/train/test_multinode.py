@@ -1,81 +1,30 @@
 """Multi-node behaviour on one machine: a ``ray.cluster_utils.Cluster`` of several raylets (each its
-own node with its own CPUs), data and storage on the moto S3 server; an autoscaling cluster whose
+own node with its own CPUs), data and storage on a moto S3 server; an autoscaling cluster whose
 worker nodes (raylets too) the autoscaler adds. Each cluster runs in a child process
-(tests/train/multinode_run.py, autoscaling_run.py) so the test session's own Ray stays untouched; the
-two run at the same time."""
+(tests/train/multinode_run.py, autoscaling_run.py) with a Ray temp dir of its own, so the test
+session's own Ray stays untouched; both start with the session (tests/conftest.py
+``cluster_scenarios``) and run beside the other tests, whose CPUs they mostly leave idle while they
+wait on Ray's failure detection, its 20-s resource re-read and the autoscaler."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-from typing import NamedTuple
-
 import pytest
-from helpers import tiny_corpus_on_s3
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).with_name("multinode_run.py")
-AUTOSCALING_SCRIPT = Path(__file__).with_name("autoscaling_run.py")
-
-
-class Child(NamedTuple):
-    """A cluster script running in its own process, its output going to files (a pipe nobody reads
-    while another scenario runs would fill up and block it)."""
-
-    proc: subprocess.Popen
-    out: Path
-    err: Path
-
-    @classmethod
-    def start(cls, script: Path, out_dir: Path, *args: str) -> Child:
-        out, err = out_dir / f"{script.stem}.out", out_dir / f"{script.stem}.err"
-        with open(out, "w") as stdout, open(err, "w") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, str(script), *args],
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-                cwd=Path(__file__).resolve().parents[2],
-            )
-        return cls(proc, out, err)
-
-    def result(self, timeout_s: float = 600) -> tuple[dict, str]:
-        """(the JSON of its RESULT line, its stdout), once it has ended."""
-        self.proc.wait(timeout=timeout_s)
-        stdout = self.out.read_text()
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        assert self.proc.returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
-        return json.loads(lines[-1][len("RESULT ") :]), stdout
 
 
 @pytest.fixture(scope="module")
-def autoscaling(tmp_path_factory):
-    """autoscaling_run.py, started as the module begins: it mostly waits (for its head, the autoscaler,
-    the nodes the autoscaler adds), so it runs beside the multinode scenarios, which wait on Ray's
-    failure detection and 20-s resource re-read, instead of after them (~30 s of the suite)."""
-    from helpers import tiny_corpus_manifest
-
-    root = tmp_path_factory.mktemp("autoscaling")
-    manifest = tiny_corpus_manifest(root)
-    child = Child.start(AUTOSCALING_SCRIPT, root, "--manifest", manifest, "--storage", str(root / "runs"))
-    yield child
-    child.proc.wait(timeout=600)  # its test deselected: it still stops its own cluster, so wait for that
-
-
-@pytest.fixture(scope="module")
-def multinode(tmp_path_factory, s3_server, autoscaling) -> dict:
-    """multinode_run.py once: the lost-node scenario, then the elastic one, on one 3-node cluster (one
-    cluster start, one process), with the tiny corpus and both runs on the S3 server; the autoscaling
-    scenario runs beside it."""
-    endpoint = s3_server["endpoint_url"]
-    root = tmp_path_factory.mktemp("multinode")
-    manifest = tiny_corpus_on_s3(root, endpoint, "raylm-multinode")
-    args = ["--manifest", manifest, "--storage", "s3://raylm-multinode/runs", "--endpoint", endpoint]
-    result = Child.start(SCRIPT, root, *args).result()[0]
+def multinode(cluster_scenarios) -> dict:
+    """multinode_run.py's result: the lost-node scenario, then the elastic one, on one 3-node cluster
+    (one cluster start, one process), with the tiny corpus and both runs on its own S3 server."""
+    result = cluster_scenarios["multinode"].result()[0]
     print("timeline (s):", result["timeline"])
     return result
+
+
+@pytest.fixture(scope="module")
+def autoscaling(cluster_scenarios):
+    return cluster_scenarios["autoscaling"]
 
 
 def test_a_lost_node_costs_no_step_beyond_the_last_checkpoint(multinode):
