@@ -88,6 +88,10 @@ if [ ! -f "$DATA/manifest.json" ]; then
     data.clean.min_alpha_ratio=0 data.clean.max_symbol_ratio=1 data.near_dedup.enabled=false \
     "data.tokenizer.vocab_size=$VOCAB" "data.output.uri=$DATA" "data.output.seq_len=$SEQ_LEN" data.output.val_fraction=0.05
 fi
+# BPE stops short of VOCAB when the text runs out of pairs to merge (this repository's text gives
+# about 18,500 tokens): the models take what the tokenizer has, so say it
+n_vocab=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['tokenizer']['n_vocab'])" "$DATA/manifest.json")
+echo "[gpu_suite] tokenizer: $n_vocab tokens (asked for $VOCAB)"
 
 if [ "$GPU" = 1 ]; then
   device_args=(--gpu --precision bf16 --compile --threads 4)

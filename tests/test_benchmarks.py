@@ -100,6 +100,7 @@ def test_gpu_suite_smoke_runs_bench_train_and_prints_the_table(gpu_suite_smoke):
     assert result["bare_tokens_per_s"] > 0 and result["raylm_tokens_per_s"] > 0
     out = (gpu_suite_smoke / "stdout.txt").read_text()
     assert "from [README.md, data_pipeline/*.py]" in out  # the fallback, not the embedded plays
+    assert re.search(r"tokenizer: \d+ tokens \(asked for 512\)", out)
     assert re.search(rf"ratio raylm / bare {RATIO}", out)
     assert re.search(rf"\| tiny \([\d.]+M, mb 4x32\) \| DDP \| [\d,]+ \| [\d,]+ \| {result['ratio']:.3f} \|", out)
     summary = r"gpu_suite: 1 measurements in \d+ s; no MFU \(no known peak for this device\)"
