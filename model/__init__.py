@@ -1,1 +1,7 @@
+"""The models, from scratch in PyTorch, and their accounting; knows nothing of Ray.
 
+config (ModelConfig, presets) -> layers (attention, MLP, norms, positions) -> loss (the LM head and its
+chunked fp32 cross-entropy) -> gpt (the decoder-only transformer) -> build (meta-device build, init);
+generate (KV-cache sampling), lora (adapters), classifier (a GPT backbone with a task head), lstm and
+ngram (baselines); flops (parameters, FLOPs, activation and training memory).
+"""

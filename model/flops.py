@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from model.config import PRESETS, ModelConfig, checkpointed_blocks, model_config_from_preset
+from model.loss import loss_chunk_rows
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -86,11 +87,13 @@ def activation_bytes(
     (h + 2 kv); with RoPE the rotated q and k (h + kv); with GQA the repeated k and v (2h); SDPA's
     output and its contiguous copy for c_proj (2h); the MLP's hidden tensors (GELU: fc out and gelu
     out, 2H; SwiGLU: fused fc out, silu, product, 4H); 1 byte per dropout mask. SDPA's fused kernels
-    never materialise the (T x T) scores. Head: ln_f's input and output (2h), and the logits in fp32
-    three times at once (log_softmax's saved output, the loss's gradient and log_softmax's
-    gradient). A checkpointed block keeps only its input (h) and is recomputed one at a time in
-    backward, after the loss's transient is gone; its backward then briefly adds the incoming
-    gradient (h) and the first MLP-wide gradient (H; SwiGLU 2H) before its saved tensors are freed.
+    never materialise the (T x T) scores. Head and loss (``model.loss``, which makes its gradients in
+    the forward pass): ln_f's input and output (2h); the hidden states' gradient (h) and the head
+    weight's fp32 gradient (V x h) it fills; one chunk's fp32 logits (``loss_chunk_rows`` rows) and a
+    V x h product at a time; at backward's start those gradients and their scaled copies. A
+    checkpointed block keeps only its input (h) and is recomputed one at a time in backward, after the
+    loss's transient is gone; its backward then briefly adds the incoming gradient (h) and the first
+    MLP-wide gradient (H; SwiGLU 2H) before its saved tensors are freed.
     """
     width = 4 if precision == "fp32" else 2
     tokens = micro_batch_size * seq_len
@@ -107,7 +110,11 @@ def activation_bytes(
     per_layer = tokens * ((attn + mlp) * width + masks)
     n_ckpt = len(checkpointed_blocks(cfg.n_layer, activation_checkpointing, checkpoint_every))
     kept = n_ckpt * tokens * h * width + (cfg.n_layer - n_ckpt) * per_layer
-    loss_peak = tokens * (2 * h * width + 3 * cfg.vocab_size * 4)
+    vocab = cfg.vocab_size
+    loss_grads = tokens * h * width + vocab * h * 4
+    chunk = min(tokens, loss_chunk_rows(vocab)) * vocab * (4 + (width if width < 4 else 0))  # + a bf16 matmul's output
+    loss_forward = tokens * 2 * h * width + loss_grads + vocab * h * width + chunk
+    loss_peak = max(loss_forward, tokens * h * width + 2 * loss_grads)
     mlp_grad = (2 if cfg.mlp == "swiglu" else 1) * cfg.hidden_dim
     recompute_peak = per_layer + tokens * (h + mlp_grad) * width if n_ckpt else 0
     return kept + max(loss_peak, recompute_peak)

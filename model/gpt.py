@@ -12,11 +12,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig, checkpointed_blocks
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
+from model.loss import LMHead
 
 
 class GPT(nn.Module):
@@ -42,7 +42,7 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "rope":
             self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         self.checkpointed = frozenset()  # block indices recomputed in backward (set_activation_checkpointing)
         self.init_weights()
 
@@ -110,8 +110,9 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
-        Training/eval (no cache): logits (B, T, vocab) for every position; loss is the mean
-        cross-entropy against targets (B, T), positions with target -1 ignored.
+        With targets (B, T) (training, eval): (None, the mean cross-entropy in fp32), positions with
+        target -1 ignored; the head's logits are made chunk by chunk inside the loss and never whole
+        (``model.loss``). Without: (logits (B, T, vocab) for every position, None).
         Generation (a ``model.generate.KVCache``): idx continues what the cache holds; only the
         last position's logits (B, 1, vocab) are computed, as that is all sampling needs.
         """
@@ -119,11 +120,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
             return self.lm_head(x[:, -1:, :]), None
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None
+        return None, self.lm_head(x, targets)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, n_embd): what the lm head (or a task head) reads."""

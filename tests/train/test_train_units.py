@@ -116,7 +116,7 @@ def test_deepspeed_on_gpu_has_no_hidden_syncs_and_accumulates_in_fp32():
 def test_bf16_trains_the_same_trajectory_on_ddp_and_every_zero_stage():
     """tests/train/bf16_engines_run.py in its own process (DeepSpeed needs a process group): the same
     tiny GPT and batches through DDP + autocast and DeepSpeed bf16 at ZeRO 1-3, 12 steps of 4
-    micro-batches, losses taken in fp32 from the logits. Not a trainer launch: one rank, no Ray."""
+    micro-batches, the loss in fp32 (model.loss). Not a trainer launch: one rank, no Ray."""
     import json
     import subprocess
     import sys
@@ -198,8 +198,9 @@ def test_ddp_engine_bf16_autocast_keeps_fp32_masters():
     train = load_config(None, ["train.zero_stage=0", "train.num_workers=1", "train.precision=bf16"]).train
     engine = wrap_model(_tiny_gpt(), train, torch.device("cpu"))
     x = torch.randint(0, 64, (4, 17))
-    logits, loss = engine(x[:, :-1], x[:, 1:])
-    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32  # cross-entropy runs in fp32
+    logits, _ = engine(x[:, :-1])
+    _, loss = engine(x[:, :-1], x[:, 1:])
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32  # matmuls in bf16, the loss in fp32
     engine.backward(loss)
     engine.step()
     assert all(p.dtype == torch.float32 and p.grad is None for p in engine.module.parameters())
