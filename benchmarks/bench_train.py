@@ -1,10 +1,12 @@
 """Training throughput: a bare PyTorch loop vs the raylm path (Ray Train, one worker, DDP or ZeRO).
 
-Same model, batch, optimizer, precision, data and torch thread count in one run; prints tokens/s of
-each, the ratio raylm / bare (target >= 0.95), MFU on a GPU with a known peak (achieved FLOP/s on
-CPU), peak device memory on a GPU, and the thread count each side ran with (the bare loop is pinned
-to ``--threads``, the Ray worker gets ``--threads`` CPUs and reports the threads it saw). With
-``--json``, appends one result line to that file (benchmarks/gpu_suite.sh builds its table from them).
+Same model, optimizer, precision, activation checkpointing, rows (the run's first sequences, in its
+order), timed steps and torch thread count in one run; prints tokens/s of each, the ratio raylm /
+bare (target >= 0.95), MFU on a GPU with a known peak (achieved FLOP/s on CPU), peak device memory on
+a GPU, and per side the thread count (the bare loop is pinned to ``--threads``, the Ray worker gets
+``--threads`` CPUs and reports the threads it saw), the compile scope (nanoGPT compiles the whole
+model, raylm block by block) and what its precision means. With ``--json``, appends one result line
+per stage to that file as it finishes (benchmarks/gpu_suite.sh builds its table from them).
 
     python benchmarks/bench_train.py --data runs/data/shakespeare/manifest.json --preset shakespeare
     python benchmarks/bench_train.py --data ... --gpu --precision bf16 --compile --preset gpt2-small
@@ -25,9 +27,16 @@ import torch
 from harness import local_ray, smoke_manifest
 
 
-def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tuple[float, int | None]:
-    """(tokens/s, peak device bytes) of model + AdamW (same param groups) with no Ray and no DeepSpeed:
-    nanoGPT's loop (whole-model compile, autocast, grad accumulation, clipping, fused AdamW on CUDA)."""
+def timed_from(warmup: int, log_interval: int) -> int:
+    """Steps both sides leave out of their timing: raylm's steady state starts after the first whole
+    log interval past the warm-up (``raylm_path``), so the bare loop starts its clock there too."""
+    return (warmup // log_interval + 1) * log_interval
+
+
+def bare_loop(cfg, rows: np.ndarray, total_steps: int, start: int, device: str) -> tuple[float, int | None]:
+    """(tokens/s over steps ``start``..``total_steps``, peak device bytes) of model + AdamW (same param
+    groups) with no Ray and no DeepSpeed: nanoGPT's loop (whole-model compile, autocast, grad
+    accumulation, clipping, fused AdamW on CUDA), with raylm's activation checkpointing."""
     from model.gpt import GPT
     from orchestration.train.engine import build_optimizer
     from orchestration.train.schedule import lr_for
@@ -39,25 +48,26 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tu
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = GPT(cfg.model).to(device)
+    model.set_activation_checkpointing(train.activation_checkpointing, every=train.activation_checkpointing_every)
     optimizer = build_optimizer(model, train)
     step_fn = torch.compile(model) if train.compile else model
     bf16 = train.precision == "bf16"
     mb = train.micro_batch_size
     t0, tokens = None, 0
-    for step in range(warmup + steps):
-        if step == warmup:
+    for step in range(total_steps):
+        if step == start:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_for(train, step, warmup + steps)
+            group["lr"] = lr_for(train, step, total_steps)
         for micro in range(train.grad_accum_steps):
-            i = (step * train.grad_accum_steps + micro) * mb % (len(rows) - mb)
+            i = (step * train.grad_accum_steps + micro) * mb  # the rows raylm reads, in its order
             batch = torch.from_numpy(rows[i : i + mb].astype(np.int64)).to(device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                 _, loss = step_fn(batch[:, :-1], batch[:, 1:])
             (loss / train.grad_accum_steps).backward()
-            if step >= warmup:
+            if step >= start:
                 tokens += batch[:, :-1].numel()
         if train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
@@ -73,15 +83,15 @@ def bare_loop(cfg, rows: np.ndarray, steps: int, warmup: int, device: str) -> tu
     return tokens / seconds, peak_bytes
 
 
-def raylm_path(cfg, warmup: int) -> tuple[float, dict, str]:
-    """Steady-state tokens/s of run_training with one worker (log intervals after warm-up), its last
-    metrics record (peak memory, torch threads, data wait) and its run directory."""
+def raylm_path(cfg, start: int) -> tuple[float, dict, str]:
+    """Steady-state tokens/s of run_training with one worker (the log intervals after step ``start``),
+    its last metrics record (peak memory, torch threads, data wait) and its run directory."""
     from orchestration.train.driver import run_training
 
     summary = run_training(cfg, resume=False)
     with open(f"{summary['run_dir']}/metrics.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
-    steady = [r for r in records if r["step"] > warmup + cfg.train.log_interval]
+    steady = [r for r in records if r["step"] > start]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] * cfg.train.log_interval for r in steady)
     seconds = sum(r["step_time_s"] * cfg.train.log_interval for r in steady)
     return tokens / seconds, records[-1], summary["run_dir"]
@@ -142,33 +152,43 @@ def measure(args) -> list[dict]:
     stages = [int(s) for s in args.zero_stages.split(",")]
     cfg = bench_config(args, manifest, stages[0])
     device = "cuda" if args.gpu else "cpu"
-    # The bare loop gets the same rows (the run's first sequences), read once into memory.
-    n_rows = (args.warmup + args.steps) * args.micro_batch_size
+    # The bare loop gets the same rows (the run's first sequences, in its order), read once into memory,
+    # and times the same steps as the raylm side (timed_from).
+    total_steps = args.warmup + args.steps
+    start = timed_from(args.warmup, cfg.train.log_interval)
+    if start >= total_steps:
+        raise SystemExit(f"--steps {args.steps} leaves no log interval past the warm-up: use more steps")
+    n_rows = total_steps * cfg.train.grad_accum_steps * args.micro_batch_size
     rows = np.stack(
         [
             np.asarray(r["tokens"])
             for r in sequence_dataset(args.data, "train", seed=cfg.train.seed, num_sequences=n_rows).take(n_rows)
         ]
     )
-    bare, bare_peak = bare_loop(cfg, rows, args.steps, args.warmup, device)
+    bare, bare_peak = bare_loop(cfg, rows, total_steps, start, device)
     fpt = flops_per_token(cfg.model, seq_len)
     peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None, args.precision)
     n_params = sum(p.numel() for p in GPT(cfg.model).parameters())
     print(
         f"\nmodel {args.preset} ({n_params / 1e6:.2f}M params), micro batch {args.micro_batch_size} x {seq_len} "
-        f"tokens, {args.precision}, compile={args.compile}, activation checkpointing "
-        f"{args.activation_checkpointing}, device {device}"
+        f"tokens, activation checkpointing {args.activation_checkpointing} (both sides), device {device}, "
+        f"steps {start + 1}-{total_steps} timed on both sides"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
-    print(f"  {'bare PyTorch loop':34s} {_side(bare, bare_peak, fpt, peak)}   torch threads {torch.get_num_threads()}")
+    bare_how = f"compile {_compile_scope(args.compile, 'whole model')}, {_precision('bare', args.precision, 0)}"
+    print(
+        f"  {'bare PyTorch loop':34s} {_side(bare, bare_peak, fpt, peak)}   torch threads {torch.get_num_threads()}"
+        f"   {bare_how}"
+    )
     results = []
     for stage in stages:
-        ours, last, run = raylm_path(bench_config(args, manifest, stage), args.warmup)
+        ours, last, run = raylm_path(bench_config(args, manifest, stage), start)
         path = "DDP" if stage == 0 else f"ZeRO-{stage}"
         ours_peak = last["peak_memory_bytes"] if args.gpu else None
+        ours_how = f"compile {_compile_scope(args.compile, 'per block')}, {_precision('raylm', args.precision, stage)}"
         print(
             f"  {'raylm, ' + path + ', 1 Ray Train worker':34s} {_side(ours, ours_peak, fpt, peak)}   torch threads "
-            f"{last['torch_threads']}   ratio raylm / bare {ours / bare:.3f} (target >= 0.95)   "
+            f"{last['torch_threads']}   {ours_how}   ratio raylm / bare {ours / bare:.3f} (target >= 0.95)   "
             f"data wait {last['data_wait_s'] * 1e3:.2f} ms/step"
         )
         if last["torch_threads"] != torch.get_num_threads():
@@ -179,6 +199,9 @@ def measure(args) -> list[dict]:
             "path": path,
             "precision": args.precision,
             "compile": args.compile,
+            "bare_how": bare_how,
+            "raylm_how": ours_how,
+            "timed_steps": [start + 1, total_steps],
             "seq_len": seq_len,
             "micro_batch_size": args.micro_batch_size,
             "bare_tokens_per_s": bare,
@@ -227,6 +250,20 @@ def bench_config(args, manifest: dict, stage: int):
             f"train.cpus_per_worker={args.threads}",
         ],
     )
+
+
+def _compile_scope(compiled: bool, scope: str) -> str:
+    return scope if compiled else "off"
+
+
+def _precision(side: str, precision: str, stage: int) -> str:
+    """What each side's precision means: the bare loop and raylm's DDP autocast the matmuls over fp32
+    weights; DeepSpeed's bf16 casts the module and keeps fp32 masters in its optimizer."""
+    if precision == "fp32":
+        return "fp32"
+    if side == "bare" or stage == 0:
+        return f"{precision} autocast, fp32 weights"
+    return f"{precision} module (DeepSpeed), fp32 masters"
 
 
 def _side(tokens_per_s: float, peak_bytes, flops_per_token: float, peak_flops) -> str:

@@ -98,7 +98,11 @@ def test_gpu_suite_smoke_runs_bench_train_and_prints_the_table(gpu_suite_smoke):
     (result,) = [json.loads(line) for line in (gpu_suite_smoke / "results.jsonl").read_text().splitlines()]
     assert result["preset"] == "tiny" and result["path"] == "DDP" and result["threads"] == [1, 1]
     assert result["bare_tokens_per_s"] > 0 and result["raylm_tokens_per_s"] > 0
+    # both sides timed steps 6-10 (the log interval after the 2 warm-up steps), each saying how it ran
+    assert result["timed_steps"] == [6, 10]
+    assert result["bare_how"] == result["raylm_how"] == "compile off, fp32"
     out = (gpu_suite_smoke / "stdout.txt").read_text()
+    assert "activation checkpointing none (both sides)" in out and "steps 6-10 timed on both sides" in out
     assert "from [README.md, data_pipeline/*.py]" in out  # the fallback, not the embedded plays
     assert re.search(r"tokenizer: \d+ tokens \(asked for 512\)", out)
     assert re.search(rf"ratio raylm / bare {RATIO}", out)
