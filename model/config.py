@@ -31,6 +31,10 @@ class ModelConfig:
     preset: Optional[str] = None  # a name from PRESETS; explicit keys override its values
     arch: Literal["gpt", "lstm"] = "gpt"
     vocab_size: int = field(default=512, metadata={"min": 2})
+    # The embedding and head get this many rows rounded up to a multiple of it (nanoGPT's 50,304 for
+    # GPT-2's 50,257): matmul shapes GPU kernels tile well. The extra rows are never a token: they get no
+    # probability in training, sampling or eval, and exports drop them.
+    pad_vocab_to: int = field(default=1, metadata={"min": 1})
     block_size: int = field(default=128, metadata={"min": 1})  # context length in tokens
     n_layer: int = field(default=2, metadata={"min": 1})
     n_head: int = field(default=2, metadata={"min": 1})
@@ -72,6 +76,11 @@ class ModelConfig:
         return {**PRESETS[preset], **values}
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of pad_vocab_to."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -93,6 +102,7 @@ class ModelConfig:
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> dict:
     return dict(
         vocab_size=50257,
+        pad_vocab_to=64,  # 50,304 rows, as nanoGPT trains it
         block_size=1024,
         n_layer=n_layer,
         n_head=n_head,
@@ -121,9 +131,10 @@ def _modern(n_layer: int, n_embd: int, head_dim: int = 64, vocab_size: int = 327
     )
 
 
-# Parameter counts (vocab as given, model.flops.count_params; `raylm model-info --list` prints them):
-# tiny 0.14M, micro 1.09M, mini 3.5M, shakespeare 1.31M, gpt2-small 124.4M, gpt2-medium 354.8M,
-# gpt2-large 774.0M, gpt2-xl 1557.6M, gpt3-xl 1315.7M; GPT-2 counts pinned by tests/model/test_model.py.
+# Parameter counts (model.flops.count_params, padding rows included; `raylm model-info --list` prints
+# them): tiny 0.14M, micro 1.09M, mini 3.5M, shakespeare 1.31M, gpt2-small 124.5M, gpt2-medium 354.9M,
+# gpt2-large 774.1M, gpt2-xl 1557.7M, gpt3-xl 1315.8M; at pad_vocab_to=1 the GPT-2 counts are Hugging
+# Face's (124.4M ...), pinned by tests/model/test_model.py.
 # The Llama-style ladder (aspect ratio n_embd / n_layer = 64, head_dim 64, vocab 32768) is named by its
 # total count, rounded, as Chinchilla counts N (tests/model/test_presets.py holds each name to within 2%):
 #   preset        n_layer  n_embd  params   non-embedding

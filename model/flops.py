@@ -35,9 +35,9 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     body = cfg.n_layer * (2 * norm + attn + mlp) + norm  # + ln_f
     if non_embedding:
         return body
-    wte = cfg.vocab_size * d
+    wte = cfg.padded_vocab_size * d  # padding rows are parameters too (and matmul work)
     wpe = cfg.block_size * d if cfg.pos_encoding == "learned" else 0
-    lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    lm_head = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * d
     return body + wte + wpe + lm_head
 
 
@@ -50,10 +50,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     QK^T and AV are 2 * 2 * seq_len * n_embd per layer forward, counted without the causal half
     discount, times 3 for forward + backward.
     """
-    n_matmul = count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
+    n_matmul = count_params(cfg, non_embedding=True) + _head_rows(cfg) * cfg.n_embd
     if cfg.arch == "lstm":
         return 6.0 * n_matmul  # no attention term: an LSTM's cost per token does not grow with seq_len
     return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
+
+
+def _head_rows(cfg: ModelConfig) -> int:
+    """Rows of the head's matrix: the GPT's padded vocabulary; the LSTM baseline does not pad."""
+    return cfg.vocab_size if cfg.arch == "lstm" else cfg.padded_vocab_size
 
 
 def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
@@ -110,7 +115,7 @@ def activation_bytes(
     per_layer = tokens * ((attn + mlp) * width + masks)
     n_ckpt = len(checkpointed_blocks(cfg.n_layer, activation_checkpointing, checkpoint_every))
     kept = n_ckpt * tokens * h * width + (cfg.n_layer - n_ckpt) * per_layer
-    vocab = cfg.vocab_size
+    vocab = cfg.padded_vocab_size
     loss_grads = tokens * h * width + vocab * h * 4
     chunk = min(tokens, loss_chunk_rows(vocab)) * vocab * (4 + (width if width < 4 else 0))  # + a bf16 matmul's output
     loss_forward = tokens * 2 * h * width + loss_grads + vocab * h * width + chunk
@@ -208,7 +213,7 @@ def estimate_cpu_step_memory(
     """
     n = count_params(cfg)
     params, grads, optimizer = 4 * n, 4 * n, 8 * n
-    largest = 4 * max(cfg.vocab_size * cfg.n_embd, cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1))
+    largest = 4 * max(_head_rows(cfg) * cfg.n_embd, cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1))
     activations = activation_bytes(
         cfg,
         micro_batch_size=micro_batch_size,
@@ -246,7 +251,9 @@ def model_info_text(
     lines = [
         f"model           {cfg.preset or 'custom'}: {cfg.n_layer} layers, {cfg.n_head} heads "
         f"({cfg.kv_heads} kv), n_embd {cfg.n_embd}, {cfg.mlp}, {cfg.norm}, {cfg.pos_encoding}, "
-        f"vocab {cfg.vocab_size}, block_size {cfg.block_size}",
+        f"vocab {cfg.vocab_size}"
+        + (f" (padded to {cfg.padded_vocab_size} rows)" if _head_rows(cfg) != cfg.vocab_size else "")
+        + f", block_size {cfg.block_size}",
         f"params          {n:,} ({n / 1e6:.1f}M)",
         f"non-embedding   {n_body:,} ({n_body / 1e6:.1f}M; excludes wte, wpe, untied lm_head)",
         f"FLOPs/token     {flops_per_token(cfg, seq_len):.4g} (training, seq_len {seq_len})",

@@ -25,7 +25,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        layers = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        layers = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
         if cfg.pos_encoding == "learned":
             layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.transformer = nn.ModuleDict(
@@ -42,7 +42,7 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "rope":
             self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
-        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size)
         self.checkpointed = frozenset()  # block indices recomputed in backward (set_activation_checkpointing)
         self.init_weights()
 

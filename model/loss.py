@@ -28,12 +28,19 @@ class LMHead(nn.Linear):
     """The vocabulary projection (an ``nn.Linear`` without bias; its weight may be tied to the token
     embedding). ``head(x)`` gives logits; ``head(x, targets)`` gives the mean cross-entropy against
     ``targets`` (-1: ignored) without the logits. Both run through the module call, so DeepSpeed
-    ZeRO-3's hooks gather the weight for either."""
+    ZeRO-3's hooks gather the weight for either. Rows past ``vocab_size`` (padding: the matmul runs
+    over them) are never a token: logits leave them out and the loss gives them no probability."""
+
+    def __init__(self, in_features: int, out_features: int, *, vocab_size: int | None = None, **kwargs) -> None:
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.vocab_size = vocab_size or out_features
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
-            return F.linear(x, self.weight)
-        return _LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+            logits = F.linear(x, self.weight)
+            return logits[..., : self.vocab_size] if self.vocab_size < self.out_features else logits
+        flat = x.reshape(-1, x.size(-1))
+        return _LinearCrossEntropy.apply(flat, self.weight, targets.reshape(-1), self.vocab_size)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -42,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     would); the log-softmax, the loss and the weight's gradient accumulate in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = targets != -1
         count = valid.sum().clamp(min=1)  # a tensor: no host sync
@@ -55,6 +62,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + rows], picked_targets[start : start + rows]
             keep = valid[start : start + rows].float()
             logits = F.linear(h, weight).float()
+            if vocab_size < logits.size(1):
+                logits[:, vocab_size:] = float("-inf")  # padding rows: no probability, no gradient
             picked = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp in place (torch.logsumexp would hold a second chunk-sized tensor)
             top = logits.amax(dim=-1, keepdim=True)
@@ -83,4 +92,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None

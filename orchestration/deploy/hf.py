@@ -202,7 +202,8 @@ def hf_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
     """raylm GPT weights under the family's HF names, fp32, every tensor the HF class holds.
 
     A tied lm_head is left out (HF ties it on load). Biases raylm lacks but the HF class has
-    (GPT-2's linears; any LayerNorm's) are zeros, which computes the same function.
+    (GPT-2's linears; any LayerNorm's) are zeros, which computes the same function. The vocabulary's
+    padding rows (``pad_vocab_to``) are dropped: the export holds ``vocab_size`` rows, as its config says.
     """
     cfg: ModelConfig = model.cfg
     params = {n: p.detach().float().cpu() for n, p in model.named_parameters()}  # tied: wte only
@@ -217,7 +218,8 @@ def hf_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
             state[f"{hf}.bias"] = params.get(f"{raylm}.bias", torch.zeros(d))
 
     gpt2 = family == "gpt2"
-    state["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"] = params["transformer.wte.weight"]
+    vocab = cfg.vocab_size
+    state["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"] = params["transformer.wte.weight"][:vocab]
     if gpt2:
         # GPT-2's learned table can hold raylm's fixed sinusoidal one: x + table[pos] either way
         table = params["transformer.wpe.weight"] if cfg.pos_encoding == "learned" else model.pos_table.float().cpu()
@@ -237,7 +239,7 @@ def hf_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
                     state[f"{hf_module}.bias"] = b
     norm("transformer.ln_f", "transformer.ln_f" if gpt2 else "model.norm")
     if not cfg.tie_embeddings:
-        state["lm_head.weight"] = params["lm_head.weight"]
+        state["lm_head.weight"] = params["lm_head.weight"][:vocab]
     return {k: v.contiguous() for k, v in state.items()}
 
 

@@ -3,6 +3,7 @@ arithmetic, and that a tiny GPT actually learns. CPU-only, tiny configs, seconds
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -142,7 +143,7 @@ def test_context_limits():
     assert len(generate(model, [list(range(40))], 5, temperature=0)[0]) == 1  # cropped to the context
 
 
-GPT2_PARAMS = {
+GPT2_PARAMS = {  # Hugging Face's counts, at GPT-2's 50,257 rows (pad_vocab_to=1)
     "gpt2-small": 124_439_808,
     "gpt2-medium": 354_823_168,
     "gpt2-large": 774_030_080,
@@ -156,8 +157,10 @@ def test_count_params_matches_built_model_for_every_preset(name):
     with torch.device("meta"):
         model = GPT(cfg)
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())
-    if name in GPT2_PARAMS:
-        assert count_params(cfg) == GPT2_PARAMS[name]
+    if name in GPT2_PARAMS:  # the presets pad the vocabulary to 50,304 rows, as nanoGPT does
+        assert cfg.padded_vocab_size == 50_304
+        assert count_params(dataclasses.replace(cfg, pad_vocab_to=1)) == GPT2_PARAMS[name]
+        assert count_params(cfg) == GPT2_PARAMS[name] + (50_304 - 50_257) * cfg.n_embd
 
 
 @pytest.mark.parametrize(
@@ -196,8 +199,8 @@ def test_flops_per_token_by_hand():
     assert count_params(cfg, non_embedding=True) == n_body == 100_096
     assert flops_per_token(cfg, 128) == 6 * (n_body + 512 * 64) + 12 * 2 * 128 * 64 == 993_792
     gpt2 = model_config_from_preset("gpt2-small")
-    # nanoGPT's estimate_mfu for GPT-2 124M at T=1024: 6 * (params - wpe) + 12 * L * T * d
-    assert flops_per_token(gpt2, 1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 1024 * 768
+    # nanoGPT's estimate_mfu for GPT-2 124M (its 50,304 rows) at T=1024: 6 * (params - wpe) + 12 * L * T * d
+    assert flops_per_token(gpt2, 1024) == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 1024 * 768
     assert 6 * count_params(gpt2) / flops_per_token(gpt2, 1024) > 0.85  # 6N dominates
 
 
@@ -237,7 +240,7 @@ def test_model_info_text_lists_counts_and_every_stage():
         precision="bf16",
         offload_optimizer=True,
     )
-    assert "124,439,808" in text and "85,056,000" in text
+    assert "124,475,904" in text and "85,056,000" in text
     assert [line.split()[0] for line in text.splitlines()[-4:]] == ["0", "1", "2", "3"]
     cpu_line = next(line for line in text.splitlines() if line.startswith("CPU fp32 step"))
     none_gib, full_gib = (float(g) for g in re.findall(r"([\d.]+) GiB", cpu_line))
