@@ -175,7 +175,7 @@ def measure(args) -> list[dict]:
         f"steps {start + 1}-{total_steps} timed on both sides"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
-    bare_how = f"compile {_compile_scope(args.compile, 'whole model')}, {_precision('bare', args.precision, 0)}"
+    bare_how = f"compile {'whole model' if args.compile else 'off'}, {_precision(args.precision, deepspeed=False)}"
     print(
         f"  {'bare PyTorch loop':34s} {_side(bare, bare_peak, fpt, peak)}   torch threads {torch.get_num_threads()}"
         f"   {bare_how}"
@@ -185,7 +185,8 @@ def measure(args) -> list[dict]:
         ours, last, run = raylm_path(bench_config(args, manifest, stage), start)
         path = "DDP" if stage == 0 else f"ZeRO-{stage}"
         ours_peak = last["peak_memory_bytes"] if args.gpu else None
-        ours_how = f"compile {_compile_scope(args.compile, 'per block')}, {_precision('raylm', args.precision, stage)}"
+        precision = _precision(args.precision, deepspeed=stage > 0)
+        ours_how = f"compile {'per block' if args.compile else 'off'}, {precision}"
         print(
             f"  {'raylm, ' + path + ', 1 Ray Train worker':34s} {_side(ours, ours_peak, fpt, peak)}   torch threads "
             f"{last['torch_threads']}   {ours_how}   ratio raylm / bare {ours / bare:.3f} (target >= 0.95)   "
@@ -252,18 +253,12 @@ def bench_config(args, manifest: dict, stage: int):
     )
 
 
-def _compile_scope(compiled: bool, scope: str) -> str:
-    return scope if compiled else "off"
-
-
-def _precision(side: str, precision: str, stage: int) -> str:
-    """What each side's precision means: the bare loop and raylm's DDP autocast the matmuls over fp32
+def _precision(precision: str, deepspeed: bool) -> str:
+    """What a side's precision means: the bare loop and raylm's DDP autocast the matmuls over fp32
     weights; DeepSpeed's bf16 casts the module and keeps fp32 masters in its optimizer."""
     if precision == "fp32":
         return "fp32"
-    if side == "bare" or stage == 0:
-        return f"{precision} autocast, fp32 weights"
-    return f"{precision} module (DeepSpeed), fp32 masters"
+    return f"{precision} module (DeepSpeed), fp32 masters" if deepspeed else f"{precision} autocast, fp32 weights"
 
 
 def _side(tokens_per_s: float, peak_bytes, flops_per_token: float, peak_flops) -> str:

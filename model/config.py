@@ -77,7 +77,10 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding and the head: vocab_size rounded up to a multiple of pad_vocab_to."""
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of pad_vocab_to (the
+        LSTM baseline does not pad)."""
+        if self.arch == "lstm":
+            return self.vocab_size
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     @property

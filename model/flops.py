@@ -50,15 +50,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     QK^T and AV are 2 * 2 * seq_len * n_embd per layer forward, counted without the causal half
     discount, times 3 for forward + backward.
     """
-    n_matmul = count_params(cfg, non_embedding=True) + _head_rows(cfg) * cfg.n_embd
+    n_matmul = count_params(cfg, non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
     if cfg.arch == "lstm":
         return 6.0 * n_matmul  # no attention term: an LSTM's cost per token does not grow with seq_len
     return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
-
-
-def _head_rows(cfg: ModelConfig) -> int:
-    """Rows of the head's matrix: the GPT's padded vocabulary; the LSTM baseline does not pad."""
-    return cfg.vocab_size if cfg.arch == "lstm" else cfg.padded_vocab_size
 
 
 def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
@@ -213,7 +208,8 @@ def estimate_cpu_step_memory(
     """
     n = count_params(cfg)
     params, grads, optimizer = 4 * n, 4 * n, 8 * n
-    largest = 4 * max(_head_rows(cfg) * cfg.n_embd, cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1))
+    mlp_matrix = cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1)
+    largest = 4 * max(cfg.padded_vocab_size * cfg.n_embd, mlp_matrix)
     activations = activation_bytes(
         cfg,
         micro_batch_size=micro_batch_size,
@@ -252,7 +248,7 @@ def model_info_text(
         f"model           {cfg.preset or 'custom'}: {cfg.n_layer} layers, {cfg.n_head} heads "
         f"({cfg.kv_heads} kv), n_embd {cfg.n_embd}, {cfg.mlp}, {cfg.norm}, {cfg.pos_encoding}, "
         f"vocab {cfg.vocab_size}"
-        + (f" (padded to {cfg.padded_vocab_size} rows)" if _head_rows(cfg) != cfg.vocab_size else "")
+        + (f" (padded to {cfg.padded_vocab_size} rows)" if cfg.padded_vocab_size != cfg.vocab_size else "")
         + f", block_size {cfg.block_size}",
         f"params          {n:,} ({n / 1e6:.1f}M)",
         f"non-embedding   {n_body:,} ({n_body / 1e6:.1f}M; excludes wte, wpe, untied lm_head)",

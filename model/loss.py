@@ -31,8 +31,8 @@ class LMHead(nn.Linear):
     ZeRO-3's hooks gather the weight for either. Rows past ``vocab_size`` (padding: the matmul runs
     over them) are never a token: logits leave them out and the loss gives them no probability."""
 
-    def __init__(self, in_features: int, out_features: int, *, vocab_size: int | None = None, **kwargs) -> None:
-        super().__init__(in_features, out_features, bias=False, **kwargs)
+    def __init__(self, in_features: int, out_features: int, *, vocab_size: int | None = None) -> None:
+        super().__init__(in_features, out_features, bias=False)
         self.vocab_size = vocab_size or out_features
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -225,6 +225,9 @@ def universal_checkpoint(local_dir: str, meta: dict, world_size: int) -> Optiona
     import contextlib
     import io
 
+    from orchestration.train.engine import import_deepspeed
+
+    import_deepspeed()  # before DeepSpeed's first import in this worker: without its mlflow import
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     out = tempfile.mkdtemp(prefix="raylm_universal_")
