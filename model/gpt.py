@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig, checkpointed_blocks
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
@@ -43,7 +42,6 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
         self.lm_head = LMHead(cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size)
-        self.checkpointed = frozenset()  # block indices recomputed in backward (set_activation_checkpointing)
         self.init_weights()
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -86,24 +84,28 @@ class GPT(nn.Module):
 
         mode "none" | "full" (every block) | "selective" (every ``every``-th block; see
         ``model.config.checkpointed_blocks``). A checkpointed block keeps only its input and runs its
-        forward again during backward (torch.utils.checkpoint, non-reentrant: works under DeepSpeed
-        ZeRO, torch.compile and with frozen parameters). Applies to training forwards only: no-grad
+        forward again during backward (``Block.recompute``). Applies to training forwards only: no-grad
         and KV-cache forwards run as usual. Returns the checkpointed block indices.
         """
-        self.checkpointed = frozenset(checkpointed_blocks(self.cfg.n_layer, mode, every))
-        return tuple(sorted(self.checkpointed))
+        chosen = checkpointed_blocks(self.cfg.n_layer, mode, every)
+        for i, block in enumerate(self.transformer.h):
+            block.recompute = i in chosen
+        return chosen
 
     def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile each transformer block on its own (torchtitan's per-block compile), in place.
+        """torch.compile each transformer block's forward on its own (torchtitan's per-block compile), in place.
 
         Each block's backward is then a separate compiled graph, so gradient hooks (DeepSpeed's or
         DDP's all-reduce/reduce-scatter buckets) fire block by block during backward and
         communication overlaps compute; compiling the whole model runs them only after the whole
-        backward. Parameter names do not change (``nn.Module.compile``), so state dicts and
-        checkpoints are the same as eager's. compile_kwargs go to torch.compile (e.g. mode, fullgraph).
+        backward. The forward is compiled, not the module call: hooks on a block (DeepSpeed ZeRO-3's
+        parameter gather and release, which are compile-disabled) run eagerly around its graph rather
+        than breaking it, and activation checkpointing (inside ``Block.forward``) is compiled with it.
+        Parameter names do not change, so state dicts and checkpoints are the same as eager's.
+        compile_kwargs go to torch.compile (e.g. backend, mode, fullgraph).
         """
         for block in self.transformer.h:
-            block.compile(**compile_kwargs)
+            block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None
@@ -146,11 +148,6 @@ class GPT(nn.Module):
             x = x + self.pos_table[pos].to(x.dtype)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
         x = self.transformer.drop(x)
-        recompute = self.checkpointed if kv_cache is None and torch.is_grad_enabled() else ()
-        for i, block in enumerate(self.transformer.h):
-            if i in recompute:
-                # keeps x only; the default preserve_rng_state replays dropout masks exactly
-                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, rope, kv_cache, attn_mask)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache, attn_mask)
         return self.transformer.ln_f(x)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 
@@ -150,7 +151,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    ``recompute`` (set by ``GPT.set_activation_checkpointing``): a training forward keeps only the
+    block's input and runs the block again in backward. The checkpoint sits inside ``forward``, so a
+    compiled block (``GPT.compile_blocks``) compiles the recomputation with it, torchtitan's order
+    (checkpoint inside, compile outside), instead of a checkpoint around an opaque compiled call.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -158,6 +165,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.recompute = False
 
     def forward(
         self,
@@ -166,5 +174,12 @@ class Block(nn.Module):
         kv_cache=None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.recompute and kv_cache is None and torch.is_grad_enabled():
+            # non-reentrant: works under DeepSpeed ZeRO, torch.compile and with frozen parameters; the
+            # default preserve_rng_state replays dropout masks exactly
+            return checkpoint(self._attn_and_mlp, x, rope, None, attn_mask, use_reentrant=False)
+        return self._attn_and_mlp(x, rope, kv_cache, attn_mask)
+
+    def _attn_and_mlp(self, x, rope, kv_cache, attn_mask) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))

@@ -59,6 +59,9 @@ class TrainConfig:
     offload_params: bool = False  # ZeRO-3 only: parameters on CPU between uses
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: bf16 with use_gpu, else fp32
     compile: Optional[bool] = None  # torch.compile each transformer block (the LSTM: whole); None: = use_gpu
+    # torch.compile's backend: inductor generates kernels; aot_eager / eager trace without them (to tell a
+    # compiler bug from a model one, or compile fast on CPU); cudagraphs replays CUDA graphs
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
     # recompute activations in the backward instead of keeping them: every block, or every k-th (selective)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     activation_checkpointing_every: int = field(default=2, metadata={"min": 1})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.distributed as dist
 
 from orchestration.train.config import TrainConfig
 
@@ -107,7 +108,12 @@ def seed_everything(seed: int) -> None:
 def prepare_model(raw_model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
     """Activation checkpointing and compilation as ``train`` asks, in place. A GPT (or a classifier's
     GPT backbone) is compiled block by block, as torchtitan does, so DeepSpeed's gradient hooks fire per
-    block and communication overlaps the rest of the backward; parameter names do not change."""
+    block and communication overlaps the rest of the backward; parameter names do not change.
+
+    At ZeRO-3 the blocks also become DeepSpeed leaf modules: their parameters are gathered once per
+    block by hooks on the block, which run eagerly around the compiled forward, instead of by
+    compile-disabled hooks on every Linear, each a graph break. Where that cannot work, compile is
+    turned off with one line saying why (``zero3_compile_obstacle``)."""
     gpt = getattr(raw_model, "backbone", raw_model)
     if train.activation_checkpointing != "none":
         if not hasattr(gpt, "set_activation_checkpointing"):
@@ -115,10 +121,37 @@ def prepare_model(raw_model: torch.nn.Module, train: TrainConfig) -> torch.nn.Mo
         gpt.set_activation_checkpointing(train.activation_checkpointing, every=train.activation_checkpointing_every)
     if not train.compile:
         return raw_model
+    if train.zero_stage == 3:
+        obstacle = zero3_compile_obstacle(gpt)
+        if obstacle:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"[raylm] train.compile is off: at ZeRO-3 {obstacle}", flush=True)
+            return raw_model
+        import_deepspeed().utils.set_z3_leaf_modules(gpt, [type(gpt.transformer.h[0])])
     if hasattr(gpt, "compile_blocks"):
-        gpt.compile_blocks()
+        gpt.compile_blocks(backend=train.compile_backend)
         return raw_model
-    return torch.compile(raw_model)
+    return torch.compile(raw_model, backend=train.compile_backend)
+
+
+def zero3_compile_obstacle(gpt: torch.nn.Module) -> str | None:
+    """Why ``gpt`` cannot be compiled under ZeRO-3 without graph breaks, or None. Per-block compile
+    needs blocks to be leaf modules, and DeepSpeed reduces a leaf module's gradients from its full
+    backward hook, which fires before the block's parameter gradients exist when the block's input
+    needs no gradient (frozen embeddings, as with LoRA): their gradients would be reduced as zeros."""
+    if not hasattr(gpt, "compile_blocks"):
+        return (
+            f"{type(gpt).__name__} has no transformer blocks to compile one by one, and compiling it whole "
+            "breaks its graph at every layer's compile-disabled parameter-gathering hook"
+        )
+    embeddings = [m for name, m in gpt.transformer.items() if name in ("wte", "wpe")]
+    if not any(p.requires_grad for m in embeddings for p in m.parameters()):
+        return (
+            "each compiled block is a DeepSpeed leaf module, whose gradients are reduced when the "
+            "block's input gradient is ready; the embeddings are frozen (LoRA), so the first block's "
+            "input has none and its gradients would be reduced before they exist"
+        )
+    return None
 
 
 def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.device, load_universal: bool = False):

@@ -60,8 +60,9 @@ def test_checkpointing_recomputes_only_the_chosen_blocks():
     model = GPT(tiny())
     calls = [0] * 4
     for i, block in enumerate(model.transformer.h):
-        # a pre-hook: recomputation stops early, once the saved tensors are rebuilt, so post-hooks miss it
-        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        # on the block's first layer, as the checkpoint is inside the block's forward; a pre-hook, as
+        # recomputation stops early, once the saved tensors are rebuilt, so post-hooks could miss it
+        block.ln_1.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     x = torch.randint(0, 64, (2, 32))
     model.set_activation_checkpointing("selective", every=2)
     model(x, x)[1].backward()
@@ -83,7 +84,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     compiled = GPT(cfg)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks()
-    compiled.set_activation_checkpointing("selective")  # checkpoint around a compiled block too
+    compiled.set_activation_checkpointing("selective")  # the recomputation compiled inside the block
     assert list(compiled.state_dict()) == list(eager.state_dict())  # names unchanged for checkpoints
     x, y = torch.randint(0, 64, (2, 2, 32))
     for _ in range(2):  # the second call reuses the compiled graphs
@@ -93,3 +94,23 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_compiled_block_compiles_its_checkpoint_inside():
+    """torchtitan's order: the recomputation is part of the block's compiled graph (Dynamo's
+    tag_activation_checkpoint), not a checkpoint wrapped around an opaque compiled call."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=2))
+    model.set_activation_checkpointing("selective")  # block 1 only
+    model.compile_blocks(backend=capture)
+    x, y = torch.randint(0, 64, (2, 2, 32))
+    model(x, y)[1].backward()
+    assert len(graphs) == 2  # one per kind of block, no graph breaks
+    assert sum("tag_activation_checkpoint" in ops for ops in graphs) == 1
+    assert list(model.state_dict()) == list(GPT(tiny(n_layer=2)).state_dict())

@@ -138,6 +138,56 @@ def test_bf16_trains_the_same_trajectory_on_ddp_and_every_zero_stage():
         assert gap < 5e-3, (stage, gap)
 
 
+def test_compile_checkpointing_and_zero3_train_the_same_losses():
+    """tests/train/compile_engines_run.py in its own process: the same tiny GPT (dropout 0.1, so
+    recomputation must replay its masks) and batches at ZeRO 0 (DDP) and 3 (DeepSpeed) x activation
+    checkpointing none/full x compile off/on (aot_eager), 6 steps of 2 micro-batches, fp32. Compiled
+    ZeRO-3 blocks are leaf modules: one graph, no graph break at DeepSpeed's hooks. Not a trainer
+    launch: one rank, no Ray."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_ports
+
+    script = Path(__file__).with_name("compile_engines_run.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--port", str(free_ports(1)[0]), "--dropout", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(runs) == {f"{s}/{c}/{o}" for s in (0, 3) for c in ("none", "full") for o in ("off", "on")}
+    eager = runs["0/none/off"]["losses"]
+    assert eager[-1] < eager[0] - 0.15  # it learns
+    for combo, run in runs.items():
+        gap = max(abs(a - b) for a, b in zip(run["losses"], eager))
+        print(f"{combo} (ZeRO stage/checkpointing/compile) vs eager DDP: largest loss gap {gap:.1e}")
+        assert gap < 1e-5, (combo, gap)
+        if combo.endswith("/on"):
+            assert (run["graph_breaks"], run["graphs"]) == (0, 1), combo
+    assert "compile is off" not in done.stdout
+
+
+def test_zero3_compile_is_off_where_leaf_blocks_cannot_reduce_gradients():
+    from model.config import ModelConfig
+    from model.gpt import GPT
+    from model.lstm import LSTMLM
+    from orchestration.train.engine import zero3_compile_obstacle
+
+    gpt = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    assert zero3_compile_obstacle(gpt) is None
+    gpt.transformer.wte.requires_grad_(False)
+    assert zero3_compile_obstacle(gpt) is None  # learned positions still train: the blocks' input has a gradient
+    gpt.requires_grad_(False)  # LoRA freezes everything but its adapters
+    gpt.transformer.h[0].attn.c_attn.requires_grad_(True)
+    assert "frozen" in zero3_compile_obstacle(gpt)
+    assert "no transformer blocks" in zero3_compile_obstacle(LSTMLM(ModelConfig(arch="lstm", vocab_size=64)))
+
+
 def test_gpu_runs_default_to_bf16_and_compile():
     gpu = load_config(None, ["train.use_gpu=true"]).train
     assert (gpu.precision, gpu.compile) == ("bf16", True)
