@@ -185,7 +185,7 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
     from orchestration.finetune.summary import summary_blocks
     from orchestration.finetune.task import FINETUNE_FILE, finetune_task
     from orchestration.report.render import markdown
-    from orchestration.train.driver import check_warmup, launch, resume_point, run_dir
+    from orchestration.train.driver import check_train_section, launch, resume_point, run_dir
 
     t0 = time.time()
     check_config(cfg)
@@ -205,7 +205,7 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
             f"({train.num_workers} x {train.micro_batch_size}); fine-tuning needs a val split"
         )
     total_steps = train.total_steps(data.seq_len)
-    check_warmup(train, total_steps)
+    check_train_section(train, total_steps)
 
     # --- run directory, resume, before-metrics
     run = run_dir(train)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -58,6 +58,10 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states and step on CPU
     offload_params: bool = False  # ZeRO-3 only: parameters on CPU between uses
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: bf16 with use_gpu, else fp32
+    # merged into the DeepSpeed config raylm generates (stages 1-3), e.g. {zero_optimization:
+    # {stage3_max_live_parameters: 1e8}}; checked against DeepSpeed's own config before workers start.
+    # Keys raylm sets from train.* (batch sizes, stage, precision, clipping, offload devices) are refused.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     compile: Optional[bool] = None  # torch.compile each transformer block (the LSTM: whole); None: = use_gpu
     # torch.compile's backend: inductor generates kernels; aot_eager / eager trace without them (to tell a
     # compiler bug from a model one, or compile fast on CPU); cudagraphs replays CUDA graphs
@@ -104,6 +108,9 @@ class TrainConfig:
             )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        self.deepspeed = _json_numbers(self.deepspeed)
+        if self.deepspeed and self.zero_stage == 0:
+            raise ValueError("train.deepspeed configures DeepSpeed, which runs stages 1-3; zero_stage 0 is torch DDP")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO owns the optimizer states)")
         self._resolve_batch()
@@ -154,3 +161,17 @@ class TrainConfig:
         if self.max_steps is not None:
             return self.max_steps
         return math.ceil(self.max_tokens / (self.global_batch_size * seq_len))
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with number-like strings made numbers: YAML reads 1e7 as a string, where DeepSpeed's
+    JSON-minded config (whose docs write 1e9) wants a number."""
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+    return value

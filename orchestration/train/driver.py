@@ -85,7 +85,7 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
             "shorter output.seq_len"
         )
     total_steps = train.total_steps(seq_len)
-    check_warmup(train, total_steps)
+    check_train_section(train, total_steps)
     val_sequences = min(train.val_sequences, int(manifest["splits"].get("val", {}).get("sequences", 0)))
     rows_per_rank = math.ceil(val_sequences / train.num_workers)
     val_batches = math.ceil(rows_per_rank / train.micro_batch_size)
@@ -97,9 +97,16 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
     return PretrainFacts(manifest, seq_len, int(tok["n_vocab"]), tok["hash"], total_steps, val_batches, tokenizer_files)
 
 
-def check_warmup(train: TrainConfig, total_steps: int) -> None:
+def check_train_section(train: TrainConfig, total_steps: int) -> None:
+    """The warm-up against the run's length, and ``train.deepspeed`` against DeepSpeed's own config."""
     if train.warmup_steps >= total_steps:
         raise ConfigError(f"train.warmup_steps ({train.warmup_steps}) must be < the run's {total_steps} steps")
+    from orchestration.train.engine import check_deepspeed_passthrough
+
+    try:
+        check_deepspeed_passthrough(train)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resume_point(

@@ -12,23 +12,28 @@ import sys
 import torch
 import torch.distributed as dist
 
+from model.flops import zero_buckets
 from orchestration.train.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping);
-    ``load_universal``: the checkpoint to load is a universal one (resharding to this worker count).
+def deepspeed_config(train: TrainConfig, load_universal: bool = False, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON config for ``train`` (batch sizes, ZeRO stage/offload, precision, clipping),
+    with ``train.deepspeed`` merged over it; ``load_universal``: the checkpoint to load is a universal
+    one (resharding to this worker count).
 
     DeepSpeed's defaults that synchronise the device every step are off: its throughput timer
     (synchronised, for a number we measure ourselves), bf16's overflow check (per-tensor kernels and a
     host read each step; bf16 has fp32's range), and ``overlap_comm`` with one worker (per-parameter
     hooks and a synchronise per bucket with nothing to overlap). Under bf16, gradients accumulate in
-    fp32, as DDP's autocast keeps them, so every stage trains the same numerics."""
+    fp32, as DDP's autocast keeps them, so every stage trains the same numerics. Buckets are sized
+    from the model's ``hidden_size`` (``zero_buckets``) rather than DeepSpeed's billion-parameter
+    defaults."""
     bf16 = train.precision == "bf16"
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
-        # bucket sizes stay at DeepSpeed's defaults (5e8 elements): small buckets mean many small collectives
         zero.update(overlap_comm=train.use_gpu and train.num_workers > 1, contiguous_gradients=True)
+        if hidden_size:
+            zero.update(zero_buckets(train.zero_stage, hidden_size))
     if train.zero_stage == 3:
         # Lets save_16bit_model gather the full weights; we gather fp32 ourselves but keep it usable.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
@@ -54,7 +59,82 @@ def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict:
     }
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    return config
+    return _merged(config, train.deepspeed)
+
+
+# train.deepspeed keys raylm derives from train.* (setting them there would make the two disagree)
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "checkpoint.load_universal": "nothing: raylm sets it when a checkpoint is resharded",
+}
+
+
+def check_deepspeed_passthrough(train: TrainConfig) -> None:
+    """Raises ValueError naming the key when ``train.deepspeed`` sets a key raylm derives, a key
+    DeepSpeed would ignore (a typo), or a value DeepSpeed's own config model refuses. Imports
+    DeepSpeed (a few seconds) only when ``train.deepspeed`` is set."""
+    if not train.deepspeed:
+        return
+    for dotted, source in DERIVED_DEEPSPEED_KEYS.items():
+        node = train.deepspeed
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ValueError(f"train.deepspeed.{dotted} is derived from {source}; set that instead")
+    config = _KeysRead(deepspeed_config(train))
+    config["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps  # DeepSpeed checks one rank here
+    import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(config)
+    except Exception as err:  # pydantic's ValidationError or DeepSpeed's own checks
+        said = " ".join(line.strip() for line in str(err).splitlines() if "For further information" not in line)
+        raise ValueError(f"train.deepspeed: DeepSpeed refuses the merged config: {said}") from None
+    unread = sorted(set(train.deepspeed) - config.read)
+    if unread:
+        raise ValueError(f"train.deepspeed.{unread[0]} is not a key DeepSpeed reads (it would be ignored)")
+
+
+class _KeysRead(dict):
+    """A dict that remembers which of its keys were looked up (DeepSpeed ignores top-level keys it does
+    not know, so a key it never reads is a typo)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def pop(self, key, *default):
+        self.read.add(key)
+        return super().pop(key, *default)
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it, mappings merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -168,10 +248,16 @@ def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.dev
     engine, _, _, _ = deepspeed.initialize(
         model=prepare_model(raw_model, train),
         optimizer=build_optimizer(raw_model, train),
-        config=deepspeed_config(train, load_universal),
+        config=deepspeed_config(train, load_universal, hidden_size=_hidden_size(raw_model)),
         dist_init_required=False,
     )
     return engine
+
+
+def _hidden_size(raw_model: torch.nn.Module) -> int | None:
+    """The model's width (a GPT's, a classifier backbone's, the LSTM's), for bucket sizes."""
+    cfg = getattr(getattr(raw_model, "backbone", raw_model), "cfg", None)
+    return getattr(cfg, "n_embd", None)
 
 
 def import_deepspeed():

@@ -46,6 +46,7 @@ def worker_loop(loop_config: dict) -> None:
         worker_device,
         wrap_model,
     )
+    from orchestration.train.memory import MemoryPhases, configure_allocator
     from orchestration.train.prometheus import TrainMetricsExporter
     from orchestration.train.throughput import peak_flops_per_device, throughput
     from orchestration.train.trackers import open_trackers
@@ -60,7 +61,10 @@ def worker_loop(loop_config: dict) -> None:
 
     # --- setup: the task's model (seeded: identical on every rank), then DDP or DeepSpeed wraps it
     device = worker_device(train)
+    configure_allocator(device, train.zero_stage)
+    phases = MemoryPhases(device)  # each phase's peak once, in the first records that follow it
     task: Task = loop_config["make_task"](plan, device, rank, world_size)
+    phases.end("build")
     model_cfg = ModelConfig(**plan.model_config)
     total_steps, tokens_per_step = plan.total_steps, train.global_batch_size * plan.seq_len
     peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train.precision)
@@ -81,6 +85,7 @@ def worker_loop(loop_config: dict) -> None:
         if meta:
             restore_checkpoint(engine, local_dir, meta, rank=rank, world_size=world_size, universal_dir=universal_dir)
             step = meta["step"]
+    phases.end("engine_init")
     if rank == 0:
         metrics_log.truncate_after(step)  # lines past the resume point are about to be redone
         if task.banner or step:
@@ -111,7 +116,8 @@ def worker_loop(loop_config: dict) -> None:
     while step < total_steps and not (stopper.stopped or stop_on_request):
         if step == fail_at and rank == world_size - 1:
             _crash_once(os.environ.get(FAIL_MARKER_ENV))
-        lr = optimizer_step(engine, train, step, total_steps, batches, window, task, device)
+        measured = None if phases.measured("optimizer_step") else phases  # the first step's phases
+        lr = optimizer_step(engine, train, step, total_steps, batches, window, task, device, measured)
         step += 1
         window.steps += 1
 
@@ -144,7 +150,7 @@ def worker_loop(loop_config: dict) -> None:
             "step_time_s": seconds / window.steps,
             "data_wait_s": window.data_wait_s / window.steps,
             "optimizer_state_numel_per_rank": opt_numel,
-            "peak_memory_bytes": _peak_memory_bytes(device),
+            "peak_memory_bytes": phases.peak_bytes(),  # rank 0's, since its process started
             "torch_threads": torch.get_num_threads(),
             **task.record_extra,
             **throughput(
@@ -158,7 +164,9 @@ def worker_loop(loop_config: dict) -> None:
         if task.data_stats is not None:
             record.update(data_read_per_rank(task.data_stats()))
         if do_eval and task.val_batches is not None:
+            phases.start()
             record.update(validation_metrics(engine, task, device))
+            phases.end("eval")
             record.update(stopper.after_eval(record["val_loss"], is_last))
         if stop_on_request:
             record["stopped_on_request"] = True
@@ -168,6 +176,7 @@ def worker_loop(loop_config: dict) -> None:
             # last save (or every save of a task that keeps weights per checkpoint) also writes the
             # consolidated weights. The upload is async.
             t_ckpt = time.perf_counter()
+            phases.start()
             ckpt_dir, bytes_per_rank = save_checkpoint(
                 engine,
                 task.model,
@@ -181,9 +190,11 @@ def worker_loop(loop_config: dict) -> None:
                 consolidate=is_last or stopper.stopped or stop_on_request or task.weight_files is not None,
                 weight_files=task.weight_files,
             )
+            phases.end("save")
             record["checkpoint_s"] = max(_gather(time.perf_counter() - t_ckpt))  # the slowest rank's
             record["checkpoint_bytes_per_rank"] = bytes_per_rank
             exporter.record_checkpoint(record["checkpoint_s"])
+        record.update(_memory_record(phases))
         exporter.record(record)
         if rank == 0:
             metrics_log.append(record)
@@ -218,23 +229,36 @@ def worker_loop(loop_config: dict) -> None:
 
 
 def optimizer_step(
-    engine, train, step: int, total_steps: int, batches: Iterator[dict], window: _Window, task: Task, device
+    engine,
+    train,
+    step: int,
+    total_steps: int,
+    batches: Iterator[dict],
+    window: _Window,
+    task: Task,
+    device,
+    phases=None,
 ) -> float:
     """One optimizer step: set the scheduled lr, then forward/backward ``grad_accum_steps`` micro-batches
     (the engine steps the optimizer on the last one). Losses add up on the device (no host sync); time
-    spent waiting for batches goes to ``window.data_wait_s``. Returns the lr."""
+    spent waiting for batches goes to ``window.data_wait_s``. With ``phases`` (a MemoryPhases: the
+    first step), the peaks of its forwards, backwards and optimizer step are measured. Returns the lr."""
     from orchestration.train.schedule import lr_for
 
     lr = lr_for(train, step, total_steps)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    for _ in range(train.grad_accum_steps):
+    end = phases.end if phases is not None else lambda phase: None
+    for micro in range(train.grad_accum_steps):
         t0 = time.perf_counter()
         batch = next(batches)
         window.data_wait_s += time.perf_counter() - t0
         loss, _, _ = task.forward(engine, batch, device)
+        end("forward")
         engine.backward(loss)
-        engine.step()
+        end("backward")
+        engine.step()  # an accumulation boundary until the last micro-batch
+        end("optimizer_step" if micro == train.grad_accum_steps - 1 else "backward")
         window.loss_sum += loss.detach().float()
     return lr
 
@@ -348,13 +372,17 @@ def _checkpoint_dir(checkpoint, plan: WorkerPlan):
     return RunDir(uri, checkpoint.filesystem, checkpoint.path, plan.endpoint_url)
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    """This rank's peak memory so far: bytes allocated on its GPU, or its process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _memory_record(phases) -> dict:
+    """Every rank's peak so far and, once, each phase's peak per rank and the baseline before the
+    model was built (``orchestration.train.memory``). A collective: every rank calls it at each record."""
+    new = phases.take_new()
+    per_rank = _gather([phases.peak_bytes(), phases.baseline_bytes, new])
+    out = {"peak_memory_bytes_per_rank": [peak for peak, _, _ in per_rank]}
+    if new:
+        out["memory_phases"] = {phase: [rank_new[phase] for _, _, rank_new in per_rank] for phase in new}
+        if "build" in new:
+            out["baseline_memory_bytes"] = [baseline for _, baseline, _ in per_rank]
+    return out
 
 
 def _sum_across_ranks(value: torch.Tensor, flag: float) -> tuple[float, float]:

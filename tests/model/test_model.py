@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from model.config import PRESETS, ModelConfig, model_config_from_preset
-from model.flops import activation_bytes, count_params, estimate_training_memory, flops_per_token, model_info_text
+from model.flops import (
+    activation_bytes,
+    count_params,
+    estimate_training_memory,
+    flops_per_token,
+    model_info_text,
+    zero_buckets,
+)
 from model.generate import KVCache, generate, sample_next_token
 from model.gpt import GPT
 from model.layers import CausalSelfAttention, apply_rope, rope_tables
@@ -223,6 +230,15 @@ def test_memory_estimate_orders_zero_stages_and_offload():
     fp32 = estimate_training_memory(cfg, zero_stage=0, **{**kw, "precision": "fp32"})
     assert (fp32["params_bytes"], fp32["optimizer_bytes"]) == (4 * n, 8 * n)
     assert fp32["activations_bytes"] > base["activations_bytes"]
+    # DeepSpeed keeps an fp32 master copy even when training in fp32
+    assert estimate_training_memory(cfg, zero_stage=1, **{**kw, "precision": "fp32"})["optimizer_bytes"] == 12 * n // 4
+    # DeepSpeed's working set as raylm sizes it: reduce buckets (double-buffered over several workers),
+    # at ZeRO-3 two blocks of gathered weights and a sub-group's step temporaries
+    sizes = zero_buckets(3, 768)
+    z3 = estimate_training_memory(cfg, zero_stage=3, **kw)
+    assert z3["buffers_bytes"] == 4 * 768**2 + 2 * sizes["stage3_max_live_parameters"] + 12 * sizes["sub_group_size"]
+    assert estimate_training_memory(cfg, zero_stage=1, **kw)["buffers_bytes"] == 2 * 4 * 768**2
+    assert base["buffers_bytes"] == 0
     ckpt = activation_bytes(cfg, micro_batch_size=4, seq_len=1024, precision="bf16", activation_checkpointing="full")
     assert ckpt < base["activations_bytes"]
     with pytest.raises(ValueError, match="stage"):
