@@ -164,9 +164,8 @@ def worker_loop(loop_config: dict) -> None:
         if task.data_stats is not None:
             record.update(data_read_per_rank(task.data_stats()))
         if do_eval and task.val_batches is not None:
-            phases.start()
-            record.update(validation_metrics(engine, task, device))
-            phases.end("eval")
+            with phases.first("eval"):
+                record.update(validation_metrics(engine, task, device))
             record.update(stopper.after_eval(record["val_loss"], is_last))
         if stop_on_request:
             record["stopped_on_request"] = True
@@ -176,21 +175,20 @@ def worker_loop(loop_config: dict) -> None:
             # last save (or every save of a task that keeps weights per checkpoint) also writes the
             # consolidated weights. The upload is async.
             t_ckpt = time.perf_counter()
-            phases.start()
-            ckpt_dir, bytes_per_rank = save_checkpoint(
-                engine,
-                task.model,
-                step=step,
-                consumed_sequences=step * train.global_batch_size,
-                rank=rank,
-                world_size=world_size,
-                model_config=model_cfg,
-                files=plan.checkpoint_files,
-                meta={**plan.checkpoint_meta, "config": plan.config, "zero_stage": train.zero_stage},
-                consolidate=is_last or stopper.stopped or stop_on_request or task.weight_files is not None,
-                weight_files=task.weight_files,
-            )
-            phases.end("save")
+            with phases.first("save"):
+                ckpt_dir, bytes_per_rank = save_checkpoint(
+                    engine,
+                    task.model,
+                    step=step,
+                    consumed_sequences=step * train.global_batch_size,
+                    rank=rank,
+                    world_size=world_size,
+                    model_config=model_cfg,
+                    files=plan.checkpoint_files,
+                    meta={**plan.checkpoint_meta, "config": plan.config, "zero_stage": train.zero_stage},
+                    consolidate=is_last or stopper.stopped or stop_on_request or task.weight_files is not None,
+                    weight_files=task.weight_files,
+                )
             record["checkpoint_s"] = max(_gather(time.perf_counter() - t_ckpt))  # the slowest rank's
             record["checkpoint_bytes_per_rank"] = bytes_per_rank
             exporter.record_checkpoint(record["checkpoint_s"])

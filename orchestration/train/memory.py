@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from contextlib import contextmanager
 
 import torch
 
@@ -69,6 +70,17 @@ class MemoryPhases:
         self._lifetime = max(self._lifetime, peak)
         self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
         _reset_hiwater(self.device)
+
+    @contextmanager
+    def first(self, phase: str):
+        """Measure what the block does as ``phase``, the first time only (later evals and saves run
+        unmeasured, so the phase keeps the figure reported for it)."""
+        if phase in self.peaks:
+            yield
+            return
+        self.start()
+        yield
+        self.end(phase)
 
     def measured(self, phase: str) -> bool:
         return phase in self.peaks

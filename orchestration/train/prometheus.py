@@ -49,9 +49,10 @@ class TrainMetricsExporter:
     Create one per Ray Train worker (``TrainMetricsExporter(run_name, rank)``) after Ray is up and
     call ``record(record)`` at each log step with the same dict written to metrics.jsonl. Keys it
     does not know are ignored and ``None`` values (MFU on CPU) are skipped, so the full record can be
-    passed as is. ``gpu_memory_bytes`` is filled in from ``torch.cuda.max_memory_allocated`` when
-    CUDA is in use and the record lacks it. ``checkpoint_duration_s`` in a record (or
-    ``record_checkpoint(seconds)``) observes one checkpoint save.
+    passed as is. ``gpu_memory_bytes`` is filled in from the record's ``peak_memory_bytes`` (this
+    rank's, ``orchestration.train.memory``) when CUDA is in use and the record lacks it.
+    ``checkpoint_duration_s`` in a record (or ``record_checkpoint(seconds)``) observes one checkpoint
+    save.
     """
 
     def __init__(self, run_name: str, rank: int):
@@ -71,8 +72,8 @@ class TrainMetricsExporter:
     def record(self, metrics: Mapping[str, Any]) -> None:
         """Export the known keys of one metrics record (see the class docstring)."""
         values = dict(metrics)
-        if "gpu_memory_bytes" not in values:
-            values["gpu_memory_bytes"] = _cuda_max_memory_allocated()
+        if "gpu_memory_bytes" not in values and _cuda_in_use():
+            values["gpu_memory_bytes"] = values.get("peak_memory_bytes")
         for key, gauge in self._gauges.items():
             if values.get(key) is not None:
                 gauge.set(float(values[key]), tags=self.tags)
@@ -92,12 +93,10 @@ class TrainMetricsExporter:
         self._checkpoint.observe(float(seconds), tags=self.tags)
 
 
-def _cuda_max_memory_allocated() -> Optional[int]:
-    """Peak bytes allocated on this process's CUDA device, or None without CUDA."""
+def _cuda_in_use() -> bool:
+    """Whether this process has initialised CUDA (the peak in its records is then the GPU's)."""
     try:
         import torch
     except ImportError:
-        return None
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return int(torch.cuda.max_memory_allocated())
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

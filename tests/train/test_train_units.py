@@ -443,3 +443,22 @@ def test_a_re_run_restores_the_newer_of_rays_checkpoint_and_the_drivers_pick(tmp
     assert newer_checkpoint(on_storage, registered) is on_storage  # a worker restart within the run
     assert newer_checkpoint(registered, None) is registered and newer_checkpoint(None, on_storage) is on_storage
     assert newer_checkpoint(None, None) is None
+
+
+def test_memory_phases_measure_each_phase_once_and_keep_the_lifetime_peak():
+    from orchestration.train.memory import MemoryPhases
+
+    mib = 2**20
+    phases = MemoryPhases(torch.device("cpu"))
+    held = torch.ones(64 * mib // 4)  # 64 MiB, touched, then freed: the phase's peak keeps it
+    del held
+    phases.end("build")
+    with phases.first("eval"):
+        pass
+    with phases.first("eval"):  # a later eval runs unmeasured...
+        held = torch.ones(128 * mib // 4)
+        del held
+    assert phases.peaks["build"] >= phases.baseline_bytes + 60 * mib
+    assert phases.peaks["eval"] < phases.peaks["build"]
+    assert phases.peak_bytes() >= phases.baseline_bytes + 120 * mib  # ...but the lifetime peak saw it
+    assert list(phases.take_new()) == ["build", "eval"] and phases.take_new() == {}
