@@ -120,6 +120,9 @@ def activation_bytes(
     return kept + max(loss_peak, recompute_peak)
 
 
+ZERO_MIN_ELEMENTS = 10**7  # 40 MB of fp32: below it each collective or optimizer call costs more than it saves
+
+
 def zero_buckets(stage: int, hidden_size: int) -> dict:
     """Bucket and ZeRO-3 working-set sizes (elements) from the model's width, where DeepSpeed's defaults
     are sized for billions of parameters. As Hugging Face's DeepSpeed integration sizes its "auto"
@@ -131,18 +134,20 @@ def zero_buckets(stage: int, hidden_size: int) -> dict:
     rank's partition at a time (the default 1e9 puts the whole partition in one group, and the step's
     fp64 gradient norm and Adam's square-root temporaries then each copy all of it). Measured on
     GPT-2 medium, 2 CPU ranks: per-rank live tensors 4.7 -> 3.6 GB at the forward, the step's
-    transient 1.9 GB -> 0.1 GB."""
-    buckets = {"reduce_bucket_size": hidden_size**2}
+    transient 1.9 GB -> 0.1 GB. No size goes below ZERO_MIN_ELEMENTS: a small model's hidden² buckets
+    meant hundreds of latency-bound collectives a step (the suite's 2-rank CPU runs: +18 s)."""
+    floor = lambda n: max(int(n), ZERO_MIN_ELEMENTS)  # noqa: E731
+    buckets = {"reduce_bucket_size": floor(hidden_size**2)}
     if stage < 3:
-        buckets["allgather_bucket_size"] = hidden_size**2
+        buckets["allgather_bucket_size"] = floor(hidden_size**2)
         return buckets
     block = 12 * hidden_size**2
     buckets.update(
-        stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
+        stage3_prefetch_bucket_size=floor(0.9 * hidden_size**2),
         stage3_param_persistence_threshold=10 * hidden_size,
-        stage3_max_live_parameters=2 * block,
-        stage3_max_reuse_distance=2 * block,
-        sub_group_size=block,
+        stage3_max_live_parameters=floor(2 * block),
+        stage3_max_reuse_distance=floor(2 * block),
+        sub_group_size=floor(block),
     )
     return buckets
 

@@ -99,19 +99,20 @@ def test_deepspeed_config_follows_ours():
 
 def test_deepspeed_buckets_are_sized_from_the_model_and_train_deepspeed_is_laid_over():
     zero3 = load_config(None, ["train.zero_stage=3"]).train
-    z = deepspeed_config(zero3, hidden_size=1024)["zero_optimization"]
-    block = 12 * 1024**2  # one transformer block's parameters
-    assert z["reduce_bucket_size"] == 1024**2 and z["stage3_prefetch_bucket_size"] == int(0.9 * 1024**2)
-    assert z["stage3_param_persistence_threshold"] == 10 * 1024 and z["sub_group_size"] == block
+    z = deepspeed_config(zero3, hidden_size=4096)["zero_optimization"]
+    block = 12 * 4096**2  # one transformer block's parameters
+    assert z["reduce_bucket_size"] == 4096**2 and z["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+    assert z["stage3_param_persistence_threshold"] == 10 * 4096 and z["sub_group_size"] == block
     assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 2 * block
     z1 = deepspeed_config(load_config(None, ["train.zero_stage=1"]).train, hidden_size=768)["zero_optimization"]
-    assert z1["reduce_bucket_size"] == z1["allgather_bucket_size"] == 768**2 and "sub_group_size" not in z1
+    # a small model's hidden² would be many latency-bound collectives: sizes stop at 1e7 elements
+    assert z1["reduce_bucket_size"] == z1["allgather_bucket_size"] == 10**7 and "sub_group_size" not in z1
     assert "reduce_bucket_size" not in deepspeed_config(zero3)["zero_optimization"]  # no model: DeepSpeed's own
     # YAML reads 1e7 as a string: made a number; merged key by key over what raylm generates
-    ours = load_config(None, ["train.zero_stage=3", "train.deepspeed.zero_optimization.sub_group_size=1e7"]).train
-    merged = deepspeed_config(ours, hidden_size=1024)
-    assert merged["zero_optimization"]["sub_group_size"] == 10**7
-    assert merged["zero_optimization"]["reduce_bucket_size"] == 1024**2 and merged["zero_optimization"]["stage"] == 3
+    ours = load_config(None, ["train.zero_stage=3", "train.deepspeed.zero_optimization.sub_group_size=5e6"]).train
+    merged = deepspeed_config(ours, hidden_size=4096)
+    assert merged["zero_optimization"]["sub_group_size"] == 5 * 10**6
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 4096**2 and merged["zero_optimization"]["stage"] == 3
 
 
 @pytest.mark.parametrize(
