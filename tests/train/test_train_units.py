@@ -219,6 +219,7 @@ def test_compile_checkpointing_and_zero3_train_the_same_losses():
     assert "compile is off" not in done.stdout
 
 
+@pytest.mark.slow
 def test_zero3_holds_less_per_rank_than_zero1():
     """tests/train/zero_memory_run.py at stages 1 and 3, 2 CPU ranks each, a ~60M-parameter GPT:
     ZeRO-3 shards weights, gradients and Adam state, so its per-rank peak must be below ZeRO-1's.
