@@ -30,6 +30,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import torch
     import torch.distributed as dist
+    from engine_steps import train_losses
 
     from model.config import ModelConfig
     from model.gpt import GPT
@@ -55,18 +56,9 @@ def main() -> None:
         model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
         engine = engines.wrap_model(model, train, torch.device("cpu"))
         order = torch.Generator().manual_seed(2)
-        losses[stage] = []
-        for _ in range(STEPS):
-            for group in engine.optimizer.param_groups:
-                group["lr"] = LR
-            total = 0.0
-            for _ in range(ACCUM):
-                batch = corpus[torch.randint(0, len(corpus), (MICRO_BATCH,), generator=order)]
-                _, loss = engine(batch[:, :-1], batch[:, 1:])  # in fp32 on every engine (model.loss)
-                engine.backward(loss)
-                engine.step()
-                total += loss.item() / ACCUM
-            losses[stage].append(total)
+        losses[stage] = train_losses(
+            engine, corpus, steps=STEPS, accum=ACCUM, micro_batch=MICRO_BATCH, lr=LR, order=order
+        )
     print(json.dumps(losses))
     dist.destroy_process_group()
 

@@ -32,6 +32,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import torch
     import torch.distributed as dist
+    from engine_steps import train_losses
     from torch._dynamo.utils import counters
 
     from model.config import ModelConfig
@@ -56,18 +57,9 @@ def main() -> None:
                 counters.clear()
                 torch.manual_seed(3)  # the dropout masks
                 order = torch.Generator().manual_seed(2)
-                losses = []
-                for _ in range(STEPS):
-                    for group in engine.optimizer.param_groups:
-                        group["lr"] = LR
-                    total = 0.0
-                    for _ in range(ACCUM):
-                        batch = corpus[torch.randint(0, len(corpus), (MICRO_BATCH,), generator=order)]
-                        _, loss = engine(batch[:, :-1], batch[:, 1:])
-                        engine.backward(loss)
-                        engine.step()
-                        total += loss.item() / ACCUM
-                    losses.append(total)
+                losses = train_losses(
+                    engine, corpus, steps=STEPS, accum=ACCUM, micro_batch=MICRO_BATCH, lr=LR, order=order
+                )
                 runs[f"{stage}/{checkpointing}/{'on' if compiled else 'off'}"] = {
                     "losses": losses,
                     "graph_breaks": sum(counters["graph_break"].values()),
