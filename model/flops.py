@@ -179,6 +179,7 @@ def estimate_training_memory(
     ZeRO-3 the gathered weights it keeps live and the optimizer step's per-sub-group temporaries
     (an fp64 gradient copy for the norm, Adam's square root). Ignores allocator fragmentation.
     Under DeepSpeed, fp32 training keeps a separate fp32 master copy too (12 bytes/param of state).
+    init_bytes: the peak while the model is built (``_init_bytes``), before any of the above.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -227,7 +228,26 @@ def estimate_training_memory(
         buffers_bytes=buffers,
         total_bytes=params + grads + optimizer + activations + buffers,
         cpu_bytes=cpu,
+        init_bytes=_init_bytes(cfg, num_workers, precision, zero_stage, offload_params),
     )
+
+
+def _init_bytes(cfg: ModelConfig, num_workers: int, precision: Precision, zero_stage: int, offload_params: bool) -> int:
+    """Peak bytes per worker while the model is built, before the engine (``init_bytes``): the whole
+    fp32 model at stages 0-2 (materialized on the device, cast later), at ZeRO-3 (a GPT, built under
+    zero.Init by ``orchestration.train.rank_model``) its share in the engine's dtype (none on the GPU
+    with offload_params) plus the one parameter gathered whole for its seeded draw (drawn in fp32)."""
+    n = count_params(cfg)
+    if zero_stage < 3 or cfg.arch != "gpt":
+        return 4 * n
+    width = 4 if precision == "fp32" else 2
+    share = 0 if offload_params else width * n // num_workers
+    return share + (width + (0 if width == 4 else 4)) * _largest_param_numel(cfg)
+
+
+def _largest_param_numel(cfg: ModelConfig) -> int:
+    """Elements of the largest parameter: the embedding or head, or an MLP matrix."""
+    return max(cfg.padded_vocab_size * cfg.n_embd, cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1))
 
 
 def estimate_cpu_step_memory(
@@ -252,8 +272,7 @@ def estimate_cpu_step_memory(
     """
     n = count_params(cfg)
     params, grads, optimizer = 4 * n, 4 * n, 8 * n
-    mlp_matrix = cfg.n_embd * cfg.hidden_dim * (2 if cfg.mlp == "swiglu" else 1)
-    largest = 4 * max(cfg.padded_vocab_size * cfg.n_embd, mlp_matrix)
+    largest = 4 * _largest_param_numel(cfg)
     activations = activation_bytes(
         cfg,
         micro_batch_size=micro_batch_size,
@@ -311,7 +330,7 @@ def model_info_text(
         f"{num_workers} workers, offload_optimizer {offload_optimizer}, "
         f"activation checkpointing {activation_checkpointing}",
         f"{'ZeRO':>6}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'buffers':>10}{'GPU total':>11}{'CPU':>9}"
-        "  (GiB)",
+        f"{'init':>9}  (GiB; init: the peak while the model is built)",
     ]
     for stage in range(4):
         m = estimate_training_memory(
@@ -328,7 +347,7 @@ def model_info_text(
         lines.append(
             f"{stage:>6}{m['params_bytes'] / gib:>10.2f}{m['grads_bytes'] / gib:>10.2f}"
             f"{m['optimizer_bytes'] / gib:>10.2f}{m['activations_bytes'] / gib:>10.2f}{m['buffers_bytes'] / gib:>10.2f}"
-            f"{m['total_bytes'] / gib:>11.2f}{m['cpu_bytes'] / gib:>9.2f}"
+            f"{m['total_bytes'] / gib:>11.2f}{m['cpu_bytes'] / gib:>9.2f}{m['init_bytes'] / gib:>9.2f}"
         )
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from model.build import ParamWriter, write_in_place
 from model.config import ModelConfig, checkpointed_blocks
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
 from model.loss import LMHead
@@ -44,33 +45,38 @@ class GPT(nn.Module):
         self.lm_head = LMHead(cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size)
         self.init_weights()
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, generator: torch.Generator | None = None, write: ParamWriter = write_in_place) -> None:
         """(Re)initialise every parameter and rebuild the fixed buffers, in place, where they live.
 
         The constructor calls it with the global RNG; ``model.build.materialize`` calls it with a
         seeded generator after moving a meta-device model to real memory (where parameters and
         buffers hold garbage and tied weights are untied). Linear and embedding weights
-        ~ N(0, init_std), biases 0, norms 1.
+        ~ N(0, init_std), biases 0, norms 1. Each parameter is set through ``write(param, init)``
+        in a fixed order: ZeRO-3 gathers one partitioned parameter at a time there.
         """
         cfg = self.cfg
         if cfg.tie_embeddings:
             # One matrix reads and writes tokens: fewer parameters, and it helps small models
             # (Press & Wolf 2017); GPT-2 does the same.
             self.lm_head.weight = self.transformer.wte.weight
+
+        def normal(std: float):
+            return lambda p: nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std, generator=generator)
+                write(module.weight, normal(cfg.init_std))
             if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+                write(module.bias, nn.init.zeros_)
             if isinstance(module, (LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
+                write(module.weight, nn.init.ones_)
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    write(module.bias, nn.init.zeros_)
         # Each block adds two residual branches; scaling their output projections by
         # 1/sqrt(2 * n_layer) keeps the residual stream's variance flat with depth (GPT-2).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer), generator=generator)
+                write(p, normal(cfg.init_std / math.sqrt(2 * cfg.n_layer)))
         with torch.no_grad():
             if cfg.pos_encoding == "sinusoidal":
                 self.pos_table.copy_(sinusoidal_table(cfg.block_size, cfg.n_embd))

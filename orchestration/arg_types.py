@@ -19,6 +19,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def zero_stages(text: str) -> list[int]:
+    """argparse type: comma-separated ZeRO stages, each 0-3, e.g. ``1,3``."""
+    try:
+        stages = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated stages 0-3, e.g. 1,3; got {text!r}") from None
+    if not stages or any(s not in (0, 1, 2, 3) for s in stages):
+        raise argparse.ArgumentTypeError(f"stages must be 0, 1, 2 or 3, got {text!r}")
+    return stages
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

@@ -25,6 +25,7 @@ from orchestration.arg_types import (
     probability,
     temperature,
     torch_device,
+    zero_stages,
 )
 from orchestration.config import ConfigError, check_finetune_data, load_config
 from orchestration.runtime import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV, keep_local_ray_on_loopback
@@ -91,7 +92,34 @@ def cmd_model_info(args: argparse.Namespace) -> int:
             checkpoint_every=cfg.train.activation_checkpointing_every,
         )
     )
+    if args.measure:
+        _measure_model_memory(args, cfg)
     return 0
+
+
+def _measure_model_memory(args: argparse.Namespace, cfg) -> None:
+    """``model-info --measure``: the stages trained for real on this machine's CPU or GPUs."""
+    import dataclasses
+
+    import torch
+
+    from orchestration.train.measure_memory import measured_rows
+
+    train = dataclasses.replace(
+        cfg.train,
+        num_workers=args.num_workers,
+        min_workers=None,
+        micro_batch_size=args.micro_batch_size,
+        grad_accum_steps=None,
+        global_batch_size=None,
+        precision=args.precision,
+        use_gpu=torch.cuda.is_available(),
+        offload_optimizer=False,
+        offload_params=False,
+    )
+    seq_len = args.seq_len or cfg.model.block_size
+    for line in measured_rows(cfg.model, train, seq_len, args.stages, offload_optimizer=args.offload_optimizer):
+        print(line, flush=True)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -347,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="training precision (default bf16)"
     )
     info.add_argument("--offload-optimizer", action="store_true", help="ZeRO optimizer state offloaded to CPU memory")
+    info.add_argument(
+        "--measure",
+        action="store_true",
+        help="also train each stage 2 steps on random tokens with --num-workers local processes (this "
+        "machine's GPUs, one each, or its CPU) and print each rank's measured peak beside the estimate",
+    )
+    info.add_argument(
+        "--stages", type=zero_stages, default="0,1,2,3", help="ZeRO stages --measure trains (default 0,1,2,3)"
+    )
     info.set_defaults(func=cmd_model_info)
 
     prep = sub.add_parser(

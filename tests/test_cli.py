@@ -51,6 +51,24 @@ def test_model_info_gpt2_small(capsys):
     assert gpu_totals == sorted(gpu_totals, reverse=True) and gpu_totals[0] > gpu_totals[3]
 
 
+def test_model_info_measure_prints_each_stage_beside_its_estimate(capsys):
+    """--measure trains each asked stage 2 steps in fresh local processes (one CPU rank here, a tiny
+    GPT) and prints a row per stage: estimate plus baseline, the measured peak, their ratio, phases."""
+    tiny = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.vocab_size=512", "model.block_size=32"]
+    argv = ["model-info", *tiny, "--num-workers", "1", "--micro-batch-size", "2", "--precision", "fp32"]
+    assert main([*argv, "--stages", "0,3", "--measure"]) == 0
+    out = capsys.readouterr().out
+    measured = out[out.index("measured        1 local CPU ranks") :]
+    rows = {
+        int(m.group(1)): [float(x) for x in m.group(2).split()]
+        for m in re.finditer(r"^\s+([0-3])((?:\s+[\d.]+){9})$", measured, re.M)
+    }
+    assert sorted(rows) == [0, 3], measured
+    for estimate, peak, ratio, _, *phases in rows.values():
+        assert 0 < estimate and 0 < peak and abs(ratio - peak / estimate) < 0.05
+        assert abs(max(phases) - peak) <= 0.01  # the lifetime peak is some phase's peak (GiB, 2 decimals)
+
+
 def test_model_info_config_error_exits_2(capsys):
     assert main(["model-info", "model.n_layr=3"]) == 2
     assert "unknown key 'model.n_layr'" in capsys.readouterr().err
@@ -67,6 +85,7 @@ def test_bad_input_errors_exit_2_without_traceback(tmp_path, capsys):
     [
         (["model-info", "--num-workers", "0"], "--num-workers"),
         (["model-info", "--micro-batch-size", "-1"], "--micro-batch-size"),
+        (["model-info", "--stages", "1,4"], "--stages"),
         (["generate", "--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["generate", "--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "-5"], "--max-new-tokens"),
         (["generate", "--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "--temperature"),

@@ -142,8 +142,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     Tied weights appear once (``named_parameters`` de-duplicates shared tensors).
     """
-    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    # a parameter partitioned at birth (ZeRO-3's zero.Init) is an empty 1-D tensor; ds_shape is its own
+    dims = {p: len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
+    decay = [p for _, p in model.named_parameters() if p.requires_grad and dims[p] >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and dims[p] < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

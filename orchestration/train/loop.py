@@ -110,7 +110,7 @@ def worker_loop(loop_config: dict) -> None:
 
     batches = task.train_batches(step)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
-    window = _Window(device)
+    window = Window(device)
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
     stop_on_request = False  # `raylm stop`: checkpoint at the next log interval, then end
     while step < total_steps and not (stopper.stopped or stop_on_request):
@@ -210,7 +210,7 @@ def worker_loop(loop_config: dict) -> None:
             )
         elif do_eval:  # Tune's schedulers and searchers read val_loss from these reports
             ray.train.report(record)
-        window = _Window(device)  # after eval/checkpoint, so their time does not count as training
+        window = Window(device)  # after eval/checkpoint, so their time does not count as training
     if rank == 0:
         metrics_log.close()
         records = metrics_log.records()
@@ -232,7 +232,7 @@ def optimizer_step(
     step: int,
     total_steps: int,
     batches: Iterator[dict],
-    window: _Window,
+    window: Window,
     task: Task,
     device,
     phases=None,
@@ -322,7 +322,7 @@ class EarlyStop:
         return {"best_val_loss": self.best, "evals_without_improvement": self.bad, "stopped_early": self.stopped}
 
 
-class _Window:
+class Window:
     """One log interval: steps, the summed micro-batch losses (on the device), data wait, wall time."""
 
     def __init__(self, device: torch.device) -> None:
@@ -371,15 +371,17 @@ def _checkpoint_dir(checkpoint, plan: WorkerPlan):
 
 
 def _memory_record(phases) -> dict:
-    """Every rank's peak so far and, once, each phase's peak per rank and the baseline before the
-    model was built (``orchestration.train.memory``). A collective: every rank calls it at each record."""
+    """Every rank's peak so far and, once, each phase's peak per rank, the baseline before the model
+    was built and the init peak (the build phase's) (``orchestration.train.memory``). A collective:
+    every rank calls it at each record."""
     new = phases.take_new()
     per_rank = _gather([phases.peak_bytes(), phases.baseline_bytes, new])
     out = {"peak_memory_bytes_per_rank": [peak for peak, _, _ in per_rank]}
     if new:
         out["memory_phases"] = {phase: [rank_new[phase] for _, _, rank_new in per_rank] for phase in new}
-        if "build" in new:
+        if "build" in new:  # the model's init: at ZeRO-3 a share of the model, not all of it
             out["baseline_memory_bytes"] = [baseline for _, baseline, _ in per_rank]
+            out["init_peak_memory_bytes"] = out["memory_phases"]["build"]
     return out
 
 

@@ -97,15 +97,16 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     every rank starts from identical weights. Each rank reads only its slice of every global batch
     straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at."""
     from data_pipeline.loader import rank_batches, rank_val_batches
-    from model.build import build_model, materialize
     from model.config import ModelConfig
     from model.flops import flops_per_token
+    from orchestration.train.config import TrainConfig
+    from orchestration.train.rank_model import build_rank_model
 
     model_cfg = ModelConfig(**plan.model_config)
     train = plan.config["train"]
-    # Built on the meta device and initialized in place on the worker's device: no rank holds a CPU
-    # copy it does not need, and the seeded init gives every rank the same weights.
-    model = materialize(build_model(model_cfg, device="meta"), device, train["seed"])
+    # Seeded identically on every rank, built on the worker's device; at ZeRO-3 partitioned as it is
+    # built, so no rank holds the whole model (orchestration.train.rank_model).
+    model = build_rank_model(model_cfg, TrainConfig(**train).at_world_size(world_size), device)
     data = {"endpoint_url": plan.endpoint_url, "footers": plan.task["footers"], "rank": rank, "world_size": world_size}
     readers: list = []
 

@@ -1,6 +1,7 @@
 """Compile x activation checkpointing x engine in one process: the same tiny GPT, data and steps
-through ``wrap_model`` at ZeRO stage 0 (DDP) and 3 (DeepSpeed), activation checkpointing none/full,
-compile off/on, fp32, one rank on a gloo process group, driven as the training loop drives them.
+built by ``build_rank_model`` and wrapped by ``wrap_model`` at ZeRO stage 0 (DDP) and 3 (DeepSpeed, so
+built under zero.Init), activation checkpointing none/full, compile off/on, fp32, one rank on a gloo
+process group, driven as the training loop drives them.
 Compiled runs use the aot_eager backend: Dynamo and AOTAutograd trace, partition and recompute as
 with inductor (where graph breaks and checkpointing inside compile live), without generating
 kernels, which take minutes on 2 cores. Run by test_train_units.py in its own process: DeepSpeed
@@ -36,9 +37,9 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     from model.config import ModelConfig
-    from model.gpt import GPT
     from orchestration.config import load_config
     from orchestration.train.engine import wrap_model
+    from orchestration.train.rank_model import build_rank_model
 
     dist.init_process_group("gloo")
     corpus = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(1))
@@ -51,9 +52,9 @@ def main() -> None:
                 overrides += ["train.compile_backend=aot_eager", f"train.micro_batch_size={MICRO_BATCH}"]
                 overrides += [f"train.grad_accum_steps={ACCUM}"]
                 train = load_config(None, overrides).train
-                torch.manual_seed(0)
                 cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=args.dropout)
-                engine = wrap_model(GPT(cfg), train, torch.device("cpu"))
+                # ZeRO-3 builds under zero.Init: the same seeded weights, drawn one gathered parameter at a time
+                engine = wrap_model(build_rank_model(cfg, train, torch.device("cpu")), train, torch.device("cpu"))
                 counters.clear()
                 torch.manual_seed(3)  # the dropout masks
                 order = torch.Generator().manual_seed(2)
