@@ -161,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, schema)
     if args.command == "finetune":
         check_finetune_data(cfg.finetune)
-    summary = getattr(importlib.import_module(module), function)(cfg, resume=not args.no_resume)
+    branch = {"branch_from": args.branch_from} if getattr(args, "branch_from", None) else {}
+    summary = getattr(importlib.import_module(module), function)(cfg, resume=not args.no_resume, **branch)
     _report(summary[out_key], cfg)
     return 0
 
@@ -405,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Ray Train workers running DeepSpeed. Writes <train.storage_path>/<train.run_name>/ "
         "(config.yaml, metrics.jsonl, checkpoints) and resumes a run name that has a checkpoint.",
         no_resume_help="fail if the run directory exists instead of resuming from its latest checkpoint",
+    )
+    sub.choices["train"].add_argument(
+        "--branch-from",
+        metavar="CHECKPOINT",
+        help="start a new run (a train.run_name with no checkpoint yet) from another run's complete checkpoint "
+        "directory: its weights, optimizer, step and data position, with a new train.seed or train.data "
+        "allowed (a resume keeps them)",
     )
 
     _add_run_parser(

@@ -251,7 +251,8 @@ def restore_checkpoint(
     """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir whose
     ``checkpoint_meta`` is ``meta``. State written by another worker count loads too: a stage-0 (DDP)
     checkpoint is unsharded, ZeRO state comes from ``universal_dir`` (``universal_checkpoint``, with
-    the engine built to load it); each rank then keeps its own seeded RNG streams.
+    the engine built to load it). Each rank continues its RNG streams from its file; after a resize a
+    rank the checkpoint's run did not have seeds streams from (seed, rank, step).
     """
     same_world = meta["world_size"] == world_size
     if not same_world and meta.get("zero_stage", 1) != 0 and universal_dir is None:
@@ -271,8 +272,13 @@ def restore_checkpoint(
         shutil.rmtree(universal_dir, ignore_errors=True)
     if load_path is None:
         raise CheckpointError(f"the engine found no checkpoint under {universal_dir or local_dir}/{DS_TAG}")
-    if same_world:
-        _set_rng_state(torch.load(os.path.join(local_dir, f"rng_rank{rank}.pt"), weights_only=False))
+    rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_file):  # resized runs too: a rank the checkpoint's run had continues its streams
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # a rank new to the run: streams of its own, not a replay of the run's first steps
+        from orchestration.train.engine import seed_everything
+
+        seed_everything(hash((meta["config"]["train"]["seed"], rank, meta["step"])) % 2**63)
 
 
 def ensure_consolidated(ckpt: RunDir) -> bool:

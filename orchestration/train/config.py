@@ -137,6 +137,8 @@ class TrainConfig:
     def _resolve_batch(self) -> None:
         """Fill whichever of grad_accum_steps / global_batch_size is missing; check they agree."""
         per_step = self.micro_batch_size * self.num_workers  # sequences per micro-step, all workers
+        # not a field: whether the batch follows the worker count (a resume adopts the run's own)
+        self.batch_derived = self.global_batch_size is None and self.grad_accum_steps is None
         if self.global_batch_size is None:
             self.grad_accum_steps = self.grad_accum_steps or 1
             self.global_batch_size = per_step * self.grad_accum_steps

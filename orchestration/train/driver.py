@@ -33,16 +33,20 @@ from orchestration.train.plan import WorkerPlan
 
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see loop.FAIL_AT_STEP_ENV)
-# Checkpoint-meta keys and config fields a resumed run must share with its checkpoint.
+# Checkpoint-meta keys and config fields a resumed run must share with its checkpoint: what changes
+# the run (its data order, its batches, its shapes). Not num_workers (checkpoints reshard) nor
+# micro_batch_size (gradient accumulation is re-derived; the global batch stays). A branch (a new
+# run started from another run's checkpoint) may change the BRANCHABLE ones.
 SAME_RUN_META = ("seq_len", "tokenizer_hash", "data")
 SAME_RUN_FIELDS = (
+    ("train", "seed"),
     ("train", "global_batch_size"),
-    ("train", "micro_batch_size"),
     ("train", "zero_stage"),
     ("model", "n_layer"),
     ("model", "n_embd"),
     ("model", "n_head"),
 )
+BRANCHABLE = {"train.seed", "data"}
 
 
 def run_dir(train: TrainConfig) -> RunDir:
@@ -136,7 +140,7 @@ def resume_point(
     if found is None:
         return None
     ckpt, meta = found
-    check_same_run(meta, cfg, meta_now, run.uri)
+    check_same_run(meta, cfg, meta_now, ckpt.uri, branch=ckpt.uri == branch_from)
     print(f"[raylm] resuming {run.uri} from step {meta['step']} ({ckpt.uri})", flush=True)
     return ckpt.uri, meta
 
@@ -165,24 +169,69 @@ def set_aside_damaged_ray_snapshot(run: RunDir, resume_step: Optional[int]) -> N
     )
 
 
-def check_same_run(meta: dict, cfg, meta_now: dict, uri: str) -> None:
-    """A resumed run keeps the shapes, tokenizer, sequence length and data its checkpoint was written with."""
+def check_same_run(meta: dict, cfg, meta_now: dict, uri: str, branch: bool = False) -> None:
+    """A resumed run keeps what defines it (``SAME_RUN_FIELDS``, ``SAME_RUN_META``): its seed (the data
+    order), global batch, shapes, tokenizer, sequence length and data. A ``branch`` (a new run from
+    another run's checkpoint ``uri``) may change the seed and the data."""
     old = meta["config"]
-    for section, key in SAME_RUN_FIELDS:  # not num_workers: checkpoints reshard (checkpoint.universal_checkpoint)
+    changed = []
+    for section, key in SAME_RUN_FIELDS:
         if section not in old or key not in old[section] or not hasattr(getattr(cfg, section), key):
             continue
         before, now = old[section][key], getattr(getattr(cfg, section), key)
         if before != now:
-            raise ConfigError(
-                f"{uri} was trained with {section}.{key}={before}, this config has {now}; "
-                "resume with the original value or use a new train.run_name"
-            )
-    for key in SAME_RUN_META:
-        if key in meta and key in meta_now and meta[key] != meta_now[key]:
-            raise ConfigError(
-                f"{uri} was trained with {key} {meta[key]!r}, this run has {meta_now[key]!r}; resume with "
-                "the original data or use a new train.run_name"
-            )
+            changed.append((f"{section}.{key}", before, now))
+    changed += [
+        (key, meta[key], meta_now[key])
+        for key in SAME_RUN_META
+        if key in meta and meta_now.get(key, meta[key]) != meta[key]
+    ]
+    changed = [c for c in changed if not (branch and c[0] in BRANCHABLE)]
+    if not changed:
+        return
+    key, before, now = changed[0]
+    if key in BRANCHABLE:
+        fix = (
+            f"to continue with the new {key} from there, start a new run from that checkpoint: "
+            f"`raylm train ... train.run_name=<new name> --branch-from {uri}`"
+        )
+    else:
+        fix = "to train with the new value, start over under a new train.run_name"
+    raise ConfigError(
+        f"{uri} was trained with {key}={before!r}, this run has {now!r}: resuming continues the same run, so "
+        f"keep {key} as it was; {fix}"
+    )
+
+
+def adopt_recorded_batch(cfg, run: RunDir, branch_from: Optional[str] = None):
+    """``cfg`` with the global batch its run's checkpoint recorded, when the config leaves the batch
+    derived (neither train.global_batch_size nor train.grad_accum_steps given): resumed on another
+    worker count or micro-batch, the run keeps its batch and re-derives gradient accumulation instead
+    of being refused for a batch it never asked to change."""
+    train = cfg.train
+    if not train.batch_derived:
+        return cfg
+    try:
+        found = latest_complete_checkpoint(run) if run.exists() else None
+    except OSError:
+        return cfg  # unreachable storage: resume_point says so, naming the key
+    if found is None and branch_from:
+        meta = complete_checkpoint_meta(RunDir.at(branch_from, run.endpoint_url))
+        found = (None, meta) if meta else None
+    recorded = found[1]["config"].get("train", {}).get("global_batch_size") if found else None
+    if recorded is None or recorded == train.global_batch_size:
+        return cfg
+    try:
+        resumed = dataclasses.replace(train, global_batch_size=recorded, grad_accum_steps=None)
+    except ValueError as err:
+        raise ConfigError(f"resuming {run.uri} with its recorded train.global_batch_size {recorded}: {err}") from None
+    print(
+        f"[raylm] keeping the run's global batch of {recorded} sequences (from its checkpoint): "
+        f"{resumed.num_workers} workers x micro-batch {resumed.micro_batch_size} x {resumed.grad_accum_steps} "
+        "accumulation steps",
+        flush=True,
+    )
+    return dataclasses.replace(cfg, train=resumed)
 
 
 def check_resources(train: TrainConfig, gpus_per_worker: Optional[float] = None) -> None:
@@ -403,9 +452,11 @@ def run_training(
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)  # workers run in Ray's own working directory
+    run = run_dir(cfg.train)
+    if resume:
+        cfg = adopt_recorded_batch(cfg, run, branch_from)
     train = cfg.train
     facts = validate(cfg)
-    run = run_dir(train)
     meta_now = {"seq_len": facts.seq_len, "tokenizer_hash": facts.tokenizer_hash, "data": facts.manifest["uri"]}
     start = resume_point(run, cfg, meta_now, resume=resume, branch_from=branch_from)
 
