@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +44,7 @@ from orchestration.train.consolidate import (
     consolidate_checkpoint,
     full_fp32_param,
     persistent_buffers,
+    safetensors_declared_bytes,
     write_from_engine,
 )
 
@@ -291,7 +293,14 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
 
     meta = checkpoint_meta(ckpt)
     if ckpt.has(MODEL_FILE):
-        return False
+        size, declared = consolidated_sizes(ckpt)
+        if size == declared:
+            return False
+        print(
+            f"[raylm] {ckpt.uri_of(MODEL_FILE)} was cut short ({size:,} of {declared or '?'} bytes, a write "
+            "interrupted before raylm wrote atomically): rebuilding it from the engine files",
+            flush=True,
+        )
     t0 = time.perf_counter()
     if isinstance(ckpt.fs, pafs.LocalFileSystem):
         out = consolidate_checkpoint(ckpt.path, meta)
@@ -313,6 +322,18 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
         flush=True,
     )
     return True
+
+
+def consolidated_sizes(ckpt: RunDir) -> tuple[int, Optional[int]]:
+    """(bytes, bytes its header declares) of the checkpoint's ``model.safetensors``: equal when it is
+    whole; None declared when not even its header is whole."""
+    path = ckpt.path_of(MODEL_FILE)
+    size = ckpt.fs.get_file_info(path).size
+    try:
+        with ckpt.fs.open_input_file(path) as f:
+            return size, safetensors_declared_bytes(lambda offset, length: f.read_at(length, offset))
+    except (ValueError, struct.error):  # a header cut short (JSON or length unreadable)
+        return size, None
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -340,6 +361,12 @@ def load_consolidated_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
     if not meta_path.is_file():
         raise CheckpointError(f"{local_dir} has no {CHECKPOINT_META_FILE}: not a complete raylm checkpoint")
     meta: Any = json.loads(meta_path.read_text())
+    size, declared = consolidated_sizes(RunDir.at(str(root)))
+    if size != declared:
+        raise CheckpointError(
+            f"{root / MODEL_FILE} is cut short ({size:,} of {declared or '?'} bytes): rebuild it from the "
+            f"checkpoint's engine files with `raylm consolidate <checkpoint>`"
+        )
     state = load_file(str(root / MODEL_FILE))
     model_cfg = json.loads((root / MODEL_CONFIG_FILE).read_text())
     tokenizer_ref = json.loads((root / TOKENIZER_FILE).read_text())

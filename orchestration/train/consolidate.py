@@ -12,7 +12,10 @@ step loop gathers the whole model onto one rank. The consolidated file is writte
   process holds one fp32 copy of the model.
 
 The file is plain safetensors: an 8-byte header length, a JSON header with every tensor's dtype,
-shape and byte range, then the tensors' bytes in header order, written as they arrive.
+shape and byte range, then the tensors' bytes in header order, written as they arrive, into a
+partial file renamed into place once whole: two consolidations of one checkpoint (eval and serve at
+once) each rename a whole file, and an interrupted one leaves none. The header says how long the file
+must be (``safetensors_declared_bytes``), which readers check before trusting one.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import struct
+import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -63,15 +68,31 @@ def write_safetensors_streaming(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, shape, dtype), tensor in zip(specs, tensors, strict=True):
-            tensor = tensor.contiguous().detach().to("cpu", dtype)
-            if tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for (name, shape, dtype), tensor in zip(specs, tensors, strict=True):
+                tensor = tensor.contiguous().detach().to("cpu", dtype)
+                if tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(partial, path)  # atomic: readers see no file or a whole one, never a part
+    except BaseException:  # Ctrl-C included: an interrupted write leaves nothing behind
+        partial.unlink(missing_ok=True)
+        raise
     return 8 + len(raw) + offset
+
+
+def safetensors_declared_bytes(read_at: Callable[[int, int], bytes]) -> int:
+    """The size a safetensors file's own header says the file has (8 + header + the last tensor's
+    end), from ``read_at(offset, length)``: a file shorter than this was cut short."""
+    (header_len,) = struct.unpack("<Q", read_at(0, 8))
+    header = json.loads(read_at(8, header_len))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
 
 
 def full_fp32_param(param: torch.nn.Parameter) -> torch.Tensor:

@@ -63,3 +63,77 @@ def test_a_resuming_rank_fetches_its_own_partitions_and_the_shared_states():
     ]
     # another worker count: every rank's partitions go into the universal conversion
     assert files_to_restore(files, 0, resharding=True) == [f for f in files if f.startswith("ds/")] + ["rng_rank0.pt"]
+
+
+def _stage0_checkpoint(root) -> dict:
+    """A complete ZeRO-0 checkpoint directory written by hand (the DDP engine's state file and the
+    marker listing it), with no consolidated weights yet; returns the state it holds."""
+    import json
+
+    from orchestration.artifacts import CHECKPOINT_META_FILE
+    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE
+    from orchestration.train.consolidate import DS_TAG
+    from orchestration.train.ddp import STATE_FILE
+
+    state = {"w": torch.randn(64, 32), "b": torch.randn(32)}
+    (root / DS_TAG).mkdir(parents=True)
+    torch.save({"module": state}, root / DS_TAG / STATE_FILE)
+    (root / MODEL_CONFIG_FILE).write_text("{}")
+    (root / TOKENIZER_FILE).write_text("{}")
+    files = {f"{DS_TAG}/{STATE_FILE}": (root / DS_TAG / STATE_FILE).stat().st_size}
+    (root / CHECKPOINT_META_FILE).write_text(json.dumps({"step": 3, "zero_stage": 0, "world_size": 1, "files": files}))
+    return state
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path):
+    import pytest
+
+    def tensors():
+        yield torch.ones(4)
+        raise KeyboardInterrupt  # Ctrl-C during `raylm consolidate`
+
+    specs = [("a", (4,), torch.float32), ("b", (4,), torch.float32)]
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors_streaming(tmp_path / "model.safetensors", specs, tensors(), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_consolidations_of_one_checkpoint_end_with_one_whole_file(tmp_path):
+    """Two writers at once (eval and serve reading one interval checkpoint): the second runs whole
+    while the first is halfway; readers never see a part, and the first's rename leaves a whole file."""
+    path = tmp_path / "model.safetensors"
+    specs = [("a", (1000,), torch.float32), ("b", (1000,), torch.float32)]
+    seen = []
+
+    def first_writer():
+        yield torch.zeros(1000)
+        seen.append(path.exists())  # the first writer's half is not visible
+        write_safetensors_streaming(path, specs, iter([torch.ones(1000), torch.ones(1000)]), {})
+        seen.append(sorted(load_file(path)))  # the second's file is whole at once
+        yield torch.zeros(1000)
+
+    write_safetensors_streaming(path, specs, first_writer(), {})
+    assert seen == [False, ["a", "b"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert torch.equal(load_file(path)["b"], torch.zeros(1000))
+
+
+def test_a_cut_short_consolidated_file_is_refused_and_rebuilt(tmp_path):
+    """A model.safetensors truncated by a pre-atomic write: loading it says so and how to fix it;
+    ensure_consolidated (what `raylm consolidate` and every reader call) rebuilds it from ds/."""
+    import pytest
+
+    from orchestration.artifacts import RunDir
+    from orchestration.train.checkpoint import CheckpointError, ensure_consolidated, load_consolidated_state
+
+    state = _stage0_checkpoint(tmp_path)
+    ckpt = RunDir.at(str(tmp_path))
+    assert ensure_consolidated(ckpt) and not ensure_consolidated(ckpt)  # written once, then whole
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    for cut in (len(whole) - 100, 20):  # a tensor cut short; the header itself cut short
+        (tmp_path / "model.safetensors").write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match="cut short .*raylm consolidate"):
+            load_consolidated_state(str(tmp_path))
+        assert ensure_consolidated(ckpt)
+        loaded, _, _, meta = load_consolidated_state(str(tmp_path))
+        assert meta["step"] == 3 and all(torch.equal(loaded[k], v) for k, v in state.items())
