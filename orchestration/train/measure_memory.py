@@ -110,6 +110,7 @@ def _rank_main(
                     phases={phase: [new[phase] for _, _, new in everyone] for phase in everyone[0][2]},
                 )
             )
+        dist.barrier()  # no rank tears its group down while a peer still uses it (gloo can abort then)
     finally:
         dist.destroy_process_group()
 
