@@ -142,3 +142,21 @@ def test_bench_checkpoint_smoke(ray_session, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"\| 1 \| [\d.]+M \| [\d.]+ \| \d+M/\d+M \| [\d.]+ \| \d+M/\d+M \| [\d.]+ \|", out), out
     assert out.rstrip().endswith("ratio = consolidated / interval") and ratios[1] > 0
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_reshard_smoke(ray_session, s3_server, tmp_path, monkeypatch, capsys):
+    """Three trainer launches of their own (2 workers save, 1 and 3 resume): a resize is what is
+    measured, which the shared runs (one worker count each) do not do. ZeRO-3 on S3: the converted
+    checkpoint reused by the second resize, each rank's slices range-read, the masters bit for bit."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1").create_bucket(Bucket="rsb")
+    argv = ["--reshard", "--smoke", "--stages", "3", "--storage", "s3://rsb/bench", "--endpoint-url"]
+    worst = bench("bench_checkpoint", monkeypatch).main(
+        [*argv, s3_server["endpoint_url"], "--local-storage", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\| 3 \| 2 -> [13] \| \d \|", out, re.M)) == 4, out
+    match = re.search(rf"reshard: conversions (\d+), downloaded/share max {RATIO}$", out.rstrip())
+    assert match and match.group(1) == "1" and float(match.group(2)) == pytest.approx(worst[0], abs=0.01), out

@@ -6,6 +6,7 @@ config (TrainConfig) -> driver: validate, resume point, WorkerPlan (plan), launc
      its model (rank_model: seeded, built sharded under ZeRO-3), the engine (engine: DeepSpeed
      config, AdamW, the wrap; ddp: ZeRO-0), lr from schedule, metrics (throughput, prometheus,
      memory: each phase's peak), checkpoints (checkpoint: each rank's engine files; consolidate:
-     model.safetensors streamed at the run's end or on demand) -> run dir (orchestration.artifacts)
+     model.safetensors streamed at the run's end or on demand; reshard: a resume on another worker
+     count, converted once per checkpoint, read by share) -> run dir (orchestration.artifacts)
 measure_memory: the worker's setup and steps without Ray or data (`raylm model-info --measure`).
 """

@@ -11,11 +11,14 @@ Layout of one checkpoint directory (all ranks' files merged into it by Ray Train
     model_config.json       the ModelConfig (vocab size from the tokenizer)
     tokenizer.json          where the tokenizer lives (manifest URI + tokenizer hash)
     raylm_meta.json         step, consumed sequences, config and every file's size: written LAST
+    universal/              the engine state converted for any worker count, by the first resume that
+                            reshards it (``orchestration.train.reshard``), with a marker of its own
 
 ``raylm_meta.json`` is the completeness marker: a directory is a usable checkpoint only when it
 exists and every file it lists is present with the listed size (``complete_checkpoint_meta``), so a partial
 upload is never picked as the latest. A resuming rank fetches only the files it loads
-(``fetched_checkpoint``): its own ZeRO partitions, the shared model states and its RNG state.
+(``fetched_checkpoint``): its own ZeRO partitions, the shared model states and its RNG state; on
+another worker count, its share of ``universal/``.
 """
 
 from __future__ import annotations
@@ -170,30 +173,21 @@ def checkpoint_meta(ckpt: RunDir) -> dict:
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
 
 
-def files_to_restore(files: dict[str, int], rank: int, resharding: bool) -> list[str]:
-    """The checkpoint files one rank loads to resume: its RNG state and the engine files it reads (the
-    shared model states and its own ZeRO partitions; every rank's partitions when the state is
-    resharded for another worker count). Never the consolidated weights."""
+def files_to_restore(files: dict[str, int], rank: int, engine_files: bool = True) -> list[str]:
+    """The checkpoint files one rank loads to resume: its RNG state and, with ``engine_files``, the
+    engine files it reads (the shared model states and its own ZeRO partitions; a resume that
+    reshards reads the universal checkpoint instead, ``orchestration.train.reshard``). Never the
+    consolidated weights."""
     wanted = []
     for name in files:
         in_engine = name.startswith(f"{DS_TAG}/")
-        if not in_engine and not name.startswith("rng_rank"):
+        if not (in_engine and engine_files) and not name.startswith("rng_rank"):
             continue
         owner = _RANK_FILE.search(name.rsplit("/", 1)[-1])
-        if owner and int(owner.group(1)) != rank and not (resharding and in_engine):
+        if owner and int(owner.group(1)) != rank:
             continue
         wanted.append(name)
     return wanted
-
-
-def _download(ckpt: RunDir, names: list[str], local: str) -> None:
-    from data_pipeline.storage import with_retries
-
-    for name in names:
-        target = os.path.join(local, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        copy = functools.partial(pafs.copy_files, ckpt.path_of(name), target, source_filesystem=ckpt.fs)
-        with_retries(copy, what=ckpt.uri_of(name))
 
 
 @contextlib.contextmanager
@@ -202,6 +196,7 @@ def fetched_checkpoint(ckpt: RunDir, rank: int, world_size: int) -> Iterator[tup
     read in place; from object storage only ``files_to_restore`` is downloaded, into a temp dir
     removed on exit, so no node fetches other ranks' partitions or the consolidated weights."""
     from data_pipeline.storage import with_retries
+    from orchestration.train.reshard import download, needs_reshard
 
     meta = with_retries(lambda: checkpoint_meta(ckpt), what=ckpt.uri)
     if isinstance(ckpt.fs, pafs.LocalFileSystem):
@@ -209,42 +204,10 @@ def fetched_checkpoint(ckpt: RunDir, rank: int, world_size: int) -> Iterator[tup
         return
     local = tempfile.mkdtemp(prefix=f"raylm_restore_rank{rank}_")
     try:
-        _download(ckpt, files_to_restore(meta["files"], rank, meta["world_size"] != world_size), local)
+        download(ckpt, files_to_restore(meta["files"], rank, not needs_reshard(meta, world_size)), local)
         yield local, meta
     finally:
         shutil.rmtree(local, ignore_errors=True)
-
-
-def universal_checkpoint(local_dir: str, meta: dict, world_size: int) -> Optional[str]:
-    """When ``local_dir`` holds ZeRO state (stages 1-3) sharded over another worker count: a temp dir
-    with it converted to DeepSpeed's universal checkpoint (each parameter's fp32 weights and Adam
-    moments whole, which any partitioning loads), under the same tag. None when nothing needs
-    resharding: the same worker count, or stage 0's unsharded state. Every rank converts its own copy
-    (each node holds the checkpoint locally); only a resume on a new worker count pays for it."""
-    if meta["world_size"] == world_size or meta.get("zero_stage", 1) == 0:
-        return None
-    import argparse
-    import contextlib
-    import io
-
-    from orchestration.train.engine import import_deepspeed
-
-    import_deepspeed()  # before DeepSpeed's first import in this worker: without its mlflow import
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = tempfile.mkdtemp(prefix="raylm_universal_")
-    args = argparse.Namespace(
-        input_folder=os.path.join(local_dir, DS_TAG),
-        output_folder=os.path.join(out, DS_TAG),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # torch's AdamW leaves out state the converter looks for
-    )
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        ds_to_universal(args)
-    return out
 
 
 def restore_checkpoint(
@@ -252,26 +215,28 @@ def restore_checkpoint(
 ) -> None:
     """Load the engine's model/optimizer state and this rank's RNG from a local checkpoint dir whose
     ``checkpoint_meta`` is ``meta``. State written by another worker count loads too: a stage-0 (DDP)
-    checkpoint is unsharded, ZeRO state comes from ``universal_dir`` (``universal_checkpoint``, with
-    the engine built to load it). Each rank continues its RNG streams from its file; after a resize a
-    rank the checkpoint's run did not have seeds streams from (seed, rank, step).
+    checkpoint is unsharded, ZeRO state comes from ``universal_dir`` (``reshard.fetched_universal``,
+    with the engine built to load it, which fills the weights from the fp32 masters). Each rank
+    continues its RNG streams from its file; after a resize a rank the checkpoint's run did not have
+    seeds streams from (seed, rank, step).
     """
     same_world = meta["world_size"] == world_size
     if not same_world and meta.get("zero_stage", 1) != 0 and universal_dir is None:
         raise CheckpointError(
             f"checkpoint {local_dir} holds ZeRO-{meta.get('zero_stage')} state sharded over {meta['world_size']} "
-            f"workers; this run has {world_size}: convert it with universal_checkpoint() first"
+            f"workers; this run has {world_size}: load it through orchestration.train.reshard"
         )
     # Our AdamW groups' hyperparameters come from the config, not the checkpoint: DeepSpeed's ZeRO-3
     # universal load copies group 0's (weight decay 0.1) onto every group, the no-decay one included.
     hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in engine.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(
-        universal_dir or local_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        universal_dir or local_dir,
+        tag=DS_TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
     )
     for group, values in zip(engine.optimizer.param_groups, hyper):
         group.update(values)
-    if universal_dir is not None:
-        shutil.rmtree(universal_dir, ignore_errors=True)
     if load_path is None:
         raise CheckpointError(f"the engine found no checkpoint under {universal_dir or local_dir}/{DS_TAG}")
     rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
@@ -290,6 +255,7 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
     import time
 
     from data_pipeline.storage import with_retries
+    from orchestration.train.reshard import download
 
     meta = checkpoint_meta(ckpt)
     if ckpt.has(MODEL_FILE):
@@ -307,7 +273,7 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
     else:
         local = tempfile.mkdtemp(prefix="raylm_consolidate_")
         try:
-            _download(ckpt, [f for f in meta["files"] if f.startswith(f"{DS_TAG}/")], local)
+            download(ckpt, [f for f in meta["files"] if f.startswith(f"{DS_TAG}/")], local)
             out = consolidate_checkpoint(local, meta)
             upload = functools.partial(
                 pafs.copy_files, str(out), ckpt.path_of(MODEL_FILE), destination_filesystem=ckpt.fs

@@ -8,6 +8,7 @@ builds; the driver hands each worker ``{"plan": WorkerPlan, "make_task": fn}``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -32,12 +33,7 @@ def worker_loop(loop_config: dict) -> None:
 
     from model.config import ModelConfig
     from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name, stop_requested
-    from orchestration.train.checkpoint import (
-        fetched_checkpoint,
-        restore_checkpoint,
-        save_checkpoint,
-        universal_checkpoint,
-    )
+    from orchestration.train.checkpoint import fetched_checkpoint, restore_checkpoint, save_checkpoint
     from orchestration.train.config import TrainConfig
     from orchestration.train.engine import (
         grad_norm,
@@ -48,6 +44,13 @@ def worker_loop(loop_config: dict) -> None:
     )
     from orchestration.train.memory import MemoryPhases, configure_allocator
     from orchestration.train.prometheus import TrainMetricsExporter
+    from orchestration.train.reshard import (
+        ReshardStats,
+        ensure_universal,
+        fetched_universal,
+        needs_reshard,
+        universal_dir_for,
+    )
     from orchestration.train.throughput import peak_flops_per_device, throughput
     from orchestration.train.trackers import open_trackers
 
@@ -74,16 +77,27 @@ def worker_loop(loop_config: dict) -> None:
 
     # --- restore: the newer of Ray's latest checkpoint (after a worker failure) and the driver's pick;
     # each rank fetches only the files it loads. ZeRO state sharded by another worker count is
-    # converted to DeepSpeed's universal checkpoint first, which the engine is then told to load.
-    step = 0
+    # converted to DeepSpeed's universal checkpoint once per checkpoint (rank 0, the others wait),
+    # which the engine is then told to load, each rank reading its partition's share of it.
+    step, reshard = 0, None
     checkpoint = newer_checkpoint(_checkpoint_dir(ray.train.get_checkpoint(), plan), _driver_checkpoint(plan))
     fetched = fetched_checkpoint(checkpoint, rank, world_size) if checkpoint is not None else nullcontext((None, None))
     with fetched as (local_dir, meta):
-        universal_dir = universal_checkpoint(local_dir, meta, world_size) if meta else None
-        engine = wrap_model(task.model, train, device, load_universal=universal_dir is not None)
+        if meta and needs_reshard(meta, world_size):
+            reshard, universal_at = ReshardStats(), universal_dir_for(checkpoint, run)
+            universal = ensure_universal(checkpoint, meta, universal_at, rank, reshard)
+        engine = wrap_model(task.model, train, device, load_universal=reshard is not None)
         seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
         if meta:
-            restore_checkpoint(engine, local_dir, meta, rank=rank, world_size=world_size, universal_dir=universal_dir)
+            shared = (
+                fetched_universal(universal_at, universal, engine, rank, world_size, reshard)
+                if reshard
+                else nullcontext(None)
+            )
+            with shared as universal_dir:
+                restore_checkpoint(
+                    engine, local_dir, meta, rank=rank, world_size=world_size, universal_dir=universal_dir
+                )
             step = meta["step"]
     phases.end("engine_init")
     if rank == 0:
@@ -193,6 +207,9 @@ def worker_loop(loop_config: dict) -> None:
             record["checkpoint_bytes_per_rank"] = bytes_per_rank
             exporter.record_checkpoint(record["checkpoint_s"])
         record.update(_memory_record(phases))
+        if reshard is not None:  # what the resume's reshard cost each rank, in the first record
+            record["reshard"] = _reshard_record(reshard)
+            reshard = None
         exporter.record(record)
         if rank == 0:
             metrics_log.append(record)
@@ -383,6 +400,12 @@ def _memory_record(phases) -> dict:
             out["baseline_memory_bytes"] = [baseline for _, baseline, _ in per_rank]
             out["init_peak_memory_bytes"] = out["memory_phases"]["build"]
     return out
+
+
+def _reshard_record(stats) -> dict:
+    """Each rank's ``ReshardStats`` as lists by rank (a collective)."""
+    per_rank = _gather(dataclasses.asdict(stats))
+    return {key: [rank_stats[key] for rank_stats in per_rank] for key in per_rank[0]}
 
 
 def _sum_across_ranks(value: torch.Tensor, flag: float) -> tuple[float, float]:

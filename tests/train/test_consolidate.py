@@ -50,19 +50,19 @@ def test_a_resuming_rank_fetches_its_own_partitions_and_the_shared_states():
         "tokenizer.json": 1,
         "latest": 1,
     }
-    assert files_to_restore(files, 1, resharding=False) == [
+    assert files_to_restore(files, 1) == [
         "ds/mp_rank_00_model_states.pt",
         "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
         "rng_rank1.pt",
     ]
-    assert files_to_restore(files, 10, resharding=False) == [
+    assert files_to_restore(files, 10) == [
         "ds/mp_rank_00_model_states.pt",
         "ds/bf16_zero_pp_rank_10_mp_rank_00_optim_states.pt",
         "rng_rank10.pt",
     ]
-    # another worker count: every rank's partitions go into the universal conversion
-    assert files_to_restore(files, 0, resharding=True) == [f for f in files if f.startswith("ds/")] + ["rng_rank0.pt"]
+    # another worker count: the rank reads its share of the universal checkpoint instead (reshard)
+    assert files_to_restore(files, 0, engine_files=False) == ["rng_rank0.pt"]
 
 
 def _stage0_checkpoint(root) -> dict:

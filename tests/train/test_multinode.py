@@ -75,6 +75,11 @@ def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(multinode):
     assert {r["start_step"] for r in records} == set(starts)  # no other restart
     assert all(r["start_step"] == starts[1] for r in records[shrunk:grown])
     assert all(r["start_step"] == starts[2] for r in records[grown:])
+    # each resize converted its checkpoint once (rank 0) and every rank downloaded a share of it
+    for first, workers_now in ((records[shrunk], 1), (records[grown], 2)):
+        reshard = first["reshard"]
+        assert sum(reshard["conversions"]) == 1 and len(reshard["downloaded_bytes"]) == workers_now, reshard
+        assert all(0 < got <= 1.5 * reshard["universal_bytes"][0] / workers_now for got in reshard["downloaded_bytes"])
 
 
 def test_a_cluster_with_no_worker_nodes_scales_up_for_a_run(autoscaling):
