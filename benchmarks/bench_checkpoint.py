@@ -28,7 +28,7 @@ summation order). Last line ``reshard: conversions C, downloaded/share max R``, 
 most conversions any one checkpoint took over its two resizes (1: converted once, then reused).
 
     python benchmarks/bench_checkpoint.py --reshard               # gpt2-small, ZeRO-1 and ZeRO-3
-    python benchmarks/bench_checkpoint.py --reshard --smoke       # seconds: the tiny preset, ZeRO-1
+    python benchmarks/bench_checkpoint.py --reshard --smoke       # the tiny preset, ZeRO-1, 2 -> 3 only
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def storage_dir(uri: str, endpoint) -> RunDir:
 
 def main_reshard(args) -> float:
     """``--reshard``: prints one line per rank of each resize, then the worst downloaded/share."""
-    print(f"{args.preset}, 2 workers -> 1 and 3, {args.threads} CPU per worker, fp32")
+    resizes = (3,) if args.smoke else (1, 3)  # the smoke: one resize, one conversion
+    print(f"{args.preset}, 2 workers -> {' and '.join(map(str, resizes))}, {args.threads} CPU per worker, fp32")
     print("| ZeRO | resize | rank | downloaded MB | share MB | downloaded/share | temp peak MB | conversions |")
     print("|---|---|---|---|---|---|---|---|")
     worst, conversions, mb = 0.0, 0, 1e6  # conversions: the most of any one checkpoint
@@ -254,7 +255,7 @@ def main_reshard(args) -> float:
             written.fs.delete_dir_contents(written.path, missing_dir_ok=True)  # an earlier run's
             saved = run_reshard_phase(args, stage, "save", 2, checkpoint, endpoint)
             converted = 0
-            for workers in (1, 3):
+            for workers in resizes:
                 resumed = run_reshard_phase(args, stage, "resume", workers, checkpoint, endpoint)
                 masters_equal = resumed["sums"][:-4] == saved["sums"][:-4]  # per parameter, bit for bit
                 moments_equal = all(  # totals over all partitions: equal but for summation order

@@ -146,9 +146,9 @@ def test_bench_checkpoint_smoke(ray_session, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_bench_checkpoint_reshard_smoke(ray_session, s3_server, tmp_path, monkeypatch, capsys):
-    """Three trainer launches of their own (2 workers save, 1 and 3 resume): a resize is what is
-    measured, which the shared runs (one worker count each) do not do. ZeRO-3 on S3: the converted
-    checkpoint reused by the second resize, each rank's slices range-read, the masters bit for bit."""
+    """Two trainer launches of their own (2 workers save, 3 resume): a resize is what is measured,
+    which the shared runs (one worker count each) do not do. ZeRO-3 on S3: converted once, each
+    rank's slices range-read, the masters bit for bit and the moments whole."""
     import boto3
 
     boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1").create_bucket(Bucket="rsb")
@@ -157,6 +157,6 @@ def test_bench_checkpoint_reshard_smoke(ray_session, s3_server, tmp_path, monkey
         [*argv, s3_server["endpoint_url"], "--local-storage", str(tmp_path)]
     )
     out = capsys.readouterr().out
-    assert len(re.findall(r"^\| 3 \| 2 -> [13] \| \d \|", out, re.M)) == 4, out
+    assert len(re.findall(r"^\| 3 \| 2 -> 3 \| \d \|", out, re.M)) == 3, out
     match = re.search(rf"reshard: conversions (\d+), downloaded/share max {RATIO}$", out.rstrip())
     assert match and match.group(1) == "1" and float(match.group(2)) == pytest.approx(worst[0], abs=0.01), out
