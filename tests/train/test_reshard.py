@@ -1,7 +1,8 @@
-"""Resharding reads by share: a ZeRO-3 rank fetches only its slice of a parameter file from object
-storage (a real moto S3 server), and the sparse copy loads as the file would for that slice. The whole
-path (convert once, fetch, restore bit for bit) runs in ``bench_checkpoint.py --reshard --smoke``
-(tests/test_benchmarks.py) and in the elastic runs (test_train_ray, test_multinode)."""
+"""Resharding reads by share: a rank fetches only its slice of a parameter file from object storage
+(a real moto S3 server), and the sparse copy loads as the file would for that slice. The whole path
+(convert once, fetch by share, restore) runs in the resized runs: test_multinode's elastic run on S3
+(one conversion per resize, each rank's download within 1.5x its share) and test_train_ray's 2 -> 1
+and 2 -> 3 -> 2; ``bench_checkpoint.py --reshard`` checks the masters bit for bit."""
 
 from __future__ import annotations
 
