@@ -170,6 +170,25 @@ def checkpoint_meta(ckpt: RunDir) -> dict:
     return meta
 
 
+def needs_reshard(meta: dict, world_size: int) -> bool:
+    """ZeRO state (stages 1-3) written by another worker count; stage 0's state is not sharded."""
+    return meta["world_size"] != world_size and meta.get("zero_stage", 1) != 0
+
+
+def download(ckpt: RunDir, names: list[str], local: str) -> int:
+    """Copy ``names`` (relative to ``ckpt``) under ``local``; returns the bytes copied."""
+    from data_pipeline.storage import with_retries
+
+    total = 0
+    for name in names:
+        target = os.path.join(local, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        copy = functools.partial(pafs.copy_files, ckpt.path_of(name), target, source_filesystem=ckpt.fs)
+        with_retries(copy, what=ckpt.uri_of(name))
+        total += os.path.getsize(target)
+    return total
+
+
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
 
 
@@ -196,7 +215,6 @@ def fetched_checkpoint(ckpt: RunDir, rank: int, world_size: int) -> Iterator[tup
     read in place; from object storage only ``files_to_restore`` is downloaded, into a temp dir
     removed on exit, so no node fetches other ranks' partitions or the consolidated weights."""
     from data_pipeline.storage import with_retries
-    from orchestration.train.reshard import download, needs_reshard
 
     meta = with_retries(lambda: checkpoint_meta(ckpt), what=ckpt.uri)
     if isinstance(ckpt.fs, pafs.LocalFileSystem):
@@ -220,8 +238,7 @@ def restore_checkpoint(
     continues its RNG streams from its file; after a resize a rank the checkpoint's run did not have
     seeds streams from (seed, rank, step).
     """
-    same_world = meta["world_size"] == world_size
-    if not same_world and meta.get("zero_stage", 1) != 0 and universal_dir is None:
+    if needs_reshard(meta, world_size) and universal_dir is None:
         raise CheckpointError(
             f"checkpoint {local_dir} holds ZeRO-{meta.get('zero_stage')} state sharded over {meta['world_size']} "
             f"workers; this run has {world_size}: load it through orchestration.train.reshard"
@@ -255,7 +272,6 @@ def ensure_consolidated(ckpt: RunDir) -> bool:
     import time
 
     from data_pipeline.storage import with_retries
-    from orchestration.train.reshard import download
 
     meta = checkpoint_meta(ckpt)
     if ckpt.has(MODEL_FILE):

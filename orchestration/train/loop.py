@@ -33,7 +33,7 @@ def worker_loop(loop_config: dict) -> None:
 
     from model.config import ModelConfig
     from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name, stop_requested
-    from orchestration.train.checkpoint import fetched_checkpoint, restore_checkpoint, save_checkpoint
+    from orchestration.train.checkpoint import fetched_checkpoint, needs_reshard, restore_checkpoint, save_checkpoint
     from orchestration.train.config import TrainConfig
     from orchestration.train.engine import (
         grad_norm,
@@ -48,7 +48,6 @@ def worker_loop(loop_config: dict) -> None:
         ReshardStats,
         ensure_universal,
         fetched_universal,
-        needs_reshard,
         universal_dir_for,
     )
     from orchestration.train.throughput import peak_flops_per_device, throughput

@@ -39,6 +39,7 @@ import torch
 import torch.utils.serialization
 
 from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
+from orchestration.train.checkpoint import CheckpointError, download
 from orchestration.train.consolidate import DS_TAG
 
 UNIVERSAL_DIR = "universal"  # inside the checkpoint directory it was converted from
@@ -58,11 +59,6 @@ class ReshardStats:
     universal_bytes: int = 0  # what the ranks load of the universal checkpoint: a rank's share is this / ranks
 
 
-def needs_reshard(meta: dict, world_size: int) -> bool:
-    """ZeRO state (stages 1-3) written by another worker count; stage 0's state is not sharded."""
-    return meta["world_size"] != world_size and meta.get("zero_stage", 1) != 0
-
-
 def universal_dir_for(ckpt: RunDir, run: RunDir) -> RunDir:
     """Where ``ckpt``'s universal copy lives: inside it when it is one of ``run``'s own checkpoints;
     for a checkpoint of another run (a branch), under ``run`` (``universal_<checkpoint name>``), so no
@@ -79,7 +75,6 @@ def ensure_universal(ckpt: RunDir, meta: dict, universal: RunDir, rank: int, sta
     import time
 
     from data_pipeline.storage import with_retries
-    from orchestration.train.checkpoint import CheckpointError
 
     stamp = with_retries(lambda: _source_stamp(ckpt), what=ckpt.uri)
 
@@ -197,20 +192,6 @@ def _drop_partition_state(optimizer_state: Path) -> None:
     base = state[OPTIMIZER_STATE_DICT]
     base["state"] = {key: {"step": value["step"]} for key, value in base["state"].items() if "step" in value}
     torch.save(state, optimizer_state)
-
-
-def download(ckpt: RunDir, names: list[str], local: str) -> int:
-    """Copy ``names`` (relative to ``ckpt``) under ``local``; returns the bytes copied."""
-    from data_pipeline.storage import with_retries
-
-    total = 0
-    for name in names:
-        target = os.path.join(local, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        copy = functools.partial(pafs.copy_files, ckpt.path_of(name), target, source_filesystem=ckpt.fs)
-        with_retries(copy, what=ckpt.uri_of(name))
-        total += os.path.getsize(target)
-    return total
 
 
 def partition_reads(engine, files: dict[str, int], rank: int, world_size: int) -> dict[str, Optional[tuple[int, int]]]:
