@@ -142,13 +142,13 @@ def reshard_worker(config: dict) -> dict:
     import torch.distributed as dist
 
     from model.config import model_config_from_preset
-    from orchestration.artifacts import CHECKPOINT_META_FILE
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE, UNIVERSAL_DIR
     from orchestration.train.checkpoint import fetched_checkpoint, restore_checkpoint, save_checkpoint
     from orchestration.train.config import TrainConfig
     from orchestration.train.consolidate import full_fp32_param
     from orchestration.train.engine import worker_device, wrap_model
     from orchestration.train.rank_model import build_rank_model
-    from orchestration.train.reshard import UNIVERSAL_DIR, ReshardStats, ensure_universal, fetched_universal
+    from orchestration.train.reshard import ReshardStats, ensure_universal, fetched_universal
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def measure(args) -> list[dict]:
-    from data_pipeline.loader import read_manifest, sequence_dataset
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.stream import sequence_dataset
     from model.flops import flops_per_token
     from model.gpt import GPT
     from orchestration.train.throughput import peak_flops_per_device

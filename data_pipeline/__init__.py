@@ -2,6 +2,9 @@
 
 Data flow, one module each: storage (URIs -> pyarrow filesystems) -> sources (files -> document rows)
 -> clean (+ dedup) -> tokenizer (rustbpe-trained BPE, encoded with tiktoken) -> shards (tokenize, split,
-pack, write) -> prepare (the entry point, manifest.json) -> loader (manifest -> ordered rows for workers).
+pack, write) -> prepare (the entry point; manifest.json, row_index's per-split row-group index).
+Reading: manifest (typed manifest, checks) -> shard_reader (the one reader of shards: index records,
+range reads, parquet_pages decode, CRC) -> order (which rows a stream position holds) -> loader (one
+rank's training micro-batches) or stream (the Ray Data stream of fine-tuning and the demo).
 Knows Ray Data, never Ray Train.
 """

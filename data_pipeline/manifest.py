@@ -1,8 +1,10 @@
-"""manifest.json: what `prepare` wrote (sources, cleaning counts, tokenizer, split plan, shards), typed.
+"""manifest.json: what `prepare` wrote (sources, cleaning counts, tokenizer, split plan, shards, index), typed.
 
 One writer and one reader for the file: ``prepare`` builds a ``Manifest`` and calls ``write_manifest``;
-``Manifest.from_dict`` checks every key and type and names the bad one. The JSON layout is the one
-``data_pipeline.loader.read_manifest`` reads (keys may be added, never renamed).
+``load_manifest`` (typed) and ``read_manifest`` (the same, checked, as the plain dict workers are
+handed) read it, and ``Manifest.from_dict`` checks every key and type and names the bad one (keys may
+be added, never renamed). ``check_manifest`` and ``load_tokenizer_from_manifest`` hold a run to the
+data it expects.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
+from data_pipeline import tokenizer as tok
 from data_pipeline.storage import DataSourceError, read_bytes, write_bytes
 
 MANIFEST = "manifest.json"
@@ -24,6 +28,10 @@ VAL_DOCUMENTS_LISTED = 1000  # the manifest lists at most this many val document
 
 class ManifestError(DataSourceError):
     """A manifest.json that is not one `prepare` writes: missing key, wrong type, other format."""
+
+
+class ManifestMismatchError(ValueError):
+    """Shards built for another tokenizer or sequence length than the run expects."""
 
 
 @dataclass
@@ -59,6 +67,19 @@ class ShardEntry:
     file: str  # relative to the manifest's directory
     sequences: int
     sha256: str
+    bytes: int  # the file's size: a shorter or longer object is refused before any row is read
+    row_groups: int  # its records in the split's row-group index
+
+
+@dataclass
+class IndexEntry:
+    """A split's row-group index file (``row_index.py``): where each row group lies, without footers."""
+
+    file: str  # relative to the manifest's directory
+    format: str
+    row_groups: int
+    codec: str  # of the shards' column chunks
+    sha256: str
 
 
 @dataclass
@@ -69,6 +90,7 @@ class SplitEntry:
     dropped_tail_tokens: int
     num_shards: int
     shards: list[ShardEntry]
+    index: IndexEntry
 
 
 @dataclass
@@ -164,12 +186,62 @@ def write_manifest(manifest: Manifest, fs: pafs.FileSystem, path: str) -> None:
     write_bytes(fs, f"{path}/{MANIFEST}", (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
 
 
-def load_manifest(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
-    """The Manifest at ``uri`` (a manifest.json URI or its directory)."""
-    if not uri.endswith(".json"):
-        uri = uri.rstrip("/") + "/" + MANIFEST
+def _manifest_uri(uri: str) -> str:
+    """The manifest.json URI for a manifest file or its directory; a local path made absolute, so the
+    workers that read shards through it (another working directory) find the same files."""
+    uri = uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST
+    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+
+
+def manifest_dir(manifest_uri: str) -> str:
+    """The directory the manifest's relative file names (shards, index, tokenizer) are under."""
+    return manifest_uri.rsplit("/", 1)[0]
+
+
+def _load_json(uri: str, endpoint_url: Optional[str], region: Optional[str]) -> dict:
     try:
-        value = json.loads(read_bytes(uri, endpoint_url, region))
+        return json.loads(read_bytes(uri, endpoint_url, region))
     except json.JSONDecodeError as err:
         raise ManifestError(f"{uri}: not JSON ({err}); re-run `raylm prepare` to rewrite it") from None
-    return Manifest.from_dict(value, uri)
+
+
+def load_manifest(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
+    """The Manifest at ``uri`` (a manifest.json URI or its directory)."""
+    uri = _manifest_uri(uri)
+    return Manifest.from_dict(_load_json(uri, endpoint_url, region), uri)
+
+
+def read_manifest(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> dict:
+    """The manifest at ``uri`` as checked by ``Manifest.from_dict``, as a plain dict plus its ``uri``: the
+    picklable form readers and workers take."""
+    uri = _manifest_uri(uri)
+    value = _load_json(uri, endpoint_url, region)
+    Manifest.from_dict(value, uri)
+    return {**value, "uri": uri}
+
+
+def check_manifest(manifest: dict, expected_tokenizer_hash: Optional[str], expected_seq_len: Optional[int]) -> None:
+    """``ManifestMismatchError`` unless the shards hold the tokenizer and seq_len the run expects."""
+    got_hash, got_len = manifest["tokenizer"]["hash"], manifest["seq_len"]
+    if expected_tokenizer_hash is not None and got_hash != expected_tokenizer_hash:
+        raise ManifestMismatchError(
+            f"{manifest['uri']}: shards were tokenized with tokenizer {got_hash[:16]}, but this run expects "
+            f"{expected_tokenizer_hash[:16]}; prepare the data with the run's tokenizer or resume with matching data"
+        )
+    if expected_seq_len is not None and got_len != expected_seq_len:
+        raise ManifestMismatchError(
+            f"{manifest['uri']}: shards hold seq_len={got_len}, but this run expects "
+            f"seq_len={expected_seq_len}; re-run prepare with output.seq_len={expected_seq_len}"
+        )
+
+
+def load_tokenizer_from_manifest(manifest_uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None):
+    """The tiktoken.Encoding stored next to a manifest (checked against the manifest's hash)."""
+    manifest = read_manifest(manifest_uri, endpoint_url, region)
+    spec = tok.load_spec(manifest_dir(manifest["uri"]), endpoint_url, region)
+    if spec["hash"] != manifest["tokenizer"]["hash"]:
+        raise ManifestMismatchError(
+            f"{manifest['uri']}: tokenizer files hash {spec['hash'][:12]} differ from "
+            f"the manifest's {manifest['tokenizer']['hash'][:12]}; re-run prepare"
+        )
+    return tok.encoding(spec)

@@ -29,7 +29,6 @@ from data_pipeline.config import DataConfig
 from data_pipeline.dedup import DOC_COLUMNS, mark_duplicates
 from data_pipeline.manifest import (
     MANIFEST,
-    MANIFEST_FORMAT,
     VAL_DOCUMENTS_LISTED,
     CleaningStats,
     Manifest,
@@ -41,11 +40,12 @@ from data_pipeline.manifest import (
     ValDocument,
     write_manifest,
 )
-from data_pipeline.shards import SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
+from data_pipeline.row_index import write_index
+from data_pipeline.shards import CODEC, SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
 from data_pipeline.sources import read_documents, resolve_sources
 from data_pipeline.storage import DataSourceError, filesystem_for, join, write_bytes
 
-__all__ = ["MANIFEST", "MANIFEST_FORMAT", "prepare"]  # MANIFEST_FORMAT: loader imports it from here
+__all__ = ["MANIFEST", "prepare"]
 
 
 def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> None:
@@ -66,9 +66,9 @@ def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> 
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
         old = json.loads(f.read())
     for split in old.get("splits", {}).values():
-        for shard in split["shards"]:
+        for name in [s["file"] for s in split["shards"]] + ([split["index"]["file"]] if "index" in split else []):
             try:
-                fs.delete_file(f"{path}/{shard['file']}")
+                fs.delete_file(f"{path}/{name}")
             except FileNotFoundError:
                 pass  # already gone: nothing stale to remove
 
@@ -193,8 +193,9 @@ def tokenize_stage(docs: ray.data.Dataset, spec: dict) -> ray.data.Dataset:
 def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     """Build token shards for ``cfg`` and return the manifest URI.
 
-    Writes ``<output.uri>/{train,val}/shard-NNNNN.parquet``, ``tokenizer.tiktoken``, ``tokenizer.json``
-    and ``manifest.json``; prints a summary. Same config + same inputs -> byte-identical shards.
+    Writes ``<output.uri>/{train,val}/shard-NNNNN.parquet``, each split's row-group index
+    ``{train,val}/row_groups.idx``, ``tokenizer.tiktoken``, ``tokenizer.json`` and ``manifest.json``;
+    prints a summary. Same config + same inputs -> byte-identical shards.
     """
     t0 = time.time()
     oc = cfg.output
@@ -315,7 +316,7 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
             ValDocument(source=r["source"], doc_index=r["doc_index"], work=r["work"]) for r in val_listed.to_pylist()
         ],
     )
-    manifest = _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan)
+    manifest = _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path)
     manifest_uri = join(oc.uri, MANIFEST)
     write_manifest(manifest, out_fs, out_path)
     if verbose:
@@ -328,7 +329,8 @@ def _dropped_text(counts: Counter) -> str:
     return ", ".join(f"{r}={n}" for r, n in dropped) or "none dropped"
 
 
-def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan) -> Manifest:
+def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path) -> Manifest:
+    """The manifest of what was written; writes each split's row-group index on the way."""
     splits = {}
     for split in SPLITS:
         shards = sorted((d for d in descriptors if d["split"] == split), key=lambda d: d["index"])
@@ -338,7 +340,17 @@ def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan
             sequences=sum(d["sequences"] for d in shards),
             dropped_tail_tokens=sum(d["dropped_tail_tokens"] for d in shards),
             num_shards=len(shards),
-            shards=[ShardEntry(file=d["file"], sequences=d["sequences"], sha256=d["sha256"]) for d in shards],
+            shards=[
+                ShardEntry(
+                    file=d["file"],
+                    sequences=d["sequences"],
+                    sha256=d["sha256"],
+                    bytes=d["bytes"],
+                    row_groups=d["row_groups"],
+                )
+                for d in shards
+            ],
+            index=write_index(out_fs, out_path, split, [d["index_records"] for d in shards], CODEC),
         )
     reasons = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("dropped:")}
     return Manifest(

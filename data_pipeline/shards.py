@@ -23,6 +23,7 @@ import ray
 
 from data_pipeline import tokenizer as tok
 from data_pipeline.config import SplitByConfig
+from data_pipeline.row_index import RECORD
 
 SPLITS = ("train", "val")
 SHARD_FORMAT = "raylm-token-shard/1"
@@ -109,34 +110,48 @@ def add_shard_key(batch: pa.Table, num_shards: dict) -> pa.Table:
 
 
 BLOCK_ROWS = 8  # rows per Parquet row group: the unit a training rank reads (see loader.py)
+CODEC = "ZSTD"  # of every shard's chunks, recorded in the manifest's index entry
 
 
-def shard_bytes(tokens: np.ndarray, row_tokens: int, dtype: str, meta: dict, block_rows: int = BLOCK_ROWS) -> bytes:
-    """Rows of ``row_tokens`` tokens as a Parquet file (fixed_size_list column ``tokens``).
+def shard_bytes(
+    tokens: np.ndarray, row_tokens: int, dtype: str, meta: dict, block_rows: int = BLOCK_ROWS
+) -> tuple[bytes, np.ndarray]:
+    """Rows of ``row_tokens`` tokens as a Parquet file (fixed_size_list column ``tokens``), and its
+    row-group index records (``row_index.RECORD``: where each row group's chunk lies, rows, CRC-32).
 
-    One small row group per ``block_rows`` rows (no dictionary, so each row group's bytes stand alone)
-    lets a training rank fetch just the blocks it trains on with one range read each. Shard metadata
-    carries the tokenizer hash and seq_len so a shard alone can be checked, and a CRC-32 of each block's
-    rows (``raylm.block_crc32``, 8 hex digits per row group) so a reader can verify every block it reads.
+    One small row group per ``block_rows`` rows lets a training rank fetch just the blocks it trains on
+    with one range read each; the writer is pinned (zstd, PLAIN, v1 data pages, no dictionary, no
+    statistics) because ranks decode chunks from their own bytes (``parquet_pages``). Shard metadata
+    carries the tokenizer hash, seq_len and each block's CRC-32 (``raylm.block_crc32``, 8 hex digits per
+    row group) so a shard alone can be checked by any Parquet reader.
     """
     rows = tokens.astype(dtype).reshape(-1, row_tokens)
-    crcs = "".join(
-        f"{zlib.crc32(rows[i : i + block_rows].tobytes()):08x}" for i in range(0, max(len(rows), 1), block_rows)
-    )
+    crcs = [zlib.crc32(rows[i : i + block_rows].tobytes()) for i in range(0, max(len(rows), 1), block_rows)]
     table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_tokens)})
     table = table.replace_schema_metadata(
-        {f"raylm.{k}": str(v) for k, v in {**meta, "block_rows": block_rows, "block_crc32": crcs}.items()}
+        {
+            f"raylm.{k}": str(v)
+            for k, v in {**meta, "block_rows": block_rows, "block_crc32": "".join(f"{c:08x}" for c in crcs)}.items()
+        }
     )
     buf = io.BytesIO()
     pq.write_table(
         table,
         buf,
-        compression="zstd",
+        compression=CODEC,
         row_group_size=block_rows,
         use_dictionary=False,
         write_statistics=False,
+        data_page_version="1.0",
+        column_encoding="PLAIN",
     )
-    return buf.getvalue()
+    data = buf.getvalue()
+    md = pq.read_metadata(pa.BufferReader(data))
+    records = np.zeros(md.num_row_groups, dtype=RECORD)
+    for g in range(md.num_row_groups):
+        chunk = md.row_group(g).column(0)
+        records[g] = (chunk.data_page_offset, chunk.total_compressed_size, md.row_group(g).num_rows, crcs[g])
+    return data, records
 
 
 def pack_and_write(
@@ -149,7 +164,7 @@ def pack_and_write(
     row_tokens = seq_len + 1
     stream = pc.list_flatten(group.column("tokens")).to_numpy()
     num_rows = len(stream) // row_tokens
-    data = shard_bytes(
+    data, records = shard_bytes(
         stream[: num_rows * row_tokens],
         row_tokens,
         dtype,
@@ -169,5 +184,8 @@ def pack_and_write(
             "documents": [group.num_rows],
             "dropped_tail_tokens": [len(stream) - num_rows * row_tokens],
             "sha256": [hashlib.sha256(data).hexdigest()],
+            "bytes": [len(data)],
+            "row_groups": [len(records)],
+            "index_records": [records.tobytes()],
         }
     )

@@ -8,29 +8,18 @@ that materializes with the same seed on the same device type holds the same weig
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
 from model.config import ModelConfig
-
-# How a model's init_weights sets one parameter: write(param, init) runs init (an in-place draw) on it.
-ParamWriter = Callable[[nn.Parameter, Callable[[torch.Tensor], object]], None]
-
-
-def write_in_place(param: nn.Parameter, init: Callable[[torch.Tensor], object]) -> None:
-    """The default writer: the parameter is whole where it lives."""
-    init(param)
+from model.gpt import GPT
+from model.lstm import LSTMLM
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
     """The model ``cfg.arch`` names, ``GPT`` for "gpt" and ``LSTMLM`` for "lstm", constructed on
     ``device`` (None: torch's default, the CPU). Initialised from the global RNG, except on "meta",
     where nothing is allocated and ``materialize`` must follow before use."""
-    from model.gpt import GPT
-    from model.lstm import LSTMLM
-
     cls = LSTMLM if cfg.arch == "lstm" else GPT
     if device is None:
         return cls(cfg)

@@ -9,14 +9,22 @@ names unchanged, so checkpoints and exports do not care whether a run used them.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from model.build import ParamWriter, write_in_place
 from model.config import ModelConfig, checkpointed_blocks
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
 from model.loss import LMHead
+
+# How a model's init_weights sets one parameter: write(param, init) runs init (an in-place draw) on it.
+ParamWriter = Callable[[nn.Parameter, Callable[[torch.Tensor], object]], None]
+
+
+def write_in_place(param: nn.Parameter, init: Callable[[torch.Tensor], object]) -> None:
+    """The default writer: the parameter is whole where it lives (ZeRO-3's writer is in rank_model)."""
+    init(param)
 
 
 class GPT(nn.Module):

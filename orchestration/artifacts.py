@@ -4,8 +4,9 @@ A ``RunDir`` is a directory (local path or s3:// / gs:// URI) whose filesystem i
 artifact below is read and written through it, so each command works on object storage as it does
 locally. The report renders what these writers stored and never recomputes it.
 
-    run dir      config.yaml, run.json, metrics.jsonl, checkpoint_<step>/raylm_meta.json, finetune_summary.json,
-                 finetune.md, demo_summary.json, report.html / report.md / results.json, stop_requested
+    run dir      config.yaml, run.json, metrics.jsonl, checkpoint_<step>/ (``checkpoint_format``),
+                 finetune_summary.json, finetune.md, demo_summary.json, report.html / report.md / results.json,
+                 stop_requested
     tune dir     tune_results.json, best_config.yaml, runs/<trial>/ (run dirs)
     sweep dir    scaling_points.json, scaling_fit.json, points/<key>.json, runs/<key>/ (run dirs)
     baselines    baselines.json, baselines.md
@@ -14,7 +15,6 @@ locally. The report renders what these writers stored and never recomputes it.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,7 +25,6 @@ import yaml
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_META_FILE = "raylm_meta.json"
 FINETUNE_SUMMARY_FILE, FINETUNE_MARKDOWN_FILE = "finetune_summary.json", "finetune.md"
 DEMO_SUMMARY_FILE = "demo_summary.json"
 STOP_REQUEST_FILE = "stop_requested"  # `raylm stop`: the run checkpoints at its next log interval and ends
@@ -33,7 +32,6 @@ LATEST_RUN_FILE = "latest_run"  # in <storage>/<run_name>: the URI of that name'
 TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
 SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
 BASELINES_FILE, BASELINES_MARKDOWN_FILE = "baselines.json", "baselines.md"
-CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 
 
 def absolute_uri(uri: str) -> str:
@@ -233,53 +231,6 @@ class MetricsLog:
                 self._error = err
                 return
             self._closed.wait(self.flush_interval_s)
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
-def read_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:
-    """A checkpoint's ``raylm_meta.json``, or None when there is none yet."""
-    return ckpt.read_json(CHECKPOINT_META_FILE) if ckpt.has(CHECKPOINT_META_FILE) else None
-
-
-def complete_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:
-    """The checkpoint's meta when its marker exists and every file it lists is there at its size."""
-    meta = read_checkpoint_meta(ckpt)
-    if meta is None:
-        return None
-    infos = ckpt.fs.get_file_info([ckpt.path_of(rel) for rel in meta["files"]])
-    for info, size in zip(infos, meta["files"].values()):
-        if info.type != pafs.FileType.File or info.size != size:
-            return None
-    return meta
-
-
-def checkpoints_newest_first(run: RunDir) -> list[RunDir]:
-    """The run's ``checkpoint_<step>`` directories, newest first (complete or not)."""
-    if not run.exists():
-        return []
-    dirs = [
-        i
-        for i in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=False))
-        if i.type == pafs.FileType.Directory and CHECKPOINT_DIR_RE.match(i.base_name)
-    ]
-    dirs.sort(key=lambda i: int(CHECKPOINT_DIR_RE.match(i.base_name).group(1)), reverse=True)
-    return [run.child(i.base_name) for i in dirs]
-
-
-def latest_complete_checkpoint(run: RunDir) -> Optional[tuple[RunDir, dict]]:
-    """(checkpoint dir, meta) of the newest complete checkpoint; incomplete ones (an upload cut short)
-    are skipped, so the previous good one wins. None when there is none."""
-    for ckpt in checkpoints_newest_first(run):
-        meta = complete_checkpoint_meta(ckpt)
-        if meta is not None:
-            return ckpt, meta
-    return None
 
 
 def write_latest_run(family: RunDir, run_uri: str) -> str:

@@ -287,7 +287,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from orchestration.artifacts import RunDir
-    from orchestration.train.checkpoint import MODEL_FILE, ensure_consolidated
+    from orchestration.checkpoint_format import MODEL_FILE
+    from orchestration.train.checkpoint import ensure_consolidated
 
     # args.checkpoint: a complete checkpoint directory (main resolved a run directory to its newest)
     if not ensure_consolidated(RunDir.at(args.checkpoint, args.endpoint_url)):
@@ -625,13 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input (a URI, a manifest, a checkpoint, a directory), imported only
     when something failed so `raylm --help` stays fast."""
-    from data_pipeline.loader import ManifestMismatchError
+    from data_pipeline.manifest import ManifestMismatchError
     from data_pipeline.storage import DataSourceError
     from data_pipeline.tokenizer import TokenizerError
+    from orchestration.checkpoint_format import CheckpointError
     from orchestration.deploy.export import ExportError
     from orchestration.evaluate.data_source import EvalError
     from orchestration.report.render import ReportError
-    from orchestration.train.checkpoint import CheckpointError
 
     # and a path or address the command was given that the system refused (it names which)
     os_errors = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)

@@ -23,7 +23,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import ModelConfig
 from orchestration.finetune.config import FinetuneConfig
-from orchestration.sweeps.config import SweepConfig, TuneConfig
+from orchestration.sweeps.config import SweepConfig, TuneConfig, parse_number
 from orchestration.train.config import TrainConfig
 
 
@@ -88,16 +88,6 @@ COMMAND_OF: dict[type, str] = {
 }
 Config = PretrainConfig  # the schema most code (training, sweeps' trials) works with
 ALL_SECTIONS = ("model", "data", "train", "tune", "scaling", "finetune")
-
-
-def parse_number(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string: a numeric string becomes a float, anything else is unchanged."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _is_dataclass_type(tp: Any) -> bool:

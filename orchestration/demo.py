@@ -34,7 +34,7 @@ def prepared_manifest(cfg: PretrainConfig) -> str:
     """The manifest URI for cfg.data: reused when it was built from the same config, else prepared."""
     import pyarrow.fs as pafs
 
-    from data_pipeline.loader import read_manifest
+    from data_pipeline.manifest import ManifestError, read_manifest
     from data_pipeline.prepare import prepare
     from data_pipeline.storage import filesystem_for, join
 
@@ -42,7 +42,10 @@ def prepared_manifest(cfg: PretrainConfig) -> str:
     fs, path = filesystem_for(out.uri, out.endpoint_url, out.region)
     manifest = None
     if fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File:
-        manifest = read_manifest(join(out.uri, "manifest.json"), out.endpoint_url, out.region)
+        try:
+            manifest = read_manifest(join(out.uri, "manifest.json"), out.endpoint_url, out.region)
+        except ManifestError as err:  # e.g. written by an older raylm: prepared again below
+            print(f"[demo] preparing the shards again: {err}", flush=True)
     if manifest is not None and _comparable(manifest["config"]) == _comparable(dataclasses.asdict(cfg.data)):
         print(f"[demo] reusing prepared shards {manifest['uri']} (same data config)", flush=True)
         return manifest["uri"]
@@ -56,7 +59,8 @@ def _bincount(batch: dict, vocab_size: int) -> dict:
 
 def unigram_entropy(manifest_uri: str, endpoint_url: str | None = None) -> float:
     """Entropy in nats/token of the train split's token frequencies (counted by Ray Data workers)."""
-    from data_pipeline.loader import read_manifest, sequence_dataset
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.stream import sequence_dataset
 
     vocab_size = int(read_manifest(manifest_uri, endpoint_url)["tokenizer"]["n_vocab"])
     ds = sequence_dataset(manifest_uri, "train", seed=0, endpoint_url=endpoint_url)

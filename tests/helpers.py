@@ -52,7 +52,8 @@ def _write_tiny_corpus(out: Path, seq_len: int, vocab_size: int, chars: int) -> 
 
     from data_pipeline import tokenizer as tok
     from data_pipeline.manifest import Manifest, ShardEntry, SplitEntry, TokenizerEntry, write_manifest
-    from data_pipeline.shards import SHARD_FORMAT, shard_bytes
+    from data_pipeline.row_index import write_index
+    from data_pipeline.shards import CODEC, SHARD_FORMAT, shard_bytes
     from data_pipeline.storage import embedded_corpus_dir
 
     text = sorted(embedded_corpus_dir().glob("*_gut*.txt"))[0].read_text(encoding="utf-8", errors="replace")
@@ -65,9 +66,9 @@ def _write_tiny_corpus(out: Path, seq_len: int, vocab_size: int, chars: int) -> 
     splits = {}
     for split, shards in parts.items():
         (out / split).mkdir(parents=True, exist_ok=True)
-        entries = []
+        entries, index_records = [], []
         for i, shard in enumerate(shards):
-            data = shard_bytes(
+            data, records = shard_bytes(
                 shard.reshape(-1),
                 row,
                 "uint16",
@@ -81,7 +82,16 @@ def _write_tiny_corpus(out: Path, seq_len: int, vocab_size: int, chars: int) -> 
             )
             name = f"{split}/shard-{i:05d}.parquet"
             (out / name).write_bytes(data)
-            entries.append(ShardEntry(file=name, sequences=len(shard), sha256=hashlib.sha256(data).hexdigest()))
+            entries.append(
+                ShardEntry(
+                    file=name,
+                    sequences=len(shard),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    bytes=len(data),
+                    row_groups=len(records),
+                )
+            )
+            index_records.append(records.tobytes())
         n = sum(e.sequences for e in entries)
         splits[split] = SplitEntry(
             documents=len(entries),
@@ -90,6 +100,7 @@ def _write_tiny_corpus(out: Path, seq_len: int, vocab_size: int, chars: int) -> 
             dropped_tail_tokens=0,
             num_shards=len(entries),
             shards=entries,
+            index=write_index(pafs.LocalFileSystem(), str(out), split, index_records, CODEC),
         )
     for name, data in tok.to_files(spec).items():
         (out / name).write_bytes(data)

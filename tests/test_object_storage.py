@@ -10,7 +10,8 @@ import json
 import pytest
 from helpers import tiny_config, tiny_corpus_on_s3
 
-from orchestration.artifacts import RunDir, latest_complete_checkpoint, read_metrics
+from orchestration.artifacts import RunDir, read_metrics
+from orchestration.checkpoint_format import latest_complete_checkpoint
 from orchestration.config import load_config
 
 pytestmark = pytest.mark.slow

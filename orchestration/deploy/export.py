@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from orchestration.artifacts import CHECKPOINT_META_FILE
+from orchestration.checkpoint_format import CHECKPOINT_META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
 from orchestration.deploy.hf import (
     FAMILIES,
     hf_config,
@@ -30,7 +30,6 @@ from orchestration.deploy.hf import (
     peft_adapter,
     unsupported_reason,
 )
-from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
 
 FORMATS = ("hf", "raylm")
 # raylm's tokenizer metadata is also called tokenizer.json; in an HF folder that name is HF's
@@ -165,8 +164,8 @@ def export_adapter(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", endpoi
     from safetensors.torch import load, save_file
 
     from data_pipeline.storage import join, read_bytes
+    from orchestration.checkpoint_format import ADAPTER_FILE, FINETUNE_FILE
     from orchestration.evaluate.load import load_checkpoint_model
-    from orchestration.finetune.task import ADAPTER_FILE, FINETUNE_FILE
 
     _, cfg, _, meta = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url)
     ckpt_uri = meta["checkpoint_uri"]

@@ -5,7 +5,7 @@ same val windows ``evaluate_lm`` reads (the first ``max_sequences`` rows of the 
 order), with the same conventions: loss averages every target token; bits per byte sums the NLL of
 the text tokens (end-of-text decodes to no bytes and is left out) over the bytes they decode to.
 The LSTM baseline is a checkpoint of an ordinary training run with ``model.arch=lstm``
-(configs/lstm_shakespeare.yaml). No Ray: shards are read by the loader's reader
+(configs/lstm_shakespeare.yaml). No Ray: shards are read by the one shard reader
 (``evaluate.data_source.manifest_rows``), locally or from S3.
 """
 

@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import tiktoken
 
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
+from orchestration.artifacts import RunDir
+from orchestration.checkpoint_format import CHECKPOINT_META_FILE, complete_checkpoint_meta
 
 PASS_DATA = "pass --data (a manifest.json from `raylm prepare`, or a UTF-8 text file)"
 MAX_LINEAGE = 8  # checkpoints followed at most (an export of a fine-tune of a fine-tune of ...)
@@ -106,9 +107,10 @@ def manifest_rows(
     enc: Optional[tiktoken.Encoding] = None,
 ) -> tuple[np.ndarray, dict]:
     """(int64 [n, seq_len + 1] rows, the manifest): the first ``max_sequences`` rows (all when None) of a
-    manifest's split in file order (``data_pipeline.loader.split_rows``: no Ray), the rows training's
+    manifest's split in file order (``data_pipeline.shard_reader.split_rows``: no Ray), the rows training's
     validation scores; checked against ``enc`` when given (``check_tokenizer``)."""
-    from data_pipeline.loader import read_manifest, split_rows
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.shard_reader import split_rows
 
     manifest = read_manifest(uri, endpoint_url)
     if enc is not None:
@@ -123,7 +125,7 @@ def manifest_rows(
 
 def check_tokenizer(manifest: dict, enc: tiktoken.Encoding) -> None:
     """ManifestMismatchError unless ``manifest``'s shards were tokenized with ``enc`` (the checkpoint's)."""
-    from data_pipeline.loader import ManifestMismatchError
+    from data_pipeline.manifest import ManifestMismatchError
 
     tok_hash = manifest["tokenizer"]["hash"]
     if not enc.name.endswith(tok_hash[:12]):  # data_pipeline.tokenizer.encoding names it by its hash

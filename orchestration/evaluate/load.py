@@ -17,22 +17,17 @@ import tiktoken
 from model.build import build_model
 from model.config import ModelConfig
 from model.gpt import GPT
-from orchestration.artifacts import (
+from orchestration.artifacts import LATEST_RUN_FILE, RunDir, read_latest_run
+from orchestration.checkpoint_format import (
     CHECKPOINT_META_FILE,
-    LATEST_RUN_FILE,
-    RunDir,
-    complete_checkpoint_meta,
-    latest_complete_checkpoint,
-    read_latest_run,
-)
-from orchestration.train.checkpoint import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,
-    ensure_consolidated,
-    load_consolidated_state,
-    load_weights,
+    complete_checkpoint_meta,
+    is_training_state,
+    latest_complete_checkpoint,
 )
+from orchestration.train.checkpoint import ensure_consolidated, load_consolidated_state, load_weights
 
 
 def resolve_checkpoint(uri: str, endpoint_url: Optional[str]) -> str:
@@ -70,7 +65,7 @@ def local_checkpoint_copy(uri: str, endpoint_url: Optional[str]) -> str:
         return uri
     meta = complete_checkpoint_meta(ckpt)
     local = Path(tempfile.mkdtemp(prefix="raylm_ckpt_"))
-    wanted = [f for f in meta["files"] if not f.startswith("ds/") and not f.startswith("rng_rank")]
+    wanted = [f for f in meta["files"] if not is_training_state(f)]
     for name in [*dict.fromkeys([*wanted, MODEL_FILE]), CHECKPOINT_META_FILE]:
         (local / name).write_bytes(ckpt.read_bytes(name))
     return str(local)

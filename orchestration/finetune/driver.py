@@ -59,7 +59,7 @@ def with_absolute_paths(cfg: FinetuneRunConfig) -> FinetuneRunConfig:
 
 def checkpoint_model_config(local: str, cfg: FinetuneRunConfig) -> ModelConfig:
     """The pretrained checkpoint's ModelConfig with the fine-tune's dropout, checked against the task."""
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE
+    from orchestration.checkpoint_format import MODEL_CONFIG_FILE
 
     model_cfg = ModelConfig(**json.loads((Path(local) / MODEL_CONFIG_FILE).read_text()))
     ft = cfg.finetune
@@ -89,7 +89,8 @@ class TaskData:
 
 def task_data(cfg: FinetuneRunConfig, enc, tokenizer_hash: str, block_size: int, init_uri: str) -> TaskData:
     """Token shards (task lm, read by Ray Data) or labelled rows tokenized here (classification, sft)."""
-    from data_pipeline.loader import check_manifest, read_manifest, sequence_dataset
+    from data_pipeline.manifest import check_manifest, read_manifest
+    from data_pipeline.stream import sequence_dataset
     from orchestration.finetune.data import encode_rows, example_stream, task_rows, task_seq_len
 
     ft, train = cfg.finetune, cfg.train
@@ -162,9 +163,9 @@ def load_classifier(uri: str, num_classes: int, endpoint_url: Optional[str] = No
     from safetensors.torch import load_file
 
     from model.classifier import GPTClassifier
+    from orchestration.checkpoint_format import HEAD_FILE, MODEL_CONFIG_FILE
     from orchestration.evaluate.load import local_checkpoint_copy, resolve_checkpoint
-    from orchestration.finetune.task import HEAD_FILE
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, load_consolidated_state, load_weights
+    from orchestration.train.checkpoint import load_consolidated_state, load_weights
 
     local = local_checkpoint_copy(resolve_checkpoint(uri, endpoint_url), endpoint_url)
     state, cfg_dict, _, _ = load_consolidated_state(local)
@@ -180,10 +181,11 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
     from ray.train import CheckpointConfig
 
     from data_pipeline.tokenizer import encoding, load_spec, to_files
-    from orchestration.artifacts import FINETUNE_MARKDOWN_FILE, FINETUNE_SUMMARY_FILE, checkpoint_dir_name
+    from orchestration.artifacts import FINETUNE_MARKDOWN_FILE, FINETUNE_SUMMARY_FILE
+    from orchestration.checkpoint_format import FINETUNE_FILE, checkpoint_dir_name
     from orchestration.evaluate.load import local_checkpoint_copy, resolve_checkpoint
     from orchestration.finetune.summary import summary_blocks
-    from orchestration.finetune.task import FINETUNE_FILE, finetune_task
+    from orchestration.finetune.task import finetune_task
     from orchestration.report.render import markdown
     from orchestration.train.driver import check_train_section, launch, resume_point, run_dir
 
@@ -226,9 +228,9 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
     }
     plan = WorkerPlan(
         config=config_to_dict(cfg),
-        model_config=dataclasses.asdict(model_cfg),
-        run_uri=run.uri,
-        endpoint_url=train.endpoint_url,
+        train=train,
+        model=model_cfg,
+        run=run,
         seq_len=data.seq_len,
         total_steps=total_steps,
         start_sequence=0,
@@ -236,7 +238,7 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
         checkpoint_files={**to_files(spec), FINETUNE_FILE: json.dumps(finetune_info, indent=2).encode()},
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
-        task={"finetune": dataclasses.asdict(ft), "init_uri": init_uri, "labels": data.labels},
+        task={"finetune": ft, "init_uri": init_uri, "labels": data.labels},
     )
     # every evaluation checkpoints; Ray keeps the best num_to_keep by val loss, and always the latest
     trained = launch(

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from model.config import ModelConfig
+from orchestration.checkpoint_format import ADAPTER_FILE, HEAD_FILE, MODEL_FILE
 from orchestration.finetune.config import FinetuneConfig
-from orchestration.train.checkpoint import MODEL_FILE
 from orchestration.train.plan import WorkerPlan
 from orchestration.train.task import EarlyStopping, Task, dataset_batches, lm_forward, to_device
-
-ADAPTER_FILE, HEAD_FILE, FINETUNE_FILE = "adapter.safetensors", "classifier_head.safetensors", "finetune.json"
 
 
 def build_finetune_model(ft: FinetuneConfig, model_cfg, state: dict, num_classes: int, seed: int) -> torch.nn.Module:
@@ -97,14 +94,13 @@ def finetune_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     from data_pipeline.storage import read_bytes
     from model.flops import flops_per_token
 
-    ft = FinetuneConfig(**plan.task["finetune"])
-    train = plan.config["train"]
-    model_cfg = ModelConfig(**plan.model_config)
-    state = load_safetensors(read_bytes(f"{plan.task['init_uri']}/{MODEL_FILE}", plan.endpoint_url))
-    model = build_finetune_model(ft, model_cfg, state, len(plan.task["labels"] or []), train["seed"]).to(device)
+    ft: FinetuneConfig = plan.task["finetune"]
+    train, model_cfg = plan.train, plan.model
+    state = load_safetensors(read_bytes(f"{plan.task['init_uri']}/{MODEL_FILE}", train.endpoint_url))
+    model = build_finetune_model(ft, model_cfg, state, len(plan.task["labels"] or []), train.seed).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    micro, gbs = train["micro_batch_size"], train["global_batch_size"]
+    micro, gbs = train.micro_batch_size, train.global_batch_size
     return Task(
         name=f"finetune-{ft.task}",
         model=model,

@@ -13,11 +13,10 @@ from orchestration.artifacts import (
     FINETUNE_SUMMARY_FILE,
     RUN_FILE,
     RunDir,
-    checkpoints_newest_first,
-    complete_checkpoint_meta,
     read_metrics,
     read_run_facts,
 )
+from orchestration.checkpoint_format import checkpoints_newest_first, complete_checkpoint_meta
 from orchestration.report.plots import plot_loss, plot_throughput
 from orchestration.report.render import ReportError, Section, fmt
 

@@ -22,11 +22,20 @@ SEARCH_KINDS: dict[str, Optional[int]] = {
 }
 
 
+def parse_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: a numeric string becomes a float, anything else is unchanged.
+    (Here, below ``orchestration.config``, which composes this section and uses it for every section.)"""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def normalize_search_space(space: dict) -> dict:
     """Check every entry is ``{path: {kind: args}}`` with a known kind and valid args; return a copy
     with numeric strings as numbers. Raises ValueError naming the entry."""
-    from orchestration.config import parse_number  # imported here: orchestration.config imports this module
-
     out = {}
     for path, spec in space.items():
         allowed = ", ".join(SEARCH_KINDS)

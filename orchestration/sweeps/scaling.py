@@ -19,14 +19,8 @@ from typing import Optional
 
 from model.config import ModelConfig
 from model.flops import count_params, flops_per_token
-from orchestration.artifacts import (
-    SCALING_FIT_FILE,
-    SCALING_POINTS_FILE,
-    RunDir,
-    checkpoint_dir_name,
-    read_point,
-    write_point,
-)
+from orchestration.artifacts import SCALING_FIT_FILE, SCALING_POINTS_FILE, RunDir, read_point, write_point
+from orchestration.checkpoint_format import checkpoint_dir_name
 from orchestration.config import (
     ConfigError,
     PretrainConfig,

@@ -1,23 +1,7 @@
 """Checkpoints: the engine's own state, each rank writing its own files, + metadata; the consolidated
-``model.safetensors`` only at the end of a run (``orchestration.train.consolidate``).
-
-Layout of one checkpoint directory (all ranks' files merged into it by Ray Train):
-
-    ds/                     the engine's files: DeepSpeed's model states and one optimizer partition
-                            per rank (ZeRO 1-3), or one engine_state.pt (ZeRO-0: DDP, nothing sharded)
-    rng_rank{r}.pt          each rank's torch/numpy/python RNG state
-    model.safetensors       full fp32 weights, loadable without DeepSpeed: written by the run's last
-                            save (streamed), or later from ds/ by ``raylm consolidate`` / any reader
-    model_config.json       the ModelConfig (vocab size from the tokenizer)
-    tokenizer.json          where the tokenizer lives (manifest URI + tokenizer hash)
-    raylm_meta.json         step, consumed sequences, config and every file's size: written LAST
-    universal/              the engine state converted for any worker count, by the first resume that
-                            reshards it (``orchestration.train.reshard``), with a marker of its own
-
-``raylm_meta.json`` is the completeness marker: a directory is a usable checkpoint only when it
-exists and every file it lists is present with the listed size (``complete_checkpoint_meta``), so a partial
-upload is never picked as the latest. A resuming rank fetches only the files it loads
-(``fetched_checkpoint``): its own ZeRO partitions, the shared model states and its RNG state; on
+``model.safetensors`` only at the end of a run (``orchestration.train.consolidate``). The layout and the
+completeness rule are ``orchestration.checkpoint_format``'s. A resuming rank fetches only the files it
+loads (``fetched_checkpoint``): its own ZeRO partitions, the shared model states and its RNG state; on
 another worker count, its share of ``universal/``.
 """
 
@@ -28,7 +12,6 @@ import functools
 import json
 import os
 import random
-import re
 import shutil
 import struct
 import tempfile
@@ -40,23 +23,26 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
-from orchestration.train.consolidate import (
+from orchestration.artifacts import RunDir
+from orchestration.checkpoint_format import (
+    CHECKPOINT_META_FILE,
     DS_TAG,
+    MODEL_CONFIG_FILE,
     MODEL_FILE,
+    RANK_FILE_RE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    checkpoint_meta,
+    meta_record,
+    rng_file,
+)
+from orchestration.train.consolidate import (
     consolidate_checkpoint,
     full_fp32_param,
     persistent_buffers,
     safetensors_declared_bytes,
     write_from_engine,
 )
-
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the run, with its location."""
 
 
 def gather_fp32_state_dict(raw_model: torch.nn.Module, rank: int) -> Optional[dict]:
@@ -126,7 +112,7 @@ def save_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_{step:08d}_rank{rank}_"))
     engine.save_checkpoint(str(tmp), tag=DS_TAG)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(), tmp / rng_file(rank))
     if consolidate and weight_files is None:
         write_from_engine(raw_model, rank, tmp / MODEL_FILE, {"format": "pt", "step": step})
     elif consolidate:
@@ -148,26 +134,11 @@ def save_checkpoint(
         merged: dict[str, int] = {}
         for rank_files in all_files:
             merged.update(rank_files)  # DeepSpeed names per-rank files apart; `latest` is identical
-        full_meta = {
-            **meta,
-            "step": step,
-            "consumed_sequences": consumed_sequences,
-            "world_size": world_size,
-            "files": merged,
-        }
+        full_meta = meta_record(
+            meta, step=step, consumed_sequences=consumed_sequences, world_size=world_size, files=merged
+        )
         (tmp / CHECKPOINT_META_FILE).write_text(json.dumps(full_meta, indent=2))
     return str(tmp), [sum(rank_files.values()) for rank_files in all_files]
-
-
-def checkpoint_meta(ckpt: RunDir) -> dict:
-    """A checkpoint's meta (step, world size, ZeRO stage, ...); CheckpointError if it is incomplete."""
-    meta = complete_checkpoint_meta(ckpt)
-    if meta is None:
-        raise CheckpointError(
-            f"checkpoint {ckpt.uri} is incomplete (no {CHECKPOINT_META_FILE} or files missing); "
-            "delete it to use the previous one"
-        )
-    return meta
 
 
 def needs_reshard(meta: dict, world_size: int) -> bool:
@@ -189,9 +160,6 @@ def download(ckpt: RunDir, names: list[str], local: str) -> int:
     return total
 
 
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
-
-
 def files_to_restore(files: dict[str, int], rank: int, engine_files: bool = True) -> list[str]:
     """The checkpoint files one rank loads to resume: its RNG state and, with ``engine_files``, the
     engine files it reads (the shared model states and its own ZeRO partitions; a resume that
@@ -202,7 +170,7 @@ def files_to_restore(files: dict[str, int], rank: int, engine_files: bool = True
         in_engine = name.startswith(f"{DS_TAG}/")
         if not (in_engine and engine_files) and not name.startswith("rng_rank"):
             continue
-        owner = _RANK_FILE.search(name.rsplit("/", 1)[-1])
+        owner = RANK_FILE_RE.search(name.rsplit("/", 1)[-1])
         if owner and int(owner.group(1)) != rank:
             continue
         wanted.append(name)
@@ -256,9 +224,9 @@ def restore_checkpoint(
         group.update(values)
     if load_path is None:
         raise CheckpointError(f"the engine found no checkpoint under {universal_dir or local_dir}/{DS_TAG}")
-    rng_file = os.path.join(local_dir, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_file):  # resized runs too: a rank the checkpoint's run had continues its streams
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    rng_path = os.path.join(local_dir, rng_file(rank))
+    if os.path.exists(rng_path):  # resized runs too: a rank the checkpoint's run had continues its streams
+        _set_rng_state(torch.load(rng_path, weights_only=False))
     else:  # a rank new to the run: streams of its own, not a replay of the run's first steps
         from orchestration.train.engine import seed_everything
 

@@ -31,10 +31,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from orchestration.checkpoint_format import DS_TAG, MODEL_FILE
 from orchestration.train.ddp import STATE_FILE as DDP_STATE_FILE
-
-MODEL_FILE = "model.safetensors"
-DS_TAG = "ds"
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",

@@ -20,12 +20,11 @@ from orchestration.artifacts import (
     STOP_REQUEST_FILE,
     RunDir,
     clear_stop_request,
-    complete_checkpoint_meta,
-    latest_complete_checkpoint,
     read_metrics,
     write_config,
     write_run_facts,
 )
+from orchestration.checkpoint_format import complete_checkpoint_meta, latest_complete_checkpoint
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import extensions_dir, init_ray
 from orchestration.train.config import TrainConfig
@@ -70,7 +69,7 @@ class PretrainFacts:
 def validate(cfg: PretrainConfig) -> PretrainFacts:
     """Check a pretraining run against its data; raises ConfigError naming the key / URI and the fix.
     Reads the manifest and tokenizer files only."""
-    from data_pipeline.loader import read_manifest
+    from data_pipeline.manifest import read_manifest
     from data_pipeline.storage import join, read_bytes
 
     train = cfg.train
@@ -334,7 +333,7 @@ def launch(
         check_trackers(train.trackers)
     except TrackerError as err:
         raise ConfigError(f"train.trackers: {err}") from None
-    run = RunDir.at(plan.run_uri, plan.endpoint_url)
+    run = plan.run
     init_ray()
     check_resources(train, gpus_per_worker)
     if clear_stop_request(run):  # left by `raylm stop` for an earlier launch: this one is meant to train
@@ -344,7 +343,7 @@ def launch(
         run,
         {
             "task": make_task.__name__,
-            "model": plan.model_config,
+            "model": dataclasses.asdict(plan.model),
             "seq_len": plan.seq_len,
             "total_steps": plan.total_steps,
             "num_workers": train.num_workers,
@@ -445,7 +444,6 @@ def run_training(
     checkpoint URI of another run with the same shapes that a *new* run directory starts from (its
     step, data position, weights and optimizer), e.g. a WSD decay branch off a stable-phase run.
     """
-    from data_pipeline.loader import shard_footers
     from data_pipeline.shards import BLOCK_ROWS
     from orchestration.config import with_absolute_paths
     from orchestration.train.task import pretrain_task
@@ -470,14 +468,11 @@ def run_training(
             f"{BLOCK_ROWS}-row blocks: ranks read some rows they do not train on",
             flush=True,
         )
-    footers = {**shard_footers(facts.manifest, "train", train.endpoint_url)}
-    if facts.val_batches:
-        footers.update(shard_footers(facts.manifest, "val", train.endpoint_url))
     plan = WorkerPlan(
         config=config_to_dict(resolved),
-        model_config=dataclasses.asdict(resolved.model),
-        run_uri=run.uri,
-        endpoint_url=train.endpoint_url,
+        train=train,
+        model=resolved.model,
+        run=run,
         seq_len=facts.seq_len,
         total_steps=facts.total_steps,
         start_sequence=0,
@@ -485,7 +480,7 @@ def run_training(
         checkpoint_files=facts.tokenizer_files,
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
-        task={"manifest": facts.manifest, "footers": footers},
+        task={"manifest": facts.manifest},  # ranks find row groups through the index files it names
     )
     summary = launch(cfg, plan, pretrain_task, {}, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
     return {**summary, "wall_s": time.time() - t0}

@@ -31,10 +31,9 @@ def worker_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    from model.config import ModelConfig
-    from orchestration.artifacts import MetricsLog, RunDir, checkpoint_dir_name, stop_requested
+    from orchestration.artifacts import MetricsLog, stop_requested
+    from orchestration.checkpoint_format import checkpoint_dir_name
     from orchestration.train.checkpoint import fetched_checkpoint, needs_reshard, restore_checkpoint, save_checkpoint
-    from orchestration.train.config import TrainConfig
     from orchestration.train.engine import (
         grad_norm,
         optimizer_state_numel,
@@ -55,7 +54,7 @@ def worker_loop(loop_config: dict) -> None:
 
     plan: WorkerPlan = loop_config["plan"]
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per interval instead
-    train = TrainConfig(**plan.config["train"])
+    train = plan.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     if world_size != train.num_workers:  # an elastic run on fewer (or again more) workers
@@ -67,10 +66,10 @@ def worker_loop(loop_config: dict) -> None:
     phases = MemoryPhases(device)  # each phase's peak once, in the first records that follow it
     task: Task = loop_config["make_task"](plan, device, rank, world_size)
     phases.end("build")
-    model_cfg = ModelConfig(**plan.model_config)
+    model_cfg = plan.model
     total_steps, tokens_per_step = plan.total_steps, train.global_batch_size * plan.seq_len
     peak = peak_flops_per_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None, train.precision)
-    run = RunDir.at(plan.run_uri, plan.endpoint_url)
+    run = plan.run
     metrics_log = MetricsLog(run) if rank == 0 else None
     exporter = TrainMetricsExporter(train.run_name, rank)  # Prometheus, through Ray's metrics agent
 
@@ -114,11 +113,11 @@ def worker_loop(loop_config: dict) -> None:
     if rank == 0:
         trackers = open_trackers(
             train.trackers,
-            run_dir=plan.run_uri,
+            run_dir=plan.run.uri,
             run_name=train.run_name,
             config=plan.config,
             resume_step=step,
-            endpoint_url=plan.endpoint_url,
+            endpoint_url=plan.run.endpoint_url,
         )
 
     batches = task.train_batches(step)
@@ -300,11 +299,14 @@ def validation_metrics(engine, task: Task, device: torch.device) -> dict:
 
 
 def data_read_per_rank(stats: dict) -> dict:
-    """What each rank's train reader has read from storage (bytes, rows) and the bytes of the rows it
-    trained on: the read amplification of the data path, per rank (a collective)."""
+    """What each rank's train reader has read from storage (bytes, of which index bytes; rows), the
+    compressed bytes of the row groups it trained on (read / needed is the read amplification of the
+    data path) and the bytes of the rows it trained on as stored, per rank (a collective)."""
     everyone = _gather(stats)
     return {
         "data_read_bytes_per_rank": [s["bytes_read"] for s in everyone],
+        "data_index_bytes_per_rank": [s["index_bytes_read"] for s in everyone],
+        "data_needed_bytes_per_rank": [s["needed_bytes"] for s in everyone],
         "data_read_rows_per_rank": [s["rows_read"] for s in everyone],
         "data_trained_bytes_per_rank": [s["row_bytes_yielded"] for s in everyone],
     }
@@ -358,7 +360,7 @@ def newer_checkpoint(ray_checkpoint, driver_checkpoint):
     worker failure, Ray's is the newer one."""
     if ray_checkpoint is None or driver_checkpoint is None:
         return ray_checkpoint or driver_checkpoint
-    from orchestration.artifacts import read_checkpoint_meta
+    from orchestration.checkpoint_format import read_checkpoint_meta
 
     ray_meta, driver_meta = read_checkpoint_meta(ray_checkpoint), read_checkpoint_meta(driver_checkpoint)
     if ray_meta is not None and (driver_meta is None or ray_meta["step"] >= driver_meta["step"]):
@@ -370,7 +372,7 @@ def _driver_checkpoint(plan: WorkerPlan):
     """The complete checkpoint the driver picked (resume or branch) when Ray has none of its own."""
     from orchestration.artifacts import RunDir
 
-    return RunDir.at(plan.resume_uri, plan.endpoint_url) if plan.resume_uri else None
+    return RunDir.at(plan.resume_uri, plan.run.endpoint_url) if plan.resume_uri else None
 
 
 def _checkpoint_dir(checkpoint, plan: WorkerPlan):
@@ -382,8 +384,8 @@ def _checkpoint_dir(checkpoint, plan: WorkerPlan):
     from orchestration.artifacts import RunDir
 
     local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
-    uri = checkpoint.path if local else f"{plan.run_uri.split('://', 1)[0]}://{checkpoint.path}"
-    return RunDir(uri, checkpoint.filesystem, checkpoint.path, plan.endpoint_url)
+    uri = checkpoint.path if local else f"{plan.run.uri.split('://', 1)[0]}://{checkpoint.path}"
+    return RunDir(uri, checkpoint.filesystem, checkpoint.path, plan.run.endpoint_url)
 
 
 def _memory_record(phases) -> dict:

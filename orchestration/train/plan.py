@@ -9,23 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from model.config import ModelConfig
+from orchestration.artifacts import RunDir
+from orchestration.train.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class WorkerPlan:
     """Facts the driver resolved, plus the job-specific part ``task`` (read by the task builder).
 
-    ``config`` is the command's resolved config as a dict (its ``train`` section drives the loop);
-    ``model_config`` the ModelConfig with the tokenizer's vocab size (pretraining) or the checkpoint's
-    shape (fine-tuning); ``checkpoint_files`` the small files every checkpoint carries (the tokenizer,
-    fine-tuning's description); ``checkpoint_meta`` what every checkpoint's meta records so a resume
-    can be checked against it; ``resume_uri`` a complete checkpoint the driver picked (a resume of
-    this run, or the branch point of another run).
+    ``config`` is the command's resolved config as a dict (written to config.yaml and every
+    checkpoint's meta); ``train`` its typed train section, which drives the loop; ``model`` the
+    ModelConfig with the tokenizer's vocab size (pretraining) or the checkpoint's shape (fine-tuning);
+    ``run`` the run directory (its filesystem resolved once, on the driver); ``checkpoint_files`` the
+    small files every checkpoint carries (the tokenizer, fine-tuning's description); ``checkpoint_meta``
+    what every checkpoint's meta records so a resume can be checked against it; ``resume_uri`` a
+    complete checkpoint the driver picked (a resume of this run, or the branch point of another run).
     """
 
     config: dict
-    model_config: dict
-    run_uri: str
-    endpoint_url: Optional[str]
+    train: TrainConfig
+    model: ModelConfig
+    run: RunDir
     seq_len: int
     total_steps: int
     start_sequence: int  # the first stream position of Ray Data streams (fine-tuning); 0 for the shard reader

@@ -38,11 +38,16 @@ import pyarrow.fs as pafs
 import torch
 import torch.utils.serialization
 
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, complete_checkpoint_meta
-from orchestration.train.checkpoint import CheckpointError, download
-from orchestration.train.consolidate import DS_TAG
+from orchestration.artifacts import RunDir
+from orchestration.checkpoint_format import (
+    CHECKPOINT_META_FILE,
+    DS_TAG,
+    UNIVERSAL_DIR,
+    CheckpointError,
+    complete_checkpoint_meta,
+)
+from orchestration.train.checkpoint import download
 
-UNIVERSAL_DIR = "universal"  # inside the checkpoint directory it was converted from
 PARAM_FILES = f"{DS_TAG}/zero/"  # universal layout: ds/zero/<parameter name>/<fp32|exp_avg|exp_avg_sq|step>.pt
 _OTHER_RANKS_MODEL_STATES = re.compile(r"zero_pp_rank_(?!0_)\d+_mp_rank_\d+_model_states\.pt$")
 

@@ -79,7 +79,7 @@ def dataset_batches(
 
     import ray.train
 
-    from data_pipeline.loader import worker_examples
+    from data_pipeline.stream import worker_examples
 
     def batches(start_step: int = 0) -> Iterator[dict]:
         shard = ray.train.get_dataset_shard(name)
@@ -93,29 +93,26 @@ def dataset_batches(
 
 
 def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size: int) -> Task:
-    """Next-token pretraining of ``plan.model_config`` (GPT, or the LSTM with arch=lstm), seeded so
+    """Next-token pretraining of ``plan.model`` (GPT, or the LSTM with arch=lstm), seeded so
     every rank starts from identical weights. Each rank reads only its slice of every global batch
     straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at."""
     from data_pipeline.loader import rank_batches, rank_val_batches
-    from model.config import ModelConfig
     from model.flops import flops_per_token
-    from orchestration.train.config import TrainConfig
     from orchestration.train.rank_model import build_rank_model
 
-    model_cfg = ModelConfig(**plan.model_config)
-    train = plan.config["train"]
+    model_cfg, train = plan.model, plan.train
     # Seeded identically on every rank, built on the worker's device; at ZeRO-3 partitioned as it is
     # built, so no rank holds the whole model (orchestration.train.rank_model).
-    model = build_rank_model(model_cfg, TrainConfig(**train).at_world_size(world_size), device)
-    data = {"endpoint_url": plan.endpoint_url, "footers": plan.task["footers"], "rank": rank, "world_size": world_size}
+    model = build_rank_model(model_cfg, train.at_world_size(world_size), device)
+    data = {"endpoint_url": train.endpoint_url, "rank": rank, "world_size": world_size}
     readers: list = []
 
     def train_batches(start_step: int) -> Iterator[dict]:
         reader = rank_batches(
             plan.task["manifest"],
-            seed=train["seed"],
-            global_batch_size=train["global_batch_size"],
-            micro_batch_size=train["micro_batch_size"],
+            seed=train.seed,
+            global_batch_size=train.global_batch_size,
+            micro_batch_size=train.micro_batch_size,
             start_step=start_step,
             num_steps=plan.total_steps - start_step,
             **data,
@@ -126,8 +123,8 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     def val_batches() -> Iterator[dict]:
         reader = rank_val_batches(
             plan.task["manifest"],
-            num_sequences=train["val_sequences"],
-            micro_batch_size=train["micro_batch_size"],
+            num_sequences=train.val_sequences,
+            micro_batch_size=train.micro_batch_size,
             **data,
         )
         return ({"tokens": tokens, "weights": weights} for tokens, weights in reader)

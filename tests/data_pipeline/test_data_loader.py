@@ -11,18 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
-from data_pipeline.loader import (
-    ManifestMismatchError,
-    _plan,
-    rank_batches,
-    rank_val_batches,
-    read_manifest,
-    sequence_dataset,
-    worker_batches,
-)
+from data_pipeline.loader import rank_batches, rank_val_batches
+from data_pipeline.manifest import ManifestMismatchError, read_manifest
+from data_pipeline.order import stream_tasks
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import BLOCK_ROWS
 from data_pipeline.storage import embedded_corpus_dir
+from data_pipeline.stream import sequence_dataset, worker_batches
 from tests.helpers import tiny_corpus_manifest
 
 PLAYS = [
@@ -98,12 +93,14 @@ def test_resume_skips_whole_shards_without_reading_them(manifests, tmp_path):
     m = read_manifest(uri)
     n = m["splits"]["train"]["sequences"]
     _, full = rows_of(sequence_dataset(uri, "train", seed=7, num_sequences=n))
-    first = _plan(m, "train", 7, 0, n)[0]
+    first = stream_tasks(m, "train", 7, 0, n)[0]
     start = first["hi"]  # the end of the first shard visited in epoch 0
-    assert [t["file"] for t in _plan(m, "train", 7, start, n)] == [t["file"] for t in _plan(m, "train", 7, 0, n)][1:]
+    assert [t["shard"] for t in stream_tasks(m, "train", 7, start, n)] == [
+        t["shard"] for t in stream_tasks(m, "train", 7, 0, n)
+    ][1:]
     copy = tmp_path / "copy"
     shutil.copytree(Path(uri).parent, copy)
-    (copy / first["file"]).unlink()  # a skipped shard is never opened
+    (copy / m["splits"]["train"]["shards"][first["shard"]]["file"]).unlink()  # a skipped shard is never opened
     pos, resumed = rows_of(sequence_dataset(str(copy / "manifest.json"), "train", seed=7, start_sequence=start))
     assert pos == list(range(start, n)) and np.array_equal(resumed, full[start:])
     with pytest.raises(Exception, match="No such file|not found|FileNotFound"):
@@ -161,12 +158,12 @@ def test_refuses_another_tokenizer_or_seq_len(manifests, tmp_path):
         sequence_dataset(uri, "train", seed=0, expected_tokenizer_hash=theirs)
     with pytest.raises(ManifestMismatchError, match=f"{uri}.*seq_len=16.*expects seq_len=32"):
         sequence_dataset(uri, "train", seed=0, expected_seq_len=32)
-    # a shard swapped in from the other tokenizer's run is caught by its own metadata
+    # a shard swapped in from the other tokenizer's run disagrees with the manifest's size and CRCs
     copy = tmp_path / "mixed"
     shutil.copytree(Path(uri).parent, copy)
     shard = read_manifest(uri)["splits"]["val"]["shards"][0]["file"]
     shutil.copy(Path(other).parent / read_manifest(other)["splits"]["val"]["shards"][0]["file"], copy / shard)
-    with pytest.raises(Exception, match=f"shard {shard} has tokenizer {theirs[:16]}"):
+    with pytest.raises(Exception, match=f"shard {shard} (is \\d+ bytes, the manifest says|.*CRC-32)"):
         rows_of(sequence_dataset(str(copy / "manifest.json"), "val", seed=0, expected_tokenizer_hash=ours))
 
 

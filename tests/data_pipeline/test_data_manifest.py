@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from data_pipeline.loader import read_manifest
-from data_pipeline.manifest import MANIFEST_FORMAT, Manifest, ManifestError, load_manifest
+from data_pipeline.manifest import MANIFEST_FORMAT, Manifest, ManifestError, load_manifest, read_manifest
 from tests.helpers import tiny_corpus_manifest
 
 

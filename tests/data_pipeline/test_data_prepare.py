@@ -21,8 +21,7 @@ from data_pipeline.config import (
     SplitByConfig,
     TokenizerConfig,
 )
-from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import load_manifest, load_tokenizer_from_manifest, read_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import split_of
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import CleanConfig, DataConfig, NearDedupConfig, OutputConfig, SourceConfig, TokenizerConfig
-from data_pipeline.loader import load_tokenizer_from_manifest, read_manifest, sequence_dataset
+from data_pipeline.manifest import load_tokenizer_from_manifest, read_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir, filesystem_for
+from data_pipeline.stream import sequence_dataset
 
 pytestmark = pytest.mark.usefixtures("sort_based_shuffle")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.loader import rank_batches, rank_val_batches, read_manifest, shard_footers
+from data_pipeline.loader import rank_batches, rank_val_batches
+from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import BLOCK_ROWS
 from tests.helpers import tiny_corpus_manifest
 
@@ -79,10 +80,9 @@ def test_resume_yields_the_same_batches_and_reads_the_same_few_rows(manifest):
     epoch_steps = n // GLOBAL_BATCH
     late = 2 * epoch_steps + 3  # inside epoch 2
     full, _ = global_batches(manifest, 1, 0, late + 3, prefetch=0)
-    footers = shard_footers(manifest)
     cost = {}
     for start in (1, late):
-        resumed, _ = global_batches(manifest, 2, start, 3, prefetch=0, footers=footers)
+        resumed, _ = global_batches(manifest, 2, start, 3, prefetch=0)
         assert all(np.array_equal(a, b) for a, b in zip(full[start : start + 3], resumed))
         reader = rank_batches(
             manifest,
@@ -94,7 +94,6 @@ def test_resume_yields_the_same_batches_and_reads_the_same_few_rows(manifest):
             start_step=start,
             num_steps=50,
             prefetch=0,
-            footers=footers,
         )
         next(iter(reader))
         cost[start] = reader.stats
@@ -103,16 +102,25 @@ def test_resume_yields_the_same_batches_and_reads_the_same_few_rows(manifest):
     assert cost[late]["bytes_read"] <= 1.25 * cost[1]["bytes_read"]
 
 
-def test_a_rank_reads_about_only_the_rows_it_trains_on(manifest):
+def test_a_rank_reads_only_the_row_groups_it_trains_on_and_their_index_records(manifest):
     steps = 12
-    _, with_footers = global_batches(manifest, 4, 0, steps, footers=shard_footers(manifest))
-    _, own_footers = global_batches(manifest, 4, 0, steps)
-    for stats in with_footers:
+    _, per_rank = global_batches(manifest, 4, 0, steps)
+    lengths = {  # every row group's compressed chunk, from the shards' own footers
+        (shard, g): entry.row_group(g).column(0).total_compressed_size
+        for shard, entry in enumerate(
+            pq.read_metadata(Path(manifest["uri"]).parent / s["file"]) for s in manifest["splits"]["train"]["shards"]
+        )
+        for g in range(entry.num_row_groups)
+    }
+    for stats in per_rank:
         assert stats["rows_yielded"] == steps * GLOBAL_BATCH // 4
         assert stats["rows_read"] == stats["rows_yielded"]  # block-aligned slices: no row read in vain
-        assert 0 < stats["bytes_read"] <= 1.25 * stats["row_bytes_yielded"]
-    # a rank that reads the footers itself pays for them (counted at the filesystem layer too)
-    assert all(o["bytes_read"] > w["bytes_read"] for o, w in zip(own_footers, with_footers))
+        groups = stats["rows_read"] // BLOCK_ROWS
+        # shard bytes read are exactly the chunks of the row groups trained on; the index adds 20 B a group
+        assert stats["bytes_read"] - stats["index_bytes_read"] == stats["needed_bytes"]
+        assert 0 < stats["index_bytes_read"] <= 20 * groups + 512 * steps
+        assert groups * min(lengths.values()) <= stats["needed_bytes"] <= groups * max(lengths.values())
+        assert stats["bytes_read"] <= 1.10 * stats["needed_bytes"]
 
 
 def test_epochs_wrap_into_new_permutations(manifest):

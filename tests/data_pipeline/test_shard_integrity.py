@@ -1,9 +1,11 @@
-"""Shards are verified as they are read: a flipped bit, overwritten bytes, a truncated file, a wrong row
-count or an old layout stop the reader with an error naming the shard and the manifest, before any
-batch holding bad rows is yielded; storage outages of a few seconds are absorbed by retries."""
+"""Shards are verified as they are read: a flipped bit, overwritten bytes, a truncated shard or index, a
+wrong row count, an index record pointing at the wrong bytes or a manifest without an index stop the
+reader with an error naming the shard and the manifest, before any batch holding bad rows is yielded;
+storage outages of a few seconds are absorbed by retries."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -12,8 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.loader import ShardCorruptError, rank_batches, read_manifest, sequence_dataset, shard_footers
+from data_pipeline.loader import rank_batches
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shard_reader import ShardCorruptError
+from data_pipeline.shards import BLOCK_ROWS
 from data_pipeline.storage import DataSourceError
+from data_pipeline.stream import sequence_dataset
 from tests.helpers import RestartableS3, tiny_corpus_manifest
 
 BATCH = 32
@@ -88,30 +94,37 @@ def test_overwritten_first_page_is_caught(copy):
         epoch(manifest)
 
 
-def test_truncated_shard_is_caught_with_or_without_driver_footers(copy):
+def test_truncated_shard_or_index_is_caught(copy):
     manifest = read_manifest(str(copy / "manifest.json"))
-    footers = shard_footers(manifest)
     shard = copy / "train/shard-00002.parquet"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ShardCorruptError, match="shard train/shard-00002.parquet: no Parquet footer"):
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    with pytest.raises(ShardCorruptError, match=rf"shard train/shard-00002.parquet is {size // 2} bytes, the manifest"):
         epoch(manifest)
-    with pytest.raises(ShardCorruptError, match=r"shard train/shard-00002.parquet is \d+ bytes, its footer describes"):
-        epoch(manifest, footers=footers)
+    index = copy / "train/row_groups.idx"
+    index.write_bytes(index.read_bytes()[:-20])
+    with pytest.raises(ShardCorruptError, match=r"train index train/row_groups.idx is \d+ bytes, the manifest"):
+        epoch(read_manifest(str(copy / "manifest.json")))
 
 
-def test_row_count_and_old_layout_are_refused(copy):
+def test_row_count_index_and_old_manifests_are_refused(copy):
     manifest = read_manifest(str(copy / "manifest.json"))
-    manifest["splits"]["train"]["shards"][1]["sequences"] += 1
-    with pytest.raises(ShardCorruptError, match=r"shard train/shard-00001.parquet has \d+ rows, the manifest says"):
+    manifest["splits"]["train"]["shards"][1]["sequences"] += BLOCK_ROWS
+    with pytest.raises(ShardCorruptError, match=r"shard train/shard-00001.parquet: \d+ row groups for \d+ rows"):
         epoch(manifest)
-    # a shard as raylm wrote them before block checksums: one row group, no raylm.block_crc32
-    manifest = read_manifest(str(copy / "manifest.json"))
-    shard = copy / "train/shard-00000.parquet"
-    table = pq.read_table(shard)
-    meta = {k: v for k, v in table.schema.metadata.items() if k not in (b"raylm.block_crc32", b"raylm.block_rows")}
-    pq.write_table(table.replace_schema_metadata(meta), shard, compression="zstd", row_group_size=1 << 20)
-    with pytest.raises(DataSourceError, match="shard train/shard-00000.parquet was written by an older raylm.*prepare"):
-        epoch(manifest)
+    # an index record that points at the wrong bytes: the chunk does not decode, named with its shard
+    index = copy / "train/row_groups.idx"
+    records = bytearray(index.read_bytes())
+    records[0:8] = (int.from_bytes(records[0:8], "little") + 3).to_bytes(8, "little")
+    index.write_bytes(bytes(records))
+    with pytest.raises(ShardCorruptError, match="shard train/shard-00000.parquet: row group 0 does not decode"):
+        epoch(read_manifest(str(copy / "manifest.json")))
+    # a manifest from before the row-group index
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["splits"]["train"]["index"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataSourceError, match=r"key 'splits.train' lacks \['index'\].*re-run `raylm prepare`"):
+        read_manifest(str(copy / "manifest.json"))
 
 
 def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monkeypatch):
@@ -141,6 +154,8 @@ def test_a_short_storage_outage_is_retried_and_a_long_one_named(clean_dir, monke
     assert time.perf_counter() - t0 > 0.8  # no batch came before the server was back
     restart.join()
     server.stop()
-    with pytest.raises(DataSourceError, match=r"s3://outage/data/manifest.json: shard train/.*still failing after 5"):
+    with pytest.raises(
+        DataSourceError, match=r"s3://outage/data/manifest.json: (shard|train index) train/.*still failing after 5"
+    ):
         for _ in range(14):
             next(batches)

@@ -37,8 +37,8 @@ def write_checkpoint(
     from safetensors.torch import save_file
 
     from data_pipeline import tokenizer as tok
-    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.checkpoint_format import MODEL_CONFIG_FILE, MODEL_FILE
 
     spec = tok.train_bpe([CORPUS], vocab_merges, pattern)
     shape = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -215,10 +215,9 @@ def _write_lora_finetune(base_ckpt: str, root: Path, targets: list[str]) -> tupl
     from safetensors.torch import save_file
 
     from model.lora import adapter_state_dict, apply_lora, merged_state_dict
-    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.checkpoint_format import ADAPTER_FILE, FINETUNE_FILE, MODEL_FILE
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
     from orchestration.evaluate.load import load_checkpoint_model
-    from orchestration.finetune.task import ADAPTER_FILE, FINETUNE_FILE
-    from orchestration.train.checkpoint import MODEL_FILE
 
     model, cfg, _, _ = load_checkpoint_model(base_ckpt)
     apply_lora(model, targets, rank=2, alpha=4.0)

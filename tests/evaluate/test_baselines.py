@@ -94,7 +94,7 @@ def test_train_and_evaluate_ngram_on_shards(manifest, tmp_path):
     assert r3["tokens"] == val[:, 1:].size and r3["sequences"] == len(val) and r3["n"] == 3
     assert r3["loss"] < r1["loss"] and r3["perplexity"] == pytest.approx(math.exp(r3["loss"]))
     # bits per byte = the same summed NLL over the bytes the targets decode to (no special tokens here)
-    from data_pipeline.loader import load_tokenizer_from_manifest
+    from data_pipeline.manifest import load_tokenizer_from_manifest
 
     byte_len = token_byte_lengths(load_tokenizer_from_manifest(manifest))
     assert r3["bytes"] == int(byte_len[val[:, 1:]].sum())
@@ -162,8 +162,8 @@ def _write_checkpoint(root: Path, model: torch.nn.Module, manifest: str, consume
     from safetensors.torch import save_file
 
     from data_pipeline import tokenizer as tok
-    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.checkpoint_format import MODEL_CONFIG_FILE, MODEL_FILE
 
     ckpt = root / "checkpoint_00000010"
     ckpt.mkdir(parents=True)

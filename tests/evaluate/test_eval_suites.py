@@ -125,8 +125,8 @@ def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int, meta: Optio
     adds what a run's driver puts in its raylm_meta.json ("data", ...)."""
     from safetensors.torch import save_file
 
-    from orchestration.artifacts import CHECKPOINT_META_FILE as META_FILE
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.checkpoint_format import MODEL_CONFIG_FILE, MODEL_FILE
 
     ckpt = root / f"checkpoint_{step:08d}"
     ckpt.mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_continuation_of_held_out_text_beats_random_model_with_the_libraries_sco
 
 
 def test_held_out_lines_from_a_manifest(tiny, tmp_path):
-    from data_pipeline.loader import ManifestMismatchError, load_tokenizer_from_manifest
+    from data_pipeline.manifest import ManifestMismatchError, load_tokenizer_from_manifest
     from tests.helpers import tiny_corpus_manifest
 
     manifest = tiny_corpus_manifest(tmp_path, seq_len=64, chars=30_000)
@@ -366,7 +366,7 @@ def test_the_lm_suite_scores_the_rows_ray_data_streams(own_run, ray_session):
     """evaluate_lm reads a manifest's val rows in this process: the same rows, in the same order, as the
     Ray Data stream it read before and fine-tuning still validates on (``sequence_dataset(..., "val")``),
     so the same loss."""
-    from data_pipeline.loader import sequence_dataset
+    from data_pipeline.stream import sequence_dataset
 
     manifest = own_run["manifest"]
     streamed = sequence_dataset(manifest, "val", seed=0).take_all()

@@ -139,7 +139,7 @@ def registered_checkpoint_step(run) -> int:
     """The step of the newest checkpoint Ray Train has registered (listed in its snapshot): the one a
     restarted worker group resumes from. A checkpoint complete on storage is registered a moment later,
     and not at all if a rank dies first. -1 when there is none."""
-    from orchestration.artifacts import read_checkpoint_meta
+    from orchestration.checkpoint_format import read_checkpoint_meta
     from orchestration.train.driver import RAY_SNAPSHOT_FILE
 
     if not run.exists() or not run.has(RAY_SNAPSHOT_FILE):
@@ -158,7 +158,7 @@ def registered_checkpoint_step(run) -> int:
 
 def newest_checkpoint_step(run) -> int:
     """The step of the run's newest complete checkpoint on storage; -1 when there is none."""
-    from orchestration.artifacts import latest_complete_checkpoint
+    from orchestration.checkpoint_format import latest_complete_checkpoint
 
     found = latest_complete_checkpoint(run) if run.exists() else None
     return -1 if found is None else found[1]["step"]
@@ -167,7 +167,8 @@ def newest_checkpoint_step(run) -> int:
 def lost_node(args, cluster, nodes, timeline: Timeline) -> dict:
     from ray.util.state import list_actors
 
-    from orchestration.artifacts import METRICS_FILE, RunDir, latest_complete_checkpoint, read_metrics
+    from orchestration.artifacts import METRICS_FILE, RunDir, read_metrics
+    from orchestration.checkpoint_format import latest_complete_checkpoint
     from orchestration.train.driver import run_training
 
     def cfg(num_workers: int, accum: int):  # global batch 24 either way: 3 x 4 x 2 = 2 x 4 x 3
@@ -224,7 +225,7 @@ ELASTIC_LOG_INTERVAL, ELASTIC_CHECKPOINT_INTERVAL = 25, 50  # every checkpoint s
 
 def elastic(args, cluster, nodes, timeline: Timeline) -> dict:
     from orchestration.artifacts import RunDir, read_metrics, request_stop
-    from orchestration.train.checkpoint import MODEL_FILE
+    from orchestration.checkpoint_format import MODEL_FILE
     from orchestration.train.driver import run_training
 
     overrides = [

@@ -70,9 +70,7 @@ def _stage0_checkpoint(root) -> dict:
     marker listing it), with no consolidated weights yet; returns the state it holds."""
     import json
 
-    from orchestration.artifacts import CHECKPOINT_META_FILE
-    from orchestration.train.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE
-    from orchestration.train.consolidate import DS_TAG
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE, DS_TAG, MODEL_CONFIG_FILE, TOKENIZER_FILE
     from orchestration.train.ddp import STATE_FILE
 
     state = {"w": torch.randn(64, 32), "b": torch.randn(32)}
@@ -124,7 +122,8 @@ def test_a_cut_short_consolidated_file_is_refused_and_rebuilt(tmp_path):
     import pytest
 
     from orchestration.artifacts import RunDir
-    from orchestration.train.checkpoint import CheckpointError, ensure_consolidated, load_consolidated_state
+    from orchestration.checkpoint_format import CheckpointError
+    from orchestration.train.checkpoint import ensure_consolidated, load_consolidated_state
 
     state = _stage0_checkpoint(tmp_path)
     ckpt = RunDir.at(str(tmp_path))

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir, checkpoint_dir_name
+from orchestration.artifacts import RunDir
+from orchestration.checkpoint_format import CHECKPOINT_META_FILE, checkpoint_dir_name
 from orchestration.config import ConfigError, config_to_dict, load_config
 from orchestration.train.driver import adopt_recorded_batch, check_same_run
 

@@ -19,14 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import tiny_config
 
-from orchestration.artifacts import (
-    CHECKPOINT_META_FILE,
-    STOP_REQUEST_FILE,
-    RunDir,
-    latest_complete_checkpoint,
-    read_metrics,
-    request_stop,
-)
+from orchestration.artifacts import STOP_REQUEST_FILE, RunDir, read_metrics, request_stop
+from orchestration.checkpoint_format import CHECKPOINT_META_FILE, latest_complete_checkpoint
 from orchestration.config import ConfigError
 from orchestration.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
 

@@ -447,7 +447,8 @@ def test_a_re_run_restores_the_newer_of_rays_checkpoint_and_the_drivers_pick(tmp
     driver's pick; Ray restores its own older one unless the loop takes the newer of the two."""
     import json
 
-    from orchestration.artifacts import CHECKPOINT_META_FILE, RunDir
+    from orchestration.artifacts import RunDir
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE
     from orchestration.train.loop import newer_checkpoint
 
     def checkpoint(step: int) -> RunDir:
