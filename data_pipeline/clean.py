@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.config import CleanConfig, NearDedupConfig
+from data_pipeline.pii import PII_TYPES, redact
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -137,8 +138,9 @@ def minhash_signature(text: str, cfg: NearDedupConfig) -> np.ndarray:
 def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig) -> pa.Table:
     """Ray Data batch fn: rows (source, doc_index, text, replaced_chars, read_error) -> cleaned rows.
 
-    Output adds doc_hash, drop_reason ('' = kept), chars_in/chars_out, removed_<step> counts and, when
-    near-dedup is on, a MinHash ``signature``. Dropped rows keep their counts but an empty text.
+    Output adds doc_hash, drop_reason ('' = kept), chars_in/chars_out, removed_<step> counts, pii_<type>
+    counts (personal data replaced by placeholders, ``clean.pii``) and, when near-dedup is on, a MinHash
+    ``signature``. Dropped rows keep their counts but an empty text.
     """
     texts = batch.column("text").to_pylist()
     read_errors = batch.column("read_error").to_pylist()
@@ -152,6 +154,7 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
             "chars_out",
             "bytes_out",
             *(f"removed_{s}" for s in STEPS),
+            *(f"pii_{t}" for t in PII_TYPES),
         )
     }
     signatures = []
@@ -169,6 +172,11 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
                 before = len(text)
                 text = fn(text)
                 removed[step] = before - len(text)
+        found: dict = {}
+        if clean.pii.enabled:
+            text, found = redact(text, clean.pii.types, clean.pii.phone_region)
+        for kind in PII_TYPES:
+            out[f"pii_{kind}"].append(found.get(kind, 0))
         reason = read_error or quality_reason(text, clean)
         for step in STEPS:
             out[f"removed_{step}"].append(removed[step])

@@ -27,6 +27,30 @@ class SourceConfig:
     region: Optional[str] = None
 
 
+PiiType = Literal["email", "ip", "card", "national_id", "phone"]
+
+
+@dataclass
+class PiiConfig:
+    """Personal data replaced by typed placeholders ([EMAIL], [IP], [CARD], [NATIONAL_ID], [PHONE]);
+    the count per type goes to the manifest's ``pii_counts`` (``data_pipeline.pii`` has the rules)."""
+
+    enabled: bool = False
+    types: list[PiiType] = field(default_factory=lambda: ["email", "ip", "card", "phone"])
+    phone_region: str = "US"  # where numbers written without a +country code are read as national
+
+    def __post_init__(self) -> None:
+        import phonenumbers
+
+        if self.phone_region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(
+                f"pii.phone_region {self.phone_region!r} is not a region phonenumbers knows; use a two-letter "
+                "code such as US, GB, DE, IN"
+            )
+        if not self.types:
+            raise ValueError("pii.types is empty; list the types to redact or set pii.enabled=false")
+
+
 @dataclass
 class CleanConfig:
     """Per-document cleaning steps, applied in this order; each one is counted in the manifest."""
@@ -39,6 +63,7 @@ class CleanConfig:
     min_alpha_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # letters / non-space chars
     max_symbol_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})  # #{}<>[]|\^~`@$%*=_ / non-space
     exact_dedup: bool = True  # drop documents whose cleaned text hashes equal an earlier one's
+    pii: PiiConfig = field(default_factory=PiiConfig)  # after the steps above, before the quality filters
 
 
 @dataclass

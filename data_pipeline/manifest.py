@@ -122,6 +122,8 @@ class Manifest:
     sources: list[SourceEntry] = field(default_factory=list)
     cleaning: CleaningStats = field(default_factory=CleaningStats)
     split: Optional[SplitPlan] = None
+    # personal data replaced by placeholders while cleaning (data.clean.pii), per type; {} when off
+    pii_counts: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved DataConfig
     format: str = MANIFEST_FORMAT
 

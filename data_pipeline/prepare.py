@@ -40,6 +40,7 @@ from data_pipeline.manifest import (
     ValDocument,
     write_manifest,
 )
+from data_pipeline.pii import PII_TYPES
 from data_pipeline.row_index import write_index
 from data_pipeline.shards import CODEC, SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
 from data_pipeline.sources import read_documents, resolve_sources
@@ -89,7 +90,7 @@ def _sum_counts(ds: ray.data.Dataset, fn: Callable[[pa.Table], dict[str, int]]) 
 
 def _clean_counts(batch: pa.Table) -> dict[str, int]:
     counts = {"documents_in": batch.num_rows}
-    for name in ("chars_in", "replaced_chars", *(f"removed_{s}" for s in STEPS)):
+    for name in ("chars_in", "replaced_chars", *(f"removed_{s}" for s in STEPS), *(f"pii_{t}" for t in PII_TYPES)):
         counts[name] = int(pc.sum(batch.column(name)).as_py() or 0)
     counts.update((f"dropped:{r}", n) for r, n in Counter(batch.column("drop_reason").to_pylist()).items() if r)
     return counts
@@ -377,6 +378,7 @@ def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan
         dtype=dtype,
         splits=splits,
         split=split_plan,
+        pii_counts={t: counts[f"pii_{t}"] for t in cfg.clean.pii.types} if cfg.clean.pii.enabled else {},
         config=dataclasses.asdict(cfg),
     )
 
@@ -388,6 +390,9 @@ def _print_summary(m: Manifest, corpus_bytes: int, wall_s: float, manifest_uri: 
         f"[prepare] corpus {corpus_bytes / 1e6:.1f} MB, documents {c.documents_in} -> {c.documents_out} "
         f"(dropped: {dropped}; U+FFFD replacements {c.replacement_chars})"
     )
+    if m.config["clean"]["pii"]["enabled"]:
+        found = ", ".join(f"{k}={v}" for k, v in m.pii_counts.items())
+        print(f"[prepare] personal data replaced by placeholders: {found}")
     for split, s in m.splits.items():
         print(
             f"[prepare] {split}: {s.tokens:,} tokens in {s.sequences:,} rows of {m.row_tokens} "

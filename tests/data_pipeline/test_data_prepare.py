@@ -17,16 +17,20 @@ from data_pipeline.config import (
     DataConfig,
     NearDedupConfig,
     OutputConfig,
+    PiiConfig,
     SourceConfig,
     SplitByConfig,
     TokenizerConfig,
 )
 from data_pipeline.manifest import load_manifest, load_tokenizer_from_manifest, read_manifest
+from data_pipeline.pii import PII_TYPES, PLACEHOLDERS
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import split_of
 from data_pipeline.storage import DataSourceError, embedded_corpus_dir
+from tests.pii_planted import planted_pii, planted_text
 
 pytestmark = pytest.mark.usefixtures("sort_based_shuffle")  # prepared() also runs SHUFFLE_V2
+PLANTED = planted_pii(20, seed=3)
 PLAYS = ["comedy_of_errours_gut_f.txt", "lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt"]
 MODERN = "comedy_of_errors_gut.txt"  # the other edition of PLAYS[0]: one work
 BY_PLAY = SplitByConfig(
@@ -34,11 +38,11 @@ BY_PLAY = SplitByConfig(
 )
 
 
-def small_config(uris: list[str], out: Path, shuffle: str = "auto", **output) -> DataConfig:
+def small_config(uris: list[str], out: Path, shuffle: str = "auto", pii: bool = False, **output) -> DataConfig:
     output.setdefault("split_by", BY_PLAY)
     return DataConfig(
         sources=SourceConfig(uris=uris),
-        clean=CleanConfig(min_chars=50),
+        clean=CleanConfig(min_chars=50, pii=PiiConfig(enabled=pii, types=list(PII_TYPES))),
         near_dedup=NearDedupConfig(num_perm=64, bands=16, threshold=0.7),
         tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=60_000),
         output=OutputConfig(**{"uri": str(out), "seq_len": 64, "val_fraction": 0.2, "shard_tokens": 8_000, **output}),
@@ -55,7 +59,10 @@ def mixed_corpus(tmp_path_factory) -> Path:
     (root / MODERN).write_text((embedded_corpus_dir() / MODERN).read_text(encoding="utf-8"), encoding="utf-8")
     (root / "copy_of_lovers.txt").write_text(texts[1], encoding="utf-8")  # exact duplicate
     (root / "near_lovers.txt").write_text(texts[1].replace("the", "thee", 5), encoding="utf-8")
-    (root / "page.txt").write_text("<html><body><p>" + texts[2][:3000] + "</p><script>x=1</script></body></html>")
+    contacts, _ = planted_text(PLANTED, seed=3)  # personal data in a web page, redacted by data.clean.pii
+    (root / "page.txt").write_text(
+        "<html><body><p>" + texts[2][:3000] + "</p><p>" + contacts + "</p><script>x=1</script></body></html>"
+    )
     (root / "gutenberg.txt").write_text(
         "The Project Gutenberg EBook\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
         + texts[0][:4000]
@@ -79,12 +86,13 @@ def mixed_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(ray_session, mixed_corpus, tmp_path_factory) -> tuple[str, str]:
     """The mixed corpus prepared twice: data.shuffle=auto (the sort-based shuffle, at this size) and
-    data.shuffle=hash (SHUFFLE_V2, Ray 2.60's default). The second run is the slow one (~30 s of the
+    data.shuffle=hash (SHUFFLE_V2, Ray 2.60's default), both redacting personal data (data.clean.pii,
+    every type). The second run is the slow one (~30 s of the
     fixture on 2 cores: SHUFFLE_V2 starts new worker processes for every group-by) and the only
     prepare in the suite on Ray's default shuffle."""
     out = tmp_path_factory.mktemp("out")
-    first = prepare(small_config([str(mixed_corpus)], out / "a"))
-    second = prepare(small_config([str(mixed_corpus)], out / "b", shuffle="hash"))
+    first = prepare(small_config([str(mixed_corpus)], out / "a", pii=True))
+    second = prepare(small_config([str(mixed_corpus)], out / "b", shuffle="hash", pii=True))
     return first, second
 
 
@@ -118,6 +126,23 @@ def test_counts_every_drop_reason_and_cleaning_step(prepared):
     assert c["replacement_chars"] == 20
     assert c["chars_removed"]["markup"] > 0 and c["chars_removed"]["gutenberg"] > 0
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 13
+
+
+def test_personal_data_is_replaced_in_the_shards_and_counted_in_the_manifest(prepared):
+    manifest_uri = prepared[0]
+    m = read_manifest(manifest_uri)
+    assert m["pii_counts"] == {t: len(PLANTED[t]) for t in PII_TYPES}
+    base = Path(manifest_uri).parent
+    text = load_tokenizer_from_manifest(manifest_uri).decode(
+        [
+            t
+            for split in ("train", "val")
+            for shard in m["splits"][split]["shards"]
+            for t in pq.read_table(base / shard["file"]).column("tokens").combine_chunks().flatten().to_pylist()
+        ]
+    )
+    assert not [s for values in PLANTED.values() for s in values if s in text]
+    assert all(text.count(PLACEHOLDERS[t]) > 0 for t in PII_TYPES)  # (a shard's tail rows are dropped)
 
 
 def test_both_editions_of_a_play_land_on_one_side_and_val_is_listed(prepared):
@@ -162,7 +187,7 @@ def test_shards_hold_fixed_rows_and_decode_to_the_corpus(prepared, mixed_corpus)
     assert len(pieces) >= 5  # documents are separated by eot (shard tails are dropped)
     longest = max(pieces, key=len)
     window = longest[len(longest) // 2 : len(longest) // 2 + 200]
-    plays = [normalize_whitespace((mixed_corpus / p).read_text(encoding="utf-8")) for p in PLAYS]
+    plays = [normalize_whitespace((mixed_corpus / p).read_text(encoding="utf-8")) for p in [*PLAYS, MODERN]]
     assert len(window) == 200 and any(window in play for play in plays)
 
 
