@@ -106,6 +106,12 @@ class GPT(nn.Module):
             block.recompute = i in chosen
         return chosen
 
+    def set_explicit_attention(self, on: bool) -> None:
+        """Every layer computes attention written out (softmax(q k^T / sqrt(d)) @ v) instead of SDPA's
+        fused kernel and keeps its weights in ``block.attn.attention``: slower, for inspection only."""
+        for block in self.transformer.h:
+            block.attn.explicit, block.attn.attention = on, None
+
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile each transformer block's forward on its own (torchtitan's per-block compile), in place.
 
@@ -140,6 +146,28 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         return None, self.lm_head(x, targets)
 
+    def residual_stream(self, idx: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """A plain causal forward's residual stream, (B, T, C) each: the embeddings, then every block's
+        output; ``transformer.ln_f`` of the last is ``hidden_states(idx)``. ``token_embeddings``
+        (B, T, C) replace ``wte(idx)`` (attributions take gradients with respect to them)."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self._embed(idx, pos, token_embeddings)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos_encoding == "rope" else None
+        stream = [x]
+        for block in self.transformer.h:
+            stream.append(block(stream[-1], rope))
+        return stream
+
+    def _embed(
+        self, idx: torch.Tensor, pos: torch.Tensor, token_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.transformer.wte(idx) if token_embeddings is None else token_embeddings
+        if self.cfg.pos_encoding == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif self.cfg.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[pos].to(x.dtype)
+        return self.transformer.drop(x)
+
     def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, n_embd): what the lm head (or a task head) reads."""
         T = idx.size(1)
@@ -155,13 +183,8 @@ class GPT(nn.Module):
         else:
             pos, attn_mask = kv_cache.positions_and_mask(T)
 
-        x = self.transformer.wte(idx)
-        if cfg.pos_encoding == "learned":
-            x = x + self.transformer.wpe(pos)
-        elif cfg.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[pos].to(x.dtype)
+        x = self._embed(idx, pos)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
-        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, attn_mask)
         return self.transformer.ln_f(x)

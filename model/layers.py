@@ -88,6 +88,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # ``GPT.set_explicit_attention``: softmax(q k^T / sqrt(d)) @ v written out, its weights kept in
+        # ``attention`` (B, heads, T, T) for inspection (``raylm interpret``); plain causal forwards only
+        self.explicit = False
+        self.attention: torch.Tensor | None = None
 
     def forward(
         self,
@@ -116,14 +120,20 @@ class CausalSelfAttention(nn.Module):
             # repeat_interleave matches HF's repeat_kv: query head h reads kv head h // group
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and T == k.size(2),  # T == 1 on a cache: sees all of it
-        )
+        if self.explicit and kv_cache is None and attn_mask is None:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            self.attention = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            y = F.dropout(self.attention, self.dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=attn_mask is None and T == k.size(2),  # T == 1 on a cache: sees all of it
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -257,6 +257,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from orchestration.evaluate.interpret import run_interpret
+
+    result = run_interpret(
+        args.checkpoint,
+        args.prompt,
+        args.out,
+        top_k=args.top_k,
+        ig_steps=args.ig_steps,
+        probe=args.probe,
+        probe_windows=args.probe_windows,
+        endpoint_url=args.endpoint_url,
+        device=args.device or "cpu",
+    )
+    ig = result["integrated_gradients"]
+    print(f"[interpret] {result['checkpoint']}: {len(result['tokens'])} prompt tokens")
+    print(f"[interpret] explicit attention vs SDPA: max |diff| {result['attention_explicit_vs_sdpa_max_abs_diff']:.2e}")
+    print(f"[interpret] logit lens last layer vs logits: max |diff| {result['logit_lens_last_layer_max_abs_diff']:.2e}")
+    print(
+        f"[interpret] integrated gradients for next token {ig['target_text']!r}: completeness error "
+        f"{ig['completeness_error']:.2e} ({ig['steps']} steps)"
+    )
+    for row in result.get("probes", {}).get("layers", []):
+        print(
+            f"[interpret] probe layer {row['layer']}: accuracy {row['accuracy']:.3f}, control "
+            f"{row['control_accuracy']:.3f}, selectivity {row['selectivity']:+.3f}"
+        )
+    print(f"[interpret] wrote {', '.join(result['files'])}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestration.demo import DEFAULT_CONFIG, run_demo
 
@@ -475,6 +506,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-samples", type=positive_int, default=1, help="independent samples to draw (default 1)")
     gen.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible samples")
     gen.set_defaults(func=cmd_generate)
+
+    interp = sub.add_parser(
+        "interpret",
+        help="look inside a GPT checkpoint on a prompt: attention maps, logit lens, attributions, probes",
+        description="Writes OUT/index.html (self-contained) and OUT/interpret.json: attention per layer and "
+        "head (explicit path, checked against SDPA), the logit lens (last layer checked against the "
+        "logits), integrated gradients on the token embeddings (completeness error) and per-layer linear "
+        "probes for First Folio vs modern spelling with a control task.",
+    )
+    _add_checkpoint_args(interp)
+    interp.add_argument("--prompt", required=True, help="text to look at")
+    interp.add_argument("--out", type=output_dir, default="interpret", help="directory to write (default interpret)")
+    interp.add_argument("--top-k", type=positive_int, default=5, help="logit-lens tokens kept per position")
+    interp.add_argument("--ig-steps", type=positive_int, default=64, help="integrated-gradients steps (default 64)")
+    interp.add_argument(
+        "--probe", choices=["folio", "none"], default="folio",
+        help="folio: probe First Folio vs modern spelling on the embedded plays (default); none: skip",
+    )  # fmt: skip
+    interp.add_argument("--probe-windows", type=positive_int, default=96, help="probe token windows, both labels")
+    interp.set_defaults(func=cmd_interpret)
 
     demo = sub.add_parser(
         "demo",

@@ -180,6 +180,10 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "demo": (["demo", "model.n_layer=0"], "model.n_layer"),
         "eval": (["eval", "--checkpoint", str(empty)], "neither a complete checkpoint"),
         "generate": (["generate", "--checkpoint", str(missing), "--prompt", "ROMEO:"], str(missing)),
+        "interpret": (
+            ["interpret", "--checkpoint", str(empty), "--prompt", "ROMEO:", "--out", str(a_file)],
+            "is a file",
+        ),
         "consolidate": (["consolidate", str(empty)], str(empty)),
         "stop": (["stop", str(empty)], "is not a run directory"),
         "baseline": (

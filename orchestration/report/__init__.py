@@ -1,5 +1,6 @@
 """`raylm report`: the artifacts a command wrote -> one self-contained page.
 
 write (which kind of directory) -> run | sweep | tune | baselines (title, sections of blocks,
-results) -> render (HTML with inlined PNGs, Markdown) ; plots (run and search figures)
+results) -> render (HTML with inlined PNGs, Markdown) ; plots (run and search figures); interpret
+(``raylm interpret``'s page)
 """
