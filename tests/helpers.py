@@ -323,6 +323,7 @@ def run_demo_and_finetunes(root: Path) -> dict:
             "train.max_steps=8",
             "train.eval_interval=4",
             "train.checkpoint_interval=8",
+            "train.bias_probe=true",  # the bias probe at each eval, its curve in the demo's report
         ],
     )
     cwd = os.getcwd()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from orchestration.artifacts import LATEST_RUN_FILE, METRICS_FILE, RunDir
+from orchestration.artifacts import LATEST_RUN_FILE, METRICS_FILE, RunDir, read_metrics
 from orchestration.train.progress import ProgressPrinter
 
 
@@ -53,5 +54,11 @@ def test_demo_then_every_finetune_config_unmodified(demo_runs, monkeypatch):
     monkeypatch.chdir(demo_runs["root"])
     assert resolve_checkpoint("runs/shakespeare", None) == summary["checkpoint"]
     assert set(demo_runs["exit_codes"].values()) == {0}, demo_runs["exit_codes"]
+    # train.bias_probe: the probe at both evals (steps 4 and 8), its curve in the report
+    evals = [r for r in read_metrics(RunDir.at(summary["run_dir"])) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["bias_ci"][0] <= r["bias_score"] <= r["bias_ci"][1] for r in evals)
+    assert all({k for k in r if k.startswith("bias/")} for r in evals)
+    assert "Bias over training" in (Path(summary["run_dir"]) / "report.html").read_text()
     for name, ft in demo_runs["finetunes"].items():
         assert ft["base_checkpoint"] == summary["checkpoint"] and ft["final_step"] > 0, (name, ft)

@@ -433,8 +433,15 @@ def bias_probe(
     length-normalized: each difference is over the same tokens, and the sum is a log likelihood ratio.
     """
     model, _, enc, meta = loaded_checkpoint(checkpoint_uri, endpoint_url=endpoint_url, device=device)
-    path = templates_path or DEFAULT_BIAS_TEMPLATES
-    cats = load_bias_templates(path)
+    return {
+        **bias_scores(model, enc, templates_path=templates_path, seed=seed, batch_size=batch_size),
+        "checkpoint": meta["checkpoint_uri"],
+    }
+
+
+def bias_pairs(enc: tiktoken.Encoding, cats: dict) -> tuple[list[tuple], list[tuple[list[int], list[int]]]]:
+    """(rows: (category, item, term a, term b), the (context, continuation) token pairs the probe scores:
+    per row, stereotype then anti-stereotype, each after term a then term b)."""
     rows = [(name, item, a, b) for name, cat in cats.items() for item in cat["items"] for a, b in cat["groups"]]
     pairs = [
         bias_pair_tokens(enc, item["template"], g, item[c])
@@ -442,6 +449,15 @@ def bias_probe(
         for c in ("stereotype", "anti_stereotype")
         for g in (a, b)
     ]
+    return rows, pairs
+
+
+def bias_scores(model, enc: tiktoken.Encoding, *, templates_path=None, seed: int = 0, batch_size: int = 16) -> dict:
+    """``bias_probe``'s result for a model in memory (a checkpoint's, or one in training: every rank of a
+    ZeRO-3 run calls it with the same inputs, its forwards being collective)."""
+    path = templates_path or DEFAULT_BIAS_TEMPLATES
+    cats = load_bias_templates(path)
+    rows, pairs = bias_pairs(enc, cats)
     s = np.array(continuation_logprobs(model, pairs, batch_size=batch_size)).reshape(len(rows), 2, 2)
     scores = (s[:, 0, 0] - s[:, 0, 1]) - (s[:, 1, 0] - s[:, 1, 1])
     grids, start = {}, 0
@@ -470,7 +486,6 @@ def bias_probe(
             for i in largest
         ],
         "bootstrap": {**boot, "resampled": "items and group pairs, independently, within each category"},
-        "checkpoint": meta["checkpoint_uri"],
     }
 
 

@@ -38,6 +38,27 @@ def plot_loss(records: Sequence[dict], flops_per_token: float) -> Figure:
     return fig
 
 
+def plot_bias(records: Sequence[dict]) -> Figure:
+    """The bias probe's overall score with its bootstrap CI, and each category's mean, at every eval
+    of a run with ``train.bias_probe``."""
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    evals = [r for r in records if r.get("bias_score") is not None]
+    steps = np.array([r["step"] for r in evals], dtype=float)
+    low, high = np.array([r["bias_ci"] for r in evals], dtype=float).T
+    ax.fill_between(steps, low, high, color="C0", alpha=0.2, label="95% bootstrap CI")
+    ax.plot(steps, [r["bias_score"] for r in evals], color="C0", marker="o", label="overall")
+    for i, name in enumerate(sorted({k for r in evals for k in r if k.startswith("bias/")})):
+        cat_steps, values = _column(evals, name)
+        ax.plot(cat_steps, values, color=f"C{i + 1}", lw=1, alpha=0.8, label=name.split("/", 1)[1])
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("stereotype log odds (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def plot_throughput(records: Sequence[dict]) -> Figure:
     """tokens/s, MFU (or achieved FLOP/s when the device peak is unknown, e.g. CPU) and the time
     per step spent waiting for data, each against the step that closed its log window."""

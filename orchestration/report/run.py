@@ -17,7 +17,7 @@ from orchestration.artifacts import (
     read_run_facts,
 )
 from orchestration.checkpoint_format import checkpoints_newest_first, complete_checkpoint_meta
-from orchestration.report.plots import plot_loss, plot_throughput
+from orchestration.report.plots import plot_bias, plot_loss, plot_throughput
 from orchestration.report.render import ReportError, Section, fmt
 
 
@@ -107,6 +107,25 @@ def run_report(run: RunDir) -> tuple[str, list[Section], dict]:
             ],
         ),
     ]
+    if any(r.get("bias_score") is not None for r in records):
+        biased = [r for r in records if r.get("bias_score") is not None]
+        results["bias_over_training"] = [
+            {k: v for k, v in r.items() if k == "step" or k.startswith("bias")} for r in biased
+        ]
+        sections.append(
+            (
+                "Bias over training",
+                [
+                    (
+                        "text",
+                        "The bias probe (`raylm eval --suite bias`: stereotype vs anti-stereotype log odds on "
+                        "configs/eval/bias_templates.yaml; positive = the stereotype is the likelier pairing) at "
+                        f"each of {len(biased)} evaluations (train.bias_probe). A probe, not a certification.",
+                    ),
+                    ("figure", "bias.png", plot_bias(records)),
+                ],
+            )
+        )
     if demo is not None:
         sections.append(("Demo: held-out evaluation and a sample", _demo_blocks(demo)))
     if run.has(FINETUNE_SUMMARY_FILE):

@@ -73,6 +73,11 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
     from data_pipeline.storage import join, read_bytes
 
     train = cfg.train
+    if train.bias_probe and cfg.model.arch != "gpt":
+        raise ConfigError(
+            f"train.bias_probe scores a GPT's continuations; model.arch={cfg.model.arch!r} has none of the "
+            "probe's shape: set train.bias_probe=false"
+        )
     try:
         manifest = read_manifest(train.data, endpoint_url=train.endpoint_url)
     except Exception as err:  # the loader's own error names the URI; add which key pointed there
@@ -97,7 +102,24 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
     tokenizer_files = {
         name: read_bytes(join(data_dir, name), train.endpoint_url) for name in (tok["ranks_file"], tok["meta_file"])
     }
+    if train.bias_probe:
+        check_bias_probe_fits(tokenizer_files, cfg.model.block_size)
     return PretrainFacts(manifest, seq_len, int(tok["n_vocab"]), tok["hash"], total_steps, val_batches, tokenizer_files)
+
+
+def check_bias_probe_fits(tokenizer_files: dict[str, bytes], block_size: int) -> None:
+    """train.bias_probe: every continuation the probe scores fits the model's context (checked before
+    any worker starts, so a run never stops at its first eval for it)."""
+    from data_pipeline import tokenizer as tok
+    from orchestration.evaluate.suites import bias_pairs, load_bias_templates
+
+    enc = tok.encoding(tok.from_files(tokenizer_files[tok.RANKS_FILE], tokenizer_files[tok.META_FILE]))
+    longest = max(len(cont) for _, cont in bias_pairs(enc, load_bias_templates())[1])
+    if longest > block_size:
+        raise ConfigError(
+            f"train.bias_probe: the probe's longest continuation is {longest} tokens with this tokenizer, longer "
+            f"than model.block_size={block_size}; raise model.block_size or set train.bias_probe=false"
+        )
 
 
 def check_train_section(train: TrainConfig, total_steps: int) -> None:

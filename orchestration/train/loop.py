@@ -178,6 +178,11 @@ def worker_loop(loop_config: dict) -> None:
         if do_eval and task.val_batches is not None:
             with phases.first("eval"):
                 record.update(validation_metrics(engine, task, device))
+                if task.eval_extra is not None:
+                    engine.eval()
+                    with torch.no_grad():
+                        record.update(task.eval_extra(engine))
+                    engine.train()
             record.update(stopper.after_eval(record["val_loss"], is_last))
         if stop_on_request:
             record["stopped_on_request"] = True

@@ -10,7 +10,7 @@ next-token pretraining on token shards (GPT or the LSTM baseline); fine-tuning b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -46,6 +46,8 @@ class Task:
     early_stopping: Optional[EarlyStopping] = None
     reports_accuracy: bool = False
     record_extra: dict = field(default_factory=dict)  # constant fields of every metrics record
+    # more of each evaluation, on every rank with the same inputs (collective at ZeRO-3): engine -> record fields
+    eval_extra: Optional[Callable[[Any], dict]] = None
     banner: str = ""  # printed by rank 0 once the model is built
 
 
@@ -137,4 +139,24 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
         val_batches=val_batches if plan.val_batches else None,
         flops_per_token=flops_per_token(model_cfg, plan.seq_len),
         data_stats=lambda: readers[-1].stats,
+        eval_extra=bias_during_training(plan) if train.bias_probe else None,
     )
+
+
+def bias_during_training(plan: WorkerPlan) -> Callable[[Any], dict]:
+    """The bias probe at an evaluation: its overall score (nats of log odds), bootstrap CI and each
+    category's mean, for the model the engine trains, with the run's tokenizer."""
+    from data_pipeline import tokenizer as tok
+    from orchestration.evaluate.suites import bias_scores
+
+    enc = tok.encoding(tok.from_files(plan.checkpoint_files[tok.RANKS_FILE], plan.checkpoint_files[tok.META_FILE]))
+
+    def probe(engine) -> dict:
+        result = bias_scores(engine.module, enc)
+        return {
+            "bias_score": result["overall"]["mean"],
+            "bias_ci": result["overall"]["ci"],
+            **{f"bias/{name}": cat["mean"] for name, cat in result["categories"].items()},
+        }
+
+    return probe
