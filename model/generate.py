@@ -85,6 +85,9 @@ def sample_next_token(
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        # the most likely token always stays: a top_p below float32's smallest (1e-300) compares as 0
+        # against the leading 0.0 and would drop every token, leaving no distribution to sample
+        drop[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -89,6 +89,10 @@ def test_generate_info_and_seeded_reproducibility(server):
         _request(f"{url}/generate", {"prompt": "To be, or not", "max_tokens": 8, "temperature": 0})[1]["tokens"]
         == out["tokens"]
     )  # greedy is deterministic
+    # a legal top_p too small for float32 keeps the most likely token (it was a 500): greedy's tokens
+    tiny_p = {"prompt": "To be, or not", "max_tokens": 8, "temperature": 1.0, "top_p": 1e-300}
+    status, nucleus = _request(f"{url}/generate", tiny_p)
+    assert status == 200 and nucleus["tokens"] == out["tokens"], nucleus
     status, fresh = _request(f"{url}/generate", {"prompt": ""})  # defaults; empty prompt starts a document
     assert status == 200 and fresh["prompt_tokens"] == 1 and fresh["completion_tokens"] <= MAX_TOKENS_CAP
 

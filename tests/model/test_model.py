@@ -137,6 +137,8 @@ def test_sample_next_token_filters():
     free = sample_next_token(logits, generator=gen)
     assert set(free.tolist()) == {0, 1, 2, 3}
     assert sample_next_token(logits[:1], temperature=0).item() == 0
+    # a top_p below float32's smallest positive number still keeps the most likely token
+    assert sample_next_token(logits[:3], top_p=1e-300, generator=gen).tolist() == [0, 0, 0]
 
 
 def test_context_limits():
