@@ -175,9 +175,9 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
         found: dict = {}
         if clean.pii.enabled:
             text, found = redact(text, clean.pii.types, clean.pii.phone_region)
-        for kind in PII_TYPES:
-            out[f"pii_{kind}"].append(found.get(kind, 0))
         reason = read_error or quality_reason(text, clean)
+        for kind in PII_TYPES:  # counted for documents that pass cleaning (a dropped one reaches no shard)
+            out[f"pii_{kind}"].append(0 if reason else found.get(kind, 0))
         for step in STEPS:
             out[f"removed_{step}"].append(removed[step])
         out["chars_out"].append(0 if reason else len(text))

@@ -130,7 +130,7 @@ def _decode(chunk: bytes, codec: str, num_values: int) -> np.ndarray:
         if kind != DATA_PAGE:
             what = {DICTIONARY_PAGE: "a dictionary page", DATA_PAGE_V2: "a v2 data page"}.get(kind, f"page type {kind}")
             raise PageFormatError(f"found {what}; raylm shards hold v1 data pages only")
-        if size is None or raw_size is None or pos + size > len(chunk):
+        if size is None or raw_size is None or size < 0 or raw_size < 0 or pos + size > len(chunk):
             raise PageFormatError(f"a page of {size} bytes at {pos} runs past the chunk's {len(chunk)}")
         data_header = header.get(5, {})
         count, encoding = data_header.get(1), data_header.get(2)

@@ -19,6 +19,7 @@ inside the Ray Data pipeline when ``data.clean.pii.enabled``.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections import Counter
@@ -91,21 +92,28 @@ def _candidates(text: str, kind: str, phone_region: str) -> Iterator[Span]:
     elif kind == "national_id":
         yield from (Span(m.start(), m.end(), kind) for m in _SSN.finditer(text))
     elif kind == "phone":
-        for m in phonenumbers.PhoneNumberMatcher(text, phone_region, leniency=phonenumbers.Leniency.VALID):
+        # max_tries: the matcher's default gives up after 65,535 digit runs that are not numbers, which a
+        # long document with line numbers or tables reaches before the numbers it holds
+        matcher = phonenumbers.PhoneNumberMatcher(
+            text, phone_region, leniency=phonenumbers.Leniency.VALID, max_tries=len(text) + 1
+        )
+        for m in matcher:
             start = m.start + 1 if m.raw_string.startswith("(") and ")" not in m.raw_string else m.start
             yield Span(start, m.end, kind)  # "(+44 20 ...)": the bracket that opens the aside is not the number
 
 
 def find_pii(text: str, types: tuple[str, ...] | list[str] = PII_TYPES, phone_region: str = "US") -> list[Span]:
     """Non-overlapping spans of personal data in ``text``, in text order (see the module map for rules)."""
-    taken: list[Span] = []
+    taken: list[Span] = []  # sorted by start, non-overlapping
     for kind in PII_TYPES:
         if kind not in types:
             continue
         for span in _candidates(text, kind, phone_region):
-            if not any(span.start < t.end and t.start < span.end for t in taken):
-                taken.append(span)
-    return sorted(taken)
+            at = bisect.bisect_left(taken, span)
+            if (at > 0 and taken[at - 1].end > span.start) or (at < len(taken) and taken[at].start < span.end):
+                continue  # overlaps an earlier type's find
+            taken.insert(at, span)
+    return taken
 
 
 def redact(text: str, types: tuple[str, ...] | list[str] = PII_TYPES, phone_region: str = "US") -> tuple[str, Counter]:

@@ -68,29 +68,36 @@ class ShardReader:
     def _index_where(self) -> str:
         return f"{self.manifest_uri}: {self.split} index {self.index_entry['file']}"
 
-    def _open(self, key: int, name: str, size: int, where: str) -> pa.NativeFile:
-        if key not in self.handles:
-            path = f"{self.base_path}/{name}"
-            handle = with_retries(lambda: self.fs.open_input_file(path), where)
-            if handle.size() != size:
-                raise ShardCorruptError(
-                    f"{where} is {handle.size()} bytes, the manifest says {size} (truncated or replaced after "
-                    "prepare wrote it?); re-run prepare"
-                )
-            self.handles[key] = handle
-        return self.handles[key]
+    def _read(self, key: int, name: str, size: int, where: str, offset: int, nbytes: int) -> bytes:
+        """Bytes [offset, offset + nbytes) of a file (key: a shard, or -1 for the index), opened once and its
+        size checked; a failed read drops the handle so the retry reconnects (``storage.with_retries``)."""
+
+        def attempt() -> bytes:
+            if key not in self.handles:
+                handle = self.fs.open_input_file(f"{self.base_path}/{name}")
+                if handle.size() != size:
+                    raise ShardCorruptError(
+                        f"{where} is {handle.size()} bytes, the manifest says {size} (truncated or replaced after "
+                        "prepare wrote it?); re-run prepare"
+                    )
+                self.handles[key] = handle
+            try:
+                return self.handles[key].read_at(nbytes, offset)
+            except OSError:
+                self.handles.pop(key).close()
+                raise
+
+        return with_retries(attempt, where)
 
     def _read_index(self, offset: int, nbytes: int) -> bytes:
-        where = self._index_where()
-        handle = self._open(-1, self.index_entry["file"], self.index_entry["row_groups"] * RECORD.itemsize, where)
-        data = with_retries(lambda: handle.read_at(nbytes, offset), where)
+        size = self.index_entry["row_groups"] * RECORD.itemsize
+        data = self._read(-1, self.index_entry["file"], size, self._index_where(), offset, nbytes)
         self.index_bytes_read += len(data)
         return data
 
     def _read_at(self, shard: int, offset: int, nbytes: int) -> bytes:
         entry, where = self.shards[shard], self.where(shard)
-        handle = self._open(shard, entry["file"], entry["bytes"], where)
-        data = with_retries(lambda: handle.read_at(nbytes, offset), where)
+        data = self._read(shard, entry["file"], entry["bytes"], where, offset, nbytes)
         self.bytes_read += len(data)
         if len(data) != nbytes:
             raise ShardCorruptError(f"{where}: bytes [{offset}, {offset + nbytes}) lie past its end; re-run prepare")
@@ -137,6 +144,10 @@ class ShardReader:
         """int64 [rows, seq_len + 1]: the rows of (shard, first row, end row) segments, in order."""
         needed: dict[int, set[int]] = {}
         for shard, lo, hi in segments:
+            if not 0 <= lo <= hi <= self.shards[shard]["sequences"]:
+                raise ValueError(
+                    f"{self.where(shard)}: rows [{lo}, {hi}) lie outside its {self.shards[shard]['sequences']}"
+                )
             needed.setdefault(shard, set()).update(range(lo // BLOCK_ROWS, -(-hi // BLOCK_ROWS)))
         groups = {shard: self._row_groups(shard, np.array(sorted(gs), dtype=np.int64)) for shard, gs in needed.items()}
         parts = []

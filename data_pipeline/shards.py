@@ -147,8 +147,8 @@ def shard_bytes(
     )
     data = buf.getvalue()
     md = pq.read_metadata(pa.BufferReader(data))
-    records = np.zeros(md.num_row_groups, dtype=RECORD)
-    for g in range(md.num_row_groups):
+    records = np.zeros(md.num_row_groups if len(rows) else 0, dtype=RECORD)  # no rows: pyarrow's empty group
+    for g in range(len(records)):
         chunk = md.row_group(g).column(0)
         records[g] = (chunk.data_page_offset, chunk.total_compressed_size, md.row_group(g).num_rows, crcs[g])
     return data, records

@@ -43,6 +43,12 @@ def test_placeholders_counts_and_look_alikes_left_alone():
     assert counts == {"email": 1} and "8.8.8.8" in out and "4111-1111-1111-1111" in out
 
 
+def test_numbers_late_in_a_long_document_full_of_other_digits_are_found():
+    """phonenumbers' matcher stops after 65,535 digit runs that are not numbers unless told otherwise."""
+    text = "\n".join(str(i) for i in range(66_000)) + "\nCall +1 650-253-0000 or mail a@example.com."
+    assert [s.kind for s in find_pii(text, PII_TYPES)] == ["phone", "email"]
+
+
 def test_config_checks_region_and_types():
     with pytest.raises(ValueError, match="phone_region 'XX' is not a region"):
         PiiConfig(enabled=True, phone_region="XX")

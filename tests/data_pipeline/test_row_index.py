@@ -30,6 +30,7 @@ def test_records_locate_each_row_group_and_chunks_decode_without_the_footer(dtyp
         chunk = data[int(rec["offset"]) : int(rec["offset"] + rec["length"])]
         values = decode_chunk(chunk, codec=CODEC, num_values=int(rec["rows"]) * row_tokens)
         assert np.array_equal(values.astype(dtype).reshape(-1, row_tokens), rows[g * BLOCK_ROWS : g * BLOCK_ROWS + 8])
+    assert len(shard_bytes(np.zeros(0, dtype=np.int64), row_tokens, dtype, {})[1]) == 0  # an empty shard: none
     with pytest.raises(PageFormatError, match="chunk holds 520 values, its index entry says 521"):
         decode_chunk(data[int(records[0]["offset"]) :][: int(records[0]["length"])], codec=CODEC, num_values=521)
 
