@@ -381,3 +381,25 @@ class Child(NamedTuple):
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         assert self.proc.returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
         return json.loads(lines[-1][len("RESULT ") :]), stdout
+
+
+def write_inference_checkpoint(root: Path, model, spec: dict, step: int, meta: dict | None = None) -> str:
+    """A complete checkpoint directory as save_checkpoint lays it out (inference files only); ``meta``
+    adds what a run's driver puts in its raylm_meta.json ("data", ...)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from data_pipeline import tokenizer as tok
+    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
+    from orchestration.checkpoint_format import MODEL_CONFIG_FILE, MODEL_FILE
+
+    ckpt = root / f"checkpoint_{step:08d}"
+    ckpt.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(ckpt / MODEL_FILE))
+    (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model.cfg)))
+    for name, data in tok.to_files(spec).items():
+        (ckpt / name).write_bytes(data)
+    files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    (ckpt / META_FILE).write_text(json.dumps({**(meta or {}), "step": step, "files": files}))
+    return str(ckpt)

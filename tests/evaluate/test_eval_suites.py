@@ -9,7 +9,6 @@ import math
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -34,6 +33,7 @@ from orchestration.evaluate.suites import (
     run_eval_suite,
     score_choices,
 )
+from tests.helpers import write_inference_checkpoint
 
 # Each exchange asks where a thing is and who is asked; the answer names the thing's place and the
 # person's title. Held-out exchanges pair things and people the training text never paired, so every
@@ -120,25 +120,6 @@ def tiny(tmp_path_factory):
     }
 
 
-def _write_checkpoint(root: Path, model: GPT, spec: dict, step: int, meta: Optional[dict] = None) -> str:
-    """A complete checkpoint directory as save_checkpoint lays it out (inference files only); ``meta``
-    adds what a run's driver puts in its raylm_meta.json ("data", ...)."""
-    from safetensors.torch import save_file
-
-    from orchestration.checkpoint_format import CHECKPOINT_META_FILE as META_FILE
-    from orchestration.checkpoint_format import MODEL_CONFIG_FILE, MODEL_FILE
-
-    ckpt = root / f"checkpoint_{step:08d}"
-    ckpt.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(ckpt / MODEL_FILE))
-    (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model.cfg)))
-    for name, data in tok.to_files(spec).items():
-        (ckpt / name).write_bytes(data)
-    files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    (ckpt / META_FILE).write_text(json.dumps({**(meta or {}), "step": step, "files": files}))
-    return str(ckpt)
-
-
 def test_bits_per_byte_of_a_model(tiny):
     model, cfg, enc, _ = tiny["trained"]
     ids = np.asarray(enc.encode(tiny["text"].replace(tok.EOT, "\n")))
@@ -173,7 +154,7 @@ def test_continuation_logprobs_match_the_model_loss(tiny):
 
 def test_checkpoint_directory_through_run_eval_suite(tiny, tmp_path):
     model, _, _, _ = tiny["trained"]
-    ckpt = _write_checkpoint(tmp_path / "run", model, tiny["spec"], step=300)
+    ckpt = write_inference_checkpoint(tmp_path / "run", model, tiny["spec"], step=300)
     lm = evaluate_lm(str(tmp_path / "run"), tiny["text_file"], max_sequences=8)  # run dir -> newest checkpoint
     assert lm["loss"] == pytest.approx(evaluate_lm(ckpt, tiny["text_file"], max_sequences=8)["loss"], rel=1e-5)
     assert lm["checkpoint"] == ckpt and lm["bits_per_byte"] > 0
@@ -331,7 +312,7 @@ def own_run(tmp_path_factory):
     model.eval()
     run = root / "runs" / "tiny"
     facts = {"seq_len": 32, "tokenizer_hash": spec["hash"], "data": manifest}  # the driver's checkpoint meta
-    ckpt = _write_checkpoint(run, model, spec, step=40, meta=facts)
+    ckpt = write_inference_checkpoint(run, model, spec, step=40, meta=facts)
     write_config(RunDir.at(str(run)), config_to_dict(load_config(None, [f"train.data={manifest}"])))
     write_run_facts(RunDir.at(str(run)), {"task": "pretrain_task", "model": asdict(cfg), "total_steps": 40, **facts})
     return {"run": str(run), "checkpoint": ckpt, "manifest": manifest, "model": model, "spec": spec}
@@ -389,7 +370,7 @@ def test_eval_without_data_when_the_manifest_is_gone_names_it_and_data(own_run, 
     moved = tmp_path / "data"
     shutil.copytree(Path(own_run["manifest"]).parent, moved)
     meta = {"seq_len": 32, "tokenizer_hash": own_run["spec"]["hash"], "data": str(moved / "manifest.json")}
-    ckpt = _write_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta)
+    ckpt = write_inference_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta)
     shutil.rmtree(moved)
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--suite", "mc"]) == 2
     err = capsys.readouterr().err
@@ -405,7 +386,7 @@ def test_a_fine_tune_on_task_rows_and_an_export_lead_to_the_pretraining_manifest
 
     model, spec, manifest, base = own_run["model"], own_run["spec"], own_run["manifest"], own_run["checkpoint"]
     sft = {"data": "shakespeare-play-qa", "base_checkpoint": base}
-    tuned = _write_checkpoint(tmp_path / "sft", model, spec, step=5, meta=sft)
+    tuned = write_inference_checkpoint(tmp_path / "sft", model, spec, step=5, meta=sft)
     found = training_manifest(load_checkpoint_model(tuned)[3])
     assert found.uri == manifest
     hop = f"{tuned} was fine-tuned from {base} on task rows (shakespeare-play-qa)"
@@ -419,10 +400,12 @@ def test_a_fine_tune_on_task_rows_and_an_export_lead_to_the_pretraining_manifest
     meta_file.write_text(json.dumps(older))
     found = training_manifest(load_checkpoint_model(exported)[3])
     assert found.uri == manifest and f"{exported} was exported from {tuned}; {hop}" in found.origin
-    lm_tuned = _write_checkpoint(tmp_path / "lm", model, spec, step=5, meta={"data": manifest, "base_checkpoint": "x"})
+    lm_tuned = write_inference_checkpoint(
+        tmp_path / "lm", model, spec, step=5, meta={"data": manifest, "base_checkpoint": "x"}
+    )
     assert training_manifest(load_checkpoint_model(lm_tuned)[3]).uri == manifest  # task lm: its own manifest
     orphan_meta = {"data": str(tmp_path / "qa_{split}.jsonl"), "base_checkpoint": str(tmp_path / "gone")}
-    orphan = _write_checkpoint(tmp_path / "orphan", model, spec, step=5, meta=orphan_meta)
+    orphan = write_inference_checkpoint(tmp_path / "orphan", model, spec, step=5, meta=orphan_meta)
     with pytest.raises(EvalError, match=f"but {re.escape(str(tmp_path))}/gone is gone .* pass --data"):
         training_manifest(load_checkpoint_model(orphan)[3])
 
@@ -456,7 +439,7 @@ def test_eval_without_data_on_object_storage(own_run, s3_server, tmp_path, capsy
     endpoint, bucket = s3_server["endpoint_url"], "raylm-own-data"
     manifest = tiny_corpus_on_s3(tmp_path, endpoint, bucket)
     meta = {"seq_len": 32, "tokenizer_hash": own_run["spec"]["hash"], "data": manifest}
-    local = Path(_write_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta))
+    local = Path(write_inference_checkpoint(tmp_path / "run", own_run["model"], own_run["spec"], step=40, meta=meta))
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for path in local.iterdir():
         s3.upload_file(str(path), bucket, f"runs/tiny/{local.name}/{path.name}")

@@ -5,7 +5,6 @@ tokens, and the command writes a self-contained page and its JSON from a checkpo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -52,23 +51,14 @@ def test_probes_find_a_linearly_decodable_label_and_report_their_control():
 
 
 def test_interpret_command_writes_the_page_and_the_json(tmp_path, capsys):
-    from safetensors.torch import save_file
-
-    from orchestration.checkpoint_format import CHECKPOINT_META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
     from orchestration.cli import main
+    from tests.helpers import write_inference_checkpoint
 
     text = (embedded_corpus_dir() / "sonnets_gut.txt").read_text(encoding="utf-8")[5000:40000]
     spec = tok.train_bpe([text], 300, "gpt4")
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.encoding(spec).n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    ckpt = tmp_path / "run" / "checkpoint_00000001"
-    ckpt.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(ckpt / MODEL_FILE))
-    (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model.cfg)))
-    for name, data in tok.to_files(spec).items():
-        (ckpt / name).write_bytes(data)
-    files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    (ckpt / CHECKPOINT_META_FILE).write_text(json.dumps({"step": 1, "files": files}))
+    write_inference_checkpoint(tmp_path / "run", model, spec, step=1)
     out = tmp_path / "interp"
     args = ["interpret", "--checkpoint", str(tmp_path / "run"), "--prompt", "ROMEO: shall I", "--out", str(out)]
     assert main([*args, "--probe-windows", "24", "--ig-steps", "32"]) == 0
