@@ -62,3 +62,29 @@ def test_demo_then_every_finetune_config_unmodified(demo_runs, monkeypatch):
     assert "Bias over training" in (Path(summary["run_dir"]) / "report.html").read_text()
     for name, ft in demo_runs["finetunes"].items():
         assert ft["base_checkpoint"] == summary["checkpoint"] and ft["final_step"] > 0, (name, ft)
+
+
+def test_demo_prepares_again_over_a_manifest_it_cannot_read(ray_session, tmp_path, capsys):
+    """A manifest an older raylm wrote (no row-group index) where the demo's data goes: the demo says
+    so and prepares the data again instead of failing (one small prepare, sort-based shuffle)."""
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.storage import embedded_corpus_dir
+    from orchestration.config import load_config
+    from orchestration.demo import DEFAULT_CONFIG, prepared_manifest
+
+    src = tmp_path / "plays"
+    src.mkdir()
+    for play in sorted(embedded_corpus_dir().glob("*_gut.txt"))[:3]:
+        text = play.read_text(encoding="utf-8", errors="replace")
+        (src / play.name).write_text(text[len(text) // 3 : len(text) // 3 + 8_000], encoding="utf-8")
+    out = tmp_path / "data"
+    out.mkdir()
+    old = {"format": "raylm-token-manifest/1", "splits": {"train": {"shards": [{"file": "train/gone.parquet"}]}}}
+    (out / "manifest.json").write_text(json.dumps(old))
+    overrides = [f"data.sources.uris=[{src}/*.txt]", f"data.output.uri={out}", "data.shuffle=sort",
+                 "data.clean.strip_gutenberg=false", "data.near_dedup.enabled=false",
+                 "data.tokenizer.vocab_size=300", "data.output.seq_len=32"]  # fmt: skip
+    uri = prepared_manifest(load_config(str(DEFAULT_CONFIG), overrides))
+    assert "[demo] preparing the shards again" in capsys.readouterr().out
+    manifest = read_manifest(uri)
+    assert manifest["splits"]["train"]["index"]["row_groups"] > 0 and (out / "train" / "row_groups.idx").exists()
