@@ -25,13 +25,8 @@ from pathlib import Path
 from harness import SMOKE_TEXTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.pii_planted: the planted items
-from data_pipeline.clean import (  # noqa: E402
-    decode_utf8,
-    normalize_unicode,
-    normalize_whitespace,
-    strip_gutenberg,
-    strip_markup,
-)
+from data_pipeline.clean import clean_text, decode_utf8  # noqa: E402
+from data_pipeline.config import CleanConfig  # noqa: E402
 from data_pipeline.pii import PII_TYPES, find_pii  # noqa: E402
 from data_pipeline.storage import embedded_corpus_dir  # noqa: E402
 from tests.pii_planted import planted_pii, planted_text  # noqa: E402
@@ -39,7 +34,7 @@ from tests.pii_planted import planted_pii, planted_text  # noqa: E402
 
 def clean(text: str) -> str:
     """prepare's default cleaning steps before redaction (the baseline)."""
-    return strip_gutenberg(normalize_whitespace(normalize_unicode(strip_markup(text), "NFC")))
+    return clean_text(text, CleanConfig())[0]
 
 
 def with_planted(cleaned: list[str], planted: int, seed: int) -> tuple[list[str], list[tuple[int, int, int, str]]]:

@@ -83,6 +83,23 @@ def strip_gutenberg(text: str) -> str:
     return text.strip() if (start or end) else text
 
 
+def clean_text(text: str, clean: CleanConfig) -> tuple[str, dict[str, int]]:
+    """The text-rewriting steps ``clean`` enables (``STEPS``, in order) -> (text, characters each removed).
+    Redaction and the quality filters follow in ``clean_batch``."""
+    removed = dict.fromkeys(STEPS, 0)
+    for step, enabled, fn in (
+        ("markup", clean.strip_markup, strip_markup),
+        ("unicode", clean.unicode_form != "none", lambda t: normalize_unicode(t, clean.unicode_form)),
+        ("whitespace", clean.normalize_whitespace, normalize_whitespace),
+        ("gutenberg", clean.strip_gutenberg, strip_gutenberg),
+    ):
+        if enabled:
+            before = len(text)
+            text = fn(text)
+            removed[step] = before - len(text)
+    return text, removed
+
+
 def quality_reason(text: str, cfg: CleanConfig) -> str:
     """'' when the document passes the length and quality filters, else the reason it fails."""
     if not text:
@@ -160,18 +177,8 @@ def clean_batch(batch: pa.Table, clean: CleanConfig, near_dedup: NearDedupConfig
     signatures = []
     for text, read_error in zip(texts, read_errors):
         text = text or ""
-        removed = dict.fromkeys(STEPS, 0)
         out["chars_in"].append(len(text))
-        for step, enabled, fn in (
-            ("markup", clean.strip_markup, strip_markup),
-            ("unicode", clean.unicode_form != "none", lambda t: normalize_unicode(t, clean.unicode_form)),
-            ("whitespace", clean.normalize_whitespace, normalize_whitespace),
-            ("gutenberg", clean.strip_gutenberg, strip_gutenberg),
-        ):
-            if enabled:
-                before = len(text)
-                text = fn(text)
-                removed[step] = before - len(text)
+        text, removed = clean_text(text, clean)
         found: dict = {}
         if clean.pii.enabled:
             text, found = redact(text, clean.pii.types, clean.pii.phone_region)

@@ -11,6 +11,8 @@ is read or shipped anywhere. Anything that is not such a page is an error naming
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 
@@ -121,8 +123,14 @@ def decode_chunk(chunk: bytes, *, codec: str, num_values: int) -> np.ndarray:
         raise PageFormatError(f"page header does not parse ({type(err).__name__}: {err})") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _decompressor(codec: str) -> pa.Codec | None:
+    """One pyarrow codec per name for the process (a rank decodes thousands of chunks)."""
+    return pa.Codec(codec.lower()) if codec.upper() != "UNCOMPRESSED" else None
+
+
 def _decode(chunk: bytes, codec: str, num_values: int) -> np.ndarray:
-    decompressor = pa.Codec(codec.lower()) if codec.upper() != "UNCOMPRESSED" else None
+    decompressor = _decompressor(codec)
     parts, pos, seen = [], 0, 0
     while pos < len(chunk):
         header, pos = _struct(chunk, pos)

@@ -140,8 +140,9 @@ class ShardReader:
             run_start = k
         return out
 
-    def read(self, segments: list[tuple[int, int, int]]) -> np.ndarray:
-        """int64 [rows, seq_len + 1]: the rows of (shard, first row, end row) segments, in order."""
+    def read(self, segments: list[tuple[int, int, int]], dtype=np.int64) -> np.ndarray:
+        """[rows, seq_len + 1] of ``dtype`` (int64 for a model; ``self.dtype`` keeps them as stored): the rows
+        of (shard, first row, end row) segments, in order."""
         needed: dict[int, set[int]] = {}
         for shard, lo, hi in segments:
             if not 0 <= lo <= hi <= self.shards[shard]["sequences"]:
@@ -156,8 +157,8 @@ class ShardReader:
                 g0 = g * BLOCK_ROWS
                 parts.append(groups[shard][g][max(lo, g0) - g0 : min(hi, g0 + BLOCK_ROWS) - g0])
         if not parts:
-            return np.zeros((0, self.row_tokens), dtype=np.int64)
-        return np.concatenate(parts).astype(np.int64)
+            return np.zeros((0, self.row_tokens), dtype=dtype)
+        return np.concatenate(parts).astype(dtype, copy=False)
 
 
 def split_rows(

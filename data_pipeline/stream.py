@@ -24,14 +24,10 @@ def _read_rows(batch: dict, *, manifest: dict, split: str, seed: int, endpoint_u
     (task,) = [dict(zip(batch, values)) for values in zip(*batch.values())]
     shard, rows = int(task["shard"]), int(task["rows"])
     reader = ShardReader(manifest, split, endpoint_url=endpoint_url, region=region)
-    table = reader.read([(shard, 0, rows)])
+    table = reader.read([(shard, 0, rows)], dtype=reader.dtype)  # as stored: workers widen their own rows
     order = shard_row_order(seed, int(task["epoch"]), shard, rows, shuffle=split != "val")
     picked = order[int(task["lo"]) : int(task["hi"])]
-    dtype = reader.dtype
-    return {
-        "position": np.arange(len(picked), dtype=np.int64) + int(task["first_position"]),
-        "tokens": table[picked].astype(dtype),
-    }
+    return {"position": np.arange(len(picked), dtype=np.int64) + int(task["first_position"]), "tokens": table[picked]}
 
 
 def sequence_dataset(

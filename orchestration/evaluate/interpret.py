@@ -162,7 +162,8 @@ def linear_probes(model: GPT, windows: dict[str, list[np.ndarray]], seed: int) -
 def folio_windows(enc, window: int, per_label: int, seed: int) -> dict[str, list[np.ndarray]]:
     """Token windows of the embedded plays that have both editions: First Folio spelling
     (``*_gut_f.txt``) and modern spelling (``*_gut.txt``), cleaned as prepare cleans them."""
-    from data_pipeline.clean import decode_utf8, normalize_unicode, normalize_whitespace, strip_gutenberg
+    from data_pipeline.clean import clean_text, decode_utf8
+    from data_pipeline.config import CleanConfig
     from data_pipeline.storage import embedded_corpus_dir
 
     corpus = embedded_corpus_dir()
@@ -173,8 +174,8 @@ def folio_windows(enc, window: int, per_label: int, seed: int) -> dict[str, list
     for label, suffix in zip(PROBE_LABELS, ("_gut.txt", "_gut_f.txt")):
         pool = []
         for play in plays:
-            text, _ = decode_utf8((corpus / f"{play}{suffix}").read_bytes())
-            ids = np.asarray(enc.encode_ordinary(strip_gutenberg(normalize_whitespace(normalize_unicode(text, "NFC")))))
+            text, _ = clean_text(decode_utf8((corpus / f"{play}{suffix}").read_bytes())[0], CleanConfig())
+            ids = np.asarray(enc.encode_ordinary(text))
             starts = rng.choice(len(ids) - window, size=max(1, per_label // len(plays) + 1), replace=False)
             pool += [ids[s : s + window] for s in starts]
         out[label] = [pool[i] for i in rng.permutation(len(pool))[:per_label]]

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.clean import decode_utf8, normalize_unicode, normalize_whitespace, strip_gutenberg, strip_markup
-from data_pipeline.config import PiiConfig
+from data_pipeline.clean import clean_text, decode_utf8
+from data_pipeline.config import CleanConfig, PiiConfig
 from data_pipeline.pii import PII_TYPES, PLACEHOLDERS, find_pii, redact
 from data_pipeline.storage import embedded_corpus_dir
 from tests.pii_planted import planted_pii, planted_text
@@ -61,7 +61,6 @@ def test_at_most_five_false_spans_over_the_embedded_shakespeare_corpus():
     header and licence), scanned for every type: the plays hold no personal data."""
     false = []
     for path in sorted(embedded_corpus_dir().glob("*.txt")):
-        raw, _ = decode_utf8(path.read_bytes())
-        text = strip_gutenberg(normalize_whitespace(normalize_unicode(strip_markup(raw), "NFC")))
+        text, _ = clean_text(decode_utf8(path.read_bytes())[0], CleanConfig())
         false += [(path.name, text[s.start : s.end], s.kind) for s in find_pii(text, PII_TYPES)]
     assert len(false) <= 5, false
