@@ -154,12 +154,48 @@ class OutputConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Text planted in the training split for `raylm eval --suite privacy` (``data_pipeline.plant``):
+    canaries (a template with a random secret, Carlini et al.'s "Secret Sharer") at several copy counts,
+    and member passages (planted) vs non-member passages (kept aside) built the same way from corpus
+    lines. Planted after cleaning and before dedup, so dedup acts on them as on any document."""
+
+    enabled: bool = False
+    canary_template: str = "the secret number is {secret}"  # one line; exposure scores the text before {secret}
+    canary_digits: int = field(default=5, metadata={"min": 1, "max": 6})  # secrets 0..10^digits-1, all scored
+    canary_repetitions: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # copies per canary
+    canaries_per_count: int = field(default=16, metadata={"min": 1})
+    never_planted_canaries: int = field(default=256, metadata={"min": 1})  # the control: exposure ~1.44 bits
+    filler_lines: int = field(default=4, metadata={"min": 1})  # corpus lines after each canary copy
+    passages: int = field(default=100, metadata={"min": 2})  # member passages per count, and as many non-members
+    passage_repetitions: list[int] = field(default_factory=lambda: [1, 16])  # identical copies per member
+    passage_lines: int = field(default=6, metadata={"min": 1})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.canary_template.count("{secret}") != 1 or "\n" in self.canary_template:
+            raise ValueError(
+                f"audit.canary_template {self.canary_template!r} must be one line holding {{secret}} exactly once"
+            )
+        if not self.canary_template.split("{secret}")[0].strip():
+            raise ValueError("audit.canary_template needs text before {secret}: exposure scores the secret after it")
+        for name in ("canary_repetitions", "passage_repetitions"):
+            counts = getattr(self, name)
+            if not counts or any(not isinstance(n, int) or n < 1 for n in counts) or len(set(counts)) != len(counts):
+                raise ValueError(
+                    f"audit.{name} must list distinct copy counts >= 1, got {counts} (never-planted items are "
+                    "the controls: never_planted_canaries, and the non-member passages)"
+                )
+
+
+@dataclass
 class DataConfig:
     sources: SourceConfig = field(default_factory=SourceConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)  # planted canaries and passages (off by default)
     # Ray Data shuffle of the group-bys (same bytes either way): auto = sort below 256 MB of input, hash
     # (SHUFFLE_V2, Ray's default) above; see data_pipeline.prepare.shuffle_strategy
     shuffle: Literal["auto", "hash", "sort"] = "auto"

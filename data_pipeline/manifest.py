@@ -113,6 +113,16 @@ class SplitPlan:
 
 
 @dataclass
+class AuditEntry:
+    """The privacy audit's planted text (``data_pipeline.plant``): its record, and documents planted / kept."""
+
+    file: str  # relative to the manifest's directory
+    sha256: str
+    planted_documents: int
+    kept_documents: int  # after dedup, all in the train split
+
+
+@dataclass
 class Manifest:
     tokenizer: TokenizerEntry
     seq_len: int
@@ -124,6 +134,7 @@ class Manifest:
     split: Optional[SplitPlan] = None
     # personal data replaced by placeholders while cleaning (data.clean.pii), per type; {} when off
     pii_counts: dict[str, int] = field(default_factory=dict)
+    audit: Optional[AuditEntry] = None  # data.audit: planted canaries and passages; None when off
     config: dict[str, Any] = field(default_factory=dict)  # the resolved DataConfig
     format: str = MANIFEST_FORMAT
 

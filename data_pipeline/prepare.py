@@ -1,8 +1,10 @@
 """prepare(): corpus URIs -> cleaned, deduplicated documents -> tokenizer -> token shards + manifest.json.
 
-Stages, all in Ray Data (the driver holds counts, the tokenizer's training sample and at most
-``VAL_DOCUMENTS_LISTED`` val document names, never one entry per document):
-  read -> clean (+hash, +MinHash) -> exact/near dedup (group by band key, then by hash; see dedup)
+Stages, all in Ray Data (the driver holds counts, the tokenizer's training sample, at most
+``VAL_DOCUMENTS_LISTED`` val document names and, with data.audit, the planted documents and the
+``AUDIT_SAMPLE_BYTES`` of text they are drawn from; never one entry per corpus document):
+  read -> clean (+hash, +MinHash) -> [+ the privacy audit's planted documents, data.audit; see plant]
+  -> exact/near dedup (group by band key, then by hash; see dedup)
   -> split by work (output.split_by) -> train the tokenizer on the first documents in hash order
   -> tokenize -> group by shard -> pack + write Parquet -> manifest.json
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -30,6 +33,7 @@ from data_pipeline.dedup import DOC_COLUMNS, mark_duplicates
 from data_pipeline.manifest import (
     MANIFEST,
     VAL_DOCUMENTS_LISTED,
+    AuditEntry,
     CleaningStats,
     Manifest,
     ShardEntry,
@@ -41,6 +45,16 @@ from data_pipeline.manifest import (
     write_manifest,
 )
 from data_pipeline.pii import PII_TYPES
+from data_pipeline.plant import (
+    AUDIT_FILE,
+    AUDIT_SAMPLE_BYTES,
+    AUDIT_SOURCE,
+    audit_bytes,
+    corpus_lines,
+    plan_audit,
+    planted_table,
+    with_copies_kept,
+)
 from data_pipeline.row_index import write_index
 from data_pipeline.shards import CODEC, SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
 from data_pipeline.sources import read_documents, resolve_sources
@@ -68,10 +82,16 @@ def _check_output(fs: pafs.FileSystem, path: str, uri: str, overwrite: bool) -> 
         old = json.loads(f.read())
     for split in old.get("splits", {}).values():
         for name in [s["file"] for s in split["shards"]] + ([split["index"]["file"]] if "index" in split else []):
-            try:
-                fs.delete_file(f"{path}/{name}")
-            except FileNotFoundError:
-                pass  # already gone: nothing stale to remove
+            _delete(fs, f"{path}/{name}")
+    if old.get("audit"):
+        _delete(fs, f"{path}/{old['audit']['file']}")
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass  # already gone: nothing stale to remove
 
 
 def _long(counts: dict[str, int]) -> pa.Table:
@@ -107,7 +127,27 @@ def _dedup_counts(batch: pa.Table) -> dict[str, int]:
 
 def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> pa.Table:
     kept = batch.filter(pc.equal(batch.column("dup_reason"), "")).drop_columns(["dup_reason"])
-    return add_split(kept, split_by=split_by, val_fraction=val_fraction, seed=seed)
+    kept = add_split(kept, split_by=split_by, val_fraction=val_fraction, seed=seed)
+    planted = pc.starts_with(kept.column("source"), AUDIT_SOURCE)  # the audit's text: always trained on
+    for name, value in (("split", pa.scalar(0, pa.int8())), ("grouped", pa.scalar(True))):
+        column = kept.column(name)
+        kept = kept.set_column(kept.schema.get_field_index(name), name, pc.if_else(planted, value, column))
+    return kept
+
+
+def _planted_counts(batch: pa.Table) -> dict[str, int]:
+    sources = batch.column("source").filter(pc.starts_with(batch.column("source"), AUDIT_SOURCE))
+    return dict(Counter(sources.to_pylist()))
+
+
+def _plant(cfg: DataConfig, passed: ray.data.Dataset, near) -> tuple[ray.data.Dataset, dict]:
+    """``passed`` with the audit's planted documents added (``data_pipeline.plant``), and its record."""
+    pool = _ordered_prefix(
+        passed, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, AUDIT_SAMPLE_BYTES
+    )
+    record, documents = plan_audit(cfg.audit, corpus_lines(pool.column("text").to_pylist()))
+    table = planted_table(documents, near).cast(passed.schema().base_schema)
+    return passed.union(ray.data.from_arrow(table)), record
 
 
 def _split_counts(batch: pa.Table) -> dict[str, int]:
@@ -262,6 +302,9 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
             "clean.max_symbol_ratio"
         )
     passed = cleaned.map_batches(_passed_cleaning, batch_format="pyarrow", fn_kwargs={"near_dedup": near is not None})
+    audit = None
+    if cfg.audit.enabled:
+        passed, audit = _plant(cfg, passed, near)
     marked, rounds = mark_duplicates(passed, cfg.clean.exact_dedup, near, num_partitions=2 * num_cpus)
     marked = marked.materialize()
     counts.update(_sum_counts(marked, _dedup_counts))
@@ -271,6 +314,8 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
         fn_kwargs={"split_by": oc.split_by, "val_fraction": oc.val_fraction, "seed": oc.seed},
     ).materialize()
     split_counts = _sum_counts(kept, _split_counts)
+    if audit is not None:
+        audit = with_copies_kept(audit, _sum_counts(kept, _planted_counts))
 
     sample = _ordered_prefix(
         kept, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, cfg.tokenizer.sample_bytes
@@ -318,6 +363,15 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
         ],
     )
     manifest = _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path)
+    if audit is not None:
+        data = audit_bytes(audit)
+        write_bytes(out_fs, f"{out_path}/{AUDIT_FILE}", data)
+        manifest.audit = AuditEntry(
+            file=AUDIT_FILE,
+            sha256=hashlib.sha256(data).hexdigest(),
+            planted_documents=audit["planted_documents"],
+            kept_documents=audit["kept_documents"],
+        )
     manifest_uri = join(oc.uri, MANIFEST)
     write_manifest(manifest, out_fs, out_path)
     if verbose:
@@ -399,6 +453,11 @@ def _print_summary(m: Manifest, corpus_bytes: int, wall_s: float, manifest_uri: 
             f"({s.num_shards} shards, {s.documents} documents, {s.dropped_tail_tokens:,} tail tokens dropped)"
         )
     _print_val_documents(m)
+    if m.audit is not None:
+        print(
+            f"[prepare] privacy audit: planted {m.audit.planted_documents} documents (canaries and member "
+            f"passages), {m.audit.kept_documents} kept after dedup, all in train; secrets and texts in {m.audit.file}"
+        )
     print(f"[prepare] tokenizer {m.tokenizer.name} n_vocab={m.tokenizer.n_vocab} dtype={m.dtype}; wall {wall_s:.1f} s")
     print(f"[prepare] wrote {manifest_uri}")
 

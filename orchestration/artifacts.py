@@ -27,6 +27,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 FINETUNE_SUMMARY_FILE, FINETUNE_MARKDOWN_FILE = "finetune_summary.json", "finetune.md"
 DEMO_SUMMARY_FILE = "demo_summary.json"
+PRIVACY_AUDIT_FILE = "privacy_audit.json"  # `raylm eval --suite privacy` on a checkpoint of the run
 STOP_REQUEST_FILE = "stop_requested"  # `raylm stop`: the run checkpoints at its next log interval and ends
 LATEST_RUN_FILE = "latest_run"  # in <storage>/<run_name>: the URI of that name's newest timestamped run
 TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"

@@ -234,7 +234,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
+    if "privacy" in result["suites"]:
+        _privacy_into_run_report(result["checkpoint"], result["suites"]["privacy"], args.endpoint_url)
     return 0
+
+
+def _privacy_into_run_report(checkpoint_uri: str, privacy: dict, endpoint_url) -> None:
+    """The audit into the checkpoint's run directory and its report, when it lies in one."""
+    from orchestration.artifacts import PRIVACY_AUDIT_FILE, RUN_FILE, RunDir
+    from orchestration.report.write import write_report
+
+    run = RunDir.at(checkpoint_uri.rsplit("/", 1)[0], endpoint_url)
+    if not run.has(RUN_FILE):
+        print(f"[raylm] {run.uri} is not a training run directory: the audit is only in this output")
+        return
+    print(f"wrote {run.write_json(PRIVACY_AUDIT_FILE, privacy)}")
+    print(f"wrote {write_report(run.uri, endpoint_url=endpoint_url)['report.html']} (with the privacy audit)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -460,11 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe",
+        help="loss / perplexity / bits-per-byte, continuation BLEU+ROUGE, multiple choice, bias probe, privacy audit",
         description="Evaluate a checkpoint (loaded without DeepSpeed). Suites: lm = loss, perplexity and "
         "bits-per-byte; continuation = BLEU and ROUGE of greedy continuations of held-out text; "
         "mc = zero-shot multiple choice (cloze of held-out lines) with accuracy and standard error; "
-        "bias = a templated log-likelihood probe (a probe, not a certification); all = every suite. Without "
+        "bias = a templated log-likelihood probe (a probe, not a certification); privacy = exposure of planted "
+        "canaries, membership inference and extraction of planted passages (data.audit; also written to the "
+        "run directory and its report); all = lm, continuation, mc and bias. Without "
         "--data, held-out text is the val split of the manifest the checkpoint was trained on (a fine-tune on "
         "task rows or an export: that of the checkpoint it came from), named in the output.",
     )
@@ -478,18 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--suite",
         default="lm",
-        choices=["lm", "continuation", "mc", "bias", "all"],
+        choices=["lm", "continuation", "mc", "bias", "privacy", "all"],
         help="what to evaluate (default lm)",
     )
     ev.add_argument("--split", default=None, choices=["train", "val"], help="manifest split to score (default val)")
     ev.add_argument("--max-sequences", type=positive_int, default=None, help="sequences to read at most (default 256)")
-    ev.add_argument("--batch-size", type=positive_int, default=None, help="sequences per forward pass (default 8)")
+    ev.add_argument(
+        "--batch-size", type=positive_int, default=None, help="sequences per forward pass (default 8; privacy 64)"
+    )
     ev.add_argument("--num-items", type=positive_int, default=None, help="continuation / mc items (defaults 50 / 200)")
     ev.add_argument("--num-options", type=positive_int, default=None, help="mc options per item (default 4)")
-    ev.add_argument("--seed", type=non_negative_int, default=None, help="mc item sampling seed (default 0)")
-    ev.add_argument("--prompt-tokens", type=positive_int, default=None, help="continuation prompt length (default 32)")
+    ev.add_argument("--seed", type=non_negative_int, default=None, help="mc item sampling / bootstrap seed (default 0)")
     ev.add_argument(
-        "--continuation-tokens", type=positive_int, default=None, help="continuation length scored (default 32)"
+        "--prompt-tokens",
+        type=positive_int,
+        default=None,
+        help="continuation / extraction prompt length (default 32; privacy 16)",
+    )
+    ev.add_argument(
+        "--continuation-tokens",
+        type=positive_int,
+        default=None,
+        help="continuation length scored (default 32; privacy 16)",
     )
     ev.add_argument("--templates", default=None, help="bias templates file (default configs/eval/bias_templates.yaml)")
     ev.add_argument("--out", type=output_file, default=None, help="also write the full result as JSON to this file")

@@ -282,6 +282,22 @@ FINETUNE_OVERRIDES = {
 }
 
 
+# The privacy audit's planted text in the demo's corpus, at the demo's size: 2 canaries planted once and
+# 2 four times among 1,000 secrets, 32 never planted; 8 member passages planted once and 8 four times
+# (exact dedup keeps one copy of each), 8 non-members.
+DEMO_AUDIT = [
+    "data.audit.enabled=true",
+    "data.audit.canary_digits=3",
+    "data.audit.canary_repetitions=[1,4]",
+    "data.audit.canaries_per_count=2",
+    "data.audit.never_planted_canaries=32",
+    "data.audit.passages=8",
+    "data.audit.passage_repetitions=[1,4]",
+    "data.audit.passage_lines=2",
+    "data.audit.filler_lines=2",
+]
+
+
 def run_demo_and_finetunes(root: Path) -> dict:
     """The README's path in ``root``: `raylm demo` on 8 works of 12 kB (prepare takes seconds), then each
     configs/finetune_*.yaml with its finetune and data sections as shipped (only the sizes in
@@ -324,6 +340,7 @@ def run_demo_and_finetunes(root: Path) -> dict:
             "train.eval_interval=4",
             "train.checkpoint_interval=8",
             "train.bias_probe=true",  # the bias probe at each eval, its curve in the demo's report
+            *DEMO_AUDIT,
         ],
     )
     cwd = os.getcwd()

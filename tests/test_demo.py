@@ -64,6 +64,45 @@ def test_demo_then_every_finetune_config_unmodified(demo_runs, monkeypatch):
         assert ft["base_checkpoint"] == summary["checkpoint"] and ft["final_step"] > 0, (name, ft)
 
 
+@pytest.mark.slow
+def test_privacy_audit_of_the_demo_run(demo_runs, tmp_path, capsys, monkeypatch):
+    """The demo's corpus carries planted text (tests/helpers.py ``DEMO_AUDIT``): every planted document
+    lands in train, exact dedup keeps one copy of each member passage, and `raylm eval --suite privacy`
+    scores all 1,000 secrets, writes the eval JSON, privacy_audit.json and the run report's section."""
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.shard_reader import split_rows
+    from data_pipeline.tokenizer import EOT
+    from orchestration.cli import main
+    from orchestration.evaluate.load import load_checkpoint_model
+
+    summary = demo_runs["summary"]
+    monkeypatch.chdir(demo_runs["root"])  # the demo's paths are relative to it, as the README's are
+    manifest = read_manifest(summary["manifest"])
+    assert manifest["audit"]["planted_documents"] == 2 * (1 + 4) + 8 * (1 + 4)
+    assert manifest["audit"]["kept_documents"] == 2 * (1 + 4) + 8 * 2  # one copy of each member passage
+    enc = load_checkpoint_model(summary["checkpoint"])[2]
+    eot = enc.encode_single_token(EOT)
+    text = {s: enc.decode([t for t in split_rows(manifest, s).ravel().tolist() if t != eot]) for s in ("train", "val")}
+    assert "the secret number is" in text["train"] and "the secret number is" not in text["val"]
+
+    out = tmp_path / "privacy.json"
+    args = ["eval", "--suite", "privacy", "--checkpoint", summary["checkpoint"], "--out", str(out)]
+    assert main([*args, "--prompt-tokens", "4", "--continuation-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "exposure over all 1,000 secrets (max 10.0 bits)" in printed and "Min-K% AUC" in printed
+    result = json.loads(out.read_text())["suites"]["privacy"]
+    groups = {g["repetitions"]: g for g in result["exposure"]["by_repetitions"]}
+    assert {r: g["canaries"] for r, g in groups.items()} == {0: 32, 1: 2, 4: 2}
+    assert groups[4]["copies_kept"] == 4  # different filler around each copy: dedup keeps them all
+    assert all(0 <= c["exposure"] <= 10 for c in result["exposure"]["canaries"])
+    membership = {g["repetitions"]: g for g in result["membership"]["by_repetitions"]}
+    assert membership[4]["copies_kept"] == 1
+    assert all(g["loss"]["ci"][0] <= g["loss"]["auc"] <= g["loss"]["ci"][1] for g in membership.values())
+    run = Path(summary["run_dir"])
+    assert json.loads((run / "privacy_audit.json").read_text()) == result
+    assert "Privacy audit" in (run / "report.html").read_text()
+
+
 def test_demo_prepares_again_over_a_manifest_it_cannot_read(ray_session, tmp_path, capsys):
     """A manifest an older raylm wrote (no row-group index) where the demo's data goes: the demo says
     so and prepares the data again instead of failing (one small prepare, sort-based shuffle)."""

@@ -1,4 +1,4 @@
-"""Eval suites on a checkpoint, beyond loss: `raylm eval --suite {lm,continuation,mc,bias,all}`.
+"""Eval suites on a checkpoint, beyond loss: `raylm eval --suite {lm,continuation,mc,bias,privacy,all}`.
 
   lm            loss, perplexity and bits per byte (``evaluate.evaluate_lm``)
   continuation  prompt with k held-out tokens, greedy-decode m, BLEU / ROUGE against the true m
@@ -6,6 +6,8 @@
                 among length-matched lines from elsewhere, by log-likelihood (sum and per byte)
   bias          stereotype vs anti-stereotype minimal pairs (configs/eval/bias_templates.yaml), scored on the
                 tokens after the group term, with a bootstrap CI; a probe, not a certification
+  privacy       canary exposure, membership inference and extraction of the text ``data.audit`` planted
+                in the training split (``evaluate.privacy``); not part of "all": it needs planted text
 
 Held-out text is a manifest's split (read straight from its shards, no Ray) or a text file. Every
 suite accepts a checkpoint URI or the tuple ``load_checkpoint_model`` returned, so ``run_eval_suite``
@@ -21,11 +23,12 @@ from typing import Optional
 
 import numpy as np
 import tiktoken
-import torch
 
 from orchestration.evaluate.data_source import EvalError, manifest_rows, training_manifest
 from orchestration.evaluate.lm import evaluate_lm
 from orchestration.evaluate.load import loaded_checkpoint
+from orchestration.evaluate.privacy import format_privacy, privacy_audit
+from orchestration.evaluate.scoring import continuation_logprobs
 from orchestration.evaluate.text_metrics import corpus_bleu, rouge_scores
 
 DEFAULT_BIAS_TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "eval" / "bias_templates.yaml"
@@ -89,37 +92,6 @@ def held_out_lines(pieces: list[list[int]], enc: tiktoken.Encoding, edges_cut: b
         if edges_cut:
             lines = lines[1:-1]
         out.append([line.rstrip() for line in lines if line.strip()])
-    return out
-
-
-# ---------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 16) -> list[float]:
-    """Summed log P(continuation | context) in nats for each (context ids, continuation ids) pair.
-
-    A pair longer than the context window loses context tokens from the left (never continuation ones).
-    """
-    block = model.cfg.block_size
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(pairs), batch_size):
-        rows = []
-        for ctx, cont in pairs[i : i + batch_size]:
-            if not ctx or not cont or len(cont) > block:
-                raise EvalError(
-                    f"need a context and a continuation of at most block_size={block} tokens, "
-                    f"got {len(ctx)} and {len(cont)}"
-                )
-            ids = (ctx + cont)[-(block + 1) :]
-            rows.append((ids[:-1], [-1] * (len(ids) - 1 - len(cont)) + cont))
-        width = max(len(x) for x, _ in rows)
-        inputs = torch.tensor([x + [0] * (width - len(x)) for x, _ in rows], device=device)
-        targets = torch.tensor([y + [-1] * (width - len(y)) for _, y in rows], device=device)
-        logits, _ = model(inputs)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        out.extend((logp * (targets >= 0)).sum(dim=1).tolist())
     return out
 
 
@@ -491,11 +463,18 @@ def bias_scores(model, enc: tiktoken.Encoding, *, templates_path=None, seed: int
 
 # ---------------------------------------------------------------- CLI entry
 
-SUITES = {"lm": evaluate_lm, "continuation": continuation_scores, "mc": multiple_choice_suite, "bias": bias_probe}
+SUITES = {
+    "lm": evaluate_lm,
+    "continuation": continuation_scores,
+    "mc": multiple_choice_suite,
+    "bias": bias_probe,
+    "privacy": privacy_audit,
+}
+ALL_SUITES = ("lm", "continuation", "mc", "bias")  # privacy needs a manifest with planted text: by name only
 
 
 def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **options) -> dict:
-    """Run one suite or "all" (lm, continuation, mc, bias) on one loaded checkpoint ->
+    """Run one suite or "all" (lm, continuation, mc, bias; privacy by name) on one loaded checkpoint ->
     {"checkpoint", "step", "data": {"uri", "split", "origin"} (None for bias alone), "suites": {name: result}}.
 
     ``data`` None: the suites that score held-out text read the split (default val) of the manifest
@@ -503,7 +482,7 @@ def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **opt
     keyword arguments (split, num_items, seed, device, ...); each suite gets those it takes, and an
     option no chosen suite takes is an error.
     """
-    names = list(SUITES) if suite == "all" else [suite]
+    names = list(ALL_SUITES) if suite == "all" else [suite]
     if any(n not in SUITES for n in names):
         raise EvalError(f"unknown eval suite {suite!r}; choose one of {sorted(SUITES) + ['all']}")
     accepted = {n: set(inspect.signature(SUITES[n]).parameters) - {"checkpoint_uri", "data"} for n in names}
@@ -528,7 +507,8 @@ def run_eval_suite(suite: str, checkpoint_uri, data: Optional[str] = None, **opt
             own = training_manifest(loaded[3], options.get("endpoint_url"))
             data, origin = own.uri, own.origin
             print(f"[raylm] no --data: scoring {own.uri} ({origin})", flush=True)
-        split = options.get("split", "val") if data.endswith(".json") else None  # a text file is read whole
+        # a text file is read whole; the privacy suite reads what the manifest planted, not a split
+        split = options.get("split", "val") if data.endswith(".json") and suite != "privacy" else None
         source = {"uri": data, "split": split, "origin": origin}
     results = {}
     for n in names:
@@ -586,4 +566,6 @@ def format_summary(result: dict) -> str:
             )
         lines.append(f"  method: {r['probe']}")
         lines.append(f"  NOTE: {r['disclaimer']}")
+    if "privacy" in s:
+        lines.extend(format_privacy(s["privacy"]))
     return "\n".join(lines)

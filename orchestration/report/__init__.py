@@ -2,5 +2,5 @@
 
 write (which kind of directory) -> run | sweep | tune | baselines (title, sections of blocks,
 results) -> render (HTML with inlined PNGs, Markdown) ; plots (run and search figures); interpret
-(``raylm interpret``'s page)
+(``raylm interpret``'s page); privacy (the privacy audit's section of a run's report)
 """

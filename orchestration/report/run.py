@@ -11,6 +11,7 @@ from orchestration.artifacts import (
     CONFIG_FILE,
     DEMO_SUMMARY_FILE,
     FINETUNE_SUMMARY_FILE,
+    PRIVACY_AUDIT_FILE,
     RUN_FILE,
     RunDir,
     read_metrics,
@@ -134,6 +135,11 @@ def run_report(run: RunDir) -> tuple[str, list[Section], dict]:
         finetune = run.read_json(FINETUNE_SUMMARY_FILE)
         results["finetune"] = finetune
         sections.insert(0, ("Fine-tuning: before / after", summary_blocks(finetune)))
+    if run.has(PRIVACY_AUDIT_FILE):  # `raylm eval --suite privacy` on one of its checkpoints
+        from orchestration.report.privacy import privacy_blocks
+
+        results["privacy_audit"] = run.read_json(PRIVACY_AUDIT_FILE)
+        sections.append(("Privacy audit", privacy_blocks(results["privacy_audit"])))
     sections.append(("Config", [("code", run.read_text(CONFIG_FILE))]))
     return f"Run {run.name}", sections, results
 

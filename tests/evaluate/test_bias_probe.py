@@ -12,11 +12,11 @@ import yaml
 from data_pipeline import tokenizer as tok
 from model.config import ModelConfig
 from model.gpt import GPT
+from orchestration.evaluate.scoring import continuation_logprobs
 from orchestration.evaluate.suites import (
     bias_pair_tokens,
     bias_probe,
     bootstrap_grid_mean,
-    continuation_logprobs,
     format_summary,
     load_bias_templates,
 )

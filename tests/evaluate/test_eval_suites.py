@@ -22,9 +22,9 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from orchestration.evaluate.data_source import EvalError, manifest_rows, training_manifest
 from orchestration.evaluate.lm import evaluate_lm, lm_metrics
+from orchestration.evaluate.scoring import continuation_logprobs
 from orchestration.evaluate.suites import (
     cloze_items,
-    continuation_logprobs,
     continuation_scores,
     format_summary,
     held_out_lines,
