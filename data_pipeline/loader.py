@@ -5,7 +5,9 @@ The train stream is epoch 0, epoch 1, ... of 8-row blocks in an order that is a 
 s*G + (r+1)*G/W) of step s and fetches only the row groups holding them (``shard_reader.ShardReader``:
 the row-group index, range reads, CRC-32 per row group), so a global batch depends on (manifest,
 seed, G, step) and never on W, and resuming at step k reads step k's rows first. ``rank_val_batches``
-gives each rank its part of a fixed validation set. A background thread reads ahead (``prefetch``).
+gives each rank its part of a fixed validation set. ``poisson_rank_batches`` (DP-SGD) gives each rank
+its share of every step's Poisson sample of the train rows (``order.poisson_rows``). A background
+thread reads ahead (``prefetch``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from data_pipeline.order import TrainOrder
+from data_pipeline.order import TrainOrder, poisson_rows
 from data_pipeline.shard_reader import ShardReader
 from data_pipeline.storage import DataSourceError
 
@@ -130,6 +132,46 @@ def rank_batches(
             lo = step * global_batch_size + rank * per_rank
             rows = reader.read(order.segments(lo, lo + per_rank))
             yield [rows[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+    return RankBatches(reader, units, prefetch)
+
+
+def poisson_rank_batches(
+    manifest: dict,
+    *,
+    seed: int,
+    sample_rate: float,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    num_steps: int,
+    endpoint_url: Optional[str] = None,
+    region: Optional[str] = None,
+    prefetch: int = 2,
+) -> RankBatches:
+    """Rank ``rank``'s int64 [rows, seq_len + 1] array for each step of [start_step, start_step + num_steps):
+    every ``world_size``-th row, from the rank-th, of the step's Poisson sample of the whole train split
+    (``order.poisson_rows``), so the ranks' union is that sample, their shares differ by at most a row, and
+    a rank may get none (an empty array). The sample is a function of (manifest, seed, sample_rate, step),
+    whatever the world size; a resumed reader repeats an uninterrupted one from its step."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if start_step < 0 or num_steps < 0:
+        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0")
+    reader = ShardReader(manifest, "train", endpoint_url=endpoint_url, region=region)
+    sizes = np.array([s["sequences"] for s in reader.shards], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(sizes)])
+    if first[-1] == 0:
+        raise DataSourceError(f"{manifest['uri']}: the train split holds no sequences; re-run prepare")
+
+    def units() -> Iterator[list]:
+        for step in range(start_step, start_step + num_steps):
+            rows = poisson_rows(int(first[-1]), sample_rate, seed, step)[rank::world_size]
+            shards = np.searchsorted(first, rows, "right") - 1
+            segments = [(int(s), int(r - first[s]), int(r - first[s]) + 1) for s, r in zip(shards, rows)]
+            yield [reader.read(segments)]
 
     return RankBatches(reader, units, prefetch)
 

@@ -4,7 +4,8 @@
 in ``rng(seed, e)`` order, so any stream position maps to (shard, row) without reading anything.
 ``stream_tasks`` (the Ray Data stream of fine-tuning and the demo): epoch e visits shards in
 ``rng(seed, e)`` order (file order for val) and each shard's rows in ``rng(seed, e, shard)`` order
-(``shard_row_order``).
+(``shard_row_order``). ``poisson_rows`` (DP-SGD): step s trains on each train row independently with
+probability q, drawn from ``rng(seed, POISSON_STREAM, s)``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ class TrainOrder:
                 b += 1
             pos = epoch * self.epoch_rows + stop
         return out
+
+
+POISSON_STREAM = 0x44505347  # "DPSG": keeps the Poisson draws apart from TrainOrder's rng(seed, epoch)
+
+
+def poisson_rows(num_rows: int, sample_rate: float, seed: int, step: int) -> np.ndarray:
+    """The sorted train-row indices (over the split's shards in file order) in step ``step``'s Poisson
+    sample: each of ``num_rows`` rows in independently with probability ``sample_rate``. Drawn as a
+    binomial count and then that many distinct rows uniformly, which is the same distribution, in time
+    of the sample's size rather than the split's. A pure function of (num_rows, sample_rate, seed, step)."""
+    rng = np.random.default_rng([seed, POISSON_STREAM, step])
+    count = int(rng.binomial(num_rows, sample_rate))
+    return np.sort(rng.choice(num_rows, size=count, replace=False))
 
 
 def stream_tasks(manifest: dict, split: str, seed: int, start: int, stop: int) -> list[dict]:

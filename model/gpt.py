@@ -51,6 +51,9 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
         self.lm_head = LMHead(cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size)
+        # Per-sample gradients (Opacus, orchestration.train.dp) need every lookup to carry the batch
+        # dimension: learned positions are then looked up as (B, T), not once as (T,) and broadcast.
+        self.batched_positions = False
         self.init_weights()
 
     def init_weights(self, generator: torch.Generator | None = None, write: ParamWriter = write_in_place) -> None:
@@ -163,7 +166,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         x = self.transformer.wte(idx) if token_embeddings is None else token_embeddings
         if self.cfg.pos_encoding == "learned":
-            x = x + self.transformer.wpe(pos)
+            x = x + self.transformer.wpe(pos.expand(idx.size(0), -1) if self.batched_positions else pos)
         elif self.cfg.pos_encoding == "sinusoidal":
             x = x + self.pos_table[pos].to(x.dtype)
         return self.transformer.drop(x)

@@ -1,4 +1,4 @@
-"""Figures for `raylm report`: a run's loss and throughput curves, a tune sweep's trial curves, the
+"""Figures for `raylm report`: a run's loss, throughput and privacy (DP-SGD) curves, a tune sweep's trial curves, the
 baseline comparison's bars.
 
 Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
@@ -56,6 +56,19 @@ def plot_bias(records: Sequence[dict]) -> Figure:
     ax.set_ylabel("stereotype log odds (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def plot_privacy(records: Sequence[dict]) -> Figure:
+    """A DP-SGD run's epsilon spent (at its delta) against the step, as its accountant logged it."""
+    fig = Figure(figsize=(8, 3.5), layout="constrained")
+    ax = fig.subplots()
+    steps, epsilon = _column(records, "dp_epsilon")
+    ax.plot(steps, epsilon, color="C4", marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"epsilon (delta {records[-1]['dp_delta']:g})")
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
     return fig
 
 

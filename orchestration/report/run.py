@@ -18,7 +18,7 @@ from orchestration.artifacts import (
     read_run_facts,
 )
 from orchestration.checkpoint_format import checkpoints_newest_first, complete_checkpoint_meta
-from orchestration.report.plots import plot_bias, plot_loss, plot_throughput
+from orchestration.report.plots import plot_bias, plot_loss, plot_privacy, plot_throughput
 from orchestration.report.render import ReportError, Section, fmt
 
 
@@ -87,6 +87,18 @@ def run_report(run: RunDir) -> tuple[str, list[Section], dict]:
         ("optimizer state elements per rank", numel or "-"),
         ("checkpoints", ", ".join(f"{n}{'' if ok else ' (incomplete)'}" for n, ok in complete.items()) or "none"),
     ]
+    if last.get("dp_epsilon") is not None:
+        results["privacy"] = {k: v for k, v in last.items() if k.startswith("dp_") and k != "dp_rows_sampled"}
+        rows[4:4] = [
+            (
+                "differential privacy (epsilon, delta)",
+                f"({fmt(last['dp_epsilon'])}, {last['dp_delta']:g}) after {last['dp_steps']} steps",
+            ),
+            (
+                "DP-SGD noise multiplier, per-row clip, sample rate",
+                f"{fmt(last['dp_noise_multiplier'])}, {fmt(last['dp_max_grad_norm'])}, {fmt(last['dp_sample_rate'])}",
+            ),
+        ]
     sections: list[Section] = [
         ("Final metrics", [("table", ("metric", "value"), [(k, fmt(v)) for k, v in rows])]),
         (
@@ -108,6 +120,21 @@ def run_report(run: RunDir) -> tuple[str, list[Section], dict]:
             ],
         ),
     ]
+    if results.get("privacy"):
+        sections.append(
+            (
+                "Differential privacy",
+                [
+                    (
+                        "text",
+                        "DP-SGD (train.dp, Opacus): each step a Poisson sample of the train rows, each row's gradient "
+                        "clipped, Gaussian noise added. Epsilon at the run's delta from Opacus' RDP accountant over "
+                        "the steps taken; train loss and tokens/s count the rows actually drawn.",
+                    ),
+                    ("figure", "privacy.png", plot_privacy(records)),
+                ],
+            )
+        )
     if any(r.get("bias_score") is not None for r in records):
         biased = [r for r in records if r.get("bias_score") is not None]
         results["bias_over_training"] = [

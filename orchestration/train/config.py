@@ -14,6 +14,38 @@ from typing import Any, Literal, Optional
 
 
 @dataclass
+class DPConfig:
+    """Differentially private training (DP-SGD with Opacus, ``orchestration.train.dp``): every step trains
+    on a Poisson sample of the train rows (each row in with probability global_batch_size / rows), each
+    row's gradient clipped to max_grad_norm, Gaussian noise of noise_multiplier x max_grad_norm added to
+    their sum. Give the noise, or the epsilon to reach at the run's last step (the noise is derived)."""
+
+    enabled: bool = False
+    noise_multiplier: Optional[float] = field(default=None, metadata={"min": 0.0})
+    target_epsilon: Optional[float] = field(default=None, metadata={"min": 0.0})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})  # per-sample clipping bound (L2)
+    delta: float = field(default=1e-5, metadata={"min": 0.0, "max": 1.0})  # must be < 1 / train rows
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "train.dp.enabled needs exactly one of train.dp.noise_multiplier and train.dp.target_epsilon "
+                f"(the other null); got noise_multiplier={self.noise_multiplier}, "
+                f"target_epsilon={self.target_epsilon}"
+            )
+        if self.max_grad_norm <= 0:
+            raise ValueError("train.dp.max_grad_norm must be > 0: it bounds each sample's gradient")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError("train.dp.target_epsilon must be > 0")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ValueError("train.dp.noise_multiplier must be > 0: without noise epsilon is infinite")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"train.dp.delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass
 class TrainConfig:
     """How to pretrain: one Ray Train worker per device, DDP (ZeRO stage 0) or DeepSpeed ZeRO inside each."""
 
@@ -89,6 +121,7 @@ class TrainConfig:
     seed: int = 1337
     # experiment trackers fed from rank 0's metrics records (orchestration/train/trackers.py)
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -120,6 +153,31 @@ class TrainConfig:
         self._resolve_batch()
         if self.min_workers is not None:
             self._check_elastic()
+        if self.dp.enabled:
+            self._check_dp()
+
+    def _check_dp(self) -> None:
+        """What DP-SGD (Opacus) cannot run with (each tried on raylm's GPT), and the batch clip it replaces."""
+        if self.zero_stage != 0:
+            raise ValueError(
+                f"train.dp.enabled needs train.zero_stage=0 (torch DDP), got {self.zero_stage}: Opacus clips "
+                "per-sample gradients of whole parameters, which ZeRO 1-3 shard and reduce inside DeepSpeed"
+            )
+        if self.precision == "fp16":
+            raise ValueError(
+                "train.dp.enabled does not run with train.precision=fp16: the loss scale multiplies the per-sample "
+                "gradients before Opacus clips them, so the clipping bound would be wrong; use bf16 or fp32"
+            )
+        if self.activation_checkpointing != "none":
+            raise ValueError(
+                "train.dp.enabled does not run with train.activation_checkpointing: the recomputed forward fires "
+                "Opacus' activation hooks a second time and per-sample gradients go missing; set it to none"
+            )
+        if self.grad_clip:
+            raise ValueError(
+                f"train.grad_clip={self.grad_clip} clips the batch's gradient; with train.dp.enabled each "
+                "sample's gradient is clipped instead (train.dp.max_grad_norm): set train.grad_clip=0"
+            )
 
     def _check_elastic(self) -> None:
         if self.min_workers > self.num_workers:

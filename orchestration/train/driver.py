@@ -28,7 +28,7 @@ from orchestration.checkpoint_format import complete_checkpoint_meta, latest_com
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import extensions_dir, init_ray
 from orchestration.train.config import TrainConfig
-from orchestration.train.plan import WorkerPlan
+from orchestration.train.plan import PrivacyPlan, WorkerPlan
 
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see loop.FAIL_AT_STEP_ENV)
@@ -104,6 +104,11 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
     }
     if train.bias_probe:
         check_bias_probe_fits(tokenizer_files, cfg.model.block_size)
+    if train.dp.enabled and cfg.model.arch != "gpt":
+        raise ConfigError(
+            f"train.dp.enabled needs model.arch=gpt: Opacus has no per-sample gradients for the torch LSTM of "
+            f"model.arch={cfg.model.arch!r}"
+        )
     return PretrainFacts(manifest, seq_len, int(tok["n_vocab"]), tok["hash"], total_steps, val_batches, tokenizer_files)
 
 
@@ -351,6 +356,11 @@ def launch(
     from orchestration.train.trackers import TrackerError, check_trackers
 
     train = cfg.train
+    if train.dp.enabled and plan.privacy is None:
+        raise ConfigError(
+            f"train.dp.enabled is implemented for pretraining (`raylm train`), not for the {make_task.__name__} "
+            "job: set train.dp.enabled=false"
+        )
     try:
         check_trackers(train.trackers)
     except TrackerError as err:
@@ -490,6 +500,9 @@ def run_training(
             f"{BLOCK_ROWS}-row blocks: ranks read some rows they do not train on",
             flush=True,
         )
+    privacy = None
+    if train.dp.enabled:
+        privacy = privacy_plan(train, facts.manifest, facts.total_steps)
     plan = WorkerPlan(
         config=config_to_dict(resolved),
         train=train,
@@ -503,9 +516,29 @@ def run_training(
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
         task={"manifest": facts.manifest},  # ranks find row groups through the index files it names
+        privacy=privacy,
     )
     summary = launch(cfg, plan, pretrain_task, {}, callbacks=callbacks, gpus_per_worker=gpus_per_worker)
     return {**summary, "wall_s": time.time() - t0}
+
+
+def privacy_plan(train: TrainConfig, manifest: dict, total_steps: int) -> PrivacyPlan:
+    """DP-SGD's resolved parameters for this run (``orchestration.train.dp.resolve_privacy``), announced."""
+    from orchestration.train.dp import resolve_privacy
+
+    rows = sum(int(shard["sequences"]) for shard in manifest["splits"]["train"]["shards"])
+    try:
+        privacy = resolve_privacy(train, rows, total_steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(
+        f"[raylm] DP-SGD (Opacus): noise multiplier {privacy.noise_multiplier:.4g}, per-row clip "
+        f"{privacy.max_grad_norm:g}, Poisson sample rate {privacy.sample_rate:.4g} ({train.global_batch_size} of "
+        f"{rows} rows expected per step), delta {privacy.delta:g}: epsilon {privacy.expected_epsilon:.3g} after "
+        f"{total_steps} steps",
+        flush=True,
+    )
+    return privacy
 
 
 def _worker_env(train: TrainConfig) -> dict:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from model.flops import zero_buckets
 from orchestration.train.config import TrainConfig
+from orchestration.train.plan import PrivacyPlan
 
 
 def deepspeed_config(train: TrainConfig, load_universal: bool = False, hidden_size: int | None = None) -> dict:
@@ -236,10 +237,21 @@ def zero3_compile_obstacle(gpt: torch.nn.Module) -> str | None:
     return None
 
 
-def wrap_model(raw_model: torch.nn.Module, train: TrainConfig, device: torch.device, load_universal: bool = False):
+def wrap_model(
+    raw_model: torch.nn.Module,
+    train: TrainConfig,
+    device: torch.device,
+    load_universal: bool = False,
+    privacy: PrivacyPlan | None = None,
+):
     """The engine over ``raw_model`` (checkpointed and compiled as asked) with AdamW on its trainable
     parameters: DDP with autocast at ZeRO stage 0 (nothing to shard), DeepSpeed ZeRO at stages 1-3
-    (``load_universal``: it will load a universal checkpoint)."""
+    (``load_universal``: it will load a universal checkpoint); with ``privacy`` (a PrivacyPlan, stage 0
+    only) Opacus' DP-SGD engine (``orchestration.train.dp``)."""
+    if privacy is not None:
+        from orchestration.train.dp import DPEngine
+
+        return DPEngine(prepare_model(raw_model, train), build_optimizer(raw_model, train), train, privacy, device)
     if train.zero_stage == 0:
         from orchestration.train.ddp import DDPEngine
 

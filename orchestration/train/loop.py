@@ -84,7 +84,7 @@ def worker_loop(loop_config: dict) -> None:
         if meta and needs_reshard(meta, world_size):
             reshard, universal_at = ReshardStats(), universal_dir_for(checkpoint, run)
             universal = ensure_universal(checkpoint, meta, universal_at, rank, reshard)
-        engine = wrap_model(task.model, train, device, load_universal=reshard is not None)
+        engine = wrap_model(task.model, train, device, load_universal=reshard is not None, privacy=plan.privacy)
         seed_everything(train.seed + 1000 * rank)  # per-rank streams (dropout) after identical init
         if meta:
             shared = (
@@ -121,6 +121,9 @@ def worker_loop(loop_config: dict) -> None:
         )
 
     batches = task.train_batches(step)
+    take_step = optimizer_step
+    if plan.privacy is not None:  # DP-SGD: a Poisson sample per step, clipped per row, noised
+        from orchestration.train.dp import dp_optimizer_step as take_step
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
     window = Window(device)
     opt_numel: list[int] = []  # per rank, measured once the optimizer has state
@@ -129,7 +132,7 @@ def worker_loop(loop_config: dict) -> None:
         if step == fail_at and rank == world_size - 1:
             _crash_once(os.environ.get(FAIL_MARKER_ENV))
         measured = None if phases.measured("optimizer_step") else phases  # the first step's phases
-        lr = optimizer_step(engine, train, step, total_steps, batches, window, task, device, measured)
+        lr = take_step(engine, train, step, total_steps, batches, window, task, device, measured)
         step += 1
         window.steps += 1
 
@@ -152,6 +155,9 @@ def worker_loop(loop_config: dict) -> None:
             torch.cuda.synchronize()
         seconds = window.elapsed()
         opt_numel = opt_numel or _gather(optimizer_state_numel(engine))
+        # DP-SGD's batch is a Poisson sample: its loss and tokens are the rows actually drawn (a collective)
+        privacy = engine.privacy_record(window) if plan.privacy is not None else {}
+        window_tokens = privacy["dp_rows_sampled"] * plan.seq_len if privacy else window.steps * tokens_per_step
         record = {
             "step": step,
             "start_step": start_step,
@@ -166,7 +172,7 @@ def worker_loop(loop_config: dict) -> None:
             "torch_threads": torch.get_num_threads(),
             **task.record_extra,
             **throughput(
-                tokens=window.steps * tokens_per_step,
+                tokens=window_tokens,
                 seconds=seconds,
                 flops_per_token=task.flops_per_token,
                 num_devices=world_size,
@@ -175,6 +181,7 @@ def worker_loop(loop_config: dict) -> None:
         }
         if task.data_stats is not None:
             record.update(data_read_per_rank(task.data_stats()))
+        record.update(privacy)
         if do_eval and task.val_batches is not None:
             with phases.first("eval"):
                 record.update(validation_metrics(engine, task, device))
@@ -241,6 +248,7 @@ def worker_loop(loop_config: dict) -> None:
                 "final_loss": records[-1]["loss"] if records else None,
                 "final_val_loss": evals[-1]["val_loss"] if evals else None,
                 "tokens": step * tokens_per_step,
+                **({"dp_epsilon": records[-1]["dp_epsilon"]} if plan.privacy is not None and records else {}),
             }
         )
         trackers.close()
@@ -351,6 +359,7 @@ class Window:
     def __init__(self, device: torch.device) -> None:
         self.start, self.steps, self.data_wait_s = time.perf_counter(), 0, 0.0
         self.loss_sum = torch.zeros((), device=device)
+        self.rows_sampled = 0  # DP-SGD: this rank's Poisson-sampled rows (the batch is not fixed)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

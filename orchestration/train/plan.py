@@ -15,6 +15,20 @@ from orchestration.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
+class PrivacyPlan:
+    """DP-SGD as the driver resolved it (``orchestration.train.dp.resolve_privacy``): the noise (given, or
+    derived from train.dp.target_epsilon), the Poisson sample rate global_batch_size / train_rows, and
+    the epsilon the accountant expects at the run's last step."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+    train_rows: int
+    expected_epsilon: float
+
+
+@dataclass(frozen=True)
 class WorkerPlan:
     """Facts the driver resolved, plus the job-specific part ``task`` (read by the task builder).
 
@@ -39,3 +53,4 @@ class WorkerPlan:
     checkpoint_meta: dict
     resume_uri: Optional[str] = None
     task: dict[str, Any] = field(default_factory=dict)
+    privacy: Optional[PrivacyPlan] = None  # train.dp.enabled: DP-SGD's resolved parameters

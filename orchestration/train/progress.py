@@ -36,6 +36,8 @@ def format_record(record: dict, total_steps: int) -> str:
             parts.append(f"(ppl {record['val_perplexity']:.1f})")
         if "val_accuracy" in record:
             parts.append(f"acc {record['val_accuracy']:.3f}")
+    if "dp_epsilon" in record:
+        parts.append(f"eps {record['dp_epsilon']:.3g} (delta {record['dp_delta']:g})")
     if "checkpoint_s" in record:
         parts.append(f"ckpt {record['checkpoint_s']:.1f} s")
     if "best_val_loss" in record:

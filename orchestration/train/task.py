@@ -97,9 +97,11 @@ def dataset_batches(
 def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size: int) -> Task:
     """Next-token pretraining of ``plan.model`` (GPT, or the LSTM with arch=lstm), seeded so
     every rank starts from identical weights. Each rank reads only its slice of every global batch
-    straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at."""
-    from data_pipeline.loader import rank_batches, rank_val_batches
+    straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at; with
+    DP-SGD (``plan.privacy``) its share of each step's Poisson sample, through DP's forward."""
+    from data_pipeline.loader import poisson_rank_batches, rank_batches, rank_val_batches
     from model.flops import flops_per_token
+    from orchestration.train.dp import dp_lm_forward
     from orchestration.train.rank_model import build_rank_model
 
     model_cfg, train = plan.model, plan.train
@@ -110,15 +112,25 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     readers: list = []
 
     def train_batches(start_step: int) -> Iterator[dict]:
-        reader = rank_batches(
-            plan.task["manifest"],
-            seed=train.seed,
-            global_batch_size=train.global_batch_size,
-            micro_batch_size=train.micro_batch_size,
-            start_step=start_step,
-            num_steps=plan.total_steps - start_step,
-            **data,
-        )
+        if plan.privacy is not None:  # DP-SGD: per step, this rank's share of a Poisson sample of the rows
+            reader = poisson_rank_batches(
+                plan.task["manifest"],
+                seed=train.seed,
+                sample_rate=plan.privacy.sample_rate,
+                start_step=start_step,
+                num_steps=plan.total_steps - start_step,
+                **data,
+            )
+        else:
+            reader = rank_batches(
+                plan.task["manifest"],
+                seed=train.seed,
+                global_batch_size=train.global_batch_size,
+                micro_batch_size=train.micro_batch_size,
+                start_step=start_step,
+                num_steps=plan.total_steps - start_step,
+                **data,
+            )
         readers.append(reader)
         return ({"tokens": tokens} for tokens in reader)
 
@@ -134,7 +146,7 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
     return Task(
         name="pretrain",
         model=model,
-        forward=lm_forward,
+        forward=lm_forward if plan.privacy is None else dp_lm_forward,
         train_batches=train_batches,
         val_batches=val_batches if plan.val_batches else None,
         flops_per_token=flops_per_token(model_cfg, plan.seq_len),
