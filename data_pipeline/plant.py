@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -56,11 +57,13 @@ def secret_text(secret: int, digits: int) -> str:
 
 def plan_audit(cfg: AuditConfig, lines: list[str]) -> tuple[dict, list[tuple[str, int, str]]]:
     """(the audit record, the planted documents as (source, copy index, text)), drawn with ``cfg.seed``."""
-    need = cfg.passage_lines * 2
-    if len(lines) < need:
+    passages_needed = (len(cfg.passage_repetitions) + 1) * cfg.passages
+    # distinct passages are drawn by rejection: ask for a pool of orderings far larger than the draw
+    if len(lines) < cfg.passage_lines or math.perm(len(lines), cfg.passage_lines) < 4 * passages_needed:
         raise AuditPlanError(
-            f"audit: the cleaned corpus has {len(lines)} lines of >= {MIN_LINE_CHARS} characters, fewer than the "
-            f"{need} that passages of audit.passage_lines={cfg.passage_lines} need; lower it or add documents"
+            f"audit: the train split's cleaned text has {len(lines)} lines of >= {MIN_LINE_CHARS} characters, too "
+            f"few to form {passages_needed} distinct passages of audit.passage_lines={cfg.passage_lines}; raise "
+            "passage_lines, lower audit.passages or add documents"
         )
     rng = np.random.default_rng(cfg.seed)
     planted_counts = [r for r in cfg.canary_repetitions for _ in range(cfg.canaries_per_count)]

@@ -122,7 +122,13 @@ def _passed_cleaning(batch: pa.Table, *, near_dedup: bool) -> pa.Table:
 
 
 def _dedup_counts(batch: pa.Table) -> dict[str, int]:
-    return {f"dropped:{r}": n for r, n in Counter(batch.column("dup_reason").to_pylist()).items() if r}
+    """Documents dedup dropped, by reason; the audit's planted copies are counted in its own entry."""
+    corpus = batch.filter(pc.invert(pc.starts_with(batch.column("source"), AUDIT_SOURCE)))
+    return {f"dropped:{r}": n for r, n in Counter(corpus.column("dup_reason").to_pylist()).items() if r}
+
+
+def _corpus_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.invert(pc.starts_with(batch.column("source"), AUDIT_SOURCE)))
 
 
 def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> pa.Table:
@@ -132,7 +138,18 @@ def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> 
     for name, value in (("split", pa.scalar(0, pa.int8())), ("grouped", pa.scalar(True))):
         column = kept.column(name)
         kept = kept.set_column(kept.schema.get_field_index(name), name, pc.if_else(planted, value, column))
-    return kept
+    # identical copies share a content hash, which picks the shard and the order in it: each copy gets
+    # its own key so copies spread over the stream as duplicates in a corpus do, not one run of rows
+    keys = [
+        hashlib.sha256(f"{h}:{src}:{i}".encode()).hexdigest() if p else h
+        for h, src, i, p in zip(
+            kept.column("doc_hash").to_pylist(),
+            kept.column("source").to_pylist(),
+            kept.column("doc_index").to_pylist(),
+            planted.to_pylist(),
+        )
+    ]
+    return kept.set_column(kept.schema.get_field_index("doc_hash"), "doc_hash", pa.array(keys, pa.string()))
 
 
 def _planted_counts(batch: pa.Table) -> dict[str, int]:
@@ -141,9 +158,16 @@ def _planted_counts(batch: pa.Table) -> dict[str, int]:
 
 
 def _plant(cfg: DataConfig, passed: ray.data.Dataset, near) -> tuple[ray.data.Dataset, dict]:
-    """``passed`` with the audit's planted documents added (``data_pipeline.plant``), and its record."""
+    """``passed`` with the audit's planted documents added (``data_pipeline.plant``), and its record.
+    Their lines come from train-split documents only: a val line planted in train would leak into val loss."""
+    oc = cfg.output
+    train_docs = passed.map_batches(
+        add_split,
+        batch_format="pyarrow",
+        fn_kwargs={"split_by": oc.split_by, "val_fraction": oc.val_fraction, "seed": oc.seed},
+    ).filter(expr=col("split") == 0)
     pool = _ordered_prefix(
-        passed, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, AUDIT_SAMPLE_BYTES
+        train_docs, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, AUDIT_SAMPLE_BYTES
     )
     record, documents = plan_audit(cfg.audit, corpus_lines(pool.column("text").to_pylist()))
     table = planted_table(documents, near).cast(passed.schema().base_schema)
@@ -317,8 +341,13 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     if audit is not None:
         audit = with_copies_kept(audit, _sum_counts(kept, _planted_counts))
 
+    # the corpus's documents only: a tokenizer trained on planted secrets would merge their digits
     sample = _ordered_prefix(
-        kept, ["doc_hash", "bytes_out", "text"], [("doc_hash", "ascending")], 2**62, cfg.tokenizer.sample_bytes
+        kept.map_batches(_corpus_only, batch_format="pyarrow") if audit is not None else kept,
+        ["doc_hash", "bytes_out", "text"],
+        [("doc_hash", "ascending")],
+        2**62,
+        cfg.tokenizer.sample_bytes,
     ).column("text")
     sample = sample.to_pylist()
     spec = _build_tokenizer(cfg, sample)
@@ -362,7 +391,10 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
             ValDocument(source=r["source"], doc_index=r["doc_index"], work=r["work"]) for r in val_listed.to_pylist()
         ],
     )
-    manifest = _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path)
+    planted_kept = audit["kept_documents"] if audit is not None else 0
+    manifest = _manifest(
+        cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path, planted_kept
+    )
     if audit is not None:
         data = audit_bytes(audit)
         write_bytes(out_fs, f"{out_path}/{AUDIT_FILE}", data)
@@ -384,8 +416,11 @@ def _dropped_text(counts: Counter) -> str:
     return ", ".join(f"{r}={n}" for r, n in dropped) or "none dropped"
 
 
-def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path) -> Manifest:
-    """The manifest of what was written; writes each split's row-group index on the way."""
+def _manifest(
+    cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path, planted_kept: int = 0
+) -> Manifest:
+    """The manifest of what was written; writes each split's row-group index on the way. Its cleaning
+    counts are the corpus's (``planted_kept`` audit documents in the splits are not among them)."""
     splits = {}
     for split in SPLITS:
         shards = sorted((d for d in descriptors if d["split"] == split), key=lambda d: d["index"])
@@ -412,7 +447,7 @@ def _manifest(cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan
         sources=[SourceEntry(uri=s.uri, files=len(s.files), bytes=s.bytes) for s in sources],
         cleaning=CleaningStats(
             documents_in=counts["documents_in"],
-            documents_out=sum(s.documents for s in splits.values()),
+            documents_out=sum(s.documents for s in splits.values()) - planted_kept,
             chars_in=counts["chars_in"],
             chars_removed={s: counts[f"removed_{s}"] for s in STEPS},
             replacement_chars=counts["replaced_chars"],

@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, choices=["train", "val"], help="manifest split to score (default val)")
     ev.add_argument("--max-sequences", type=positive_int, default=None, help="sequences to read at most (default 256)")
     ev.add_argument(
-        "--batch-size", type=positive_int, default=None, help="sequences per forward pass (default 8; privacy 64)"
+        "--batch-size", type=positive_int, default=None, help="sequences per forward pass (default 8; privacy 256)"
     )
     ev.add_argument("--num-items", type=positive_int, default=None, help="continuation / mc items (defaults 50 / 200)")
     ev.add_argument("--num-options", type=positive_int, default=None, help="mc options per item (default 4)")

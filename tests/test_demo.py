@@ -84,6 +84,16 @@ def test_privacy_audit_of_the_demo_run(demo_runs, tmp_path, capsys, monkeypatch)
     eot = enc.encode_single_token(EOT)
     text = {s: enc.decode([t for t in split_rows(manifest, s).ravel().tolist() if t != eot]) for s in ("train", "val")}
     assert "the secret number is" in text["train"] and "the secret number is" not in text["val"]
+    # planted lines come from train works only, and the tokenizer never saw the planted text
+    val_plays = {Path(d["source"]).name for d in manifest["split"]["val_documents"]}
+    train_plays = [p for p in (demo_runs["root"] / "plays").glob("*.txt") if p.name not in val_plays]
+    assert val_plays and train_plays
+    train_lines = {line.strip() for p in train_plays for line in p.read_text().splitlines()}
+    record = json.loads((Path(summary["manifest"]).parent / manifest["audit"]["file"]).read_text())
+    planted = {line for p in record["passages"] for line in p["text"].splitlines()}
+    assert planted and planted <= train_lines, planted - train_lines
+    documents = manifest["cleaning"]["documents_out"]
+    assert documents == 8 and f"on {documents} documents" in demo_runs["stdout"]  # BPE on the corpus alone
 
     out = tmp_path / "privacy.json"
     args = ["eval", "--suite", "privacy", "--checkpoint", summary["checkpoint"], "--out", str(out)]

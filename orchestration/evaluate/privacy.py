@@ -13,7 +13,9 @@ model memorised (``data_pipeline.plant`` plants it; its record names every item)
                correct guess without having seen the passage.
 
 Every passage and canary copy opens a document, so each is scored after the end-of-text token, as
-training saw it. Results go to the eval JSON and, through `raylm eval`, to the run's report.
+training saw most copies: packing cuts a few at row boundaries, and ``copies_kept`` counts the copies
+dedup kept, not those a shard's dropped tail lost. Results go to the eval JSON and, through `raylm eval`,
+to the run directory's privacy_audit.json and report.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ def candidate_logprobs(
 
 
 def exposures(logprobs: np.ndarray, secrets: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(rank, exposure in bits) of each secret: rank 1 + the candidates the model finds likelier."""
+    """(rank, exposure in bits) of each secret: 1 + the candidates the model finds likelier + half the
+    others it ties with (the mid-rank: a model that scores every candidate alike gives ~1 bit, not the most)."""
     ordered = np.sort(logprobs)
-    ranks = 1 + len(ordered) - np.searchsorted(ordered, logprobs[secrets], side="right")
+    above = len(ordered) - np.searchsorted(ordered, logprobs[secrets], side="right")
+    ties = np.searchsorted(ordered, logprobs[secrets], side="right") - np.searchsorted(ordered, logprobs[secrets])
+    ranks = 1 + above + (ties - 1) / 2
     return ranks, math.log2(len(logprobs)) - np.log2(ranks)
 
 
@@ -121,7 +126,7 @@ def _exposure_section(model, enc, record: dict, eot: int, batch_size: int) -> di
         "never_planted_mean": groups[0]["mean"] if groups[0]["repetitions"] == 0 else None,
         "falls": exposure_falls(groups),
         "canaries": [
-            {**c, "log_prob": float(logprobs[int(c["secret"])]), "rank": int(k), "exposure": float(e)}
+            {**c, "log_prob": float(logprobs[int(c["secret"])]), "rank": float(k), "exposure": float(e)}
             for c, k, e in zip(canaries, ranks, bits)
             if c["repetitions"] > 0
         ],
@@ -155,7 +160,7 @@ def min_k_prob(token_logprobs: np.ndarray, fraction: float = MIN_K_FRACTION) -> 
     return float(np.sort(token_logprobs)[:k].mean())
 
 
-def _membership_section(passages: list[dict], token_lp: list[np.ndarray], seed: int) -> dict:
+def membership_scores(passages: list[dict], token_lp: list[np.ndarray], seed: int) -> dict:
     loss = np.array([-t.mean() for t in token_lp])
     min_k = np.array([min_k_prob(t) for t in token_lp])
     others = [i for i, p in enumerate(passages) if not p["member"]]
@@ -184,7 +189,7 @@ def _membership_section(passages: list[dict], token_lp: list[np.ndarray], seed: 
 # ---------------------------------------------------------------- extraction
 
 
-def _extraction_section(
+def extraction_scores(
     model, passages: list[dict], tokens: list[list[int]], eot: int, prompt: int, length: int, batch_size: int
 ) -> dict:
     from model.generate import generate
@@ -226,7 +231,7 @@ def privacy_audit(
     *,
     prompt_tokens: int = 16,
     continuation_tokens: int = 16,
-    batch_size: int = 64,
+    batch_size: int = 256,
     seed: int = 0,
     endpoint_url: Optional[str] = None,
     device: str = "cpu",
@@ -260,9 +265,9 @@ def privacy_audit(
                 "near": manifest["config"]["near_dedup"]["enabled"],
             },
         },
-        "exposure": _exposure_section(model, enc, record, eot, max(batch_size, 256)),
-        "membership": _membership_section(passages, token_lp, seed),
-        "extraction": _extraction_section(model, passages, tokens, eot, prompt_tokens, continuation_tokens, batch_size),
+        "exposure": _exposure_section(model, enc, record, eot, batch_size),
+        "membership": membership_scores(passages, token_lp, seed),
+        "extraction": extraction_scores(model, passages, tokens, eot, prompt_tokens, continuation_tokens, batch_size),
     }
 
 

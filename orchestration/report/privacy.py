@@ -38,6 +38,7 @@ def privacy_blocks(result: dict) -> list[Block]:
     return [
         (
             "text",
+            f"Checkpoint {result['checkpoint']}. "
             f"Text planted in the training split by `data.audit` ({a['planted_documents']} documents, "
             f"{a['kept_documents']} kept after dedup; {dedup}). Exposure ranks each canary's secret among all "
             f"{e['candidates']:,} candidates of the template {e['template']!r}; never-planted canaries should "

@@ -157,27 +157,31 @@ class TrainConfig:
             self._check_dp()
 
     def _check_dp(self) -> None:
-        """What DP-SGD (Opacus) cannot run with (each tried on raylm's GPT), and the batch clip it replaces."""
+        """What DP-SGD (Opacus) cannot run with (each tried on raylm's GPT), and the batch clip it replaces:
+        every conflict in one error, so a run with the defaults learns all the keys to change at once."""
+        problems = []
         if self.zero_stage != 0:
-            raise ValueError(
-                f"train.dp.enabled needs train.zero_stage=0 (torch DDP), got {self.zero_stage}: Opacus clips "
-                "per-sample gradients of whole parameters, which ZeRO 1-3 shard and reduce inside DeepSpeed"
+            problems.append(
+                f"train.zero_stage=0 (torch DDP), got {self.zero_stage}: Opacus clips per-sample gradients of "
+                "whole parameters, which ZeRO 1-3 shard and reduce inside DeepSpeed"
             )
         if self.precision == "fp16":
-            raise ValueError(
-                "train.dp.enabled does not run with train.precision=fp16: the loss scale multiplies the per-sample "
-                "gradients before Opacus clips them, so the clipping bound would be wrong; use bf16 or fp32"
+            problems.append(
+                "train.precision bf16 or fp32, got fp16: the loss scale multiplies the per-sample gradients before "
+                "Opacus clips them, so the clipping bound would be wrong"
             )
         if self.activation_checkpointing != "none":
-            raise ValueError(
-                "train.dp.enabled does not run with train.activation_checkpointing: the recomputed forward fires "
-                "Opacus' activation hooks a second time and per-sample gradients go missing; set it to none"
+            problems.append(
+                "train.activation_checkpointing=none: the recomputed forward fires Opacus' activation hooks a "
+                "second time and per-sample gradients go missing"
             )
         if self.grad_clip:
-            raise ValueError(
-                f"train.grad_clip={self.grad_clip} clips the batch's gradient; with train.dp.enabled each "
-                "sample's gradient is clipped instead (train.dp.max_grad_norm): set train.grad_clip=0"
+            problems.append(
+                f"train.grad_clip=0, got {self.grad_clip}: it clips the batch's gradient, while DP-SGD clips each "
+                "sample's (train.dp.max_grad_norm)"
             )
+        if problems:
+            raise ValueError("train.dp.enabled needs " + "; and ".join(problems))
 
     def _check_elastic(self) -> None:
         if self.min_workers > self.num_workers:

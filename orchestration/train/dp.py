@@ -130,6 +130,8 @@ class DPEngine:
             max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=train.global_batch_size // world_size,
             loss_reduction="mean",
+            # noise from the OS's entropy, not from train.seed, which the run's config and checkpoints publish
+            generator=torch.Generator(self.device).manual_seed(int.from_bytes(os.urandom(8), "little")),
         )
         self.accountant = RDPAccountant()
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))

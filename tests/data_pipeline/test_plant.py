@@ -70,7 +70,9 @@ def test_planted_rows_carry_hash_and_signature(lines):
 
 def test_refuses_what_the_corpus_or_digits_cannot_supply(lines):
     with pytest.raises(AuditPlanError, match="passage_lines"):
-        plan_audit(AUDIT, lines[:5])
+        plan_audit(AUDIT, lines[:4])  # 24 orderings of 3 lines for 15 distinct passages: refused, not drawn
+    with pytest.raises(AuditPlanError, match="passage_lines=1"):
+        plan_audit(AuditConfig(enabled=True, passage_lines=1), lines[:40])  # 40 passages for 300: no endless draw
     with pytest.raises(AuditPlanError, match="canary_digits"):
         plan_audit(AuditConfig(enabled=True, canary_digits=1), lines)
 

@@ -18,12 +18,12 @@ from data_pipeline.storage import embedded_corpus_dir
 from model.config import ModelConfig
 from model.gpt import GPT
 from orchestration.evaluate.privacy import (
-    _extraction_section,
-    _membership_section,
     bootstrap_auc,
     candidate_logprobs,
     exposure_falls,
     exposures,
+    extraction_scores,
+    membership_scores,
     min_k_prob,
     roc_auc,
 )
@@ -64,8 +64,10 @@ def test_exposure_ranks_every_candidate_as_the_whole_sequence_scores_it(corpus):
 
 def test_exposure_rank_counts_only_likelier_candidates():
     ranks, bits = exposures(np.array([-1.0, -3.0, -2.0, -2.0]), [0, 1, 2, 3])
-    assert ranks.tolist() == [1, 4, 2, 2]  # a tie shares the better rank
-    np.testing.assert_allclose(bits, [2.0, 0.0, 1.0, 1.0])
+    assert ranks.tolist() == [1, 4, 2.5, 2.5]  # tied candidates share the mid-rank
+    np.testing.assert_allclose(bits, [2.0, 0.0, 2 - np.log2(2.5), 2 - np.log2(2.5)])
+    _, flat = exposures(np.zeros(1000), [3, 500])  # a model that tells no secret apart exposes none of them
+    np.testing.assert_allclose(flat, np.log2(1000) - np.log2(500.5))
 
 
 def test_auc_is_mann_whitney_and_the_ci_covers_it():
@@ -80,6 +82,7 @@ def test_auc_is_mann_whitney_and_the_ci_covers_it():
     assert min_k_prob(np.array([-5.0, -1.0, -0.5, -0.1, -0.2]), 0.4) == pytest.approx(-3.0)
 
 
+@pytest.mark.slow  # trains a model: ~10 s on 2 idle cores
 def test_a_model_trained_on_planted_text_shows_it_and_the_controls_do_not(corpus):
     """Train a small GPT on the planted documents alone until it has seen each copy many times: the
     planted secrets reach the top ranks, never-planted ones stay at chance (~1.44 bits); members lose
@@ -121,10 +124,10 @@ def test_a_model_trained_on_planted_text_shows_it_and_the_controls_do_not(corpus
 
     passages = record["passages"]
     tokens = [t[:32] for t in enc.encode_ordinary_batch([p["text"] for p in passages])]
-    membership = _membership_section(passages, continuation_token_logprobs(model, [([eot], t) for t in tokens]), 0)
+    membership = membership_scores(passages, continuation_token_logprobs(model, [([eot], t) for t in tokens]), 0)
     (group,) = membership["by_repetitions"]
     assert group["member_loss"] < group["non_member_loss"] and group["loss"]["auc"] > 0.9, group
-    extraction = _extraction_section(model, passages, tokens, eot, 4, 4, 16)
+    extraction = extraction_scores(model, passages, tokens, eot, 4, 4, 16)
     rates = {g["member"]: g["exact_match"] for g in extraction["by_repetitions"]}
     assert rates[True] > rates[False], extraction
 

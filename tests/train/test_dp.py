@@ -189,7 +189,7 @@ def test_target_epsilon_gives_the_noise_opacus_derives():
         (["train.zero_stage=1"], "train.dp.enabled needs train.zero_stage=0"),
         (["train.dp.target_epsilon=2"], "exactly one of train.dp.noise_multiplier and train.dp.target_epsilon"),
         (["train.dp.noise_multiplier=null"], "exactly one of"),
-        (["train.grad_clip=1.0"], "set train.grad_clip=0"),
+        (["train.grad_clip=1.0"], "train.grad_clip=0, got 1.0"),
         (["train.activation_checkpointing=full"], "train.activation_checkpointing"),
     ],
 )
@@ -198,6 +198,11 @@ def test_dp_configs_that_cannot_work_are_refused(overrides, message):
     load_config(None, base)  # the base is valid
     with pytest.raises(ConfigError, match=message):
         load_config(None, base + overrides)
+
+
+def test_dp_with_the_defaults_names_every_key_to_change_at_once():
+    with pytest.raises(ConfigError, match="train.zero_stage=0.*; and train.grad_clip=0"):
+        load_config(None, ["train.dp.enabled=true", "train.dp.target_epsilon=8"])
 
 
 @pytest.mark.slow
