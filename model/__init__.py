@@ -2,6 +2,7 @@
 
 config (ModelConfig, presets) -> layers (attention, MLP, norms, positions) -> loss (the LM head and its
 chunked fp32 cross-entropy) -> gpt (the decoder-only transformer) -> build (meta-device build, init);
-generate (KV-cache sampling), lora (adapters), classifier (a GPT backbone with a task head), lstm and
-ngram (baselines); flops (parameters, FLOPs, activation and training memory).
+generate (KV-cache sampling), quantize (weight-only int8/int4 modules and their math), lora (adapters),
+classifier (a GPT backbone with a task head), lstm and ngram (baselines); flops (parameters, FLOPs,
+activation and training memory).
 """

@@ -14,6 +14,9 @@ the completeness rule changes in one place. Layout of one checkpoint directory
     tokenizer.json          where the tokenizer lives (manifest URI + tokenizer hash)
     finetune.json, adapter.safetensors, classifier_head.safetensors
                             fine-tuning's description, LoRA adapters and task head (fine-tunes only)
+    model.quantized.safetensors, quantization.json
+                            a quantized checkpoint (``raylm quantize``) holds these instead of
+                            model.safetensors: integer weights + scales, and the scheme that made them
     raylm_meta.json         step, consumed sequences, world size, config and every file's size:
                             written LAST
     universal/              the engine state converted for any worker count, by the first resume that
@@ -38,6 +41,7 @@ MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 ADAPTER_FILE, HEAD_FILE, FINETUNE_FILE = "adapter.safetensors", "classifier_head.safetensors", "finetune.json"
+QUANTIZED_MODEL_FILE, QUANTIZATION_FILE = "model.quantized.safetensors", "quantization.json"
 DS_TAG = "ds"  # the engine's files live under ds/
 UNIVERSAL_DIR = "universal"  # inside the checkpoint directory it was converted from
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -81,6 +85,11 @@ def complete_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:
         if info.type != pafs.FileType.File or info.size != size:
             return None
     return meta
+
+
+def is_quantized(meta: dict) -> bool:
+    """Whether the checkpoint with ``meta`` holds quantized weights (``raylm quantize``'s output)."""
+    return QUANTIZATION_FILE in meta.get("files", {})
 
 
 def checkpoint_meta(ckpt: RunDir) -> dict:

@@ -323,6 +323,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from orchestration.deploy.quantize import quantize_checkpoint
+
+    quantize_checkpoint(
+        args.checkpoint,
+        args.out,
+        scheme=args.scheme,
+        group_size=args.group_size,
+        data=args.data,
+        max_sequences=args.max_sequences,
+        evaluate=not args.no_eval,
+        endpoint_url=args.endpoint_url,
+    )
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from orchestration.artifacts import RunDir, request_stop
 
@@ -667,6 +683,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     export.set_defaults(func=cmd_export)
+
+    quant = sub.add_parser(
+        "quantize",
+        help="a checkpoint with weight-only int8 or int4 weights, loadable by eval, generate, serve, export",
+        description="Weight-only quantization: int8 (symmetric, one scale per output channel) or int4 "
+        "(asymmetric, groups of --group-size columns, packed two per byte) for every linear layer and the "
+        "token embedding (a tied embedding and head share one quantized matrix); norms stay fp32. Writes a "
+        "complete checkpoint (model.quantized.safetensors + quantization.json) that eval, generate, serve "
+        "and `export --format raylm` load; prints the bytes before and after and, unless --no-eval, the val "
+        "loss of the fp32 and the quantized model on the same windows.",
+    )
+    quant.add_argument("--checkpoint", required=True, help="a checkpoint directory/URI or a run directory")
+    quant.add_argument("--scheme", choices=["int8", "int4"], required=True, help="weight format")
+    quant.add_argument(
+        "--group-size", type=int, choices=[32, 64, 128, 256], default=32, help="int4 columns per scale (default 32)"
+    )
+    quant.add_argument("--out", type=output_dir, required=True, help="output directory (the quantized checkpoint)")
+    quant.add_argument(
+        "--data", default=None, help="manifest or text file to compare losses on (default: the checkpoint's own)"
+    )
+    quant.add_argument(
+        "--max-sequences", type=positive_int, default=256, help="val windows to compare on (default 256)"
+    )
+    quant.add_argument("--no-eval", action="store_true", help="skip the fp32-vs-quantized val loss comparison")
+    quant.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    quant.set_defaults(func=cmd_quantize)
 
     _add_storage_command(
         sub,

@@ -194,6 +194,10 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "scaling": (["scaling", f"train.data={missing}/manifest.json"], f"{missing}/manifest.json"),
         "report": (["report", str(empty)], "not a run, sweep, tune or baselines directory"),
         "export": (["export", "--checkpoint", str(missing), "--out", str(a_file)], f"{a_file} is a file"),
+        "quantize": (
+            ["quantize", "--checkpoint", str(missing), "--scheme", "int8", "--out", str(root / "q")],
+            str(missing),
+        ),
         "serve": (["serve", "--checkpoint", str(missing)], str(missing)),
         "submit": (["submit", "--list", "--stop", "raylm_job"], "not allowed with argument --list"),
     }

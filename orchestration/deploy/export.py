@@ -11,6 +11,10 @@ tokenizers). ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(folder)`
 ``raylm``: weights, model_config.json and tokenizer files plus a ``raylm_meta.json``, i.e. a complete
 consolidated checkpoint that ``load_checkpoint_model`` (eval, generate, serve) loads as it is; its meta
 names the source checkpoint and copies the source's training data (``TRAINING_DATA_KEYS``).
+
+A quantized checkpoint (``raylm quantize``) exports only as ``raylm``, copied as it is (integer weights
+and all); ``hf`` refuses it, since the HF architectures' safetensors hold float weights: export the fp32
+checkpoint it came from instead. Nothing is dequantized behind the user's back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from orchestration.checkpoint_format import CHECKPOINT_META_FILE, MODEL_CONFIG_FILE, MODEL_FILE
+from orchestration.checkpoint_format import (
+    CHECKPOINT_META_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    is_quantized,
+)
 from orchestration.deploy.hf import (
     FAMILIES,
     hf_config,
@@ -95,6 +104,8 @@ def export_checkpoint(
 
     model, cfg, _, meta = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url)
     ckpt_uri = meta["checkpoint_uri"]
+    if is_quantized(meta):
+        return _export_quantized(ckpt_uri, out_dir, fmt, meta, endpoint_url)
     family = hf_family(cfg)
     if fmt == "hf" and family is None:
         raise ExportError(
@@ -154,6 +165,28 @@ def export_checkpoint(
         files.append(CHECKPOINT_META_FILE)
     print(f"exported {source['checkpoint']} as {fmt} to {out} ({len(files)} files)")
     return {"format": fmt, "out_dir": str(out), "files": files, **source}
+
+
+def _export_quantized(ckpt_uri: str, out_dir: str, fmt: str, meta: dict, endpoint_url: Optional[str]) -> dict:
+    """A quantized checkpoint: ``raylm`` copies its inference files (meta last); ``hf`` is an ExportError."""
+    from data_pipeline.storage import join, read_bytes
+
+    source = meta.get("checkpoint", "the checkpoint it was quantized from")
+    if fmt == "hf":
+        raise ExportError(
+            f"{ckpt_uri} is a quantized checkpoint ({meta['quantization']['scheme']}); a Hugging Face export "
+            f"holds float weights. Export {source} with --format hf, or this one with --format raylm (a copy)."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [f for f in meta["files"] if f != CHECKPOINT_META_FILE]
+    for name in files:
+        (out / name).write_bytes(read_bytes(join(ckpt_uri, name), endpoint_url))
+    record = {k: v for k, v in meta.items() if k != "checkpoint_uri"}
+    (out / CHECKPOINT_META_FILE).write_text(json.dumps(record, indent=2))
+    files.append(CHECKPOINT_META_FILE)
+    print(f"exported quantized {ckpt_uri} as raylm to {out} ({len(files)} files)")
+    return {"format": fmt, "out_dir": str(out), "files": files, "checkpoint": ckpt_uri, "step": meta.get("step")}
 
 
 def export_adapter(checkpoint_uri: str, out_dir: str, *, fmt: str = "hf", endpoint_url: Optional[str] = None) -> dict:

@@ -3,11 +3,13 @@
 A checkpoint URI is a ``checkpoint_<step>`` directory, a run directory (its newest complete
 checkpoint is used) or a run name the demo points at its newest run (``latest_run``), local or on
 object storage. Eval, generation, export, serving and fine-tuning
-load checkpoints through here.
+load checkpoints through here. A quantized checkpoint (``raylm quantize``) loads as the GPT with its
+linear and embedding layers swapped for ``model.quantize``'s modules; fine-tuning refuses it.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -22,8 +24,11 @@ from orchestration.checkpoint_format import (
     CHECKPOINT_META_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
+    QUANTIZATION_FILE,
+    QUANTIZED_MODEL_FILE,
     CheckpointError,
     complete_checkpoint_meta,
+    is_quantized,
     is_training_state,
     latest_complete_checkpoint,
 )
@@ -56,19 +61,42 @@ def resolve_checkpoint(uri: str, endpoint_url: Optional[str]) -> str:
     return latest[0].uri
 
 
-def local_checkpoint_copy(uri: str, endpoint_url: Optional[str]) -> str:
+def local_checkpoint_copy(uri: str, endpoint_url: Optional[str], *, allow_quantized: bool = False) -> str:
     """Local directory with the checkpoint's inference files (downloads them from object storage). A
-    checkpoint without consolidated weights (one a run saved before its end) gets them first."""
+    checkpoint without consolidated weights (one a run saved before its end) gets them first. A
+    quantized checkpoint is a CheckpointError unless ``allow_quantized`` (inference only: nothing
+    trains on integer weights)."""
     ckpt = RunDir.at(uri, endpoint_url)
-    ensure_consolidated(ckpt)
+    meta = complete_checkpoint_meta(ckpt)
+    quantized = meta is not None and is_quantized(meta)
+    if quantized and not allow_quantized:
+        source = meta.get("checkpoint", "the fp32 checkpoint it was quantized from")
+        raise CheckpointError(
+            f"{uri} is a quantized checkpoint ({meta.get('quantization', {}).get('scheme', '?')} weights): "
+            f"training or fine-tuning on quantized weights is not supported; start from {source} instead"
+        )
+    if not quantized:
+        ensure_consolidated(ckpt)
     if "://" not in uri:
         return uri
     meta = complete_checkpoint_meta(ckpt)
     local = Path(tempfile.mkdtemp(prefix="raylm_ckpt_"))
     wanted = [f for f in meta["files"] if not is_training_state(f)]
-    for name in [*dict.fromkeys([*wanted, MODEL_FILE]), CHECKPOINT_META_FILE]:
+    weights = [] if quantized else [MODEL_FILE]
+    for name in [*dict.fromkeys([*wanted, *weights]), CHECKPOINT_META_FILE]:
         (local / name).write_bytes(ckpt.read_bytes(name))
     return str(local)
+
+
+def load_quantized_state(local_dir: str) -> tuple[dict, dict, dict, dict]:
+    """(quantized tensors, model_config dict, quantization spec, meta) from a local quantized checkpoint."""
+    from safetensors.torch import load_file
+
+    root = Path(local_dir)
+    meta = json.loads((root / CHECKPOINT_META_FILE).read_text())
+    spec = json.loads((root / QUANTIZATION_FILE).read_text())
+    tensors = load_file(str(root / QUANTIZED_MODEL_FILE))
+    return tensors, json.loads((root / MODEL_CONFIG_FILE).read_text()), spec, meta
 
 
 def load_checkpoint_model(
@@ -78,11 +106,22 @@ def load_checkpoint_model(
     from data_pipeline.tokenizer import encoding, load_spec
 
     ckpt_uri = resolve_checkpoint(uri, endpoint_url)
-    local = local_checkpoint_copy(ckpt_uri, endpoint_url)
-    state, cfg_dict, _, meta = load_consolidated_state(local)
-    model_cfg = ModelConfig(**cfg_dict)
-    model = build_model(model_cfg)  # GPT, or LSTMLM for arch "lstm"
-    load_weights(model, state, f"{ckpt_uri}/{MODEL_FILE} (with its {MODEL_CONFIG_FILE})")
+    local = local_checkpoint_copy(ckpt_uri, endpoint_url, allow_quantized=True)
+    if (Path(local) / QUANTIZATION_FILE).is_file():
+        from model.quantize import apply_quantized_weights
+
+        tensors, cfg_dict, spec, meta = load_quantized_state(local)
+        model_cfg = ModelConfig(**cfg_dict)
+        model = build_model(model_cfg)
+        try:
+            apply_quantized_weights(model, tensors, spec)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt_uri}/{QUANTIZED_MODEL_FILE} ({QUANTIZATION_FILE}): {err}") from err
+    else:
+        state, cfg_dict, _, meta = load_consolidated_state(local)
+        model_cfg = ModelConfig(**cfg_dict)
+        model = build_model(model_cfg)  # GPT, or LSTMLM for arch "lstm"
+        load_weights(model, state, f"{ckpt_uri}/{MODEL_FILE} (with its {MODEL_CONFIG_FILE})")
     model.to(device).eval()
     meta = {**meta, "checkpoint_uri": ckpt_uri}
     return model, model_cfg, encoding(load_spec(local)), meta
