@@ -10,14 +10,20 @@ activations' dtype (weight-only: activations stay fp32/bf16, so accuracy loss is
 
 The stored layout is the same on every device. On the CPU, an int4 linear fed few rows (decoding)
 runs torch's own packed kernel (``aten._weight_int4pack_mm_for_cpu``, gpt-fast's path; measured
-faster than fp32 at one row, ~40x slower than dequantize-then-matmul at 2,048 rows), repacked from
-the portable layout once per device; everywhere else (CUDA, prefill, eval) it dequantizes and runs
-a plain matmul, so CUDA works without its tensor-core layout being tested here. An int8 linear runs
-``(x @ q^T) * scale`` with q cast to x's dtype: per-row scales factor out of the matmul.
+faster than fp32 at one row, ~40x slower than dequantize-then-matmul at 2,048 rows; it has no
+backward, so only where no gradient is wanted), repacked from the portable layout again whenever the
+buffers move or are reloaded; everywhere else (CUDA, prefill, eval, attributions) it dequantizes and
+runs a plain matmul, so CUDA works without its tensor-core layout being tested here. An int8 linear
+runs ``(x @ q^T) * scale`` with q cast to x's dtype: per-row scales factor out of the matmul. The
+modules compute in the dtype ``.to()`` gives the model (bf16 included); the scales and minima keep
+their stored precision through such casts.
 
-Every ``nn.Linear`` (the LM head included) and ``nn.Embedding`` is quantized; norms stay fp32. A tied
-token embedding and head share one quantized matrix (a row scale is an output-channel scale, and an
-int4 row's groups serve a lookup as well as a matmul), so the file holds it once and no fp32 copy.
+Every ``nn.Linear`` (the LM head included) and ``nn.Embedding`` is quantized; norms stay fp32 (and
+int4 keeps fp32 any layer whose input width its group size does not divide). A tied token embedding
+and head share one quantized matrix (a row scale is an output-channel scale, and an int4 row's groups
+serve a lookup as well as a matmul), so the file holds it once and no fp32 copy, and the head reads
+the embedding's buffers on whatever device they are. ``build_quantized_model`` builds a quantized GPT
+from a file's tensors without ever allocating the fp32 model.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.layers import rope_tables, sinusoidal_table
 from model.loss import LMHead
 
 SCHEMES = ("int8", "int4")
@@ -104,31 +113,55 @@ def cpu_int4_packed(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor)
 
 # --- modules -------------------------------------------------------------------------------------
 
+STORED = ("qweight", "scales", "zeros")  # a quantized module's integer weights, scales and (int4) minima
 
-class QuantizedLinear(nn.Module):
-    """A weight-only quantized ``nn.Linear``: buffers ``qweight``, ``scales`` (+ ``zeros`` for int4:
-    the group minima) and an fp32 ``bias`` if the original had one. ``weight`` is the dequantized
-    matrix in fp32 (for code that reads it, e.g. the LM head's loss)."""
+
+class QuantizedWeight(nn.Module):
+    """What every quantized module holds: buffers ``qweight``, ``scales`` (+ ``zeros`` for int4: the
+    group minima), or, for a tied alias (``tied_to``), its owner's, read through and not a child, so
+    the matrix exists once on any device whatever ``.to()`` does. ``weight`` is the dequantized matrix
+    in the dtype the module computes in: that of an empty float buffer ``.to(dtype)`` casts, while the
+    scales and minima keep their stored precision through any float cast (they only move devices)."""
 
     def __init__(
         self,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
+        qweight: torch.Tensor | None,
+        scales: torch.Tensor | None,
         zeros: torch.Tensor | None,
-        in_features: int,
-        bias: torch.Tensor | None = None,
         group_size: int = 0,
+        tied_to: QuantizedWeight | None = None,
     ) -> None:
         super().__init__()
-        self.bits = 8 if zeros is None else 4
-        self.in_features, self.out_features, self.group_size = in_features, scales.size(0), group_size
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self._cpu_packed: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first small CPU matmul
+        object.__setattr__(self, "tied_to", tied_to)  # not registered: the owner's buffers stay its own
+        if tied_to is None:
+            for name, t in zip(STORED, (qweight, scales, zeros)):
+                self.register_buffer(name, t)
+        self.bits = 8 if self.zeros is None else 4
+        self.group_size = group_size
+        self.register_buffer("compute_dtype_marker", torch.empty(0), persistent=False)
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def __getattr__(self, name: str):
+        tied_to = self.__dict__.get("tied_to")
+        if tied_to is not None and name in STORED:
+            return getattr(tied_to, name)
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        # float casts (.to(bf16), .half()) skip the scales and minima: rounding fp16 scales to bf16
+        # would add error of its own; device moves still apply
+        stored = {n: self._buffers.pop(n) for n in STORED[1:] if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, t in stored.items():
+            moved = fn(t)
+            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute_dtype_marker.dtype
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
         if self.bits == 8:
             return dequantize_int8(self.qweight, self.scales, dtype)
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
@@ -137,13 +170,50 @@ class QuantizedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.dequantized()
 
+
+def drop_packed(module: QuantizedLinear, incompatible_keys=None) -> None:
+    """Forget ``module``'s packed CPU copy (a load_state_dict post-hook: loading writes the buffers in place)."""
+    module._cpu_packed = None
+
+
+class QuantizedLinear(QuantizedWeight):
+    """A weight-only quantized ``nn.Linear`` (``QuantizedWeight``'s storage) with an fp32 ``bias`` if the
+    original had one. An int4 matmul over few rows on the CPU that needs no gradient runs torch's packed
+    kernel (it has no backward), from a repacked copy rebuilt whenever the buffers move or are loaded."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor | None,
+        scales: torch.Tensor | None,
+        zeros: torch.Tensor | None,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        group_size: int = 0,
+        tied_to: QuantizedWeight | None = None,
+    ) -> None:
+        super().__init__(qweight, scales, zeros, group_size, tied_to)
+        self.in_features, self.out_features = in_features, self.scales.size(0)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._cpu_packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, weight, scales+zeros)
+        self.register_load_state_dict_post_hook(drop_packed)
+
+    def _apply(self, fn, recurse=True):
+        drop_packed(self)
+        return super()._apply(fn, recurse)
+
+    def packed_for_cpu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed kernel's (weight, scales_and_zeros), rebuilt when the buffers it came from changed."""
+        key = tuple(t.data_ptr() for t in (self.qweight, self.scales, self.zeros))
+        if self._cpu_packed is None or self._cpu_packed[0] != key:
+            self._cpu_packed = (key, *cpu_int4_packed(self.qweight, self.scales, self.zeros))
+        return self._cpu_packed[1], self._cpu_packed[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
         if self.bits == 8:
             out = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif x.device.type == "cpu" and x.numel() // x.size(-1) <= PACKED_MAX_ROWS:
-            if self._cpu_packed is None:
-                self._cpu_packed = cpu_int4_packed(self.qweight, self.scales, self.zeros)
-            weight, scales_and_zeros = self._cpu_packed
+        elif x.device.type == "cpu" and x.numel() // x.size(-1) <= PACKED_MAX_ROWS and not needs_grad:
+            weight, scales_and_zeros = self.packed_for_cpu()
             rows = x.reshape(-1, x.size(-1)).float()
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, self.group_size, scales_and_zeros)
             out = out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -168,20 +238,16 @@ class QuantizedLMHead(QuantizedLinear):
         return logits[..., : self.vocab_size] if self.vocab_size < self.out_features else logits
 
 
-class QuantizedEmbedding(nn.Module):
-    """A quantized ``nn.Embedding``: looks up the integer rows and dequantizes only those."""
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int = 0):
-        super().__init__()
-        self.bits, self.group_size = (8 if zeros is None else 4), group_size
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
+class QuantizedEmbedding(QuantizedWeight):
+    """A quantized ``nn.Embedding``: looks up the integer rows and dequantizes only those, in the
+    module's compute dtype (fp32, or what ``.to(dtype)`` made it)."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
-            return dequantize_int8(self.qweight[idx], self.scales[idx])
-        return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx], self.group_size)
+            return dequantize_int8(self.qweight[idx], self.scales[idx], self.compute_dtype)
+        return dequantize_int4(
+            self.qweight[idx], self.scales[idx], self.zeros[idx], self.group_size, self.compute_dtype
+        )
 
 
 # --- the model-level swap -------------------------------------------------------------------------
@@ -190,9 +256,10 @@ class QuantizedEmbedding(nn.Module):
 def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32) -> tuple[dict[str, torch.Tensor], dict]:
     """A model's weights quantized: (tensors to save, spec). ``tensors`` holds ``<module>.qweight``,
     ``.scales`` (+ ``.zeros``) for every quantized module, ``.bias`` where a linear had one, and every
-    other parameter (norms) as fp32; a weight tied to one already quantized is stored once and named
-    in ``spec["tied"]`` ({alias module: owner module}). ``spec``: scheme, group_size, modules
-    ({name: "linear" | "head" | "embedding"}), kept_fp32 (modules int4 could not group, with why)."""
+    other parameter (norms, layers int4 could not group) as fp32, a tied one once; a weight tied to one
+    already quantized is named in ``spec["tied"]`` ({alias module: owner module}). ``spec``: scheme,
+    group_size, modules ({name: "linear" | "head" | "embedding"}), kept_fp32 (modules int4 could not
+    group, with why; an alias of such a module stays tied to it, fp32)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; allowed: {SCHEMES}")
     if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
@@ -201,26 +268,30 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32) -> tup
     modules: dict[str, str] = {}
     tied: dict[str, str] = {}
     kept: dict[str, str] = {}
-    owner_of: dict[int, str] = {}  # id(weight parameter) -> the module that stored it
+    owner_of: dict[int, str] = {}  # id(weight parameter) -> the module that stored it (quantized or kept)
     covered: set[str] = set()  # parameter names the quantized modules account for
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         kind = "head" if isinstance(module, LMHead) else "linear" if isinstance(module, nn.Linear) else "embedding"
-        if id(module.weight) in owner_of:
-            tied[name] = owner_of[id(module.weight)]
+        owner = owner_of.get(id(module.weight))
+        if owner is not None and owner in kept:
+            kept[name] = f"tied to {owner}, which is kept fp32"  # the parameter is stored once, as the owner's
+            continue
+        if owner is not None:
+            tied[name] = owner
             modules[name] = kind
             covered.add(f"{name}.weight")
             continue
+        owner_of[id(module.weight)] = name
         if scheme == "int4" and module.weight.size(1) % group_size:
             kept[name] = f"{module.weight.size(1)} columns are not a multiple of group size {group_size}"
             continue
         if scheme == "int8":
             parts = dict(zip(("qweight", "scales"), quantize_int8(module.weight)))
         else:
-            parts = dict(zip(("qweight", "scales", "zeros"), quantize_int4(module.weight, group_size)))
+            parts = dict(zip(STORED, quantize_int4(module.weight, group_size)))
         tensors.update({f"{name}.{key}": t.contiguous() for key, t in parts.items()})
-        owner_of[id(module.weight)] = name
         modules[name] = kind
         covered.add(f"{name}.weight")
     for pname, p in model.named_parameters():
@@ -230,34 +301,68 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32) -> tup
     return tensors, {**spec, "tied": tied, "kept_fp32": kept}
 
 
-def apply_quantized_weights(model: nn.Module, tensors: dict[str, torch.Tensor], spec: dict) -> nn.Module:
+def apply_quantized_weights(
+    model: nn.Module, tensors: dict[str, torch.Tensor], spec: dict, *, assign: bool = False
+) -> nn.Module:
     """Swap ``model``'s modules named in ``spec`` (``quantize_weights``') for quantized ones holding
-    ``tensors``, tied aliases sharing their owner's integers, and load the other parameters. In place;
+    ``tensors``, tied aliases reading their owner's integers, and load the other parameters (``assign``:
+    in place of the model's own, e.g. meta-device ones; tied fp32 parameters are tied again). In place;
     returns the model. Raises ValueError naming what does not fit."""
     group_size = spec.get("group_size") or 0
-    built: dict[str, nn.Module] = {}
+    built: dict[str, QuantizedWeight] = {}
     owners = {name: kind for name, kind in spec["modules"].items() if name not in spec["tied"]}
     for name, kind in [*owners.items(), *((n, spec["modules"][n]) for n in spec["tied"])]:
-        source = spec["tied"].get(name, name)
+        owner = spec["tied"].get(name)
         try:
             old = model.get_submodule(name)
-            q, s = tensors[f"{source}.qweight"], tensors[f"{source}.scales"]
+            if owner is None:
+                stored = (tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"))
+            else:
+                stored, tied_to = (None, None, None), built[owner]
         except (AttributeError, KeyError) as err:
             raise ValueError(f"quantized weights do not fit the model: {err}") from err
-        z = tensors.get(f"{source}.zeros")
+        tie = {} if owner is None else {"tied_to": tied_to}
         if kind == "embedding":
-            new: nn.Module = QuantizedEmbedding(q, s, z, group_size)
+            new: QuantizedWeight = QuantizedEmbedding(*stored, group_size, **tie)
         else:
-            bias = tensors.get(f"{name}.bias")
-            args = (q, s, z, old.in_features, bias, group_size)
-            new = QuantizedLMHead(*args, vocab_size=old.vocab_size) if kind == "head" else QuantizedLinear(*args)
+            args = (*stored, old.in_features, tensors.get(f"{name}.bias"), group_size)
+            if kind == "head":
+                new = QuantizedLMHead(*args, vocab_size=old.vocab_size, **tie)
+            else:
+                new = QuantizedLinear(*args, **tie)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         built[name] = new
+    aliases: dict[str, str] = {}  # a tied fp32 parameter's other names -> its first name
+    first: dict[int, str] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[pname] = first[id(p)]
+        first.setdefault(id(p), pname)
     quantized_keys = {k for k in tensors if k.rpartition(".")[0] in built}
     rest = {k: v for k, v in tensors.items() if k not in quantized_keys}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in built]
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=assign)
+    missing = [k for k in missing if k.rpartition(".")[0] not in built and k not in aliases]
     if missing or unexpected:
         raise ValueError(f"quantized weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    for alias, name in aliases.items():
+        parent, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(name))
     return model
+
+
+def build_quantized_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], spec: dict) -> GPT:
+    """The GPT of ``cfg`` holding ``quantize_weights``' output (in eval mode, on the CPU) without ever
+    allocating the fp32 model: built on the meta device, its quantized modules swapped in, the other
+    parameters assigned from ``tensors`` and the fixed tables (sinusoidal positions, RoPE) rebuilt."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    apply_quantized_weights(model, tensors, spec, assign=True)
+    if cfg.pos_encoding == "sinusoidal":
+        model.pos_table = sinusoidal_table(cfg.block_size, cfg.n_embd)
+    elif cfg.pos_encoding == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a table GPT.init_weights builds that this does not: say so rather than compute on garbage
+        raise ValueError(f"quantized model has tensors nothing loaded or rebuilt: {left}")
+    return model.eval()

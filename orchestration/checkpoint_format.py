@@ -46,6 +46,9 @@ DS_TAG = "ds"  # the engine's files live under ds/
 UNIVERSAL_DIR = "universal"  # inside the checkpoint directory it was converted from
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")  # files that belong to one rank
+# meta keys a checkpoint derived from another (an export, a quantized copy) carries over: the training
+# data and, for a fine-tune on task rows, the checkpoint it started from (eval finds held-out data there)
+TRAINING_DATA_KEYS = ("data", "base_checkpoint")
 
 
 class CheckpointError(RuntimeError):

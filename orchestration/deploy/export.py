@@ -28,6 +28,7 @@ from orchestration.checkpoint_format import (
     CHECKPOINT_META_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
+    TRAINING_DATA_KEYS,
     is_quantized,
 )
 from orchestration.deploy.hf import (
@@ -43,9 +44,6 @@ from orchestration.deploy.hf import (
 FORMATS = ("hf", "raylm")
 # raylm's tokenizer metadata is also called tokenizer.json; in an HF folder that name is HF's
 RAYLM_TOKENIZER_META = "raylm_tokenizer.json"
-# checkpoint meta keys a raylm export copies: the training data and, for a fine-tune on task rows, the
-# checkpoint it started from (orchestration.evaluate.data_source reads them to find held-out data)
-TRAINING_DATA_KEYS = ("data", "base_checkpoint")
 
 
 class ExportError(ValueError):

@@ -21,23 +21,31 @@ from orchestration.checkpoint_format import (
     MODEL_FILE,
     QUANTIZATION_FILE,
     QUANTIZED_MODEL_FILE,
+    TRAINING_DATA_KEYS,
     CheckpointError,
     is_quantized,
 )
 
-# checkpoint meta keys the quantized checkpoint copies (as ``export``): where its eval data is found
-TRAINING_DATA_KEYS = ("data", "base_checkpoint")
 
+def compare_eval(fp32_model, quantized_model, enc, seqs) -> dict:
+    """Val loss of both models on the same pre-tokenised windows ``seqs``, with their speed: each model
+    runs one untimed warm-up batch first (so neither absorbs first-call costs), then the timed
+    ``lm_metrics`` pass: forwards plus the same loss bookkeeping for both, no data reading or tokenising.
+    -> {"fp32", "quantized": {loss, tokens, wall_s, tokens_per_s}}."""
+    import torch
 
-def timed_eval(loaded, data: str, max_sequences: int) -> dict:
-    """``evaluate_lm`` of a loaded model on ``data``'s val windows, plus wall seconds and tokens/s."""
-    from orchestration.evaluate.lm import evaluate_lm
+    from orchestration.evaluate.lm import lm_metrics
 
-    t0 = time.perf_counter()
-    result = evaluate_lm(loaded, data, max_sequences=max_sequences)
-    wall_s = time.perf_counter() - t0
-    tokens = result["tokens"]
-    return {"loss": result["loss"], "tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / wall_s}
+    out = {}
+    for key, model in (("fp32", fp32_model), ("quantized", quantized_model)):
+        with torch.no_grad():
+            model(torch.from_numpy(seqs[:8, :-1]).long())  # warm-up: first-call allocations, packed-kernel repack
+        t0 = time.perf_counter()
+        result = lm_metrics(model, enc, seqs)
+        wall_s = time.perf_counter() - t0
+        out[key] = {"loss": result["loss"], "tokens": result["tokens"], "wall_s": wall_s}
+        out[key]["tokens_per_s"] = result["tokens"] / wall_s
+    return out
 
 
 def quantize_checkpoint(
@@ -51,19 +59,29 @@ def quantize_checkpoint(
     evaluate: bool = True,
     endpoint_url: Optional[str] = None,
 ) -> dict:
-    """Quantize ``checkpoint_uri`` (a checkpoint or run directory) into local ``out_dir``.
+    """Quantize ``checkpoint_uri`` (a checkpoint or run directory) into local ``out_dir``, which must be
+    empty or absent (CheckpointError otherwise: the output is a checkpoint of its own files only).
 
     Returns the ``quantization.json`` record: scheme, group_size, modules, tied, kept_fp32,
     bytes_before/after (the fp32 ``model.safetensors`` vs ``model.quantized.safetensors``), ratio, and
     with ``evaluate`` "eval": {"fp32", "quantized": {loss, tokens, wall_s, tokens_per_s}, "loss_delta",
     "data"} on ``data`` (default: the manifest the checkpoint trained on), ``max_sequences`` val windows.
+    The quantized model is rebuilt from the tensors before anything is written, so an output that would
+    not load is never written.
     """
     from safetensors.torch import save_file
 
     from data_pipeline import tokenizer as tok
-    from model.quantize import apply_quantized_weights, quantize_weights
+    from model.quantize import build_quantized_model, quantize_weights
+    from orchestration.artifacts import RunDir
     from orchestration.evaluate.load import load_checkpoint_model
 
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(
+            f"--out {out} already exists and is not an empty directory; the quantized checkpoint needs a "
+            "folder of its own (pass a new or empty one)"
+        )
     model, cfg, enc, meta = load_checkpoint_model(checkpoint_uri, endpoint_url=endpoint_url)
     ckpt_uri = meta["checkpoint_uri"]
     if is_quantized(meta):
@@ -72,14 +90,22 @@ def quantize_checkpoint(
     if cfg.arch != "gpt":
         raise CheckpointError(f"{ckpt_uri}: only GPT checkpoints are quantized, this one is arch {cfg.arch!r}")
     tensors, spec = quantize_weights(model, scheme, group_size)
+    try:  # exactly as load_checkpoint_model will build it
+        quantized = build_quantized_model(cfg, tensors, spec)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt_uri}: the {scheme} weights would not load ({err}); nothing written") from err
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / QUANTIZED_MODEL_FILE), metadata={"format": "pt"})
     (out / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+    written = [QUANTIZED_MODEL_FILE, MODEL_CONFIG_FILE]
     for name, blob in tok.to_files(tok.load_spec(ckpt_uri, endpoint_url)).items():
         (out / name).write_bytes(blob)
-    bytes_before, bytes_after = meta["files"][MODEL_FILE], (out / QUANTIZED_MODEL_FILE).stat().st_size
+        written.append(name)
+    # the source's own file: an interval checkpoint's model.safetensors (consolidated later) is not in its meta
+    source_dir = RunDir.at(ckpt_uri, endpoint_url)
+    bytes_before = source_dir.fs.get_file_info(source_dir.path_of(MODEL_FILE)).size
+    bytes_after = (out / QUANTIZED_MODEL_FILE).stat().st_size
     record = {
         **spec,
         "source_checkpoint": ckpt_uri,
@@ -95,25 +121,27 @@ def quantize_checkpoint(
         flush=True,
     )
     if evaluate:
-        from model.build import build_model
-        from orchestration.evaluate.data_source import training_manifest
+        from orchestration.evaluate.data_source import EvalError, training_manifest
+        from orchestration.evaluate.lm import token_windows
 
         data = data or training_manifest(meta, endpoint_url).uri
-        quantized = apply_quantized_weights(build_model(cfg), tensors, spec).eval()
-        fp32_eval = timed_eval((model, cfg, enc, meta), data, max_sequences)
-        q_eval = timed_eval((quantized, cfg, enc, {**meta, "checkpoint_uri": str(out)}), data, max_sequences)
-        record["eval"] = {"data": data, "fp32": fp32_eval, "quantized": q_eval}
-        record["eval"]["loss_delta"] = q_eval["loss"] - fp32_eval["loss"]
+        seqs = token_windows(data, enc, cfg.block_size, max_sequences, "val", endpoint_url)
+        if len(seqs) == 0:
+            raise EvalError(f"{data}: fewer than {cfg.block_size + 1} tokens, nothing to compare losses on")
+        evals = compare_eval(model, quantized, enc, seqs)
+        fp32_eval, q_eval = evals["fp32"], evals["quantized"]
+        record["eval"] = {"data": data, **evals, "loss_delta": q_eval["loss"] - fp32_eval["loss"]}
         print(
             f"[quantize] val loss on {fp32_eval['tokens']:,} tokens of {data}: fp32 {fp32_eval['loss']:.4f}, "
-            f"{scheme} {q_eval['loss']:.4f} ({record['eval']['loss_delta']:+.4f} nats); eval "
+            f"{scheme} {q_eval['loss']:.4f} ({record['eval']['loss_delta']:+.4f} nats); forward passes "
             f"{fp32_eval['tokens_per_s']:,.0f} vs {q_eval['tokens_per_s']:,.0f} tokens/s",
             flush=True,
         )
     (out / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2))
+    written.append(QUANTIZATION_FILE)
     lineage = {key: meta[key] for key in TRAINING_DATA_KEYS if meta.get(key) is not None}
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name != CHECKPOINT_META_FILE}
-    # Written last and listing every file, like a training checkpoint: it makes the folder complete
+    files = {name: (out / name).stat().st_size for name in written}
+    # Written last and listing the files this wrote, like a training checkpoint: it makes the folder complete
     (out / CHECKPOINT_META_FILE).write_text(
         json.dumps(
             {

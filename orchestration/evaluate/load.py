@@ -3,8 +3,9 @@
 A checkpoint URI is a ``checkpoint_<step>`` directory, a run directory (its newest complete
 checkpoint is used) or a run name the demo points at its newest run (``latest_run``), local or on
 object storage. Eval, generation, export, serving and fine-tuning
-load checkpoints through here. A quantized checkpoint (``raylm quantize``) loads as the GPT with its
-linear and embedding layers swapped for ``model.quantize``'s modules; fine-tuning refuses it.
+load checkpoints through here. A quantized checkpoint (``raylm quantize``; its meta says so,
+``is_quantized``) loads as the GPT with its linear and embedding layers swapped for ``model.quantize``'s
+modules, built on the meta device so the fp32 model is never allocated; fine-tuning refuses it.
 """
 
 from __future__ import annotations
@@ -107,14 +108,13 @@ def load_checkpoint_model(
 
     ckpt_uri = resolve_checkpoint(uri, endpoint_url)
     local = local_checkpoint_copy(ckpt_uri, endpoint_url, allow_quantized=True)
-    if (Path(local) / QUANTIZATION_FILE).is_file():
-        from model.quantize import apply_quantized_weights
+    if is_quantized(json.loads((Path(local) / CHECKPOINT_META_FILE).read_text())):
+        from model.quantize import build_quantized_model
 
         tensors, cfg_dict, spec, meta = load_quantized_state(local)
         model_cfg = ModelConfig(**cfg_dict)
-        model = build_model(model_cfg)
-        try:
-            apply_quantized_weights(model, tensors, spec)
+        try:  # on the meta device first: the fp32 model is never built
+            model = build_quantized_model(model_cfg, tensors, spec)
         except ValueError as err:
             raise CheckpointError(f"{ckpt_uri}/{QUANTIZED_MODEL_FILE} ({QUANTIZATION_FILE}): {err}") from err
     else:
