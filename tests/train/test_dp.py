@@ -209,7 +209,9 @@ def test_dp_with_the_defaults_names_every_key_to_change_at_once():
 def test_a_dp_run_trains_through_ray_train_and_reports_epsilon(ray_session, tiny_corpus, tmp_path):
     """2 workers, 6 steps: dp_epsilon in every record, rising, equal to Opacus' RDP accountant for (noise,
     q, steps taken); the loss and tokens are those of the rows drawn; the report shows epsilon. (The
-    accountant's way through a checkpoint is pinned above, without a second launch.)"""
+    accountant's way through a checkpoint is pinned above, without a second launch.) A launch of its
+    own: DP-SGD changes the engine, the optimizer and the rows each step reads, so no shared run can
+    stand in for it."""
     from opacus.accountants import RDPAccountant
 
     from data_pipeline.manifest import read_manifest
