@@ -220,6 +220,8 @@ class GenerateServer:
                 "batch_wait_timeout_s": batch_wait_timeout_s,
             },
             "device": device,
+            # a `raylm quantize` checkpoint: {"scheme", "group_size"}; None for full-precision weights
+            "quantization": meta.get("quantization"),
         }
         self.stats = {
             "requests": 0,

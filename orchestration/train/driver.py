@@ -24,7 +24,7 @@ from orchestration.artifacts import (
     write_config,
     write_run_facts,
 )
-from orchestration.checkpoint_format import complete_checkpoint_meta, latest_complete_checkpoint
+from orchestration.checkpoint_format import complete_checkpoint_meta, is_quantized, latest_complete_checkpoint
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import extensions_dir, init_ray
 from orchestration.train.config import TrainConfig
@@ -162,6 +162,11 @@ def resume_point(
         meta = complete_checkpoint_meta(branch)
         if meta is None:
             raise ConfigError(f"branch checkpoint {branch.uri} is missing or incomplete; rerun the run it belongs to")
+        if is_quantized(meta):
+            raise ConfigError(
+                f"branch checkpoint {branch.uri} holds quantized weights (`raylm quantize`), which nothing trains "
+                f"on; branch from {meta.get('checkpoint', 'the checkpoint it was quantized from')}"
+            )
         found = (branch, meta)
     if found is None:
         return None

@@ -205,6 +205,7 @@ def test_quantized_checkpoint_loads_evals_generates_and_serves(tiny_checkpoint, 
 
     replica = _deployment_class().func_or_class(str(out), 4, 0.01, 8, None, "cpu", 1)  # Serve's replica, in-process
     assert isinstance(replica.model.lm_head, QuantizedLMHead) and replica.info["step"] == 7
+    assert replica.info["quantization"]["scheme"] in ("int8", "int4")  # /info says what is served
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

@@ -80,3 +80,17 @@ def test_a_derived_batch_follows_the_runs_checkpoint(tmp_path, capsys):
     odd = load_config(None, ["train.num_workers=3", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="recorded train.global_batch_size 8"):
         adopt_recorded_batch(odd, run)
+
+
+def test_a_branch_from_a_quantized_checkpoint_is_refused(tmp_path):
+    from orchestration.checkpoint_format import QUANTIZATION_FILE
+    from orchestration.train.driver import resume_point
+
+    cfg = load_config(None, [*RUN, f"train.storage_path={tmp_path}", "train.run_name=new"])
+    ckpt = tmp_path / "q"
+    ckpt.mkdir()
+    (ckpt / QUANTIZATION_FILE).write_text("{}")
+    meta = {**_meta(cfg), "files": {QUANTIZATION_FILE: 2}, "checkpoint": "runs/src/checkpoint_00000010"}
+    (ckpt / CHECKPOINT_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="quantized weights.*branch from runs/src/checkpoint_00000010"):
+        resume_point(RunDir.at(str(tmp_path / "new")), cfg, _now(), resume=False, branch_from=str(ckpt))
