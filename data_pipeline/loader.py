@@ -89,6 +89,13 @@ def _prefetched(units: Iterator[list], depth: int) -> Iterator[list]:
         thread.join(timeout=10)
 
 
+def _check_steps(rank: int, world_size: int, start_step: int, num_steps: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if start_step < 0 or num_steps < 0:
+        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0")
+
+
 def rank_batches(
     manifest: dict,
     *,
@@ -112,15 +119,12 @@ def rank_batches(
     what an uninterrupted one yields from k, reading only step k's rows first. Only the row groups
     holding the rank's rows are fetched, and only their index records.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    _check_steps(rank, world_size, start_step, num_steps)
     if global_batch_size % world_size or (global_batch_size // world_size) % micro_batch_size:
         raise ValueError(
             f"global_batch_size {global_batch_size} must split into world_size {world_size} x micro_batch_size "
             f"{micro_batch_size} x an integer number of micro-batches"
         )
-    if start_step < 0 or num_steps < 0:
-        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0")
     reader = ShardReader(manifest, "train", endpoint_url=endpoint_url, region=region)
     order = TrainOrder([s["sequences"] for s in reader.shards], seed)
     if order.epoch_rows == 0:
@@ -154,12 +158,9 @@ def poisson_rank_batches(
     (``order.poisson_rows``), so the ranks' union is that sample, their shares differ by at most a row, and
     a rank may get none (an empty array). The sample is a function of (manifest, seed, sample_rate, step),
     whatever the world size; a resumed reader repeats an uninterrupted one from its step."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    _check_steps(rank, world_size, start_step, num_steps)
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if start_step < 0 or num_steps < 0:
-        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0")
     reader = ShardReader(manifest, "train", endpoint_url=endpoint_url, region=region)
     sizes = np.array([s["sequences"] for s in reader.shards], dtype=np.int64)
     first = np.concatenate([[0], np.cumsum(sizes)])

@@ -123,18 +123,23 @@ def _passed_cleaning(batch: pa.Table, *, near_dedup: bool) -> pa.Table:
 
 def _dedup_counts(batch: pa.Table) -> dict[str, int]:
     """Documents dedup dropped, by reason; the audit's planted copies are counted in its own entry."""
-    corpus = batch.filter(pc.invert(pc.starts_with(batch.column("source"), AUDIT_SOURCE)))
+    corpus = _corpus_only(batch)
     return {f"dropped:{r}": n for r, n in Counter(corpus.column("dup_reason").to_pylist()).items() if r}
 
 
+def _planted(batch: pa.Table):
+    """Which rows are the privacy audit's planted documents (their source names them)."""
+    return pc.starts_with(batch.column("source"), AUDIT_SOURCE)
+
+
 def _corpus_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.invert(pc.starts_with(batch.column("source"), AUDIT_SOURCE)))
+    return batch.filter(pc.invert(_planted(batch)))
 
 
 def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> pa.Table:
     kept = batch.filter(pc.equal(batch.column("dup_reason"), "")).drop_columns(["dup_reason"])
     kept = add_split(kept, split_by=split_by, val_fraction=val_fraction, seed=seed)
-    planted = pc.starts_with(kept.column("source"), AUDIT_SOURCE)  # the audit's text: always trained on
+    planted = _planted(kept)  # the audit's text: always trained on
     for name, value in (("split", pa.scalar(0, pa.int8())), ("grouped", pa.scalar(True))):
         column = kept.column(name)
         kept = kept.set_column(kept.schema.get_field_index(name), name, pc.if_else(planted, value, column))
@@ -153,7 +158,7 @@ def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> 
 
 
 def _planted_counts(batch: pa.Table) -> dict[str, int]:
-    sources = batch.column("source").filter(pc.starts_with(batch.column("source"), AUDIT_SOURCE))
+    sources = batch.column("source").filter(_planted(batch))
     return dict(Counter(sources.to_pylist()))
 
 

@@ -89,12 +89,19 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 write(p, normal(cfg.init_std / math.sqrt(2 * cfg.n_layer)))
         with torch.no_grad():
-            if cfg.pos_encoding == "sinusoidal":
-                self.pos_table.copy_(sinusoidal_table(cfg.block_size, cfg.n_embd))
-            elif cfg.pos_encoding == "rope":
-                cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
-                self.rope_cos.copy_(cos)
-                self.rope_sin.copy_(sin)
+            for name, table in self.fixed_tables().items():
+                getattr(self, name).copy_(table)
+
+    def fixed_tables(self) -> dict[str, torch.Tensor]:
+        """The buffers computed from the config, not learned (sinusoidal positions, RoPE's cos/sin):
+        what ``init_weights`` fills and a model built on the meta device must be handed."""
+        cfg = self.cfg
+        if cfg.pos_encoding == "sinusoidal":
+            return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            return {"rope_cos": cos, "rope_sin": sin}
+        return {}
 
     def set_activation_checkpointing(self, mode: str, every: int = 2) -> tuple[int, ...]:
         """Recompute the activations of some blocks in backward instead of keeping them.

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.layers import rope_tables, sinusoidal_table
 from model.loss import LMHead
 
 SCHEMES = ("int8", "int4")
@@ -358,10 +357,8 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sp
     with torch.device("meta"):
         model = GPT(cfg)
     apply_quantized_weights(model, tensors, spec, assign=True)
-    if cfg.pos_encoding == "sinusoidal":
-        model.pos_table = sinusoidal_table(cfg.block_size, cfg.n_embd)
-    elif cfg.pos_encoding == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+    for name, table in model.fixed_tables().items():
+        setattr(model, name, table)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a table GPT.init_weights builds that this does not: say so rather than compute on garbage
         raise ValueError(f"quantized model has tensors nothing loaded or rebuilt: {left}")
