@@ -4,11 +4,14 @@ GPT: prompts are left-padded to a common length; the KV cache keeps each row's p
 keys are masked out and every row's positions start at 0. LSTM: prompts are packed (padding never
 enters the recurrence) and each row's (h, c) state is carried from step to step. Either way a
 batched row produces the same tokens as that prompt run alone, and the prefix is never recomputed.
+
+``generate_steps`` yields each step's new tokens as they are sampled (token streaming, e.g. `raylm
+serve`'s ``"stream": true``); ``generate`` collects them, so both share one sampling loop.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +122,75 @@ def _lstm_decoder(model: LSTMLM, prompts: list[list[int]]) -> Decoder:
     return logits, step
 
 
+def generate_steps(
+    model: GPT | LSTMLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[list[int | None]]:
+    """Step-wise ``generate``: an iterator yielding, at each decoding step, one new token per row
+    (``None`` for a row that already emitted ``eos_id``), so a caller can stream tokens as they come.
+
+    Arguments, limits and sampling are ``generate``'s (which is this iterator collected): the same
+    seed gives the same tokens either way. Settings are checked here, before the first step; the
+    prompts are prefilled at the first ``next()``. The iterator ends after ``max_new_tokens`` steps (cut
+    to the context), once every row has emitted ``eos_id``, or when the caller closes it (``close()``
+    or dropping it frees the KV cache). Each step runs under ``torch.inference_mode`` in whatever
+    thread calls ``next()``; the model is in eval mode while it runs and gets back the mode this
+    iterator found at its first step (iterators interleaved on one model, as `raylm serve`'s sub-batches
+    are, want it in eval mode already: the first to end would otherwise put it back in training mode).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt at least one token")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(
+            f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])"
+        )
+    prompts = [p[-model.cfg.block_size :] for p in prompts]
+    steps = min(max_new_tokens, model.cfg.block_size + 1 - max(len(p) for p in prompts))
+    return _steps(model, prompts, steps, temperature, top_k, top_p, eos_id, seed)
+
+
 @torch.inference_mode()
+def _steps(
+    model: GPT | LSTMLM,
+    prompts: list[list[int]],
+    steps: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    seed: int | None,
+) -> Iterator[list[int | None]]:
+    """``generate_steps``' loop, once its arguments are checked (a generator runs nothing until ``next``)."""
+    if steps <= 0:
+        return
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        logits, step_fn = (
+            _lstm_decoder(model, prompts) if isinstance(model, LSTMLM) else _gpt_decoder(model, prompts, steps)
+        )
+        done = [False] * len(prompts)
+        for step in range(steps):
+            token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            new = [None if finished else t for finished, t in zip(done, token.tolist())]
+            done = [finished or t == eos_id for finished, t in zip(done, new)]
+            yield new
+            if all(done) or step == steps - 1:
+                break  # the last sampled token is never fed back
+            logits = step_fn(token)
+    finally:
+        model.train(was_training)
+
+
 def generate(
     model: GPT | LSTMLM,
     prompts: list[list[int]],
@@ -132,7 +203,7 @@ def generate(
     seed: int | None = None,
 ) -> list[list[int]]:
     """Continue each prompt with a ``GPT`` (KV cache) or an ``LSTMLM`` (carried (h, c) state);
-    return only the new tokens of each.
+    return only the new tokens of each (``generate_steps``, collected).
 
     A row stops after it emits ``eos_id`` (the eos token is included, as the last token of that
     row) and generation stops once every row has. The whole sequence must fit the context: a prompt
@@ -141,37 +212,11 @@ def generate(
     past the context the cache would hold positions the model never saw in training, and the LSTM
     was trained on block_size-token windows from a zero state, so it keeps the same limit.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt at least one token")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])"
-        )
-    cfg = model.cfg
-    prompts = [p[-cfg.block_size :] for p in prompts]
-    steps = min(max_new_tokens, cfg.block_size + 1 - max(len(p) for p in prompts))
     out: list[list[int]] = [[] for _ in prompts]
-    if steps <= 0:
-        return out
-
-    device = next(model.parameters()).device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()  # no dropout while sampling
-    try:
-        logits, step_fn = (
-            _lstm_decoder(model, prompts) if isinstance(model, LSTMLM) else _gpt_decoder(model, prompts, steps)
-        )
-        done = [False] * len(prompts)
-        for step in range(steps):
-            token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            for row, t in enumerate(token.tolist()):
-                if not done[row]:
-                    out[row].append(t)
-                    done[row] = t == eos_id
-            if all(done) or step == steps - 1:
-                break
-            logits = step_fn(token)
-    finally:
-        model.train(was_training)
+    for tokens in generate_steps(
+        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed
+    ):
+        for row, t in zip(out, tokens):
+            if t is not None:
+                row.append(t)
     return out

@@ -142,13 +142,27 @@ def test_gpu_suite_refuses_an_unknown_argument_and_a_vocab_without_a_number():
 
 @pytest.mark.slow
 def test_bench_serve_smoke(gpu_suite_smoke, monkeypatch, capsys):
-    """On the checkpoint the gpu_suite smoke run left (one Ray Train launch for both)."""
+    """On the checkpoint the gpu_suite smoke run left (one Ray Train launch for both): fp32, int8 and int4
+    weights, whole and streamed, and the one-at-a-time baseline, each answering every request."""
     (port,) = free_ports(1)
     args = ["--smoke", "--checkpoint", str(gpu_suite_smoke / "runs" / "bench_zero0"), "--port", str(port)]
     results = bench("bench_serve", monkeypatch).main(args)
-    assert re.fullmatch(rf"batched / one-at-a-time: requests/s x{RATIO}, p50 latency x{RATIO} .*", last_line(capsys))
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert re.fullmatch(
+        rf"vs fp32 whole: tokens/s int8 x{RATIO}, int4 x{RATIO}; one-at-a-time x{RATIO}; "
+        rf"streamed TTFT p50 / whole latency p50 x{RATIO}",
+        lines[-1],
+    )
+    assert re.fullmatch(rf"weights: int8 {RATIO}x, int4 {RATIO}x smaller than fp32", lines[-2])
+    assert list(results) == [
+        "fp32 whole batch=1",
+        *(f"{w} {r}" for w in ("fp32", "int8", "int4") for r in ("whole", "stream")),
+    ]
     for r in results.values():
         assert r["errors"] == 0 and r["requests"] == 4 * 2, r
+        assert 0 < r["ttft_p50_ms"] <= r["latency_p50_ms"] and r["tokens_per_s"] > 0
+    fp32_bytes = results["fp32 whole"]["model_bytes"]
+    assert results["int4 whole"]["model_bytes"] < results["int8 whole"]["model_bytes"] < fp32_bytes / 2
 
 
 @pytest.mark.slow

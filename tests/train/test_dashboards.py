@@ -1,10 +1,11 @@
 """Grafana dashboards query only metrics that exist, and raylm's metrics really reach Prometheus.
 
-A metric name in a dashboard is either raylm's own (orchestration/train/prometheus.py EXPORTED_NAMES) or
-a Ray built-in found in the installed Ray's source: in Ray's own Grafana panel definitions
-(ray/dashboard/modules/metrics/dashboards/) or declared as a metric name where Ray defines them
-(ray/data/_internal/stats.py for Ray Data, ray/dashboard/modules/reporter/reporter_agent.py for
-nodes). Upgrading Ray and losing a metric fails here instead of leaving an empty panel.
+A metric name in a dashboard is either raylm's own (EXPORTED_NAMES of orchestration/train/prometheus.py
+and orchestration/deploy/serve_metrics.py) or a Ray built-in found in the installed Ray's source: in
+Ray's own Grafana panel definitions (ray/dashboard/modules/metrics/dashboards/) or declared as a metric
+name where Ray defines them (ray/data/_internal/stats.py for Ray Data,
+ray/dashboard/modules/reporter/reporter_agent.py for nodes). Upgrading Ray and losing a metric fails
+here instead of leaving an empty panel.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.deploy import serve_metrics
 from orchestration.train.prometheus import EXPORTED_NAMES, GAUGES, TrainMetricsExporter
 
 ROOT = Path(__file__).parents[2]
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 METRIC = re.compile(r"\bray_[a-zA-Z0-9_]+\b")
+RAYLM_NAMES = EXPORTED_NAMES | serve_metrics.EXPORTED_NAMES  # training's and serve's
 
 
 def _exprs(dashboard: dict) -> list[str]:
@@ -47,8 +50,13 @@ def _is_ray_builtin(name: str, source: str) -> bool:
     return re.search(rf"\b{name}\b", source) is not None or f'"{name[len("ray_") :]}"' in source
 
 
-def test_the_three_dashboards_are_there():
-    assert {p.name for p in DASHBOARDS} == {"raylm_training.json", "raylm_data_pipeline.json", "raylm_cluster.json"}
+def test_the_four_dashboards_are_there():
+    assert {p.name for p in DASHBOARDS} == {
+        "raylm_training.json",
+        "raylm_data_pipeline.json",
+        "raylm_cluster.json",
+        "raylm_serve.json",
+    }
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
@@ -74,7 +82,7 @@ def test_every_queried_metric_is_exported_by_raylm_or_ray(path):
     unknown = [
         m
         for m in sorted(queried)
-        if not (m in EXPORTED_NAMES if m.startswith("ray_raylm_") else _is_ray_builtin(m, source))
+        if not (m in RAYLM_NAMES if m.startswith("ray_raylm_") else _is_ray_builtin(m, source))
     ]
     assert not unknown, f"{path.name} queries metrics nobody exports: {unknown}"
 
@@ -91,6 +99,18 @@ def test_training_dashboard_shows_every_raylm_metric():
     for name, _ in GAUGES.values():
         assert f"ray_{name}" in exprs, name
     assert "ray_raylm_tokens_total" in exprs and "ray_raylm_checkpoint_duration_s_bucket" in exprs
+
+
+def test_serve_dashboard_shows_every_serve_metric():
+    """Every metric raylm serve exports is on its dashboard (its scrape is checked in
+    tests/deploy/test_serve.py::test_serve_metrics_reach_prometheus), and nothing of training's."""
+    exprs = " ".join(_exprs(json.loads((ROOT / "dashboards" / "raylm_serve.json").read_text())))
+    queried = set(METRIC.findall(exprs))
+    base = {re.sub(r"_(bucket|sum|count)$", "", name) for name in serve_metrics.EXPORTED_NAMES}
+    missing = sorted(b for b in base if not any(q.startswith(b) for q in queried))
+    assert not missing, f"serve metrics no panel shows: {missing}"
+    assert not queried & EXPORTED_NAMES  # training's names on the serve dashboard would be a slip
+    assert "ray_serve_deployment_replica_healthy" in queried and "ray_serve_deployment_queued_queries" in queried
 
 
 # --- the exporter, end to end through Ray's metrics agent ----------------------------------------
