@@ -40,6 +40,10 @@ class ModelConfig:
     n_head: int = field(default=2, metadata={"min": 1})
     n_kv_head: Optional[int] = field(default=None, metadata={"min": 1})  # None: = n_head (MHA)
     n_embd: int = field(default=64, metadata={"min": 1})
+    # Width of one attention head. None: n_embd // n_head. Set, heads need not fill n_embd: a model whose
+    # heads were pruned (``model.prune``) keeps its n_embd and head width with fewer heads, so q/k/v are
+    # n_head * head_size wide and the attention output projection maps that back to n_embd.
+    head_size: Optional[int] = field(default=None, metadata={"min": 1})
     mlp: Literal["gelu", "swiglu"] = "gelu"
     mlp_hidden: Optional[int] = field(default=None, metadata={"min": 1})  # None: 4*d (gelu), 8/3*d (swiglu)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -56,10 +60,15 @@ class ModelConfig:
             if self.preset is not None:
                 raise ValueError(f"preset {self.preset!r} is a transformer shape; arch 'lstm' takes no preset")
             return  # the attention fields below do not apply to an LSTM
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_size must be set"
+            )
+        if self.head_size is not None and self.head_size < 1:
+            raise ValueError(f"head_size must be >= 1 (or None for n_embd // n_head), got {self.head_size}")
         if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got n_embd/n_head = {self.head_dim}")
+            where = "head_size" if self.head_size is not None else "n_embd/n_head"
+            raise ValueError(f"rope needs an even head_dim, got {where} = {self.head_dim}")
         if self.kv_heads > self.n_head or self.n_head % self.kv_heads:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) and be <= it")
         if self.preset is not None and self.preset not in PRESETS:
@@ -85,7 +94,14 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Width of one attention head: head_size when set, else n_embd // n_head."""
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of all query heads together (q, and attention's output before its projection): n_embd
+        unless heads were pruned."""
+        return self.n_head * self.head_dim
 
     @property
     def kv_heads(self) -> int:

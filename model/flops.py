@@ -29,7 +29,7 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
         return n_in * n_out + (n_out if cfg.bias else 0)
 
     norm = 2 * d if cfg.norm == "layernorm" and cfg.bias else d
-    attn = linear(d, (cfg.n_head + 2 * cfg.kv_heads) * hd) + linear(cfg.n_head * hd, d)
+    attn = linear(d, (cfg.n_head + 2 * cfg.kv_heads) * hd) + linear(cfg.attn_dim, d)
     fc_out = 2 * cfg.hidden_dim if cfg.mlp == "swiglu" else cfg.hidden_dim
     mlp = linear(d, fc_out) + linear(cfg.hidden_dim, d)
     body = cfg.n_layer * (2 * norm + attn + mlp) + norm  # + ln_f
@@ -47,13 +47,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     6 * N + 12 * n_layer * seq_len * n_embd, the PaLM / nanoGPT MFU convention: each parameter
     that multiplies an activation costs 2 FLOPs forward and 4 backward. N is the non-embedding count
     plus the lm_head matrix (a matmul whether tied or not; embedding lookups are free). Attention's
-    QK^T and AV are 2 * 2 * seq_len * n_embd per layer forward, counted without the causal half
-    discount, times 3 for forward + backward.
+    QK^T and AV are 2 * 2 * seq_len * n_head * head_dim per layer forward (n_embd unless heads were
+    pruned), counted without the causal half discount, times 3 for forward + backward.
     """
     n_matmul = count_params(cfg, non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
     if cfg.arch == "lstm":
         return 6.0 * n_matmul  # no attention term: an LSTM's cost per token does not grow with seq_len
-    return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
+    return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.attn_dim
 
 
 def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
@@ -84,9 +84,10 @@ def activation_bytes(
     from Korthikanti et al.'s Megatron layout, which saves different tensors.
 
     Per block and token, in values: the two norms' inputs and outputs (4h); the fused qkv output
-    (h + 2 kv); with RoPE the rotated q and k (h + kv); with GQA the repeated k and v (2h); SDPA's
-    output and its contiguous copy for c_proj (2h); the MLP's hidden tensors (GELU: fc out and gelu
-    out, 2H; SwiGLU: fused fc out, silu, product, 4H); 1 byte per dropout mask. SDPA's fused kernels
+    (q + 2 kv, q = n_head * head_dim: h unless heads were pruned); with RoPE the rotated q and k
+    (q + kv); with GQA the repeated k and v (2q); SDPA's output and its contiguous copy for c_proj
+    (2q); the MLP's hidden tensors (GELU: fc out and gelu out, 2H; SwiGLU: fused fc out, silu,
+    product, 4H); 1 byte per dropout mask. SDPA's fused kernels
     never materialise the (T x T) scores. Head and loss (``model.loss``, which makes its gradients in
     the forward pass): ln_f's input and output (2h); the hidden states' gradient (h) and the head
     weight's fp32 gradient (V x h) it fills; one chunk's fp32 logits (``loss_chunk_rows`` rows) and a
@@ -97,14 +98,14 @@ def activation_bytes(
     """
     width = 4 if precision == "fp32" else 2
     tokens = micro_batch_size * seq_len
-    h, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
     if cfg.arch == "lstm":
         raise ValueError("activation_bytes models the GPT's blocks; arch 'lstm' has no estimate")
-    attn = 4 * h + (h + 2 * kv) + 2 * h
+    h, q, kv = cfg.n_embd, cfg.attn_dim, cfg.kv_heads * cfg.head_dim  # q = h unless heads were pruned
+    attn = 4 * h + (q + 2 * kv) + 2 * q
     if cfg.pos_encoding == "rope":
-        attn += h + kv
+        attn += q + kv
     if cfg.kv_heads != cfg.n_head:
-        attn += 2 * h
+        attn += 2 * q
     mlp = (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden_dim
     masks = 2 * h if cfg.dropout > 0 else 0
     per_layer = tokens * ((attn + mlp) * width + masks)
@@ -309,7 +310,8 @@ def model_info_text(
     gib = 2**30
     lines = [
         f"model           {cfg.preset or 'custom'}: {cfg.n_layer} layers, {cfg.n_head} heads "
-        f"({cfg.kv_heads} kv), n_embd {cfg.n_embd}, {cfg.mlp}, {cfg.norm}, {cfg.pos_encoding}, "
+        f"({cfg.kv_heads} kv{f', head_size {cfg.head_size}' if cfg.head_size else ''}), n_embd {cfg.n_embd}, "
+        f"{cfg.mlp}, {cfg.norm}, {cfg.pos_encoding}, "
         f"vocab {cfg.vocab_size}"
         + (f" (padded to {cfg.padded_vocab_size} rows)" if cfg.padded_vocab_size != cfg.vocab_size else "")
         + f", block_size {cfg.block_size}",

@@ -1,7 +1,7 @@
 """The pieces of a transformer block: norms, positional encodings, attention, MLP, the block.
 
 Shapes: B batch, T query length, S key length (T plus what a KV cache already holds), C = n_embd,
-H query heads, KV key/value heads, D head_dim.
+H query heads, KV key/value heads, D head_dim (H * D = C unless heads were pruned: ``ModelConfig.head_size``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         # q, k and v in one matmul; GPT-2's c_attn layout when n_kv_head == n_head
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # the heads' outputs side by side (n_head * head_dim: n_embd unless heads were pruned) -> n_embd
+        self.c_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # ``GPT.set_explicit_attention``: softmax(q k^T / sqrt(d)) @ v written out, its weights kept in
@@ -105,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         With a cache, k/v are appended to it and attention covers everything it holds; attn_mask
         (B, 1, T, S) bool then says which keys each query may see (True = attend).
         """
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -134,7 +135,7 @@ class CausalSelfAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=attn_mask is None and T == k.size(2),  # T == 1 on a cache: sees all of it
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, q_dim)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -61,6 +61,17 @@ def probability(text: str) -> float:
     return value
 
 
+def pruning_fraction(text: str) -> float:
+    """argparse type: a fraction in [0, 1) of units to remove (1 would remove them all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction removed; 1 would remove all), got {text}")
+    return value
+
+
 def temperature(text: str) -> float:
     """argparse type: 0 (greedy) or a finite positive temperature."""
     return non_negative_float(text, "0 (greedy) or a finite positive number")

@@ -23,6 +23,7 @@ from orchestration.arg_types import (
     port_number,
     positive_int,
     probability,
+    pruning_fraction,
     temperature,
     torch_device,
     zero_stages,
@@ -336,6 +337,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         endpoint_url=args.endpoint_url,
     )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from orchestration.deploy.prune import PruneError, prune_checkpoint
+
+    try:
+        prune_checkpoint(
+            args.checkpoint,
+            args.out,
+            heads=args.heads,
+            neurons=args.neurons,
+            data=args.data,
+            calibration_batches=args.calibration_batches,
+            endpoint_url=args.endpoint_url,
+        )
+    except PruneError as err:  # fractions that do not fit this checkpoint's shape
+        print(f"raylm: prune: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -709,6 +729,41 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-eval", action="store_true", help="skip the fp32-vs-quantized val loss comparison")
     quant.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     quant.set_defaults(func=cmd_quantize)
+
+    prune = sub.add_parser(
+        "prune",
+        help="a smaller checkpoint: the least important attention heads and MLP hidden units removed",
+        description="Structured pruning: scores every attention head and MLP hidden unit by first-order Taylor "
+        "importance on train windows (never val), removes the lowest --heads / --neurons fraction in every "
+        "layer (whole KV groups under GQA; at least one head and unit stay) and writes a complete checkpoint of "
+        "the smaller shape (fewer heads of the same width, a narrower MLP; same n_embd) that eval, generate, "
+        "serve, export and finetune load. Prints params and file bytes before and after; recover the loss with "
+        "`raylm finetune finetune.checkpoint=OUT finetune.task=lm ...`.",
+    )
+    prune.add_argument("--checkpoint", required=True, help="an fp32 checkpoint directory/URI or a run directory")
+    prune.add_argument(
+        "--heads", type=pruning_fraction, default=0.0, help="fraction of each layer's heads to remove (default 0)"
+    )
+    prune.add_argument(
+        "--neurons",
+        type=pruning_fraction,
+        default=0.0,
+        help="fraction of each layer's MLP hidden units to remove (default 0)",
+    )
+    prune.add_argument("--out", type=output_dir, required=True, help="output directory (the pruned checkpoint)")
+    prune.add_argument(
+        "--data",
+        default=None,
+        help="manifest (its train split) or text file to score on (default: the checkpoint's own)",
+    )
+    prune.add_argument(
+        "--calibration-batches",
+        type=positive_int,
+        default=16,
+        help="batches of 8 train windows to score importance on (default 16)",
+    )
+    prune.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
+    prune.set_defaults(func=cmd_prune)
 
     _add_storage_command(
         sub,

@@ -198,6 +198,7 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
             ["quantize", "--checkpoint", str(missing), "--scheme", "int8", "--out", str(root / "q")],
             str(missing),
         ),
+        "prune": (["prune", "--checkpoint", str(missing), "--heads", "0.25", "--out", str(root / "p")], str(missing)),
         "serve": (["serve", "--checkpoint", str(missing)], str(missing)),
         "submit": (["submit", "--list", "--stop", "raylm_job"], "not allowed with argument --list"),
     }

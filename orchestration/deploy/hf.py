@@ -42,14 +42,19 @@ class Family:
     mlp: str  # raylm's model.mlp
     norm: str  # raylm's model.norm
     needs_no_bias: bool = False  # the HF class has no biases on some linears
+    # the HF class reads config.head_dim; False: its heads are hidden_size / num_heads wide, so a model
+    # whose heads do not fill n_embd (pruned heads: ModelConfig.head_size) has no equivalent there
+    any_head_dim: bool = True
 
 
 FAMILIES = {
-    "gpt2": Family("GPT2LMHeadModel", "gpt2", "absolute", "gelu", "layernorm"),
+    "gpt2": Family("GPT2LMHeadModel", "gpt2", "absolute", "gelu", "layernorm", any_head_dim=False),
     "llama": Family("LlamaForCausalLM", "llama", "rope", "swiglu", "rmsnorm"),
     "starcoder2": Family("Starcoder2ForCausalLM", "starcoder2", "rope", "gelu", "layernorm"),
     "arcee": Family("ArceeForCausalLM", "arcee", "rope", "gelu", "rmsnorm"),
-    "stablelm": Family("StableLmForCausalLM", "stablelm", "rope", "swiglu", "layernorm", needs_no_bias=True),
+    "stablelm": Family(
+        "StableLmForCausalLM", "stablelm", "rope", "swiglu", "layernorm", needs_no_bias=True, any_head_dim=False
+    ),
 }
 TANH_GELU = "gelu_pytorch_tanh"  # ACT2FN name of F.gelu(approximate="tanh"), model.layers.MLP's activation
 
@@ -61,12 +66,23 @@ def hf_family(cfg: ModelConfig) -> Optional[str]:
     positions = "rope" if cfg.pos_encoding == "rope" else "absolute"
     for name, fam in FAMILIES.items():
         if (fam.positions, fam.mlp, fam.norm) == (positions, cfg.mlp, cfg.norm):
-            return None if fam.needs_no_bias and cfg.bias else name
+            if (fam.needs_no_bias and cfg.bias) or (not fam.any_head_dim and cfg.attn_dim != cfg.n_embd):
+                return None
+            return name
     return None
 
 
 def unsupported_reason(cfg: ModelConfig) -> str:
     """Why ``cfg`` has no HF architecture, with the shapes that do map."""
+    positions = "rope" if cfg.pos_encoding == "rope" else "absolute"
+    same = [f for f in FAMILIES.values() if (f.positions, f.mlp, f.norm) == (positions, cfg.mlp, cfg.norm)]
+    if cfg.arch == "gpt" and cfg.attn_dim != cfg.n_embd and same and not same[0].any_head_dim:
+        return (
+            f"n_head * head_dim = {cfg.n_head} * {cfg.head_dim} = {cfg.attn_dim} is not n_embd {cfg.n_embd} "
+            f"(heads were pruned), and {same[0].architecture}, the architecture of this shape "
+            f"(pos_encoding={cfg.pos_encoding!r}, mlp={cfg.mlp!r}, norm={cfg.norm!r}), makes heads n_embd / n_head "
+            "wide; Llama, Starcoder2 and Arcee shapes (RoPE) export pruned heads"
+        )
     shape = (
         f"arch={cfg.arch!r}"
         if cfg.arch != "gpt"
@@ -138,6 +154,7 @@ def hf_config(cfg: ModelConfig, family: str, eot_id: Optional[int]) -> dict:
             **rope,
             "hidden_act": TANH_GELU,
             "norm_epsilon": cfg.norm_eps,
+            "head_dim": cfg.head_dim,  # read by transformers' Starcoder2 (5.x); hidden_size / heads otherwise
             "use_bias": cfg.bias,
             "residual_dropout": cfg.dropout,
             "embedding_dropout": cfg.dropout,
