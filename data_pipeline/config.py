@@ -17,7 +17,8 @@ class SourceConfig:
     """Where the corpus lives and how to parse it."""
 
     # URIs, directories or globs: s3://bucket/prefix/*.jsonl.gz, gs://..., abfs://container@account.dfs.core.windows.net/...,
-    # az://container/... (account from AZURE_STORAGE_ACCOUNT_NAME), local paths, or "shakespeare" (the embedded corpus;
+    # az://container/... (account from AZURE_STORAGE_ACCOUNT_NAME or AZURE_STORAGE_CONNECTION_STRING; cloud credentials
+    # only from the environment, as data_pipeline/storage.py lists), local paths, or "shakespeare" (the embedded corpus;
     # "shakespeare:<glob>" picks some of its texts, e.g. "shakespeare:sonnets_gut.txt").
     uris: list[str] = field(default_factory=lambda: ["shakespeare"])
     # auto: by extension (.txt = one document per file; .jsonl/.json[.gz|.zst] = one JSON document per line; .parquet).
@@ -142,7 +143,7 @@ class SplitByConfig:
 class OutputConfig:
     """Token shards: Parquet files of fixed-length sequences plus manifest.json and the tokenizer."""
 
-    uri: str = "runs/data/shakespeare"  # local directory or s3://, gs://, abfs:// prefix
+    uri: str = "runs/data/shakespeare"  # local directory or s3://, gs://, az:// / abfs:// prefix
     seq_len: int = field(default=256, metadata={"min": 1})  # model context; rows hold seq_len + 1 tokens
     val_fraction: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})  # of works (see split_by)
     split_by: SplitByConfig = field(default_factory=SplitByConfig)

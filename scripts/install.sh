@@ -24,6 +24,30 @@ torch_version=2.13.0
 cpu_index=${RAYLM_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 stamp="$venv/.raylm-installed-${extra:-base}"
 want=$({ cat pyproject.toml scripts/install.sh; echo "torch: ${RAYLM_TORCH:-}"; } | sha256sum | cut -c1-16)
+
+# dev: Azurite, the Azure Storage emulator tests/test_cloud_storage.py runs (an npm package), into the
+# git-ignored .cache/azurite when that version is missing there; checked on every run, stamp or not.
+azurite_version=3.37.0
+azurite_dir=.cache/azurite
+if [ "$extra" = dev ] && ! grep -qs "\"version\": \"$azurite_version\"" "$azurite_dir/node_modules/azurite/package.json"; then
+  if command -v npm >/dev/null; then
+    echo "[install] azurite@$azurite_version (the Azure Storage emulator for the tests) into $azurite_dir"
+    if [ "$dry_run" = 1 ]; then
+      echo "[install] would run: npm install --prefix $azurite_dir azurite@$azurite_version"
+    else
+      mkdir -p "$azurite_dir"
+      # Not fatal (offline, say): the rest of the dev install still runs; only the Azure tests need it.
+      npm install --prefix "$azurite_dir" --no-save --no-audit --no-fund --loglevel=error "azurite@$azurite_version" ||
+        echo "[install] npm could not install azurite@$azurite_version (see above): the Azure storage tests" \
+          "(tests/test_cloud_storage.py) will fail until it is installed; re-run scripts/install.sh dev." >&2
+    fi
+  else
+    echo "[install] npm not found: the Azure storage tests (tests/test_cloud_storage.py) need Azurite" \
+      "(npm package azurite@$azurite_version) and will fail. Install Node.js with npm (azurite declares" \
+      "node 22+; 20 runs it), e.g. apt-get install nodejs npm, and re-run scripts/install.sh dev." >&2
+  fi
+fi
+
 if [ "$dry_run" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

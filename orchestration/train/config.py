@@ -53,7 +53,7 @@ class TrainConfig:
     data: str = "data/shakespeare/manifest.json"  # manifest URI written by `raylm prepare` (local, s3://)
     endpoint_url: Optional[str] = None  # S3-compatible endpoint for s3:// data (MinIO, moto); None: AWS
     run_name: str = "run"  # the run directory is <storage_path>/<run_name>; reused -> resume
-    storage_path: str = "runs"  # local path, s3:// or gs:// URI
+    storage_path: str = "runs"  # local path or s3://, gs://, az:// / abfs:// URI (data_pipeline/storage.py)
 
     # --- scale-out
     num_workers: int = field(default=2, metadata={"min": 1})

@@ -145,12 +145,15 @@ def resume_point(
     """(checkpoint URI, meta) the run continues from: its own newest complete checkpoint, else the
     ``branch_from`` checkpoint of another run; None for a fresh start. Raises ConfigError when the run
     exists and ``resume`` is off, or when the checkpoint was written by a different run shape/data."""
+    from data_pipeline.cloud_auth import storage_hint
+    from data_pipeline.storage import STORAGE_ERRORS, redact
+
     try:
         exists = run.exists()
-    except OSError as err:  # an unreachable bucket or endpoint: say which key points there
+    except STORAGE_ERRORS as err:  # an unreachable bucket or endpoint, refused credentials: say where to look
         raise ConfigError(
-            f"train.storage_path: cannot reach {run.uri} ({err}); check the bucket, the credentials and "
-            "train.endpoint_url"
+            f"train.storage_path: cannot reach {run.uri} ({redact(str(err))}); "
+            f"{storage_hint(run.uri, 'train.endpoint_url')}"
         ) from None
     if exists and not resume:
         raise ConfigError(f"run directory {run.uri} already exists; pick another train.run_name or resume it")
