@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a checkpoint: continued pretraining, classification head or SFT; full/partial/LoRA",
         description="Start from finetune.checkpoint and train on finetune.data through Ray Train + DeepSpeed "
-        "(finetune.task lm | classification | sft; finetune.mode full | partial | lora), with early "
+        "(finetune.task lm | classification | sft | distill; finetune.mode full | partial | lora), with early "
         "stopping on val loss. Scores the pretrained and the best fine-tuned checkpoint on the same "
         "val rows and writes finetune_summary.json, finetune.md and the report to the run dir.",
         no_resume_help="fail if the run directory exists instead of resuming from its latest checkpoint",

@@ -56,7 +56,8 @@ class ScalingRunConfig(PretrainConfig):
 
 @dataclass
 class FinetuneModelConfig:
-    """The model shape comes from the checkpoint; only dropout may change for fine-tuning."""
+    """The model shape comes from the checkpoint (task distill: finetune.student or a student
+    checkpoint); only dropout may change for fine-tuning."""
 
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
 
@@ -303,7 +304,7 @@ def check_finetune_data(ft: FinetuneConfig) -> None:
     """A labelled task's ``finetune.data`` must be a shipped task of that kind or a JSONL URI with
     ``{split}``; checked without reading anything, so `raylm finetune` refuses it before a checkpoint
     is fetched or Ray starts."""
-    if ft.data is None or ft.task == "lm":
+    if ft.data is None or ft.task in ("lm", "distill"):
         return  # a missing value is the driver's check (run_finetune); a manifest is read when the run starts
     from data_pipeline.task_data import check_source
 

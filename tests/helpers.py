@@ -256,8 +256,9 @@ TINY_TRAIN = [
     "train.log_interval=2",
 ]
 # What each shipped fine-tune config runs with besides TINY_TRAIN: sizes, and one engine per task so
-# the three cover ZeRO-2 (LoRA), ZeRO-0 (a full fine-tune with its classification head, stopped
-# early) and ZeRO-3 (frozen embeddings and blocks gathered unchanged into the checkpoint).
+# they cover ZeRO-2 (LoRA), ZeRO-0 (a full fine-tune with its classification head, stopped
+# early) and ZeRO-3 (frozen embeddings and blocks gathered unchanged into the checkpoint; a fresh
+# distillation student partitioned as built, its teacher a plain module beside the engine).
 FINETUNE_OVERRIDES = {
     "sft": [
         "finetune.max_per_document=2",
@@ -279,6 +280,15 @@ FINETUNE_OVERRIDES = {
         "train.checkpoint_interval=4",
     ],
     "poems": ["train.zero_stage=3", "train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2"],
+    "distill": [
+        "finetune.student.n_layer=1",  # of the demo's 3, at half its width 32
+        "finetune.student.n_embd=16",
+        "finetune.max_val_examples=8",
+        "train.zero_stage=3",
+        "train.max_steps=4",
+        "train.eval_interval=2",
+        "train.checkpoint_interval=2",
+    ],
 }
 
 

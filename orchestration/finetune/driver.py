@@ -3,7 +3,8 @@ checkpoint -> after metrics -> ``finetune_summary.json`` / ``finetune.md`` in th
 
 Shares the pretraining driver path (run directory, resume, same-run check, resources, trainer) and
 adds what fine-tuning needs: the pretrained checkpoint's model and tokenizer, task rows tokenized on
-the driver (small labelled sets) or token shards for continued pretraining, and early stopping.
+the driver (small labelled sets) or token shards for continued pretraining and distillation (teacher
+and student: ``orchestration.finetune.distill``), and early stopping.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ def check_config(cfg: FinetuneRunConfig) -> None:
     """What the schema alone cannot check: required keys and how evaluation, checkpoints and early
     stopping fit together."""
     ft, train = cfg.finetune, cfg.train
-    if not ft.checkpoint:
+    if ft.task == "distill":
+        if not ft.teacher:
+            raise ConfigError("finetune.teacher is required for task distill: a checkpoint_<step> dir or run dir")
+        if ft.student is None and not ft.checkpoint:
+            raise ConfigError(
+                "task distill needs a student: finetune.student (the teacher's shape with some keys changed, "
+                "e.g. {n_layer: 2, n_embd: 64}, freshly initialised) or finetune.checkpoint (a student checkpoint)"
+            )
+    elif not ft.checkpoint:
         raise ConfigError("finetune.checkpoint is required: a pretrained checkpoint_<step> dir or run dir")
     if not ft.data:
         raise ConfigError(
-            "finetune.data is required: a manifest (task lm), a shipped task "
+            "finetune.data is required: a manifest (task lm, distill), a shipped task "
             "(shakespeare-genre, shakespeare-play-qa) or a JSONL URI with {split}"
         )
     if train.eval_interval == 0 and ft.patience > 0:
@@ -51,9 +60,11 @@ def with_absolute_paths(cfg: FinetuneRunConfig) -> FinetuneRunConfig:
 
     ft = cfg.finetune
     data = ft.data if ft.data in SHIPPED_TASKS else absolute_uri(ft.data)
+    checkpoint = absolute_uri(ft.checkpoint) if ft.checkpoint else None
+    teacher = absolute_uri(ft.teacher) if ft.teacher else None
     return dataclasses.replace(
         with_absolute_run_paths(cfg),
-        finetune=dataclasses.replace(ft, checkpoint=absolute_uri(ft.checkpoint), data=data),
+        finetune=dataclasses.replace(ft, checkpoint=checkpoint, data=data, teacher=teacher),
     )
 
 
@@ -87,21 +98,23 @@ class TaskData:
     val_arrays: dict = field(default_factory=dict)
 
 
-def task_data(cfg: FinetuneRunConfig, enc, tokenizer_hash: str, block_size: int, init_uri: str) -> TaskData:
-    """Token shards (task lm, read by Ray Data) or labelled rows tokenized here (classification, sft)."""
+def task_data(cfg: FinetuneRunConfig, enc, tokenizer_hash: str, block_size: int, tokenizer_uri: str) -> TaskData:
+    """Token shards (task lm and distill, read by Ray Data) or labelled rows tokenized here (classification,
+    sft). ``tokenizer_uri``: the checkpoint whose tokenizer the shards must use (the teacher's for distill)."""
     from data_pipeline.manifest import check_manifest, read_manifest
     from data_pipeline.stream import sequence_dataset
     from orchestration.finetune.data import encode_rows, example_stream, task_rows, task_seq_len
 
     ft, train = cfg.finetune, cfg.train
-    if ft.task == "lm":
+    if ft.task in ("lm", "distill"):
         manifest = read_manifest(ft.data, train.endpoint_url)
         try:
             check_manifest(manifest, tokenizer_hash, None)
         except ValueError as err:
+            owner = "teacher" if ft.task == "distill" else "checkpoint"
             raise ConfigError(
-                f"{err}. Prepare the domain corpus with the checkpoint's tokenizer: `raylm prepare "
-                f"data.tokenizer.kind=file data.tokenizer.path={init_uri}`"
+                f"{err}. Prepare the corpus with the {owner}'s tokenizer: `raylm prepare "
+                f"data.tokenizer.kind=file data.tokenizer.path={tokenizer_uri}`"
             ) from None
         seq_len = int(manifest["seq_len"])
         if seq_len > block_size:
@@ -143,7 +156,7 @@ def before_after(cfg: FinetuneRunConfig, uri: str, data: TaskData, tuned: bool) 
     from orchestration.finetune.scores import classifier_metrics, majority_accuracy, sft_metrics, zero_shot_metrics
 
     ft, endpoint_url, val = cfg.finetune, cfg.train.endpoint_url, data.val_arrays
-    if ft.task == "lm":
+    if ft.task in ("lm", "distill"):
         return evaluate_lm(uri, ft.data, max_sequences=ft.max_val_examples, endpoint_url=endpoint_url)
     if ft.task == "sft":
         model, _, enc, _ = load_checkpoint_model(uri, endpoint_url=endpoint_url)
@@ -193,13 +206,21 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
     check_config(cfg)
     cfg = with_absolute_paths(cfg)
     ft, train = cfg.finetune, cfg.train
-    init_uri = resolve_checkpoint(ft.checkpoint, train.endpoint_url)
-    local = local_checkpoint_copy(init_uri, train.endpoint_url)
-    model_cfg = checkpoint_model_config(local, cfg)
-    spec = load_spec(local)
+    distill = None
+    if ft.task == "distill":  # the teacher, and the student: fresh (init_uri None) or from a checkpoint
+        from orchestration.finetune.distill import check_same_distillation, distill_models
 
-    # --- task data: token shards (lm) or labelled rows tokenized here (classification, sft)
-    data = task_data(cfg, encoding(spec), spec["hash"], model_cfg.block_size, init_uri)
+        distill = distill_models(cfg)
+        init_uri, model_cfg, spec = distill.student_uri, distill.student, distill.spec
+    else:
+        init_uri = resolve_checkpoint(ft.checkpoint, train.endpoint_url)
+        local = local_checkpoint_copy(init_uri, train.endpoint_url)
+        model_cfg = checkpoint_model_config(local, cfg)
+        spec = load_spec(local)
+
+    # --- task data: token shards (lm, distill) or labelled rows tokenized here (classification, sft)
+    tokenizer_uri = distill.teacher_uri if distill else init_uri
+    data = task_data(cfg, encoding(spec), spec["hash"], model_cfg.block_size, tokenizer_uri)
     val_batches = data.n_val // (train.num_workers * train.micro_batch_size)
     if val_batches == 0:
         raise ConfigError(
@@ -212,9 +233,18 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
     # --- run directory, resume, before-metrics
     run = run_dir(train)
     meta_now = {"seq_len": data.seq_len, "tokenizer_hash": spec["hash"], "data": ft.data, "base_checkpoint": init_uri}
+    if distill:
+        meta_now["teacher"] = distill.teacher_uri
     start = resume_point(run, cfg, meta_now, resume=resume)
-    print("[raylm] scoring the pretrained checkpoint on the val rows (before)", flush=True)
-    before = before_after(cfg, init_uri, data, tuned=False)
+    if distill and start:
+        check_same_distillation(start[1], cfg, start[0], distill.teacher_uri)
+    before = teacher = None
+    if init_uri is not None:  # a fresh student has nothing to score before training
+        print("[raylm] scoring the pretrained checkpoint on the val rows (before)", flush=True)
+        before = before_after(cfg, init_uri, data, tuned=False)
+    if distill:
+        print(f"[raylm] scoring the teacher {distill.teacher_uri} on the val rows", flush=True)
+        teacher = before_after(cfg, distill.teacher_uri, data, tuned=False)
     finetune_info = {
         "task": ft.task,
         "mode": ft.mode,
@@ -226,6 +256,16 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
             {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "targets": ft.lora_targets} if ft.mode == "lora" else None
         ),
     }
+    if distill:
+        from model.flops import count_params
+
+        finetune_info["distill"] = {
+            "teacher": distill.teacher_uri,
+            "temperature": ft.temperature,
+            "alpha": ft.alpha,
+            "teacher_params": count_params(distill.teacher),
+            "student_params": count_params(distill.student),
+        }
     plan = WorkerPlan(
         config=config_to_dict(cfg),
         train=train,
@@ -238,7 +278,12 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
         checkpoint_files={**to_files(spec), FINETUNE_FILE: json.dumps(finetune_info, indent=2).encode()},
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
-        task={"finetune": ft, "init_uri": init_uri, "labels": data.labels},
+        task={
+            "finetune": ft,
+            "init_uri": init_uri,
+            "labels": data.labels,
+            "teacher_uri": distill.teacher_uri if distill else None,
+        },
     )
     # every evaluation checkpoints; Ray keeps the best num_to_keep by val loss, and always the latest
     trained = launch(
@@ -271,6 +316,7 @@ def run_finetune(cfg: FinetuneRunConfig, *, resume: bool = True) -> dict:
         "val_examples": data.n_val,
         "before": before,
         "after": after,
+        **({"teacher": teacher} if distill else {}),
         "wall_s": time.time() - t0,
     }
     run.write_json(FINETUNE_SUMMARY_FILE, summary)

@@ -1,7 +1,8 @@
 """The fine-tune summary: before/after metrics of the same val rows, laid out once.
 
 ``summary_blocks`` is the only place the comparison is laid out (report blocks: text and tables);
-``finetune.md`` and the run's report both render those blocks.
+``finetune.md`` and the run's report both render those blocks. A distillation adds its teacher's
+column (and a fresh student has no "before").
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 
-def headline(task: str, metrics: dict, tuned: bool) -> dict[str, Optional[float]]:
-    """The comparable numbers of one side of a before/after table."""
-    if task == "lm":
+def headline(task: str, metrics: Optional[dict], tuned: bool) -> dict[str, Optional[float]]:
+    """The comparable numbers of one side of a before/after table (none for a side never scored)."""
+    if metrics is None:
+        return {}
+    if task in ("lm", "distill"):
         return {"val loss": metrics["loss"], "perplexity": metrics["perplexity"]}
     if task == "sft":
         kinds = metrics.get("exact_match_by_kind", {})
@@ -31,21 +34,27 @@ def headline(task: str, metrics: dict, tuned: bool) -> dict[str, Optional[float]
 def summary_blocks(summary: dict) -> list[tuple]:
     """Report blocks of a fine-tune: what ran, the before/after table, and for SFT the answers."""
     task = summary["task"]
-    before, after = headline(task, summary["before"], False), headline(task, summary["after"], True)
+    sides = {"before": headline(task, summary["before"], False), "after": headline(task, summary["after"], True)}
+    started = f"base {summary['base_checkpoint']}"
+    if "distill" in summary:
+        d = summary["distill"]
+        sides = {"teacher": headline(task, summary["teacher"], False), **sides}
+        started = (
+            f"teacher {d['teacher']} ({d['teacher_params']:,} parameters, frozen), temperature {d['temperature']}, "
+            f"alpha {d['alpha']}; student of {d['student_params']:,} parameters from "
+            + (summary["base_checkpoint"] or "a fresh init (train.seed)")
+        )
+    metrics = dict.fromkeys(k for side in sides.values() for k in side)
     blocks: list[tuple] = [
         (
             "text",
             f"Task {task}, mode {summary['mode']}, {summary['trainable_params']:,} trainable parameters; "
-            f"base {summary['base_checkpoint']}; best checkpoint {summary['best_checkpoint']} (step "
+            f"{started}; best checkpoint {summary['best_checkpoint']} (step "
             f"{summary['best_step']} of {summary['total_steps']}"
             + (", stopped early on val loss" if summary["stopped_early"] else "")
             + ").",
         ),
-        (
-            "table",
-            ("metric", "before", "after"),
-            [(k, _fmt(before.get(k)), _fmt(after.get(k))) for k in dict.fromkeys([*before, *after])],
-        ),
+        ("table", ("metric", *sides), [(k, *(_fmt(side.get(k)) for side in sides.values())) for k in metrics]),
     ]
     if task == "classification":
         blocks.append(

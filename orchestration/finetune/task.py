@@ -4,7 +4,8 @@ frozen blocks, the task's loss, which weight files a checkpoint holds, and early
 The driver (``orchestration.finetune.driver``) puts the job's part in ``WorkerPlan.task``: the
 ``finetune`` section, the pretrained checkpoint's URI and the task's labels. Every evaluation writes
 a checkpoint (Ray keeps the best ``num_to_keep`` by val loss plus the latest), so the best model
-survives early stopping and a failed worker resumes where it was.
+survives early stopping and a failed worker resumes where it was. Distillation's student and its
+frozen teacher come from ``orchestration.finetune.distill``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def task_forward(
 
 
 def finetune_task(plan: WorkerPlan, device: torch.device, rank: int, world_size: int) -> Task:
-    """The fine-tuning job: the pretrained checkpoint's weights shaped for the task and mode."""
+    """The fine-tuning job: the pretrained checkpoint's weights shaped for the task and mode; for
+    distillation, the student (from its checkpoint, or freshly initialised as pretraining builds a model)
+    and the frozen teacher whose predictions it learns."""
     from safetensors.torch import load as load_safetensors
 
     from data_pipeline.storage import read_bytes
@@ -96,22 +99,49 @@ def finetune_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
 
     ft: FinetuneConfig = plan.task["finetune"]
     train, model_cfg = plan.train, plan.model
-    state = load_safetensors(read_bytes(f"{plan.task['init_uri']}/{MODEL_FILE}", train.endpoint_url))
-    model = build_finetune_model(ft, model_cfg, state, len(plan.task["labels"] or []), train.seed).to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if plan.task["init_uri"] is None:  # a fresh distillation student: seeded, at ZeRO-3 partitioned as built
+        from orchestration.train.rank_model import build_rank_model
+
+        model = build_rank_model(model_cfg, train.at_world_size(world_size), device)
+    else:
+        state = load_safetensors(read_bytes(f"{plan.task['init_uri']}/{MODEL_FILE}", train.endpoint_url))
+        model = build_finetune_model(ft, model_cfg, state, len(plan.task["labels"] or []), train.seed).to(device)
+    # a parameter partitioned at build (ZeRO-3) holds none of its elements here: count its full size
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     micro, gbs = train.micro_batch_size, train.global_batch_size
+
+    def forward(engine, batch: dict, dev: torch.device):
+        return task_forward(engine, ft.task, batch, dev)
+
+    flops, eval_extra = flops_per_token(model_cfg, plan.seq_len), None
+    banner = f"fine-tuning ({ft.task}, {ft.mode}): {trainable:,} of {total:,} parameters train"
+    if ft.task == "distill":
+        from orchestration.evaluate.load import load_checkpoint_model
+        from orchestration.finetune.distill import Distiller
+
+        teacher, teacher_cfg, _, _ = load_checkpoint_model(plan.task["teacher_uri"], endpoint_url=train.endpoint_url)
+        distiller = Distiller(
+            teacher, alpha=ft.alpha, temperature=ft.temperature, precision=train.precision, device=device
+        )
+        forward, eval_extra = distiller.forward, distiller.window_metrics
+        flops += flops_per_token(teacher_cfg, plan.seq_len) / 3  # the teacher's forward: a third of training's
+        banner = (
+            f"distilling (T={ft.temperature}, alpha={ft.alpha}): a student of {total:,} parameters learns from "
+            f"{plan.task['teacher_uri']} ({sum(p.numel() for p in teacher.parameters()):,}, frozen)"
+        )
     return Task(
         name=f"finetune-{ft.task}",
         model=model,
-        forward=lambda engine, batch, dev: task_forward(engine, ft.task, batch, dev),
+        forward=forward,
         train_batches=dataset_batches("train", rank, world_size, micro, gbs),
         val_batches=dataset_batches("val", rank, world_size, micro, gbs, limit=plan.val_batches),
-        flops_per_token=flops_per_token(model_cfg, plan.seq_len),
+        flops_per_token=flops,
         weight_files=weight_files(model, ft.task, ft.mode),
         checkpoint_every_eval=True,
         early_stopping=EarlyStopping(ft.patience, ft.min_delta),
         reports_accuracy=ft.task == "classification",
         record_extra={"trainable_params": trainable},
-        banner=f"fine-tuning ({ft.task}, {ft.mode}): {trainable:,} of {total:,} parameters train",
+        eval_extra=eval_extra,
+        banner=banner,
     )

@@ -1,10 +1,10 @@
 """Fine-tuning: LoRA, the classification head, task data, config checks, and real Ray Train runs.
 
-The slow tests fine-tune the session's ZeRO-1 reference run (tests/conftest.py ``reference_runs``: a
-tiny GPT pretrained for 20 steps, shared with the training tests) three ways through Ray Train +
-DeepSpeed on 2 CPU workers: SFT with LoRA (ZeRO-2), classification with frozen blocks (ZeRO-3,
-early stopping) and continued pretraining (full, ZeRO-0). Each checks that the driver's
-before/after scoring of the saved checkpoint reproduces what the workers measured.
+The slow tests check the session's demo (tests/conftest.py ``demo_runs``) fine-tuned with every shipped
+configs/finetune_*.yaml through Ray Train + DeepSpeed: SFT with LoRA (ZeRO-2), classification in full
+(ZeRO-0, early stopping), continued pretraining with frozen embeddings and blocks (ZeRO-3) and
+distillation into a smaller fresh student (ZeRO-3). Each checks that the driver's scoring of the saved
+checkpoint reproduces what the workers measured. Distillation's loss and checks: test_distill.py.
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def test_early_stopping_state_replays_from_metrics():
 
 # --- real runs through Ray Train + DeepSpeed ------------------------------------------------------
 # The session's demo (tests/conftest.py ``demo_runs``) fine-tuned its checkpoint with every shipped
-# config: SFT with LoRA (ZeRO-2), genre classification in full (ZeRO-0, stopped early) and continued
-# pretraining on the poems with frozen embeddings and blocks (ZeRO-3). Each test checks one of them.
+# config: SFT with LoRA (ZeRO-2), genre classification in full (ZeRO-0, stopped early), continued
+# pretraining on the poems with frozen embeddings and blocks (ZeRO-3) and distillation into a smaller
+# fresh student (ZeRO-3). Each test checks one of them.
 
 
 def _finetuned(demo_runs, name: str) -> dict:
@@ -227,7 +228,7 @@ def test_sft_from_a_relative_jsonl_reads_prompts_and_responses_on_the_driver(tmp
         (tmp_path / f"sft_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["finetune.checkpoint=x", "finetune.task=sft", "finetune.data=sft_{split}.jsonl"])
-    data = task_data(cfg, _Enc(), "hash", block_size=64, init_uri="x")
+    data = task_data(cfg, _Enc(), "hash", block_size=64, tokenizer_uri="x")
     assert [r["response"] for r in data.rows_val] == [" word0", " word1", " word2", " word0"]
     assert len(data.rows_train) == 12 and data.n_val == 4 and data.labels is None
     tokens, targets = data.val_arrays["tokens"][0], data.val_arrays["targets"][0]
@@ -321,19 +322,56 @@ def test_continued_pretraining_with_frozen_layers_under_zero3_lowers_domain_loss
 
 
 @pytest.mark.slow
-def test_continued_pretraining_refuses_another_tokenizer(demo_runs, tiny_corpus):
-    """The domain corpus must use the checkpoint's tokenizer: refused before any worker starts."""
+def test_continued_pretraining_and_distillation_refuse_another_tokenizer(demo_runs, tiny_corpus):
+    """The corpus must use the checkpoint's (the teacher's) tokenizer: refused before any worker starts."""
     from orchestration.finetune.driver import run_finetune
 
-    cfg = load_config(
-        None,
-        [
-            f"finetune.checkpoint={demo_runs['summary']['checkpoint']}",
-            "finetune.task=lm",
-            f"finetune.data={tiny_corpus}",  # vocab 512; the demo's is 400
-            f"train.storage_path={demo_runs['root'] / 'runs'}",
-            "train.run_name=refused",
-        ],
-    )
-    with pytest.raises(ConfigError, match="data.tokenizer.kind=file"):
-        run_finetune(cfg)
+    demo = demo_runs["summary"]["checkpoint"]
+    for task, model, owner in (
+        ("lm", [f"finetune.checkpoint={demo}"], "checkpoint"),
+        ("distill", [f"finetune.teacher={demo}", "finetune.student={n_layer: 1}"], "teacher"),
+    ):
+        cfg = load_config(
+            None,
+            [
+                *model,
+                f"finetune.task={task}",
+                f"finetune.data={tiny_corpus}",  # vocab 512; the demo's is 400
+                f"train.storage_path={demo_runs['root'] / 'runs'}",
+                "train.run_name=refused",
+            ],
+        )
+        with pytest.raises(ConfigError, match=f"with the {owner}'s tokenizer: .*data.tokenizer.kind=file"):
+            run_finetune(cfg)
+
+
+@pytest.mark.slow
+def test_distillation_trains_a_smaller_student_that_loads_like_any_checkpoint(demo_runs):
+    """configs/finetune_distill.yaml from the demo model: a fresh 1-layer, width-16 student under ZeRO-3
+    learns from the frozen teacher; the checkpoint holds the student alone, at its shape."""
+    from orchestration.evaluate.load import load_checkpoint_model
+
+    summary = _finetuned(demo_runs, "distill")
+    records = _records(summary["run_dir"])
+    evals = [r for r in records if "val_loss" in r]
+    d = summary["distill"]
+    assert summary["task"] == "distill" and summary["final_step"] == 4 and summary["before"] is None
+    assert d["teacher"] == demo_runs["summary"]["checkpoint"] and (d["alpha"], d["temperature"]) == (0.9, 1.0)
+    # both parts of the loss were measured on the train tokens between evaluations
+    assert len(evals) == 2 and all(r["distill_kl"] > 0 and r["distill_ce"] > 0 for r in evals)
+    # the val loss is the student's plain next-token loss: the driver's eval of the saved student agrees
+    assert summary["after"]["loss"] == pytest.approx(_best_eval(records)["val_loss"], rel=1e-5)
+    assert summary["teacher"]["loss"] < summary["after"]["loss"]  # 4 steps of a tiny student: far from it
+
+    ckpt = Path(summary["best_checkpoint"])
+    saved = load_file(str(ckpt / "model.safetensors"))
+    model, cfg, _, _ = load_checkpoint_model(str(ckpt))
+    assert isinstance(model, GPT) and (cfg.n_layer, cfg.n_embd, cfg.n_head) == (1, 16, 2)
+    assert saved["transformer.wte.weight"].shape == (cfg.vocab_size, 16)
+    assert not any(k.startswith("transformer.h.1.") for k in saved)  # no teacher block came along
+    # the teacher is in neither the parameter count nor the optimizer (Adam's two moments, one worker)
+    student_params = sum(t.numel() for t in saved.values())
+    assert summary["trainable_params"] == d["student_params"] == student_params < d["teacher_params"]
+    assert records[-1]["optimizer_state_numel_per_rank"] == [2 * student_params]
+    assert json.loads((ckpt / "finetune.json").read_text())["distill"]["teacher"] == d["teacher"]
+    assert "| metric | teacher | before | after |" in (Path(summary["run_dir"]) / "finetune.md").read_text()
