@@ -31,7 +31,9 @@ upload is never picked as the latest.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Optional
 
 import pyarrow.fs as pafs
@@ -75,6 +77,20 @@ def is_training_state(name: str) -> bool:
 def meta_record(meta: dict, *, step: int, consumed_sequences: int, world_size: int, files: dict[str, int]) -> dict:
     """The ``raylm_meta.json`` of a checkpoint: the run's ``meta`` plus where it stands and every file's size."""
     return {**meta, "step": step, "consumed_sequences": consumed_sequences, "world_size": world_size, "files": files}
+
+
+def write_derived_meta(
+    out: str | Path, source_uri: str, meta: dict, written: list[str], fmt: str, **record
+) -> dict[str, int]:
+    """The meta of a checkpoint made from another (``raylm quantize``, ``raylm prune``) in local dir ``out``:
+    the source, its step and training data, ``fmt``, ``record`` and every written file's size. Written
+    LAST, as a training checkpoint's: it makes the folder complete. Returns the files' sizes."""
+    out = Path(out)
+    files = {name: (out / name).stat().st_size for name in written}
+    lineage = {key: meta[key] for key in TRAINING_DATA_KEYS if meta.get(key) is not None}
+    body = {"checkpoint": source_uri, "step": meta.get("step"), **lineage, "format": fmt, **record, "files": files}
+    (out / CHECKPOINT_META_FILE).write_text(json.dumps(body, indent=2))
+    return files
 
 
 def read_checkpoint_meta(ckpt: RunDir) -> Optional[dict]:

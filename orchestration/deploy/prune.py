@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Optional
 
 from orchestration.checkpoint_format import (
-    CHECKPOINT_META_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     PRUNING_FILE,
-    TRAINING_DATA_KEYS,
     CheckpointError,
     complete_checkpoint_meta,
     is_quantized,
+    write_derived_meta,
 )
 
 CALIBRATION_BATCH_SIZE = 8  # sequences per forward + backward while scoring
@@ -156,21 +155,13 @@ def prune_checkpoint(
     }
     (out / PRUNING_FILE).write_text(json.dumps(record, indent=2))
     written.append(PRUNING_FILE)
-    lineage = {key: meta[key] for key in TRAINING_DATA_KEYS if meta.get(key) is not None}
-    files = {name: (out / name).stat().st_size for name in written}
-    # Written last and listing the files this wrote, like a training checkpoint: it makes the folder complete
-    (out / CHECKPOINT_META_FILE).write_text(
-        json.dumps(
-            {
-                "checkpoint": ckpt_uri,
-                "step": meta.get("step"),
-                **lineage,
-                "format": "raylm-pruned",
-                "pruning": {"heads_fraction": heads, "neurons_fraction": neurons, **shape},
-                "files": files,
-            },
-            indent=2,
-        )
+    files = write_derived_meta(
+        out,
+        ckpt_uri,
+        meta,
+        written,
+        "raylm-pruned",
+        pruning={"heads_fraction": heads, "neurons_fraction": neurons, **shape},
     )
     print(
         f"[prune] params {params_before:,} -> {params_after:,} ({params_after / params_before:.1%}); "

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 from orchestration.checkpoint_format import (
-    CHECKPOINT_META_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     QUANTIZATION_FILE,
     QUANTIZED_MODEL_FILE,
-    TRAINING_DATA_KEYS,
     CheckpointError,
     is_quantized,
+    write_derived_meta,
 )
 
 
@@ -139,21 +138,13 @@ def quantize_checkpoint(
         )
     (out / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2))
     written.append(QUANTIZATION_FILE)
-    lineage = {key: meta[key] for key in TRAINING_DATA_KEYS if meta.get(key) is not None}
-    files = {name: (out / name).stat().st_size for name in written}
-    # Written last and listing the files this wrote, like a training checkpoint: it makes the folder complete
-    (out / CHECKPOINT_META_FILE).write_text(
-        json.dumps(
-            {
-                "checkpoint": ckpt_uri,
-                "step": meta.get("step"),
-                **lineage,
-                "format": "raylm-quantized",
-                "quantization": {"scheme": scheme, "group_size": spec["group_size"]},
-                "files": files,
-            },
-            indent=2,
-        )
+    files = write_derived_meta(
+        out,
+        ckpt_uri,
+        meta,
+        written,
+        "raylm-quantized",
+        quantization={"scheme": scheme, "group_size": spec["group_size"]},
     )
     print(f"[quantize] wrote {out} ({len(files) + 1} files)", flush=True)
     return record
