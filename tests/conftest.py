@@ -8,6 +8,7 @@ credential lookup never probes the network.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,20 +31,45 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test session (starting Ray costs seconds)."""
+    import shutil
+    import tempfile
+
     import ray
 
+    temp_dir = None
     if not ray.is_initialized():
+        from helpers import free_ports
+
+        # Ray Train's placement-group cleaner (an actor) finds its cluster through the state API's address
+        # lookup, which refuses to choose among several local Rays (a pytest-xdist worker's, the cluster
+        # scenarios') unless the temp dir's ray/ray_current_cluster names one: the session's Ray gets a temp
+        # dir of its own naming it (short: Ray's socket paths are length-limited). Its processes inherit
+        # RAY_TMPDIR from ray.init; the commands tests start do not (a `ray stop` there would remove the file).
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        temp_dir = tempfile.mkdtemp(prefix=f"rl{worker}_", dir="/tmp")
+        previous = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = temp_dir
         # The dashboard hosts the state API that Ray Train's placement-group cleaner polls; without it, a
-        # finished (or ASHA-stopped) trial's worker reservations linger and starve later trainers.
+        # finished (or ASHA-stopped) trial's worker reservations linger and starve later trainers. A free
+        # port, not 8265: each pytest-xdist worker starts a Ray of its own, and a second dashboard on a
+        # taken port fails.
         ray.init(
             num_cpus=2,
+            dashboard_port=free_ports(1)[0],
             log_to_driver=True,
             runtime_env={
                 "env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
             },
         )
+        Path(temp_dir, "ray", "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+        if previous is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = previous
     yield ray
     ray.shutdown()
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +136,39 @@ def sort_based_shuffle(ray_session):
 
 
 CLUSTER_SCENARIOS = "test_multinode.py"  # the tests that read cluster_scenarios
+# The modules that use a session fixture that trains runs: pytest-xdist runs them all on one worker, which
+# builds each run once (SharedRunScheduling), and they go first, being the longest.
+SHARED_RUN_MODULES = ("tests/finetune/test_finetune.py", "tests/test_demo.py", "tests/train/test_train_ray.py")
+SHARED_RUNS = ("demo_runs", "reference_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A module that uses a shared run must be in SHARED_RUN_MODULES (else a worker builds the run again);
+    those modules go first."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        used = [name for name in SHARED_RUNS if name in item.fixturenames]
+        if used and module not in SHARED_RUN_MODULES:
+            raise pytest.UsageError(
+                f"{module} uses {used[0]}: add it to SHARED_RUN_MODULES in tests/conftest.py, so pytest-xdist "
+                "runs it on the worker that holds that run"
+            )
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in SHARED_RUN_MODULES)  # stable
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by module (``--dist loadfile``), with SHARED_RUN_MODULES one unit of work.
+
+    Not ``--dist loadgroup`` with ``xdist_group`` marks: on pytest 9.2 it no longer groups at all
+    (pytest-dev/pytest-xdist#1386)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "shared runs" if module in SHARED_RUN_MODULES else module
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +176,10 @@ def cluster_scenarios(tmp_path_factory) -> dict:
     """The simulated-cluster scenarios (tests/train/multinode_run.py, autoscaling_run.py), each a
     helpers.Child process with a Ray temp dir and an S3 server of its own. ``start_cluster_scenarios``
     starts them with the session when their tests are selected: they mostly wait on Ray (failure
-    detection, the 20-s resource re-read, the autoscaler), so they run beside the other tests."""
+    detection, the 20-s resource re-read, the autoscaler), so they run beside the other tests.
+
+    Under pytest-xdist the first worker (gw0) starts them in a directory all workers share, and the
+    worker that runs their tests reads their results there."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -125,9 +187,18 @@ def cluster_scenarios(tmp_path_factory) -> dict:
     from helpers import Child, tiny_corpus_manifest
 
     scripts = Path(__file__).parent / "train"
-    multinode_root = tmp_path_factory.mktemp("multinode")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    multinode_root, autoscaling_root = shared / "multinode", shared / "autoscaling"
+    if worker not in (None, "gw0"):
+        yield {
+            "multinode": Child.attach(scripts / "multinode_run.py", multinode_root),
+            "autoscaling": Child.attach(scripts / "autoscaling_run.py", autoscaling_root),
+        }
+        return
+    multinode_root.mkdir()
+    autoscaling_root.mkdir()
     ray_tmpdir = tempfile.mkdtemp(prefix="rlmn_", dir="/tmp")  # short: Ray's socket paths are length-limited
-    autoscaling_root = tmp_path_factory.mktemp("autoscaling")
     children = {
         "multinode": Child.start(
             scripts / "multinode_run.py", multinode_root, "--root", str(multinode_root), "--ray-tmpdir", ray_tmpdir
@@ -143,12 +214,14 @@ def cluster_scenarios(tmp_path_factory) -> dict:
     }
     yield children
     for child in children.values():  # a deselected test's child still stops its own cluster: wait for it
-        child.proc.wait(timeout=600)
+        child.wait(timeout_s=600)
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def start_cluster_scenarios(request):
-    """``cluster_scenarios`` from the session's start, when any of their tests is selected."""
-    if any(item.path.name == CLUSTER_SCENARIOS for item in request.session.items):
+    """``cluster_scenarios`` from the session's start, when any of their tests is selected (under
+    pytest-xdist, on gw0, which starts them; the others attach when they run one of those tests)."""
+    selected = any(item.path.name == CLUSTER_SCENARIOS for item in request.session.items)
+    if selected and os.environ.get("PYTEST_XDIST_WORKER") in (None, "gw0"):
         request.getfixturevalue("cluster_scenarios")

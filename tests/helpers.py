@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from orchestration.config import Config
 
@@ -382,16 +384,18 @@ def run_demo_and_finetunes(root: Path) -> dict:
 
 class Child(NamedTuple):
     """A cluster script running in its own process, its output going to files (a pipe nobody reads
-    while another scenario runs would fill up and block it)."""
+    while another scenario runs would fill up and block it) and its exit code to ``<stem>.rc`` when it
+    ends, so another test process (a pytest-xdist worker) can ``attach`` and read its result."""
 
-    proc: subprocess.Popen
     out: Path
     err: Path
+    rc: Path
+    proc: Optional[subprocess.Popen] = None  # None in a process that attached
 
     @classmethod
     def start(cls, script: Path, out_dir: Path, *args: str) -> Child:
-        out, err = out_dir / f"{script.stem}.out", out_dir / f"{script.stem}.err"
-        with open(out, "w") as stdout, open(err, "w") as stderr:
+        child = cls.attach(script, out_dir)
+        with open(child.out, "w") as stdout, open(child.err, "w") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, str(script), *args],
                 stdout=stdout,
@@ -399,14 +403,29 @@ class Child(NamedTuple):
                 text=True,
                 cwd=Path(__file__).resolve().parents[1],
             )
-        return cls(proc, out, err)
+        threading.Thread(target=lambda: child.rc.write_text(str(proc.wait())), daemon=True).start()
+        return child._replace(proc=proc)
+
+    @classmethod
+    def attach(cls, script: Path, out_dir: Path) -> Child:
+        """The child that ``start`` runs (or ran) with this script in ``out_dir``, from any process."""
+        return cls(*(out_dir / f"{script.stem}.{suffix}" for suffix in ("out", "err", "rc")))
+
+    def wait(self, timeout_s: float = 600) -> int:
+        """Its exit code, once it has ended."""
+        deadline = time.monotonic() + timeout_s
+        while not self.rc.exists() or not self.rc.read_text():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.out.stem} still running after {timeout_s:.0f} s: {self.out}")
+            time.sleep(0.5)
+        return int(self.rc.read_text())
 
     def result(self, timeout_s: float = 600) -> tuple[dict, str]:
         """(the JSON of its RESULT line, its stdout), once it has ended."""
-        self.proc.wait(timeout=timeout_s)
+        returncode = self.wait(timeout_s)
         stdout = self.out.read_text()
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        assert self.proc.returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
+        assert returncode == 0 and lines, stdout[-3000:] + self.err.read_text()[-3000:]
         return json.loads(lines[-1][len("RESULT ") :]), stdout
 
 

@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the local end of the SSH tunnel / port-forward
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+# Ray's Jobs API until the head's job agent has registered (seconds after `ray start`, longer on a busy head)
+NO_AGENT, AGENT_WAIT_S = "No available agent to submit job", 60.0
 
 # Never uploaded: environments, outputs, datasets and caches (gitignore syntax, anchored at the
 # working dir so `data_pipeline/` is kept while the top-level `data/` is not). Ray also honours
@@ -291,12 +293,22 @@ def submit(
     """
     url = normalize_address(address)
     client = client or connect(url, allow_insecure_token=allow_insecure_token)
-    job_id = client.submit_job(
-        entrypoint=entrypoint(command_args),
-        submission_id=job_id,
-        runtime_env=runtime_env(url, env=env, pip=pip, working_dir=working_dir, excludes=excludes),
-        metadata={"submitted_by": "raylm submit"},
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint(command_args),
+                submission_id=job_id,
+                runtime_env=runtime_env(url, env=env, pip=pip, working_dir=working_dir, excludes=excludes),
+                metadata={"submitted_by": "raylm submit"},
+            )
+            break
+        except RuntimeError as err:
+            # A head that has just started answers the Jobs API before its job agent has registered
+            if NO_AGENT not in str(err) or time.monotonic() > deadline:
+                raise
+            print(f"[raylm] {url} has no job agent yet (a head just started?): retrying", file=out, flush=True)
+            time.sleep(1)
     print(f"[raylm] submitted {job_id} to {url}: {entrypoint(command_args)}", file=out, flush=True)
     if follow or wait:
         status = (

@@ -127,6 +127,30 @@ def test_auth_token_is_read_in_rays_order(monkeypatch, tmp_path):
         sub.auth_token()
 
 
+def test_submit_waits_for_a_job_agent_and_raises_other_errors_at_once():
+    """A head that has just started answers 500 "No available agent" until its job agent registers."""
+
+    class Head:
+        def __init__(self, error: str, failures: int):
+            self.error, self.failures, self.calls = error, failures, 0
+
+        def submit_job(self, **kwargs) -> str:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(f"Request failed with status code 500: {self.error}")
+            return "raysubmit_1"
+
+    out = io.StringIO()
+    starting = Head("No available agent to submit job, please try again later..", failures=2)
+    job_id = sub.submit("http://127.0.0.1:8265", ["train"], working_dir=str(ROOT), client=starting, out=out)
+    assert job_id == "raysubmit_1"
+    assert starting.calls == 3 and out.getvalue().count("no job agent yet") == 2
+    broken = Head("Internal Server Error", failures=1)
+    with pytest.raises(RuntimeError, match="Internal Server Error"):
+        sub.submit("http://127.0.0.1:8265", ["train"], working_dir=str(ROOT), client=broken, out=io.StringIO())
+    assert broken.calls == 1
+
+
 def test_submit_parser_takes_the_command_after_the_separator():
     parser = argparse.ArgumentParser()
     sub.add_submit_parser(parser.add_subparsers(dest="cmd"))
