@@ -140,11 +140,14 @@ CLUSTER_SCENARIOS = "test_multinode.py"  # the tests that read cluster_scenarios
 # builds each run once (SharedRunScheduling), and they go first, being the longest.
 SHARED_RUN_MODULES = ("tests/finetune/test_finetune.py", "tests/test_demo.py", "tests/train/test_train_ray.py")
 SHARED_RUNS = ("demo_runs", "reference_runs")
+# Modules that start a Ray head of their own: last, when the cluster scenarios and the shared runs are done
+# (a head started beside them on 2 busy cores lost its job agent and its dashboard)
+OWN_HEAD_MODULES = ("tests/deploy/test_submit.py",)
 
 
 def pytest_collection_modifyitems(config, items):
     """A module that uses a shared run must be in SHARED_RUN_MODULES (else a worker builds the run again);
-    those modules go first."""
+    those modules go first, OWN_HEAD_MODULES last."""
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         used = [name for name in SHARED_RUNS if name in item.fixturenames]
@@ -153,7 +156,12 @@ def pytest_collection_modifyitems(config, items):
                 f"{module} uses {used[0]}: add it to SHARED_RUN_MODULES in tests/conftest.py, so pytest-xdist "
                 "runs it on the worker that holds that run"
             )
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in SHARED_RUN_MODULES)  # stable
+
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if module in SHARED_RUN_MODULES else 2 if module in OWN_HEAD_MODULES else 1
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
 
 
 def pytest_xdist_make_scheduler(config, log):
