@@ -6,7 +6,9 @@ audit's text, when data.audit asks) -> dedup -> tokenizer (rustbpe-trained BPE, 
 -> shards (tokenize, split, pack, write) -> prepare (the
 entry point; manifest.json, row_index's per-split row-group index).
 Reading: manifest (typed manifest, checks) -> shard_reader (the one reader of shards: index records,
-range reads, parquet_pages decode, CRC) -> order (which rows a stream position holds) -> loader (one
-rank's training micro-batches) or stream (the Ray Data stream of fine-tuning and the demo).
-Knows Ray Data, never Ray Train.
+range reads, parquet_pages decode, CRC) -> order (which rows a stream position holds; mixture: which
+source, for data prepared from data.mixture) -> loader (one rank's training micro-batches) or stream
+(the Ray Data stream of fine-tuning and the demo).
+Beside the pipeline: codecs (byte-level, BPE and Unigram tokenizers behind one interface, for
+`raylm tokenizers`). Knows Ray Data, never Ray Train.
 """

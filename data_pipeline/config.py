@@ -28,6 +28,44 @@ class SourceConfig:
     region: Optional[str] = None
 
 
+MIXTURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class MixtureSourceConfig:
+    """One named source of a data mixture: its files, how to parse them, and the share of every train
+    batch it gets (``weight``, normalized over the mixture). Its documents go to shards of its own, so a
+    run can draw each batch at the weights and score val loss per source (``data_pipeline.mixture``)."""
+
+    name: str  # names its shards, its val loss (val_loss/<name>) and its weight overrides
+    uris: list[str] = field(default_factory=list)  # as data.sources.uris
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"
+    weight: float = field(default=1.0, metadata={"min": 0.0})
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not MIXTURE_NAME.match(self.name):
+            raise ValueError(
+                f"data.mixture: name {self.name!r} must be letters, digits, '_', '.' or '-' (it names "
+                "val_loss/<name> and its shards)"
+            )
+        if not self.uris:
+            raise ValueError(f"data.mixture source {self.name!r} lists no uris")
+        if self.weight <= 0:
+            raise ValueError(f"data.mixture source {self.name!r}: weight must be > 0, got {self.weight}")
+
+    def source_config(self) -> SourceConfig:
+        return SourceConfig(
+            uris=self.uris,
+            format=self.format,
+            text_field=self.text_field,
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+        )
+
+
 PiiType = Literal["email", "ip", "card", "national_id", "phone"]
 
 
@@ -192,6 +230,8 @@ class AuditConfig:
 @dataclass
 class DataConfig:
     sources: SourceConfig = field(default_factory=SourceConfig)
+    # Named sources trained at chosen proportions; when given, they replace ``sources`` (leave it at its default)
+    mixture: list[MixtureSourceConfig] = field(default_factory=list)
     clean: CleanConfig = field(default_factory=CleanConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -200,3 +240,20 @@ class DataConfig:
     # Ray Data shuffle of the group-bys (same bytes either way): auto = sort below 256 MB of input, hash
     # (SHUFFLE_V2, Ray's default) above; see data_pipeline.prepare.shuffle_strategy
     shuffle: Literal["auto", "hash", "sort"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.mixture:
+            return
+        if self.sources != SourceConfig():
+            raise ValueError(
+                "data.sources and data.mixture are both set: a mixture lists its own uris per source; "
+                "remove data.sources"
+            )
+        names = [m.name for m in self.mixture]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.mixture names must be distinct, got {names}")
+        if self.audit.enabled:
+            raise ValueError(
+                "data.audit.enabled plants text in one corpus; with data.mixture it would have no source to "
+                "belong to: prepare the audit on a data.sources corpus"
+            )

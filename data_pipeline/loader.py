@@ -4,8 +4,10 @@ The train stream is epoch 0, epoch 1, ... of 8-row blocks in an order that is a 
 (manifest, seed, epoch) (``order.TrainOrder``); rank r of W takes positions [s*G + r*G/W,
 s*G + (r+1)*G/W) of step s and fetches only the row groups holding them (``shard_reader.ShardReader``:
 the row-group index, range reads, CRC-32 per row group), so a global batch depends on (manifest,
-seed, G, step) and never on W, and resuming at step k reads step k's rows first. ``rank_val_batches``
-gives each rank its part of a fixed validation set. ``poisson_rank_batches`` (DP-SGD) gives each rank
+seed, G, step) and never on W, and resuming at step k reads step k's rows first. A data mixture's
+manifest is drawn at its weights instead (``mixture.MixtureOrder``: the same guarantees, per source).
+``rank_val_batches`` gives each rank its part of a fixed validation set (of one mixture source, or
+all). ``poisson_rank_batches`` (DP-SGD) gives each rank
 its share of every step's Poisson sample of the train rows (``order.poisson_rows``). A background
 thread reads ahead (``prefetch``).
 """
@@ -18,6 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from data_pipeline.mixture import MixtureOrder, default_schedule, source_shards
 from data_pipeline.order import TrainOrder, poisson_rows
 from data_pipeline.shard_reader import ShardReader
 from data_pipeline.storage import DataSourceError
@@ -109,10 +112,15 @@ def rank_batches(
     endpoint_url: Optional[str] = None,
     region: Optional[str] = None,
     prefetch: int = 2,
+    mixture_schedule: Optional[list] = None,
+    mixture_exhausted: str = "repeat",
 ) -> RankBatches:
     """Rank ``rank``'s int64 [micro_batch_size, seq_len + 1] micro-batches of the train split for
     optimizer steps [start_step, start_step + num_steps): per step, G/(W*micro) micro-batches of its
-    slice [s*G + r*G/W, s*G + (r+1)*G/W) of the stream (G = global_batch_size, W = world_size).
+    slice [s*G + r*G/W, s*G + (r+1)*G/W) of the stream (G = global_batch_size, W = world_size). A
+    mixture manifest's stream draws from its sources at ``mixture_schedule``'s weights ([(from_step,
+    {source: weight})]; None: the manifest's), a source that runs out repeating or raising
+    ``MixtureExhaustedError`` (``mixture_exhausted``: repeat / stop).
 
     The rows at a stream position are a pure function of (manifest, seed, position), so each global
     batch is a function of (manifest, seed, G, step) whatever W, and a reader started at step k yields
@@ -126,10 +134,23 @@ def rank_batches(
             f"{micro_batch_size} x an integer number of micro-batches"
         )
     reader = ShardReader(manifest, "train", endpoint_url=endpoint_url, region=region)
+    per_rank = global_batch_size // world_size
+    if manifest.get("mixture"):
+        schedule = mixture_schedule or default_schedule(manifest, None)
+        mixture = MixtureOrder(manifest, seed, global_batch_size, schedule, mixture_exhausted)
+
+        def mixed_units() -> Iterator[list]:
+            for step in range(start_step, start_step + num_steps):
+                lo = step * global_batch_size + rank * per_rank
+                segments, place = mixture.rank_segments(lo, lo + per_rank)
+                rows = np.empty((per_rank, reader.row_tokens), dtype=np.int64)
+                rows[place] = reader.read(segments)
+                yield [rows[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+        return RankBatches(reader, mixed_units, prefetch)
     order = TrainOrder([s["sequences"] for s in reader.shards], seed)
     if order.epoch_rows == 0:
         raise DataSourceError(f"{manifest['uri']}: the train split holds no sequences; re-run prepare")
-    per_rank = global_batch_size // world_size
 
     def units() -> Iterator[list]:
         for step in range(start_step, start_step + num_steps):
@@ -187,9 +208,11 @@ def rank_val_batches(
     endpoint_url: Optional[str] = None,
     region: Optional[str] = None,
     prefetch: int = 2,
+    source: Optional[str] = None,
 ) -> RankBatches:
     """Rank ``rank``'s share of a fixed validation set: the first ``num_sequences`` rows of the val split
-    in file order (fewer if val is smaller), cut into ``world_size`` contiguous parts. Yields
+    in file order (fewer if val is smaller; of the mixture source ``source``'s shards when given), cut
+    into ``world_size`` contiguous parts. Yields
     (int64 tokens [micro_batch_size, seq_len + 1], float32 weights [micro_batch_size]); every rank yields
     the same number of micro-batches (ZeRO-3 forwards are collective), padding rows are zeros with weight
     0, so a weight-averaged per-sequence loss is the same set's mean at any world size."""
@@ -198,11 +221,16 @@ def rank_val_batches(
     if num_sequences < 1 or micro_batch_size < 1:
         raise ValueError(f"num_sequences ({num_sequences}) and micro_batch_size ({micro_batch_size}) must be >= 1")
     reader = ShardReader(manifest, "val", endpoint_url=endpoint_url, region=region)
-    sizes = np.array([s["sequences"] for s in reader.shards], dtype=np.int64)
+    if source is not None and source not in [m["name"] for m in manifest.get("mixture", [])]:
+        raise ValueError(f"{manifest['uri']} has no mixture source {source!r}")
+    shards = source_shards(manifest, "val")[source] if source is not None else list(range(len(reader.shards)))
+    sizes = np.array([reader.shards[i]["sequences"] for i in shards], dtype=np.int64)
     n = min(num_sequences, int(sizes.sum()))
     if n == 0:
         raise DataSourceError(
-            f"{manifest['uri']}: the val split holds no sequences; raise output.val_fraction and re-run prepare"
+            f"{manifest['uri']}: the val split holds no sequences"
+            + (f" of mixture source {source!r}" if source is not None else "")
+            + "; raise output.val_fraction and re-run prepare"
         )
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
     num_micro = ((n + world_size - 1) // world_size + micro_batch_size - 1) // micro_batch_size
@@ -212,7 +240,7 @@ def rank_val_batches(
         for m in range(num_micro):
             a, b = min(lo + m * micro_batch_size, hi), min(lo + (m + 1) * micro_batch_size, hi)
             segments = [
-                (int(i), max(a, int(first[i])) - int(first[i]), min(b, int(first[i + 1])) - int(first[i]))
+                (shards[i], max(a, int(first[i])) - int(first[i]), min(b, int(first[i + 1])) - int(first[i]))
                 for i in range(len(sizes))
                 if max(a, first[i]) < min(b, first[i + 1])
             ]

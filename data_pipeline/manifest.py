@@ -69,6 +69,7 @@ class ShardEntry:
     sha256: str
     bytes: int  # the file's size: a shorter or longer object is refused before any row is read
     row_groups: int  # its records in the split's row-group index
+    source: Optional[str] = None  # the data.mixture source its documents come from; None without a mixture
 
 
 @dataclass
@@ -123,6 +124,26 @@ class AuditEntry:
 
 
 @dataclass
+class MixtureSplit:
+    documents: int
+    tokens: int
+    sequences: int
+    num_shards: int
+
+
+@dataclass
+class MixtureEntry:
+    """One data.mixture source: its share of train batches and what prepare wrote for it."""
+
+    name: str
+    weight: float  # normalized over the mixture: the run's default share of every train batch
+    uris: list[str]
+    files: int
+    bytes: int
+    splits: dict[str, MixtureSplit]
+
+
+@dataclass
 class Manifest:
     tokenizer: TokenizerEntry
     seq_len: int
@@ -135,6 +156,7 @@ class Manifest:
     # personal data replaced by placeholders while cleaning (data.clean.pii), per type; {} when off
     pii_counts: dict[str, int] = field(default_factory=dict)
     audit: Optional[AuditEntry] = None  # data.audit: planted canaries and passages; None when off
+    mixture: list[MixtureEntry] = field(default_factory=list)  # data.mixture's sources; [] without one
     config: dict[str, Any] = field(default_factory=dict)  # the resolved DataConfig
     format: str = MANIFEST_FORMAT
 

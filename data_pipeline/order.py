@@ -19,9 +19,10 @@ class TrainOrder:
     """The train split's stream order: epoch e is the blocks (BLOCK_ROWS consecutive rows of a shard)
     in ``rng(seed, e)`` order, full blocks first, then each shard's shorter last block. An epoch is
     cut to a multiple of BLOCK_ROWS so every epoch starts block-aligned: the last ``N % BLOCK_ROWS``
-    rows of each epoch's order (a different few each epoch) are left out of that epoch."""
+    rows of each epoch's order (a different few each epoch) are left out of that epoch. ``salt`` keeps
+    the orders of several streams of one seed apart (a data mixture's sources: ``rng(seed, *salt, e)``)."""
 
-    def __init__(self, rows_per_shard: list[int], seed: int) -> None:
+    def __init__(self, rows_per_shard: list[int], seed: int, salt: tuple[int, ...] = ()) -> None:
         sizes = np.asarray(rows_per_shard, dtype=np.int64)
         blocks = (sizes + BLOCK_ROWS - 1) // BLOCK_ROWS
         self.shard = np.repeat(np.arange(len(sizes)), blocks)
@@ -30,12 +31,12 @@ class TrainOrder:
         self.rows = np.minimum(BLOCK_ROWS, sizes[self.shard] - self.start)
         total = int(sizes.sum())
         self.epoch_rows = total - total % BLOCK_ROWS if total >= BLOCK_ROWS else total
-        self.seed, self._cached = seed, (-1, None, None)
+        self.seed, self.salt, self._cached = seed, salt, (-1, None, None)
 
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(block indices in stream order, each block's end position within the epoch)."""
         if self._cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, *self.salt, epoch])
             full = self.rows == BLOCK_ROWS
             idx = np.concatenate([rng.permutation(np.flatnonzero(full)), rng.permutation(np.flatnonzero(~full))])
             self._cached = (epoch, idx, np.cumsum(self.rows[idx]))

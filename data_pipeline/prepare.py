@@ -36,6 +36,8 @@ from data_pipeline.manifest import (
     AuditEntry,
     CleaningStats,
     Manifest,
+    MixtureEntry,
+    MixtureSplit,
     ShardEntry,
     SourceEntry,
     SplitEntry,
@@ -56,8 +58,16 @@ from data_pipeline.plant import (
     with_copies_kept,
 )
 from data_pipeline.row_index import write_index
-from data_pipeline.shards import CODEC, SPLITS, add_shard_key, add_split, pack_and_write, tokenize_batch
-from data_pipeline.sources import read_documents, resolve_sources
+from data_pipeline.shards import (
+    CODEC,
+    SPLITS,
+    add_shard_key,
+    add_split,
+    pack_and_write,
+    shard_ranges,
+    tokenize_batch,
+)
+from data_pipeline.sources import read_documents, resolve_mixture, resolve_sources, union
 from data_pipeline.storage import DataSourceError, filesystem_for, join, write_bytes
 
 __all__ = ["MANIFEST", "prepare"]
@@ -136,9 +146,12 @@ def _corpus_only(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.invert(_planted(batch)))
 
 
-def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int) -> pa.Table:
+def _survivors(batch: pa.Table, *, split_by, val_fraction: float, seed: int, mixture_of: dict) -> pa.Table:
+    """Documents dedup kept, with their split and their data.mixture source (index; 0 without a mixture)."""
     kept = batch.filter(pc.equal(batch.column("dup_reason"), "")).drop_columns(["dup_reason"])
     kept = add_split(kept, split_by=split_by, val_fraction=val_fraction, seed=seed)
+    sources = kept.column("source").to_pylist()
+    kept = kept.append_column("mixture", pa.array([mixture_of.get(src, 0) for src in sources], pa.int32()))
     planted = _planted(kept)  # the audit's text: always trained on
     for name, value in (("split", pa.scalar(0, pa.int8())), ("grouped", pa.scalar(True))):
         column = kept.column(name)
@@ -180,12 +193,18 @@ def _plant(cfg: DataConfig, passed: ray.data.Dataset, near) -> tuple[ray.data.Da
 
 
 def _split_counts(batch: pa.Table) -> dict[str, int]:
+    """Bytes and documents per split, and per (split, mixture source)."""
     counts: Counter = Counter()
-    for split, n, grouped in zip(
-        batch.column("split").to_pylist(), batch.column("bytes_out").to_pylist(), batch.column("grouped").to_pylist()
+    for split, n, grouped, m in zip(
+        batch.column("split").to_pylist(),
+        batch.column("bytes_out").to_pylist(),
+        batch.column("grouped").to_pylist(),
+        batch.column("mixture").to_pylist(),
     ):
         counts[f"bytes:{split}"] += n
+        counts[f"bytes:{split}:{m}"] += n
         counts[f"documents:{split}"] += 1
+        counts[f"documents:{split}:{m}"] += 1
         counts["ungrouped"] += not grouped
     return dict(counts)
 
@@ -226,13 +245,22 @@ def _build_tokenizer(cfg: DataConfig, sample: list[str]) -> dict:
     return tok.train_bpe(sample, tc.vocab_size, tc.pattern)
 
 
-def _num_shards(split_bytes: Counter, sample: list[str], spec: dict, shard_tokens: int) -> dict[int, int]:
-    """Shards per split from its bytes and the sample's bytes/token: known before tokenizing, so the
-    tokenize -> shard stages stream without a counting pass. Shard sizes are ~shard_tokens."""
+def _num_shards(
+    split_bytes: Counter, sample: list[str], spec: dict, shard_tokens: int, num_sources: int
+) -> dict[int, list[int]]:
+    """Shards per split and mixture source (one list entry per source; one source without a mixture)
+    from its bytes and the sample's bytes/token: known before tokenizing, so the tokenize -> shard stages
+    stream without a counting pass. Shard sizes are ~shard_tokens; every source has a shard per split."""
     enc = tok.encoding(spec)
     sample_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(sample, num_threads=1))
     bytes_per_token = sum(len(t.encode()) for t in sample) / max(1, sample_tokens)
-    return {s: max(1, math.ceil(split_bytes[f"bytes:{s}"] / bytes_per_token / shard_tokens)) for s in (0, 1)}
+    return {
+        s: [
+            max(1, math.ceil(split_bytes[f"bytes:{s}:{m}"] / bytes_per_token / shard_tokens))
+            for m in range(num_sources)
+        ]
+        for s in (0, 1)
+    }
 
 
 # Ray Data (2.60) leaves ~0.2 s between one task and the next on a worker (it polls task completion
@@ -271,16 +299,19 @@ def prepare(cfg: DataConfig, *, verbose: bool = True) -> str:
     oc = cfg.output
     out_fs, out_path = filesystem_for(oc.uri, oc.endpoint_url, oc.region)
     _check_output(out_fs, out_path, oc.uri, oc.overwrite)
-    sources = resolve_sources(cfg.sources)
+    groups = resolve_mixture(cfg.mixture) if cfg.mixture else [resolve_sources(cfg.sources)]
+    sources = [s for group in groups for s in group]
     corpus_bytes = sum(s.bytes for s in sources)
     strategy = choose_shuffle(cfg.shuffle, corpus_bytes)
     if verbose:
+        where = [f"{m.name} ({sum(s.bytes for s in g) / 1e6:.1f} MB)" for m, g in zip(cfg.mixture, groups)]
         print(
             f"[prepare] {sum(len(s.files) for s in sources)} files, {corpus_bytes / 1e6:.1f} MB from "
-            f"{', '.join(cfg.sources.uris)}; group-bys on Ray Data's {strategy.value} (data.shuffle={cfg.shuffle})"
+            + (f"mixture sources {', '.join(where)}" if cfg.mixture else ", ".join(cfg.sources.uris))
+            + f"; group-bys on Ray Data's {strategy.value} (data.shuffle={cfg.shuffle})"
         )
     with ray_data_shuffle(strategy):
-        return _prepare_documents(cfg, sources, corpus_bytes, out_fs, out_path, t0, verbose)
+        return _prepare_documents(cfg, groups, corpus_bytes, out_fs, out_path, t0, verbose)
 
 
 @contextlib.contextmanager
@@ -307,14 +338,18 @@ def choose_shuffle(choice: str, corpus_bytes: int):
     return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if choice == "sort" else ShuffleStrategy.SHUFFLE_V2
 
 
-def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_path: str, t0: float, verbose: bool):
-    """prepare() past its checks: the stages, on the shuffle it chose; returns the manifest URI."""
+def _prepare_documents(cfg: DataConfig, groups, corpus_bytes: int, out_fs, out_path: str, t0: float, verbose: bool):
+    """prepare() past its checks: the stages, on the shuffle it chose; returns the manifest URI.
+    ``groups``: the resolved sources of each data.mixture source (one group without a mixture)."""
     oc = cfg.output
+    sources = [s for group in groups for s in group]
+    source_configs = [m.source_config() for m in cfg.mixture] if cfg.mixture else [cfg.sources]
+    mixture_of = {f.path: m for m, group in enumerate(groups) for s in group for f in s.files} if cfg.mixture else {}
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     near = cfg.near_dedup if cfg.near_dedup.enabled else None
     group_field = oc.split_by.field_name if oc.split_by.kind == "field" else None
     cleaned = (
-        read_documents(sources, cfg.sources, group_field)
+        union(*(read_documents(group, sc, group_field) for group, sc in zip(groups, source_configs)))
         .map_batches(
             clean_batch,
             batch_format="pyarrow",
@@ -340,7 +375,12 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     kept = marked.map_batches(
         _survivors,
         batch_format="pyarrow",
-        fn_kwargs={"split_by": oc.split_by, "val_fraction": oc.val_fraction, "seed": oc.seed},
+        fn_kwargs={
+            "split_by": oc.split_by,
+            "val_fraction": oc.val_fraction,
+            "seed": oc.seed,
+            "mixture_of": mixture_of,
+        },
     ).materialize()
     split_counts = _sum_counts(kept, _split_counts)
     if audit is not None:
@@ -357,7 +397,7 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     sample = sample.to_pylist()
     spec = _build_tokenizer(cfg, sample)
     dtype = tok.token_dtype(spec["n_vocab"])
-    num_shards = _num_shards(split_counts, sample, spec, oc.shard_tokens)
+    num_shards = _num_shards(split_counts, sample, spec, oc.shard_tokens, len(groups))
     del sample
     val_listed = _ordered_prefix(
         kept.filter(expr=col("split") == 1),
@@ -369,7 +409,7 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     sharded = (
         tokenize_stage(kept, spec)
         .map_batches(add_shard_key, batch_format="pyarrow", fn_kwargs={"num_shards": num_shards})
-        .groupby("shard_key", num_partitions=min(sum(num_shards.values()), 8 * num_cpus))
+        .groupby("shard_key", num_partitions=min(sum(map(sum, num_shards.values())), 8 * num_cpus))
         .map_groups(
             pack_and_write,
             batch_format="pyarrow",
@@ -398,8 +438,21 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     )
     planted_kept = audit["kept_documents"] if audit is not None else 0
     manifest = _manifest(
-        cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path, planted_kept
+        cfg,
+        sources,
+        counts,
+        rounds,
+        spec,
+        dtype,
+        descriptors,
+        split_plan,
+        out_fs,
+        out_path,
+        planted_kept,
+        shard_sources(cfg.mixture, num_shards) if cfg.mixture else {},
     )
+    if cfg.mixture:
+        manifest.mixture = mixture_entries(cfg.mixture, groups, num_shards, descriptors)
     if audit is not None:
         data = audit_bytes(audit)
         write_bytes(out_fs, f"{out_path}/{AUDIT_FILE}", data)
@@ -416,16 +469,54 @@ def _prepare_documents(cfg: DataConfig, sources, corpus_bytes: int, out_fs, out_
     return manifest_uri
 
 
+def shard_sources(mixture, num_shards: dict[int, list[int]]) -> dict[tuple[str, int], str]:
+    """(split, shard index) -> the data.mixture source whose documents it holds."""
+    return {
+        (split, i): mixture[m].name
+        for s, split in enumerate(SPLITS)
+        for m, shards in enumerate(shard_ranges(num_shards[s]))
+        for i in shards
+    }
+
+
+def mixture_entries(mixture, groups, num_shards: dict[int, list[int]], descriptors) -> list[MixtureEntry]:
+    """The manifest's data.mixture entries: weights normalized, counts per split from the shards' descriptors."""
+    total_weight = sum(m.weight for m in mixture)
+    written = {(d["split"], d["index"]): d for d in descriptors}
+    counts = [{} for _ in mixture]
+    for s, split in enumerate(SPLITS):
+        for m, shards in enumerate(shard_ranges(num_shards[s])):
+            mine = [written[(split, i)] for i in shards if (split, i) in written]
+            counts[m][split] = MixtureSplit(
+                documents=sum(d["documents"] for d in mine),
+                tokens=sum(d["tokens"] for d in mine),
+                sequences=sum(d["sequences"] for d in mine),
+                num_shards=len(mine),
+            )
+    return [
+        MixtureEntry(
+            name=m.name,
+            weight=m.weight / total_weight,
+            uris=list(m.uris),
+            files=sum(len(s.files) for s in group),
+            bytes=sum(s.bytes for s in group),
+            splits=counts[k],
+        )
+        for k, (m, group) in enumerate(zip(mixture, groups))
+    ]
+
+
 def _dropped_text(counts: Counter) -> str:
     dropped = sorted((k.split(":", 1)[1], n) for k, n in counts.items() if k.startswith("dropped:") and n)
     return ", ".join(f"{r}={n}" for r, n in dropped) or "none dropped"
 
 
 def _manifest(
-    cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path, planted_kept: int = 0
+    cfg, sources, counts, rounds, spec, dtype, descriptors, split_plan, out_fs, out_path, planted_kept, sources_of
 ) -> Manifest:
     """The manifest of what was written; writes each split's row-group index on the way. Its cleaning
-    counts are the corpus's (``planted_kept`` audit documents in the splits are not among them)."""
+    counts are the corpus's (``planted_kept`` audit documents in the splits are not among them);
+    ``sources_of`` names each shard's mixture source ({} without a mixture)."""
     splits = {}
     for split in SPLITS:
         shards = sorted((d for d in descriptors if d["split"] == split), key=lambda d: d["index"])
@@ -442,6 +533,7 @@ def _manifest(
                     sha256=d["sha256"],
                     bytes=d["bytes"],
                     row_groups=d["row_groups"],
+                    source=sources_of.get((split, d["index"])),
                 )
                 for d in shards
             ],
@@ -491,6 +583,13 @@ def _print_summary(m: Manifest, corpus_bytes: int, wall_s: float, manifest_uri: 
         print(
             f"[prepare] {split}: {s.tokens:,} tokens in {s.sequences:,} rows of {m.row_tokens} "
             f"({s.num_shards} shards, {s.documents} documents, {s.dropped_tail_tokens:,} tail tokens dropped)"
+        )
+    for source in m.mixture:
+        train, val = source.splits["train"], source.splits["val"]
+        print(
+            f"[prepare] mixture source {source.name} (weight {source.weight:.3f}): train {train.tokens:,} tokens "
+            f"in {train.sequences:,} rows ({train.documents} documents), val {val.tokens:,} tokens in "
+            f"{val.sequences:,} rows"
         )
     _print_val_documents(m)
     if m.audit is not None:

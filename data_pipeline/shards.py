@@ -72,7 +72,7 @@ _ENCODINGS: dict = {}  # per worker process: tokenizer hash -> (Encoding, eot id
 
 
 def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str) -> pa.Table:
-    """Ray Data batch fn: (doc_hash, split, text) -> (doc_hash, split, tokens + eot, num_tokens).
+    """Ray Data batch fn: (doc_hash, split, mixture, text) -> (doc_hash, split, mixture, tokens + eot, num_tokens).
 
     The spec travels once through the object store; each worker process builds its
     tiktoken.Encoding once (parsing 100k ranks takes ~0.3 s) and reuses it across tasks.
@@ -85,6 +85,8 @@ def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str) -> pa.Tabl
     # "<|endoftext|>" in a document is ordinary text) as one uint32 buffer per document: no Python list
     # of ints to build and copy back into an array (~15% of the encode's own time)
     docs = [enc.encode_to_numpy(text, disallowed_special=()) for text in batch.column("text").to_pylist()]
+    # prepare's documents carry their mixture source; a bare (doc_hash, split, text) batch is source 0
+    mixture = batch.column("mixture") if "mixture" in batch.column_names else pa.array(np.zeros(len(docs), np.int32))
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -96,16 +98,29 @@ def tokenize_batch(batch: pa.Table, *, spec_ref, tokenizer_hash: str) -> pa.Tabl
         {
             "doc_hash": batch.column("doc_hash"),
             "split": batch.column("split"),
+            "mixture": mixture,
             "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
             "num_tokens": pa.array(lengths),
         }
     )
 
 
+def shard_ranges(num_shards: list[int]) -> list[range]:
+    """Each mixture source's shard indexes within a split: consecutive ranges in source order."""
+    first = np.concatenate([[0], np.cumsum(num_shards)]).tolist()
+    return [range(first[m], first[m + 1]) for m in range(len(num_shards))]
+
+
 def add_shard_key(batch: pa.Table, num_shards: dict) -> pa.Table:
-    """shard_key = split * 1_000_000 + shard index (one Ray groupby key for both splits)."""
-    splits = batch.column("split").to_pylist()
-    keys = [s * 1_000_000 + shard_of(h, num_shards[s]) for s, h in zip(splits, batch.column("doc_hash").to_pylist())]
+    """shard_key = split * 1_000_000 + shard index (one Ray groupby key for both splits). A document's
+    shard is one of its mixture source's (``num_shards[split][source]`` of them, see ``shard_ranges``)."""
+    ranges = {split: shard_ranges(n) for split, n in num_shards.items()}
+    keys = [
+        s * 1_000_000 + ranges[s][m][shard_of(h, len(ranges[s][m]))]
+        for s, m, h in zip(
+            batch.column("split").to_pylist(), batch.column("mixture").to_pylist(), batch.column("doc_hash").to_pylist()
+        )
+    ]
     return batch.append_column("shard_key", pa.array(keys, pa.int64()))
 
 

@@ -74,6 +74,21 @@ def resolve_sources(cfg: SourceConfig) -> list[ResolvedSource]:
     return resolved
 
 
+def resolve_mixture(mixture: list) -> list[list[ResolvedSource]]:
+    """Each data.mixture source's resolved files; a file in two sources is refused (it would be trained
+    at two weights)."""
+    groups = [resolve_sources(m.source_config()) for m in mixture]
+    owner: dict[str, str] = {}
+    for m, group in zip(mixture, groups):
+        for f in (f for s in group for f in s.files):
+            if owner.setdefault(f.path, m.name) != m.name:
+                raise DataSourceError(
+                    f"{f.path} is in data.mixture sources {owner[f.path]!r} and {m.name!r}; list each file in one "
+                    "source (narrow the uris or globs)"
+                )
+    return groups
+
+
 def _format_of(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -206,4 +221,8 @@ def read_documents(
                 )
             )
         )
+    return union(*datasets)
+
+
+def union(*datasets: ray.data.Dataset) -> ray.data.Dataset:
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])

@@ -13,14 +13,14 @@ import torch.nn as nn
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.lstm import LSTMLM
+from model.lstm import RecurrentLM
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
-    """The model ``cfg.arch`` names, ``GPT`` for "gpt" and ``LSTMLM`` for "lstm", constructed on
+    """The model ``cfg.arch`` names, ``GPT`` for "gpt" and ``RecurrentLM`` for "rnn" / "gru" / "lstm", built on
     ``device`` (None: torch's default, the CPU). Initialised from the global RNG, except on "meta",
     where nothing is allocated and ``materialize`` must follow before use."""
-    cls = LSTMLM if cfg.arch == "lstm" else GPT
+    cls = GPT if cfg.arch == "gpt" else RecurrentLM
     if device is None:
         return cls(cfg)
     with torch.device(device):

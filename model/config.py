@@ -19,17 +19,20 @@ LORA_TARGETS = {
 }
 
 
+RECURRENT_ARCHS = ("rnn", "gru", "lstm")  # model.lstm.RecurrentLM's cells; "gpt" is the transformer
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only transformer. Defaults are a tiny CPU-sized GPT.
 
-    arch "lstm" builds the ``model.lstm.LSTMLM`` baseline instead: it reads vocab_size, block_size
-    (training/eval window), n_layer, n_embd (embedding = hidden size), dropout, bias,
+    arch "rnn" (tanh), "gru" or "lstm" builds the ``model.lstm.RecurrentLM`` baseline instead: it reads
+    vocab_size, block_size (training/eval window), n_layer, n_embd (embedding = hidden size), dropout, bias,
     tie_embeddings and init_std, and ignores the attention, MLP, norm and position fields.
     """
 
     preset: Optional[str] = None  # a name from PRESETS; explicit keys override its values
-    arch: Literal["gpt", "lstm"] = "gpt"
+    arch: Literal["gpt", "rnn", "gru", "lstm"] = "gpt"
     vocab_size: int = field(default=512, metadata={"min": 2})
     # The embedding and head get this many rows rounded up to a multiple of it (nanoGPT's 50,304 for
     # GPT-2's 50,257): matmul shapes GPU kernels tile well. The extra rows are never a token: they get no
@@ -54,12 +57,25 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     init_std: float = field(default=0.02, metadata={"min": 0.0})
+    # Attention stays inside each document of a packed row and positions restart at each document
+    # (``model.documents``): a document then reads the same whatever shares its row
+    document_masking: bool = False
+    # The token that ends a document, read with document_masking. None: `raylm train` sets the data's
+    # end-of-text token (the tokenizer's)
+    eos_id: Optional[int] = field(default=None, metadata={"min": 0})
 
     def __post_init__(self) -> None:
-        if self.arch == "lstm":
+        if self.document_masking and self.arch != "gpt":
+            raise ValueError(
+                f"document_masking confines a transformer's attention to each document; arch {self.arch!r} has "
+                "no attention: set document_masking=false or arch=gpt"
+            )
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(f"eos_id {self.eos_id} is not a token of the vocabulary (vocab_size {self.vocab_size})")
+        if self.arch in RECURRENT_ARCHS:
             if self.preset is not None:
-                raise ValueError(f"preset {self.preset!r} is a transformer shape; arch 'lstm' takes no preset")
-            return  # the attention fields below do not apply to an LSTM
+                raise ValueError(f"preset {self.preset!r} is a transformer shape; arch {self.arch!r} takes no preset")
+            return  # the attention fields below do not apply to a recurrent model
         if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_size must be set"
@@ -87,8 +103,8 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and the head: vocab_size rounded up to a multiple of pad_vocab_to (the
-        LSTM baseline does not pad)."""
-        if self.arch == "lstm":
+        recurrent baselines do not pad)."""
+        if self.arch in RECURRENT_ARCHS:
             return self.vocab_size
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from model.config import PRESETS, ModelConfig, checkpointed_blocks, model_config_from_preset
+from model.config import PRESETS, RECURRENT_ARCHS, ModelConfig, checkpointed_blocks, model_config_from_preset
 from model.loss import loss_chunk_rows
 
 Precision = Literal["fp32", "bf16", "fp16"]
+RECURRENT_GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # weight matrices per layer of model.lstm.RecurrentLM's cells
 
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
@@ -21,8 +22,8 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     (wte, learned wpe, and an untied lm_head), so N counts the transformer body only and does not
     change with the tokenizer or with weight tying. Chinchilla's N is the full count.
     """
-    if cfg.arch == "lstm":
-        return _lstm_params(cfg, non_embedding)
+    if cfg.arch in RECURRENT_ARCHS:
+        return _recurrent_params(cfg, non_embedding)
     d, hd = cfg.n_embd, cfg.head_dim
 
     def linear(n_in: int, n_out: int) -> int:
@@ -51,19 +52,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     pruned), counted without the causal half discount, times 3 for forward + backward.
     """
     n_matmul = count_params(cfg, non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
-    if cfg.arch == "lstm":
-        return 6.0 * n_matmul  # no attention term: an LSTM's cost per token does not grow with seq_len
+    if cfg.arch in RECURRENT_ARCHS:
+        return 6.0 * n_matmul  # no attention term: a recurrent model's cost per token does not grow with seq_len
     return 6.0 * n_matmul + 12.0 * cfg.n_layer * seq_len * cfg.attn_dim
 
 
-def _lstm_params(cfg: ModelConfig, non_embedding: bool) -> int:
-    """``model.lstm.LSTMLM``: per layer 4 gates x (input + recurrent matrix), plus PyTorch's two
-    bias vectors (b_ih, b_hh) per gate when cfg.bias. Embedding and untied head are the embedding part.
+def _recurrent_params(cfg: ModelConfig, non_embedding: bool) -> int:
+    """``model.lstm.RecurrentLM``: per layer g gates (rnn 1, gru 3, lstm 4) x (input + recurrent
+    matrix), plus PyTorch's two bias vectors (b_ih, b_hh) per gate when cfg.bias. Embedding and untied
+    head are the embedding part.
 
-    Training FLOPs/token follow the same 6 * N rule: 6 * (n_layer * 4 * (d_in * h + h * h) + h * V),
-    each gate matrix being one multiply-accumulate per weight per token forward."""
-    h = cfg.n_embd
-    body = cfg.n_layer * (4 * h * (h + h) + (8 * h if cfg.bias else 0))
+    Training FLOPs/token follow the same 6 * N rule: 6 * (n_layer * g * (d_in * h + h * h) + h * V),
+    each gate matrix being one multiply-accumulate per weight per token forward (the GRU's and LSTM's
+    elementwise gate products are left out, as norms and activations are for the GPT)."""
+    h, gates = cfg.n_embd, RECURRENT_GATES[cfg.arch]
+    body = cfg.n_layer * (gates * h * (h + h) + (2 * gates * h if cfg.bias else 0))
     if non_embedding:
         return body
     return body + cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
@@ -98,8 +101,8 @@ def activation_bytes(
     """
     width = 4 if precision == "fp32" else 2
     tokens = micro_batch_size * seq_len
-    if cfg.arch == "lstm":
-        raise ValueError("activation_bytes models the GPT's blocks; arch 'lstm' has no estimate")
+    if cfg.arch in RECURRENT_ARCHS:
+        raise ValueError(f"activation_bytes models the GPT's blocks; arch {cfg.arch!r} has no estimate")
     h, q, kv = cfg.n_embd, cfg.attn_dim, cfg.kv_heads * cfg.head_dim  # q = h unless heads were pruned
     attn = 4 * h + (q + 2 * kv) + 2 * q
     if cfg.pos_encoding == "rope":
@@ -215,7 +218,7 @@ def estimate_training_memory(
         checkpoint_every=checkpoint_every,
     )
     buffers = 0
-    if zero_stage >= 1 and cfg.arch != "lstm":
+    if zero_stage >= 1 and cfg.arch not in RECURRENT_ARCHS:
         sizes = zero_buckets(zero_stage, cfg.n_embd)
         buffers = 4 * sizes["reduce_bucket_size"] * (2 if num_workers > 1 and zero_stage < 3 else 1)
         if zero_stage == 3:
@@ -305,7 +308,7 @@ def model_info_text(
     """A readable summary: parameter counts, training FLOPs per token, the peak of a one-process
     fp32 CPU step (without and with full activation checkpointing), and per-GPU memory for each
     ZeRO stage at the given batch shape and checkpointing (stage 0 cannot offload, so its row never
-    does). Memory is modelled for the GPT only: an LSTM config gets counts and FLOPs."""
+    does). Memory is modelled for the GPT only: a recurrent config gets counts and FLOPs."""
     n, n_body = count_params(cfg), count_params(cfg, non_embedding=True)
     gib = 2**30
     lines = [
@@ -319,8 +322,8 @@ def model_info_text(
         f"non-embedding   {n_body:,} ({n_body / 1e6:.1f}M; excludes wte, wpe, untied lm_head)",
         f"FLOPs/token     {flops_per_token(cfg, seq_len):.4g} (training, seq_len {seq_len})",
     ]
-    if cfg.arch == "lstm":
-        return "\n".join([*lines, "memory          not modelled for arch lstm"])
+    if cfg.arch in RECURRENT_ARCHS:
+        return "\n".join([*lines, f"memory          not modelled for arch {cfg.arch}"])
     cpu = [
         estimate_cpu_step_memory(cfg, micro_batch_size=micro_batch_size, seq_len=seq_len, activation_checkpointing=m)
         for m in ("none", "full")

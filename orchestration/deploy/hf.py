@@ -18,7 +18,9 @@ same torch op); raylm's LayerNorm without bias is HF's LayerNorm with a zero bia
 linear biases gets zero biases where the HF class always has them (GPT-2's Conv1D). GPT-2 has no
 grouped-query attention, so GQA k/v heads are repeated into full multi-head weights, and GPT-2's
 learned position table holds raylm's fixed sinusoidal table. Tied embeddings stay tied.
-Learned or sinusoidal positions with SwiGLU or RMSNorm have no standard equivalent.
+Learned or sinusoidal positions with SwiGLU or RMSNorm have no standard equivalent, nor has
+``model.document_masking`` (the architectures attend across an end-of-text token and keep counting
+positions past it).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ TANH_GELU = "gelu_pytorch_tanh"  # ACT2FN name of F.gelu(approximate="tanh"), mo
 
 def hf_family(cfg: ModelConfig) -> Optional[str]:
     """The FAMILIES key whose architecture computes ``cfg`` exactly, or None when none does."""
-    if cfg.arch != "gpt":
+    if cfg.arch != "gpt" or cfg.document_masking:
         return None
     positions = "rope" if cfg.pos_encoding == "rope" else "absolute"
     for name, fam in FAMILIES.items():
@@ -74,6 +76,12 @@ def hf_family(cfg: ModelConfig) -> Optional[str]:
 
 def unsupported_reason(cfg: ModelConfig) -> str:
     """Why ``cfg`` has no HF architecture, with the shapes that do map."""
+    if cfg.document_masking:
+        # the architectures attend across the whole input and count positions from its first token
+        return (
+            "model.document_masking=true (attention and positions restart after each end-of-text token): no "
+            "standard Hugging Face architecture computes that"
+        )
     positions = "rope" if cfg.pos_encoding == "rope" else "absolute"
     same = [f for f in FAMILIES.values() if (f.positions, f.mlp, f.norm) == (positions, cfg.mlp, cfg.norm)]
     if cfg.arch == "gpt" and cfg.attn_dim != cfg.n_embd and same and not same[0].any_head_dim:

@@ -4,9 +4,9 @@ The n-gram model (``model.ngram``) is fitted on the train split's token stream a
 same val windows ``evaluate_lm`` reads (the first ``max_sequences`` rows of the split, in file
 order), with the same conventions: loss averages every target token; bits per byte sums the NLL of
 the text tokens (end-of-text decodes to no bytes and is left out) over the bytes they decode to.
-The LSTM baseline is a checkpoint of an ordinary training run with ``model.arch=lstm``
-(configs/lstm_shakespeare.yaml). No Ray: shards are read by the one shard reader
-(``evaluate.data_source.manifest_rows``), locally or from S3.
+The recurrent baselines are checkpoints of ordinary training runs with ``model.arch=lstm``
+(configs/lstm_shakespeare.yaml), ``gru`` or ``rnn`` (the same file with model.arch overridden). No Ray:
+shards are read by the one shard reader (``evaluate.data_source.manifest_rows``), locally or from S3.
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ def _neural_row(
     from orchestration.evaluate.load import load_checkpoint_model
 
     model, cfg, enc, meta = load_checkpoint_model(checkpoint, endpoint_url=endpoint_url)
+    if name != "transformer" and cfg.arch != name:
+        raise EvalError(f"{checkpoint}: given as the {name} baseline, but its model.arch is {cfg.arch!r}")
     metrics = lm_metrics(model, enc, rows[:, : cfg.block_size + 1], batch_size=batch_size)
     train_tokens = int(meta.get("consumed_sequences", 0)) * seq_len
     return {
@@ -172,6 +174,8 @@ def compare_baselines(
     *,
     transformer_checkpoint: str,
     lstm_checkpoint: Optional[str] = None,
+    gru_checkpoint: Optional[str] = None,
+    rnn_checkpoint: Optional[str] = None,
     ngram_dir: Union[str, Sequence[str], None] = None,
     out_dir: Optional[str] = None,
     split: str = "val",
@@ -182,15 +186,17 @@ def compare_baselines(
     """Val loss / perplexity / bits per byte / params / training FLOPs of every model on the same
     windows of ``manifest_uri``'s split -> {"rows": [...], "split", "sequences", "manifest"}.
 
-    Checkpoints are URIs ``load_checkpoint_model`` accepts (a checkpoint or a run directory);
+    Checkpoints are URIs ``load_checkpoint_model`` accepts (a checkpoint or a run directory), each
+    recurrent one of the arch it is given as;
     ngram_dir one or several ``train_ngram`` outputs (no FLOPs: counting is not matmul work). With
     out_dir, writes baselines.json and baselines.md (a markdown table) there.
     """
     rows, manifest = manifest_rows(manifest_uri, split, max_sequences, endpoint_url)
     seq_len = manifest["seq_len"]
     table = [_neural_row("transformer", transformer_checkpoint, rows, seq_len, batch_size, endpoint_url)]
-    if lstm_checkpoint is not None:
-        table.append(_neural_row("lstm", lstm_checkpoint, rows, seq_len, batch_size, endpoint_url))
+    for arch, checkpoint in (("lstm", lstm_checkpoint), ("gru", gru_checkpoint), ("rnn", rnn_checkpoint)):
+        if checkpoint is not None:
+            table.append(_neural_row(arch, checkpoint, rows, seq_len, batch_size, endpoint_url))
     ngram_dirs = [ngram_dir] if isinstance(ngram_dir, str) else list(ngram_dir or [])
     for d in ngram_dirs:
         metrics = evaluate_ngram(

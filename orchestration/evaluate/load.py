@@ -120,7 +120,7 @@ def load_checkpoint_model(
     else:
         state, cfg_dict, _, meta = load_consolidated_state(local)
         model_cfg = ModelConfig(**cfg_dict)
-        model = build_model(model_cfg)  # GPT, or LSTMLM for arch "lstm"
+        model = build_model(model_cfg)  # GPT, or RecurrentLM for arch rnn|gru|lstm
         load_weights(model, state, f"{ckpt_uri}/{MODEL_FILE} (with its {MODEL_CONFIG_FILE})")
     model.to(device).eval()
     meta = {**meta, "checkpoint_uri": ckpt_uri}

@@ -3,8 +3,10 @@
 Plain PyTorch on the driver (no Ray Train, no DeepSpeed), on the same validation rows as training:
 - lm: next-token loss on the domain corpus's val split (``evaluate.lm.evaluate_lm``, read without Ray);
 - sft: loss on response tokens only, and exact match of the greedy answer against the reference;
-- classification: accuracy and loss of the classifier; before tuning there is no head, so "before"
-  is the pretrained LM scoring each label as a continuation (zero-shot), next to the majority class.
+- classification: accuracy, macro-F1 and loss of the classifier; before tuning there is no head, so
+  "before" is the pretrained LM scoring each label as a continuation (zero-shot), next to the majority
+  class. Macro-F1 (each class's F1, averaged with equal weight) is what exposes a classifier that wins
+  its accuracy on the frequent class alone: the majority class scores high accuracy, low macro-F1.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def sft_metrics(
 def classifier_metrics(
     model, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray, label_names: list[str], *, batch_size: int = 32
 ) -> dict:
-    """Accuracy (with standard error), mean loss and per-class accuracy of a GPTClassifier."""
+    """Accuracy (with standard error), macro-F1, mean loss and per-class accuracy and F1 of a GPTClassifier."""
     preds, loss_sum = [], 0.0
     for i in range(0, len(tokens), batch_size):
         logits, _ = model(
@@ -88,7 +90,7 @@ def classifier_metrics(
         y = torch.from_numpy(labels[i : i + batch_size]).long()
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         preds.append(logits.argmax(-1).numpy())
-    return _accuracy(np.concatenate(preds), labels, label_names) | {"loss": loss_sum / len(labels)}
+    return classification_scores(np.concatenate(preds), labels, label_names) | {"loss": loss_sum / len(labels)}
 
 
 @torch.no_grad()
@@ -107,24 +109,48 @@ def zero_shot_metrics(model, enc, rows: list[dict], label_names: list[str], *, m
             scores.append(sum(float(logp[p, t]) for p, t in zip(positions, ids)))
         preds.append(int(np.argmax(scores)))
     labels = np.array([label_names.index(r["label"]) for r in rows])
-    return _accuracy(np.array(preds), labels, label_names) | {"template": ZERO_SHOT_TEMPLATE}
+    return classification_scores(np.array(preds), labels, label_names) | {"template": ZERO_SHOT_TEMPLATE}
 
 
 def majority_accuracy(train_rows: list[dict], val_rows: list[dict]) -> dict:
-    """Accuracy of always answering the train split's most frequent label."""
+    """Accuracy and macro-F1 of always answering the train split's most frequent label."""
     label, _ = Counter(r["label"] for r in train_rows).most_common(1)[0]
+    names = sorted({r["label"] for r in val_rows} | {label})
+    labels = np.array([names.index(r["label"]) for r in val_rows])
     hits = [r["label"] == label for r in val_rows]
-    return {"label": label, "accuracy": float(np.mean(hits)), "accuracy_stderr": _stderr(hits)}
+    return {
+        "label": label,
+        "accuracy": float(np.mean(hits)),
+        "accuracy_stderr": _stderr(hits),
+        "macro_f1": macro_f1(np.full(len(labels), names.index(label)), labels, len(names))[0],
+    }
 
 
-def _accuracy(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+def macro_f1(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, dict[int, float]]:
+    """(macro-F1, {class: F1}) of predicted against true class ids: F1 = 2 TP / (2 TP + FP + FN) per
+    class, averaged with equal weight over the classes that occur in either ``labels`` or ``preds``
+    (scikit-learn's ``f1_score(average="macro")``); a class never true nor predicted has no F1."""
+    per_class = {}
+    for c in range(num_classes):
+        tp = int(((preds == c) & (labels == c)).sum())
+        wrong = int((preds == c).sum()) + int((labels == c).sum()) - 2 * tp  # FP + FN
+        if tp or wrong:
+            per_class[c] = 2 * tp / (2 * tp + wrong)
+    return (float(np.mean(list(per_class.values()))) if per_class else 0.0), per_class
+
+
+def classification_scores(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """Accuracy (with standard error), macro-F1 and per-class accuracy and F1 of predicted class ids."""
     hits = (preds == labels).tolist()
     per_class = {name: float(np.mean(preds[labels == i] == i)) for i, name in enumerate(names) if (labels == i).any()}
+    f1, f1_per_class = macro_f1(preds, labels, len(names))
     return {
         "accuracy": float(np.mean(hits)),
         "accuracy_stderr": _stderr(hits),
+        "macro_f1": f1,
         "examples": len(hits),
         "per_class_accuracy": per_class,
+        "per_class_f1": {names[c]: v for c, v in f1_per_class.items()},
     }
 
 

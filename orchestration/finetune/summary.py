@@ -23,11 +23,15 @@ def headline(task: str, metrics: Optional[dict], tuned: bool) -> dict[str, Optio
             "exact match": metrics["exact_match"],
             **({f"exact match: {k}": v for k, v in kinds.items()} if len(kinds) > 1 else {}),
         }
+    # .get: summaries written before macro-F1 was scored show "-" there
     if tuned:
-        return {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+        return {"accuracy": metrics["accuracy"], "macro-F1": metrics.get("macro_f1"), "loss": metrics["loss"]}
+    zero_shot, majority = metrics["zero_shot"], metrics["majority_class"]
     return {
-        "accuracy": metrics["zero_shot"]["accuracy"],
-        "majority-class accuracy": metrics["majority_class"]["accuracy"],
+        "accuracy": zero_shot["accuracy"],
+        "macro-F1": zero_shot.get("macro_f1"),
+        "majority-class accuracy": majority["accuracy"],
+        "majority-class macro-F1": majority.get("macro_f1"),
     }
 
 
@@ -62,7 +66,9 @@ def summary_blocks(summary: dict) -> list[tuple]:
                 "text",
                 "Before there is no classification head: the pretrained LM scores each label as a continuation "
                 f"of {summary['before']['zero_shot']['template']!r} (zero-shot); the majority class "
-                f"({summary['before']['majority_class']['label']!r}) is the floor a classifier must beat.",
+                f"({summary['before']['majority_class']['label']!r}) is the floor a classifier must beat. Macro-F1 "
+                "averages each class's F1 with equal weight, so a model that only answers the frequent class scores "
+                "its accuracy but not its macro-F1.",
             )
         )
     if task == "sft" and summary["after"].get("samples"):

@@ -1,4 +1,4 @@
-"""The report of a baseline comparison: n-gram / LSTM / transformer on the same val windows."""
+"""The report of a baseline comparison: n-gram / RNN / GRU / LSTM / transformer on the same val windows."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Figures for `raylm report`: a run's loss, throughput and privacy (DP-SGD) curves, a tune sweep's trial curves, the
-baseline comparison's bars.
+baseline comparison's bars, the tokenizer study's bars and curves.
 
 Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
 like ``scaling_plots``; the report renders each figure once to PNG.
@@ -56,6 +56,26 @@ def plot_bias(records: Sequence[dict]) -> Figure:
     ax.set_ylabel("stereotype log odds (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def plot_mixture(records: Sequence[dict]) -> Figure:
+    """A data mixture's val loss per source and the run's weighted val loss, at every eval; the epochs of
+    each source read, at every log."""
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    loss_ax, epochs_ax = fig.subplots(1, 2)
+    steps, weighted = _column(records, "val_loss")
+    loss_ax.plot(steps, weighted, color="0.3", marker="o", label="weighted (val_loss)")
+    sources = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("val_loss/")})
+    for i, name in enumerate(sources):
+        loss_ax.plot(*_column(records, f"val_loss/{name}"), color=f"C{i}", marker=".", label=name)
+        epochs_ax.plot(*_column(records, f"data_epochs/{name}"), color=f"C{i}", label=name)
+    loss_ax.set_ylabel("val loss (nats/token)")
+    epochs_ax.set_ylabel("epochs of the source read")
+    for ax in (loss_ax, epochs_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -116,7 +136,7 @@ def plot_trials(curves: dict[str, Sequence[dict]]) -> Figure:
     return fig
 
 
-ARCH_COLORS = {"gpt": "C0", "lstm": "C1", "ngram": "C2"}
+ARCH_COLORS = {"gpt": "C0", "lstm": "C1", "ngram": "C2", "gru": "C4", "rnn": "C5"}
 
 
 def plot_baselines(rows: Sequence[dict]) -> Figure:
@@ -136,4 +156,31 @@ def plot_baselines(rows: Sequence[dict]) -> Figure:
         ax.set_xlabel(label)
         ax.set_xlim(0, 1.15 * max(values))
         ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_tokenizers(rows: Sequence[dict]) -> Figure:
+    """The tokenizer study: val bits per byte per tokenizer (bars labelled with characters per token),
+    and each model's training loss on the bits-per-byte scale against training FLOPs."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    bar_ax, curve_ax = fig.subplots(1, 2)
+    names = [r["tokenizer"] for r in rows][::-1]  # barh draws bottom up
+    values = [r["val_bits_per_byte"] for r in rows][::-1]
+    colors = [f"C{i}" for i in range(len(rows))][::-1]
+    bars = bar_ax.barh(names, values, color=colors)
+    labels = [f"{r['val_bits_per_byte']:.3f} ({r['chars_per_token']:.2f} chars/token)" for r in rows][::-1]
+    bar_ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
+    bar_ax.set_xlim(0, 1.45 * max(values))
+    bar_ax.set_xlabel("val bits per byte (lower is better)")
+    bar_ax.grid(axis="x", alpha=0.3)
+    for i, r in enumerate(rows):
+        curve = r["curve"]
+        curve_ax.plot(
+            [p["train_flops"] for p in curve], [p["bits_per_byte"] for p in curve], color=f"C{i}", label=r["tokenizer"]
+        )
+        curve_ax.plot([r["train_flops"]], [r["val_bits_per_byte"]], color=f"C{i}", marker="o")
+    curve_ax.set_xlabel("training FLOPs")
+    curve_ax.set_ylabel("bits per byte: line train, dot val")
+    curve_ax.grid(alpha=0.3)
+    curve_ax.legend(fontsize=8)
     return fig

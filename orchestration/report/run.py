@@ -18,7 +18,7 @@ from orchestration.artifacts import (
     read_run_facts,
 )
 from orchestration.checkpoint_format import checkpoints_newest_first, complete_checkpoint_meta
-from orchestration.report.plots import plot_bias, plot_loss, plot_privacy, plot_throughput
+from orchestration.report.plots import plot_bias, plot_loss, plot_mixture, plot_privacy, plot_throughput
 from orchestration.report.render import ReportError, Section, fmt
 
 
@@ -120,6 +120,26 @@ def run_report(run: RunDir) -> tuple[str, list[Section], dict]:
             ],
         ),
     ]
+    mixture = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("data_epochs/")})
+    if mixture:
+        final = {name: evals[-1].get(f"val_loss/{name}") if evals else None for name in mixture}
+        results["mixture"] = {"val_loss": final, "epochs": {n: last.get(f"data_epochs/{n}") for n in mixture}}
+        table = [(n, fmt(final[n]), fmt(last.get(f"data_epochs/{n}"))) for n in mixture]
+        sections.append(
+            (
+                "Data mixture",
+                [
+                    (
+                        "text",
+                        "Each source's val loss on its own val rows (train.val_sequences of them); the run's "
+                        "validation loss is their mean at its weights. Epochs: the source's train rows read so far "
+                        "(train.mixture_exhausted says what happens past 1).",
+                    ),
+                    ("table", ("source", "final val loss", "epochs read"), table),
+                    ("figure", "mixture.png", plot_mixture(records)),
+                ],
+            )
+        )
     if results.get("privacy"):
         sections.append(
             (

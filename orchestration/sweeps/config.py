@@ -1,4 +1,5 @@
-"""The ``tune:`` and ``scaling:`` sections: a hyperparameter search and a scaling-law sweep.
+"""The ``tune:``, ``scaling:`` and ``study:`` sections: a hyperparameter search, a scaling-law sweep and
+the tokenizer study.
 
 Pure data (no ray import) so configs load and fail fast anywhere. Search-space entries are checked
 for shape here; that their keys name real config fields is checked by ``orchestration.sweeps.tune`` against
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
+
+from data_pipeline.config import SplitByConfig
 
 # kind -> how many arguments it takes (None: a non-empty list of values)
 SEARCH_KINDS: dict[str, Optional[int]] = {
@@ -137,3 +140,57 @@ class SweepConfig:
                 raise ValueError(f"{name} must hold positive numbers, got {bad}")
         if any(n < 1 for n in self.n_layers) or len(set(self.n_layers)) != len(self.n_layers):
             raise ValueError(f"n_layers must be distinct positive integers, got {self.n_layers}")
+
+
+STUDY_TOKENIZER_KINDS = ("byte", "bpe", "unigram")  # data_pipeline.codecs.CODEC_KINDS
+
+
+@dataclass
+class TokenizerStudyConfig:
+    """``raylm tokenizers``: each tokenizer trained on the same train text, the same GPT (the ``model``
+    section, vocab_size from the tokenizer) trained for the same training FLOPs on its tokens, and
+    every model scored in bits per byte on the same val text.
+
+    Equal compute: steps = train_flops // (flops_per_token(model at that vocab) x batch_size x
+    block_size), so a larger vocabulary (a larger head) buys fewer, longer-reaching tokens.
+    """
+
+    # "byte" (256 ids), "bpe:<vocab>", "unigram:<vocab>"
+    tokenizers: list[str] = field(default_factory=lambda: ["byte", "bpe:1024", "bpe:4096", "bpe:16384", "unigram:4096"])
+    pattern: Literal["gpt2", "gpt4"] = "gpt4"  # the regex pre-split of BPE and Unigram
+    # .txt sources, one document per file: "shakespeare" (the embedded corpus; "shakespeare:<glob>" for
+    # some of its texts), local paths, directories or globs, or s3:// / gs:// URIs
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
+    split_by: SplitByConfig = field(default_factory=SplitByConfig)  # what keeps a work on one side
+    val_fraction: float = field(default=0.1, metadata={"min": 0.0, "max": 0.5})  # of works
+    split_seed: int = 0
+    tokenizer_train_bytes: int = field(default=3_000_000, metadata={"min": 1})  # train text each tokenizer sees
+    val_bytes: int = field(default=200_000, metadata={"min": 1})  # val text scored: an equal share of each document
+    train_flops: float = field(default=1.5e12, metadata={"min": 1.0})  # each model's training budget
+    batch_size: int = field(default=16, metadata={"min": 1})  # sequences of model.block_size tokens per step
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    min_lr: float = field(default=3e-4, metadata={"min": 0.0})
+    warmup_steps: int = field(default=20, metadata={"min": 0})
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})  # 0: off
+    log_interval: int = field(default=10, metadata={"min": 1})  # steps between the train-loss points kept
+    # torch CPU threads. 1: these models are too small to split, and on a shared machine a second thread
+    # spins against the other load (measured 10x the CPU time per step with 2 threads on a loaded 2-core box)
+    threads: int = field(default=1, metadata={"min": 1})
+    seed: int = 1337  # model init and the order of training windows, the same for every tokenizer
+
+    def __post_init__(self) -> None:
+        if not self.tokenizers:
+            raise ValueError("tokenizers is empty; list some, e.g. [byte, bpe:4096, unigram:4096]")
+        for entry in self.tokenizers:
+            kind, _, size = str(entry).partition(":")
+            if kind not in STUDY_TOKENIZER_KINDS or (kind == "byte") != (size == "") or (size and not size.isdigit()):
+                raise ValueError(
+                    f"tokenizers entry {entry!r} is not 'byte', 'bpe:<vocab>' or 'unigram:<vocab>' (e.g. bpe:4096)"
+                )
+            if size and int(size) <= 256:
+                raise ValueError(f"tokenizers entry {entry!r}: vocab must be > 256 (the bytes plus what it learns)")
+        if len(set(self.tokenizers)) != len(self.tokenizers):
+            raise ValueError(f"tokenizers lists an entry twice: {self.tokenizers}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")

@@ -1,6 +1,7 @@
 """Pretraining on Ray Train + DeepSpeed: one driver path and one worker loop for every training job.
 
-config (TrainConfig) -> driver: validate, resume point, WorkerPlan (plan), launch a TorchTrainer
+config (TrainConfig) -> driver: validate, resume point, a data mixture's weights and schedule
+  (data_mixture), WorkerPlan (plan), launch a TorchTrainer
   (rendezvous: rank 0's store on 127.0.0.1 on a local Ray)
   -> loop (on every worker): the Task (task; pretraining here, fine-tuning in finetune.task) and
      its model (rank_model: seeded, built sharded under ZeRO-3), the engine (engine: DeepSpeed

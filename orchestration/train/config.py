@@ -54,6 +54,10 @@ class TrainConfig:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint for s3:// data (MinIO, moto); None: AWS
     run_name: str = "run"  # the run directory is <storage_path>/<run_name>; reused -> resume
     storage_path: str = "runs"  # local path or s3://, gs://, az:// / abfs:// URI (data_pipeline/storage.py)
+    # A data mixture's share of every train batch per source ({plays: 0.8, sonnets: 0.2}, normalized);
+    # {}: the weights it was prepared with. A resumed run keeps them; a branch may change them (a data schedule)
+    mixture_weights: dict[str, float] = field(default_factory=dict)
+    mixture_exhausted: Literal["repeat", "stop"] = "repeat"  # a source out of rows: its next epoch, or stop the run
 
     # --- scale-out
     num_workers: int = field(default=2, metadata={"min": 1})

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from model.config import ModelConfig
 from orchestration.artifacts import (
     STOP_REQUEST_FILE,
     RunDir,
@@ -28,6 +29,7 @@ from orchestration.checkpoint_format import complete_checkpoint_meta, is_quantiz
 from orchestration.config import ConfigError, PretrainConfig, config_to_dict
 from orchestration.runtime import extensions_dir, init_ray
 from orchestration.train.config import TrainConfig
+from orchestration.train.data_mixture import check_schedule, run_schedule, run_weights
 from orchestration.train.plan import PrivacyPlan, WorkerPlan
 
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
@@ -36,7 +38,7 @@ TEST_ENV_PREFIX = "RAYLM_TEST_"  # test hooks forwarded to workers (see loop.FAI
 # the run (its data order, its batches, its shapes). Not num_workers (checkpoints reshard) nor
 # micro_batch_size (gradient accumulation is re-derived; the global batch stays). A branch (a new
 # run started from another run's checkpoint) may change the BRANCHABLE ones.
-SAME_RUN_META = ("seq_len", "tokenizer_hash", "data")
+SAME_RUN_META = ("seq_len", "tokenizer_hash", "data", "mixture_weights")
 SAME_RUN_FIELDS = (
     ("train", "seed"),
     ("train", "global_batch_size"),
@@ -44,8 +46,9 @@ SAME_RUN_FIELDS = (
     ("model", "n_layer"),
     ("model", "n_embd"),
     ("model", "n_head"),
+    ("model", "document_masking"),
 )
-BRANCHABLE = {"train.seed", "data"}
+BRANCHABLE = {"train.seed", "data", "mixture_weights", "model.document_masking"}
 
 
 def run_dir(train: TrainConfig) -> RunDir:
@@ -60,6 +63,7 @@ class PretrainFacts:
     manifest: dict
     seq_len: int
     vocab_size: int
+    eos_id: int  # the tokenizer's end-of-text token: what ends a document in the packed rows
     tokenizer_hash: str
     total_steps: int
     val_batches: int  # val micro-batches per rank: the fixed set of train.val_sequences, split over ranks
@@ -106,10 +110,32 @@ def validate(cfg: PretrainConfig) -> PretrainFacts:
         check_bias_probe_fits(tokenizer_files, cfg.model.block_size)
     if train.dp.enabled and cfg.model.arch != "gpt":
         raise ConfigError(
-            f"train.dp.enabled needs model.arch=gpt: Opacus has no per-sample gradients for the torch LSTM of "
-            f"model.arch={cfg.model.arch!r}"
+            "train.dp.enabled needs model.arch=gpt: Opacus has no per-sample gradients for the torch recurrent "
+            f"layers of model.arch={cfg.model.arch!r}"
         )
-    return PretrainFacts(manifest, seq_len, int(tok["n_vocab"]), tok["hash"], total_steps, val_batches, tokenizer_files)
+    return PretrainFacts(
+        manifest,
+        seq_len,
+        int(tok["n_vocab"]),
+        int(tok["eot_token"]),
+        tok["hash"],
+        total_steps,
+        val_batches,
+        tokenizer_files,
+    )
+
+
+def resolve_model(model: ModelConfig, facts: PretrainFacts) -> ModelConfig:
+    """The model a pretraining run trains: ``model`` with the data's vocabulary and, with
+    document_masking, the data's end-of-text token as the token that ends a document."""
+    if not model.document_masking:
+        return dataclasses.replace(model, vocab_size=facts.vocab_size)
+    if model.eos_id not in (None, facts.eos_id):
+        raise ConfigError(
+            f"model.eos_id={model.eos_id}, but the data's tokenizer ({facts.manifest['uri']}) ends documents "
+            f"with token {facts.eos_id}; remove model.eos_id: document_masking takes the tokenizer's"
+        )
+    return dataclasses.replace(model, vocab_size=facts.vocab_size, eos_id=facts.eos_id)
 
 
 def check_bias_probe_fits(tokenizer_files: dict[str, bytes], block_size: int) -> None:
@@ -158,6 +184,7 @@ def resume_point(
     if exists and not resume:
         raise ConfigError(f"run directory {run.uri} already exists; pick another train.run_name or resume it")
     found = latest_complete_checkpoint(run) if exists else None
+    branching = False
     if exists:
         set_aside_damaged_ray_snapshot(run, found[1]["step"] if found else None)
     if found is None and branch_from:
@@ -170,11 +197,11 @@ def resume_point(
                 f"branch checkpoint {branch.uri} holds quantized weights (`raylm quantize`), which nothing trains "
                 f"on; branch from {meta.get('checkpoint', 'the checkpoint it was quantized from')}"
             )
-        found = (branch, meta)
+        found, branching = (branch, meta), True
     if found is None:
         return None
     ckpt, meta = found
-    check_same_run(meta, cfg, meta_now, ckpt.uri, branch=ckpt.uri == branch_from)
+    check_same_run(meta, cfg, meta_now, ckpt.uri, branch=branching)
     print(f"[raylm] resuming {run.uri} from step {meta['step']} ({ckpt.uri})", flush=True)
     return ckpt.uri, meta
 
@@ -496,9 +523,18 @@ def run_training(
     train = cfg.train
     facts = validate(cfg)
     meta_now = {"seq_len": facts.seq_len, "tokenizer_hash": facts.tokenizer_hash, "data": facts.manifest["uri"]}
+    weights = run_weights(train, facts.manifest)
+    if weights is not None:
+        meta_now["mixture_weights"] = weights
     start = resume_point(run, cfg, meta_now, resume=resume, branch_from=branch_from)
+    task = {"manifest": facts.manifest}  # ranks find row groups through the index files it names
+    if weights is not None:
+        task["mixture_schedule"] = meta_now["mixture_schedule"] = run_schedule(
+            weights, facts.manifest, start[1] if start else None
+        )
+        check_schedule(train, facts.manifest, task["mixture_schedule"], facts.total_steps)
 
-    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=facts.vocab_size))
+    resolved = dataclasses.replace(cfg, model=resolve_model(cfg.model, facts))
     if facts.val_batches == 0:
         print("[raylm] the data has no val split: no eval", flush=True)
     per_rank = train.global_batch_size // train.num_workers
@@ -523,7 +559,7 @@ def run_training(
         checkpoint_files=facts.tokenizer_files,
         checkpoint_meta=meta_now,
         resume_uri=start[0] if start else None,
-        task={"manifest": facts.manifest},  # ranks find row groups through the index files it names
+        task=task,
         privacy=privacy,
     )
     summary = launch(cfg, plan, pretrain_task, {}, callbacks=callbacks, gpus_per_worker=gpus_per_worker)

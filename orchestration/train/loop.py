@@ -181,6 +181,8 @@ def worker_loop(loop_config: dict) -> None:
         }
         if task.data_stats is not None:
             record.update(data_read_per_rank(task.data_stats()))
+        if task.step_extra is not None:
+            record.update(task.step_extra(step))
         record.update(privacy)
         if do_eval and task.val_batches is not None:
             with phases.first("eval"):
@@ -292,23 +294,37 @@ def optimizer_step(
 def validation_metrics(engine, task: Task, device: torch.device) -> dict:
     """Val loss as the exact mean over every loss-bearing item (tokens, or examples) of every rank's
     val micro-batches, plus perplexity or accuracy. The task gives every rank the same number of
-    micro-batches (ZeRO-3 gathers weights collectively), padding carrying no loss."""
-    engine.eval()
-    sums = torch.zeros(3, device=device)  # loss x items, items, correct
-    with torch.no_grad():
-        for batch in task.val_batches():
-            loss, items, correct = task.forward(engine, batch, device)
-            sums += torch.stack([loss.float() * items, items, correct])
-    engine.train()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    loss_sum, items, correct = (float(v) for v in sums)
+    micro-batches (ZeRO-3 gathers weights collectively), padding carrying no loss. A data mixture's
+    sources are scored each on its own val set (``val_loss/<source>``); its ``val_loss`` is their mean
+    at the run's weights: the loss on the distribution it trains on."""
+    if task.val_sources:
+        per_source = {name: _val_sums(engine, task, device, name) for name in task.val_sources}
+        out = {f"val_loss/{name}": sums[0] / max(sums[1], 1.0) for name, sums in per_source.items()}
+        total = sum(task.val_sources.values())
+        out["val_loss"] = sum(w * out[f"val_loss/{name}"] for name, w in task.val_sources.items()) / total
+        out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
+        return out
+    loss_sum, items, correct = _val_sums(engine, task, device)
     out = {"val_loss": loss_sum / max(items, 1.0)}
     if task.reports_accuracy:
         out["val_accuracy"] = correct / max(items, 1.0)
     else:
         out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
     return out
+
+
+def _val_sums(engine, task: Task, device: torch.device, *source: str) -> tuple[float, float, float]:
+    """(loss x items, items, correct) over every rank's val micro-batches (of one mixture ``source``)."""
+    engine.eval()
+    sums = torch.zeros(3, device=device)  # loss x items, items, correct
+    with torch.no_grad():
+        for batch in task.val_batches(*source):
+            loss, items, correct = task.forward(engine, batch, device)
+            sums += torch.stack([loss.float() * items, items, correct])
+    engine.train()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return tuple(float(v) for v in sums)
 
 
 def data_read_per_rank(stats: dict) -> dict:

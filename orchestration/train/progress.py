@@ -36,6 +36,9 @@ def format_record(record: dict, total_steps: int) -> str:
             parts.append(f"(ppl {record['val_perplexity']:.1f})")
         if "val_accuracy" in record:
             parts.append(f"acc {record['val_accuracy']:.3f}")
+        per_source = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("val_loss/")]
+        if per_source:  # a data mixture: each source's own val loss
+            parts.append(f"({', '.join(per_source)})")
     if "dp_epsilon" in record:
         parts.append(f"eps {record['dp_epsilon']:.3g} (delta {record['dp_delta']:g})")
     if "checkpoint_s" in record:

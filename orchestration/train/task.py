@@ -3,7 +3,7 @@
 A ``Task`` is a small bundle of hooks the loop calls: the model it trains, the forward that turns a
 micro-batch into (loss, loss-bearing items, correct predictions), the train and val batch streams,
 which weight files a checkpoint holds, and early stopping. ``pretrain_task`` builds the one for
-next-token pretraining on token shards (GPT or the LSTM baseline); fine-tuning builds its own in
+next-token pretraining on token shards (GPT or a recurrent baseline); fine-tuning builds its own in
 ``orchestration.finetune.task``.
 """
 
@@ -32,13 +32,14 @@ class EarlyStopping:
 class Task:
     """The hooks of one job. ``train_batches(start_step)`` yields this rank's micro-batches from that
     optimizer step on; ``val_batches()`` this rank's val micro-batches (the same count on every rank:
-    ZeRO-3 forwards are collective); ``data_stats()`` what the train reader has read so far."""
+    ZeRO-3 forwards are collective), or with ``val_sources`` (a data mixture: source -> weight)
+    ``val_batches(source)`` those of one source; ``data_stats()`` what the train reader has read so far."""
 
     name: str
     model: torch.nn.Module
     forward: Forward
     train_batches: Callable[[int], Iterator[dict]]
-    val_batches: Optional[Callable[[], Iterator[dict]]]  # None: the data has no val split, no eval
+    val_batches: Optional[Callable[..., Iterator[dict]]]  # None: the data has no val split, no eval
     flops_per_token: float
     data_stats: Optional[Callable[[], dict]] = None
     weight_files: Optional[Callable[[dict], dict[str, dict]]] = None
@@ -49,6 +50,9 @@ class Task:
     # more of each evaluation, on every rank with the same inputs (collective at ZeRO-3): engine -> record fields
     eval_extra: Optional[Callable[[Any], dict]] = None
     banner: str = ""  # printed by rank 0 once the model is built
+    # a data mixture: each source's weight in val_loss (val_loss/<source> each), and record fields of a step
+    val_sources: dict[str, float] = field(default_factory=dict)
+    step_extra: Optional[Callable[[int], dict]] = None
 
 
 def to_device(array, device: torch.device) -> torch.Tensor:
@@ -95,11 +99,12 @@ def dataset_batches(
 
 
 def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size: int) -> Task:
-    """Next-token pretraining of ``plan.model`` (GPT, or the LSTM with arch=lstm), seeded so
+    """Next-token pretraining of ``plan.model`` (GPT, or the RNN / GRU / LSTM of arch rnn|gru|lstm), seeded so
     every rank starts from identical weights. Each rank reads only its slice of every global batch
     straight from the shards (``data_pipeline.loader.rank_batches``), from the step it resumes at; with
     DP-SGD (``plan.privacy``) its share of each step's Poisson sample, through DP's forward."""
     from data_pipeline.loader import poisson_rank_batches, rank_batches, rank_val_batches
+    from data_pipeline.mixture import MixtureOrder
     from model.flops import flops_per_token
     from orchestration.train.dp import dp_lm_forward
     from orchestration.train.rank_model import build_rank_model
@@ -129,19 +134,34 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
                 micro_batch_size=train.micro_batch_size,
                 start_step=start_step,
                 num_steps=plan.total_steps - start_step,
+                mixture_schedule=schedule,
+                mixture_exhausted=train.mixture_exhausted,
                 **data,
             )
         readers.append(reader)
         return ({"tokens": tokens} for tokens in reader)
 
-    def val_batches() -> Iterator[dict]:
+    def val_batches(source: Optional[str] = None) -> Iterator[dict]:
         reader = rank_val_batches(
             plan.task["manifest"],
             num_sequences=train.val_sequences,
             micro_batch_size=train.micro_batch_size,
+            source=source,
             **data,
         )
         return ({"tokens": tokens, "weights": weights} for tokens, weights in reader)
+
+    # a data mixture: val loss per source with val rows (weighted by the run's current weights), epochs per source
+    schedule = plan.task.get("mixture_schedule")
+    val_sources, step_extra = {}, None
+    if schedule:
+        manifest = plan.task["manifest"]
+        with_val = {m["name"] for m in manifest["mixture"] if m["splits"]["val"]["sequences"] > 0}
+        val_sources = {name: w for name, w in schedule[-1][1].items() if name in with_val}
+        order = MixtureOrder(manifest, train.seed, train.global_batch_size, schedule, train.mixture_exhausted)
+
+        def step_extra(step: int) -> dict:
+            return {f"data_epochs/{name}": epochs for name, epochs in order.epochs(step - 1).items()}
 
     return Task(
         name="pretrain",
@@ -152,6 +172,8 @@ def pretrain_task(plan: WorkerPlan, device: torch.device, rank: int, world_size:
         flops_per_token=flops_per_token(model_cfg, plan.seq_len),
         data_stats=lambda: readers[-1].stats,
         eval_extra=bias_during_training(plan) if train.bias_probe else None,
+        val_sources=val_sources,
+        step_extra=step_extra,
     )
 
 

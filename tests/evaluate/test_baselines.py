@@ -1,4 +1,4 @@
-"""Baselines: the Kneser-Ney n-gram model, the LSTM LM behind the GPT's seams, and the comparison table.
+"""Baselines: the Kneser-Ney n-gram model, the RNN / GRU / LSTM LMs behind the GPT's seams, and the comparison table.
 
 Tiny data only: hand-made token streams, the tiny manifest of helpers (no Ray for reading), and
 models of a few thousand parameters. One slow test launches the real Ray Train + DeepSpeed path.
@@ -18,8 +18,8 @@ from helpers import tiny_config, tiny_corpus_manifest
 
 from model.build import build_model
 from model.config import ModelConfig
-from model.flops import count_params, flops_per_token
-from model.lstm import LSTMLM
+from model.flops import RECURRENT_GATES, count_params, flops_per_token
+from model.lstm import RecurrentLM
 from model.ngram import NGramLM
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded machine
@@ -103,41 +103,47 @@ def test_train_and_evaluate_ngram_on_shards(manifest, tmp_path):
     assert evaluate_ngram(str(tmp_path / "ng3"), manifest, max_sequences=20) == r3
 
 
-# --- LSTM --------------------------------------------------------------------------------------
+# --- RNN, GRU, LSTM ----------------------------------------------------------------------------
 
 
 def _lstm_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**dict(arch="lstm", vocab_size=40, block_size=16, n_layer=2, n_embd=24), **kw})
 
 
-def test_lstm_is_causal_and_counts_its_params():
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_recurrent_lm_is_causal_and_counts_its_params(arch):
     torch.manual_seed(0)
-    model = build_model(_lstm_cfg()).eval()
-    assert isinstance(model, LSTMLM)
+    model = build_model(_lstm_cfg(arch=arch)).eval()
+    assert isinstance(model, RecurrentLM) and isinstance(
+        model.recurrent, {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[arch]
+    )
+    assert all(name.startswith(("wte.", f"{arch}.")) for name, _ in model.named_parameters())  # keys name the cell
     idx = torch.randint(0, 40, (2, 12))
     changed = idx.clone()
     changed[:, 7] = (changed[:, 7] + 1) % 40
     a, b = model(idx)[0], model(changed)[0]
     assert torch.equal(a[:, :7], b[:, :7]) and not torch.allclose(a[:, 7:], b[:, 7:])
     for kw in ({}, {"tie_embeddings": False}, {"bias": False}, {"n_layer": 3}):
-        cfg = _lstm_cfg(**kw)
-        numel = sum(p.numel() for p in LSTMLM(cfg).parameters())
+        cfg = _lstm_cfg(arch=arch, **kw)
+        numel = sum(p.numel() for p in RecurrentLM(cfg).parameters())
         assert count_params(cfg) == numel, kw
         assert count_params(cfg, non_embedding=True) == numel - cfg.vocab_size * cfg.n_embd * (
             1 if cfg.tie_embeddings else 2
         )
-    cfg = _lstm_cfg(bias=False)
-    h, V = cfg.n_embd, cfg.vocab_size
-    assert flops_per_token(cfg, 16) == flops_per_token(cfg, 1024) == 6 * (2 * 4 * (h * h + h * h) + h * V)
-    # attention fields do not constrain an LSTM; a transformer preset cannot be used with it
-    ModelConfig(arch="lstm", n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="arch 'lstm' takes no preset"):
-        ModelConfig(arch="lstm", preset="tiny")
+    cfg = _lstm_cfg(arch=arch, bias=False)
+    h, V, gates = cfg.n_embd, cfg.vocab_size, {"rnn": 1, "gru": 3, "lstm": 4}[arch]
+    assert RECURRENT_GATES[arch] == gates
+    assert flops_per_token(cfg, 16) == flops_per_token(cfg, 1024) == 6 * (2 * gates * (h * h + h * h) + h * V)
+    # attention fields do not constrain a recurrent model; a transformer preset cannot be used with it
+    ModelConfig(arch=arch, n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match=f"arch '{arch}' takes no preset"):
+        ModelConfig(arch=arch, preset="tiny")
 
 
-def test_lstm_overfits_a_batch():
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_recurrent_lm_overfits_a_batch(arch):
     torch.manual_seed(0)
-    model = LSTMLM(_lstm_cfg())
+    model = RecurrentLM(_lstm_cfg(arch=arch))
     batch = torch.randint(0, 40, (4, 17))
     targets = batch[:, 1:].clone()
     targets[0, :3] = -1  # ignored positions
@@ -180,18 +186,21 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     from model.generate import generate
     from model.gpt import GPT
     from orchestration.evaluate.baselines import compare_baselines, train_ngram
+    from orchestration.evaluate.data_source import EvalError
     from orchestration.evaluate.load import load_checkpoint_model
     from orchestration.evaluate.sample import generate_text
     from orchestration.evaluate.suites import continuation_scores
 
     vocab = json.loads(Path(manifest).read_text())["tokenizer"]["n_vocab"]
     torch.manual_seed(0)
-    lstm = LSTMLM(_lstm_cfg(vocab_size=vocab, block_size=32, n_embd=16, n_layer=1))
+    lstm = RecurrentLM(_lstm_cfg(vocab_size=vocab, block_size=32, n_embd=16, n_layer=1))
     gpt = GPT(ModelConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    gru = RecurrentLM(_lstm_cfg(arch="gru", vocab_size=vocab, block_size=32, n_embd=16, n_layer=1))
     lstm_ckpt = _write_checkpoint(tmp_path / "lstm", lstm, manifest, consumed_sequences=40)
+    gru_ckpt = _write_checkpoint(tmp_path / "gru", gru, manifest, consumed_sequences=40)
     gpt_ckpt = _write_checkpoint(tmp_path / "gpt", gpt, manifest, consumed_sequences=40)
     loaded, cfg, enc, meta = load_checkpoint_model(lstm_ckpt)
-    assert isinstance(loaded, LSTMLM) and cfg.arch == "lstm" and enc.n_vocab == vocab
+    assert isinstance(loaded, RecurrentLM) and cfg.arch == "lstm" and enc.n_vocab == vocab
     for (n, p), q in zip(lstm.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(p, q), n
     # `raylm generate` and the continuation suite sample from it through the same `generate`
@@ -207,12 +216,16 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
         manifest,
         transformer_checkpoint=gpt_ckpt,
         lstm_checkpoint=lstm_ckpt,
+        gru_checkpoint=gru_ckpt,
         ngram_dir=str(tmp_path / "ng2"),
         out_dir=str(tmp_path / "cmp"),
         max_sequences=8,
     )
     by = {r["model"]: r for r in result["rows"]}
-    assert set(by) == {"transformer", "lstm", "2-gram KN"} and result["sequences"] == 8
+    assert set(by) == {"transformer", "lstm", "gru", "2-gram KN"} and result["sequences"] == 8
+    assert by["gru"]["arch"] == "gru" and by["gru"]["params"] < by["lstm"]["params"]  # 3 gate matrices, not 4
+    with pytest.raises(EvalError, match="given as the rnn baseline, but its model.arch is 'gru'"):
+        compare_baselines(manifest, transformer_checkpoint=gpt_ckpt, rnn_checkpoint=gru_ckpt, max_sequences=8)
     assert by["lstm"]["params"] == count_params(cfg) and by["lstm"]["train_tokens"] == 40 * 32
     assert by["lstm"]["train_flops"] == pytest.approx(flops_per_token(cfg, 32) * 40 * 32)
     assert by["2-gram KN"]["train_flops"] is None
@@ -237,6 +250,8 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
                 gpt_ckpt,
                 "--lstm",
                 lstm_ckpt,
+                "--gru",
+                gru_ckpt,
                 "--ngram",
                 str(tmp_path / "ng2"),
                 "--out",
@@ -249,7 +264,8 @@ def test_lstm_checkpoint_loads_and_compares_with_baselines(manifest, tmp_path):
     )
     report = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert report["kind"] == "baselines" and report["rows"] == sorted(result["rows"], key=lambda r: r["bits_per_byte"])
-    assert "<td>lstm</td>" in (tmp_path / "cli" / "report.html").read_text()
+    page = (tmp_path / "cli" / "report.html").read_text()
+    assert "<td>lstm</td>" in page and "<td>gru</td>" in page
 
 
 @pytest.mark.slow
@@ -281,4 +297,4 @@ def test_lstm_trains_through_ray_train_and_deepspeed(manifest, ray_session, tmp_
     assert result["checkpoint"].endswith("checkpoint_00000020")
     assert math.isfinite(result["bits_per_byte"]) and result["loss"] < losses[0]
     model, cfg, _, _ = load_checkpoint_model(summary["run_dir"])
-    assert isinstance(model, LSTMLM) and cfg.n_embd == 48
+    assert isinstance(model, RecurrentLM) and cfg.n_embd == 48

@@ -72,9 +72,9 @@ def test_interpret_command_writes_the_page_and_the_json(tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 3 and "<script" not in page and "Linear probes" in page
     assert "[interpret] wrote" in capsys.readouterr().out
     # an LSTM checkpoint is refused by name
-    from model.lstm import LSTMLM
+    from model.lstm import RecurrentLM
     from orchestration.evaluate.data_source import EvalError
     from orchestration.evaluate.interpret import interpret
 
-    with pytest.raises(EvalError, match="GPT checkpoints; this one is a LSTMLM"):
-        interpret(LSTMLM(ModelConfig(arch="lstm", vocab_size=64)), tok.encoding(spec), "x")
+    with pytest.raises(EvalError, match="GPT checkpoints; this one is a RecurrentLM"):
+        interpret(RecurrentLM(ModelConfig(arch="lstm", vocab_size=64)), tok.encoding(spec), "x")

@@ -295,6 +295,7 @@ def test_full_classification_fine_tune_stops_early_and_scores_its_best_checkpoin
     assert summary["before"]["majority_class"]["accuracy"] > 0 and "zero_shot" in summary["before"]
     best = next(r for r in evals if r["step"] == summary["best_step"])
     assert summary["after"]["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert 0.0 <= summary["after"]["macro_f1"] <= 1.0 and "macro_f1" in summary["before"]["zero_shot"]
     assert summary["after"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     # full mode: every weight of the GPT and the head trains
     ckpt = Path(summary["best_checkpoint"])

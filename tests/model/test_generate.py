@@ -10,7 +10,7 @@ import torch
 from model.config import ModelConfig
 from model.generate import generate, generate_steps
 from model.gpt import GPT
-from model.lstm import LSTMLM
+from model.lstm import RecurrentLM
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8]]
 
@@ -18,7 +18,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8]]
 def _model(arch: str):
     torch.manual_seed(0)
     if arch == "lstm":
-        return LSTMLM(ModelConfig(arch="lstm", vocab_size=64, block_size=32, n_layer=2, n_embd=32, init_std=0.3))
+        return RecurrentLM(ModelConfig(arch="lstm", vocab_size=64, block_size=32, n_layer=2, n_embd=32, init_std=0.3))
     return GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
 
 

@@ -1,4 +1,4 @@
-"""LSTM generation: the (h, c) state carried step to step, behind the same `generate` as the GPT."""
+"""Recurrent generation: the state (h, or the LSTM's (h, c)) carried step to step, behind `generate`."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import torch
 
 from model.config import ModelConfig
 from model.generate import generate
-from model.lstm import LSTMLM
+from model.lstm import RecurrentLM
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded machine
 
 
-def lstm(seed: int = 0, **overrides) -> LSTMLM:
+def lstm(seed: int = 0, **overrides) -> RecurrentLM:
     # init_std 0.3 spreads the logits so greedy picks are decisive, not float-noise ties
     cfg = ModelConfig(
         **{**dict(arch="lstm", vocab_size=64, block_size=32, n_layer=2, n_embd=32, init_std=0.3), **overrides}
     )
     torch.manual_seed(seed)
-    return LSTMLM(cfg).eval()
+    return RecurrentLM(cfg).eval()
 
 
-def greedy_by_recompute(model: LSTMLM, prompt: list[int], n: int) -> list[int]:
+def greedy_by_recompute(model: RecurrentLM, prompt: list[int], n: int) -> list[int]:
     """Reference decoding: rerun the full sequence from a zero state for every token."""
     seq = list(prompt)
     with torch.no_grad():
@@ -93,5 +93,19 @@ def test_context_limits_match_the_gpt():
     out = generate(model, [prompt], 50, temperature=0)  # 16 + 1 - 12 = 5 new tokens at most
     assert out == [greedy_by_recompute(model, prompt, 5)]
     assert len(generate(model, [list(range(40))], 5, temperature=0)[0]) == 1  # cropped to the context
-    with pytest.raises(NotImplementedError, match="LSTMLM.decode"):
+    with pytest.raises(NotImplementedError, match="RecurrentLM.decode"):
         model(torch.tensor([prompt]), kv_cache=object())
+
+
+@pytest.mark.parametrize("arch", ["rnn", "gru"])
+def test_rnn_and_gru_carry_their_state_like_the_lstm(arch):
+    """The plain RNN and the GRU carry one state tensor h: decoding and batched prompts match the
+    full forward and single runs, as for the LSTM's (h, c)."""
+    model = lstm(arch=arch)
+    prompt = [3, 17, 5, 42, 8]
+    assert generate(model, [prompt], 12, temperature=0) == [greedy_by_recompute(model, prompt, 12)]
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [30]]
+    assert generate(model, prompts, 6, temperature=0) == [generate(model, [p], 6, temperature=0)[0] for p in prompts]
+    with torch.no_grad():
+        _, h = model.decode(torch.tensor([prompt]))
+    assert isinstance(h, torch.Tensor) and h.shape == (2, 1, 32)  # (layers, batch, hidden)

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_cached_decoding_matches_full
 
 from model.config import PRESETS, ModelConfig, model_config_from_preset
 from model.flops import (
@@ -72,20 +73,7 @@ def test_kv_cache_decoding_equals_full_recomputation(variant):
     assert generate(model, [prompt], 12, temperature=0) == [greedy_by_recompute(model, prompt, 12)]
 
     # cached logits, fed a prefill then one token at a time, match the full forward at each position
-    seq = torch.randint(0, 64, (2, 20))
-    with torch.no_grad():
-        full, _ = model(seq)
-        cache = KVCache(model.cfg, torch.zeros(2, dtype=torch.long), 20, torch.float32)
-        step, _ = model(seq[:, :6], kv_cache=cache)
-        torch.testing.assert_close(step[:, 0], full[:, 5], rtol=1e-4, atol=1e-4)
-        for t in range(6, 20):
-            step, _ = model(seq[:, t : t + 1], kv_cache=cache)
-            torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
-        # a multi-token chunk on a non-empty cache needs the explicit causal mask
-        cache = KVCache(model.cfg, torch.zeros(2, dtype=torch.long), 20, torch.float32)
-        model(seq[:, :8], kv_cache=cache)
-        chunk, _ = model(seq[:, 8:14], kv_cache=cache)
-        torch.testing.assert_close(chunk[:, 0], full[:, 13], rtol=1e-4, atol=1e-4)
+    assert_cached_decoding_matches_full(model, torch.randint(0, 64, (2, 20)), prefill=6, chunk=(8, 14))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -97,7 +85,8 @@ def test_batched_prompts_of_different_lengths_match_single_runs(variant):
     assert batched == alone
     assert all(len(out) == 10 for out in batched)
     # every query, pad positions included, sees at least one key: no fully masked softmax rows
-    _, mask = KVCache(model.cfg, torch.tensor([2, 0, 6]), 8, torch.float32).positions_and_mask(7)
+    cache = KVCache(model.cfg, torch.tensor([2, 0, 6]), 8, torch.float32)
+    _, mask = cache.positions_and_mask(torch.zeros(3, 7, dtype=torch.long))
     assert mask.any(dim=-1).all()
 
 

@@ -50,6 +50,11 @@ def test_a_resume_refuses_new_data_a_new_batch_or_shape():
     with pytest.raises(ConfigError, match="data='s3://b/manifest.json'.*--branch-from"):
         check_same_run(_meta(before), before, _now("s3://b/other.json"), "ckpt")
     check_same_run(_meta(before), before, _now("s3://b/other.json"), "ckpt", branch=True)
+    # document masking changes what every step trains on: a resume keeps it, a branch may flip it
+    masked = load_config(None, [*RUN, "model.document_masking=true"])
+    with pytest.raises(ConfigError, match="model.document_masking=False.*--branch-from"):
+        check_same_run(_meta(before), masked, _now(), "ckpt")
+    check_same_run(_meta(before), masked, _now(), "ckpt", branch=True)
     for override, key in (
         ("train.global_batch_size=16", "train.global_batch_size"),
         ("model.n_layer=3", "model.n_layer"),
@@ -94,3 +99,16 @@ def test_a_branch_from_a_quantized_checkpoint_is_refused(tmp_path):
     (ckpt / CHECKPOINT_META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="quantized weights.*branch from runs/src/checkpoint_00000010"):
         resume_point(RunDir.at(str(tmp_path / "new")), cfg, _now(), resume=False, branch_from=str(ckpt))
+
+
+def test_a_branch_named_by_a_relative_path_may_change_what_a_branch_may(tmp_path, monkeypatch):
+    """The checkpoint's URI is absolute, the --branch-from a user types often relative: still a branch."""
+    from orchestration.train.driver import resume_point
+
+    _checkpointed_run(tmp_path, [])
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [*RUN, "train.seed=8", f"train.storage_path={tmp_path}", "train.run_name=new"])
+    uri, meta = resume_point(
+        RunDir.at(str(tmp_path / "new")), cfg, _now(), resume=True, branch_from=f"r/{checkpoint_dir_name(10)}"
+    )
+    assert meta["step"] == 10 and uri.endswith(f"/r/{checkpoint_dir_name(10)}")

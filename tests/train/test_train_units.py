@@ -272,7 +272,7 @@ def test_zero3_builds_a_share_of_the_model_on_each_rank():
 def test_zero3_compile_is_off_where_leaf_blocks_cannot_reduce_gradients():
     from model.config import ModelConfig
     from model.gpt import GPT
-    from model.lstm import LSTMLM
+    from model.lstm import RecurrentLM
     from orchestration.train.engine import zero3_compile_obstacle
 
     gpt = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
@@ -282,7 +282,7 @@ def test_zero3_compile_is_off_where_leaf_blocks_cannot_reduce_gradients():
     gpt.requires_grad_(False)  # LoRA freezes everything but its adapters
     gpt.transformer.h[0].attn.c_attn.requires_grad_(True)
     assert "frozen" in zero3_compile_obstacle(gpt)
-    assert "no transformer blocks" in zero3_compile_obstacle(LSTMLM(ModelConfig(arch="lstm", vocab_size=64)))
+    assert "no transformer blocks" in zero3_compile_obstacle(RecurrentLM(ModelConfig(arch="lstm", vocab_size=64)))
 
 
 def test_gpu_runs_default_to_bf16_and_compile():
