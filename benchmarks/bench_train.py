@@ -60,7 +60,7 @@ def bare_loop(cfg, rows: np.ndarray, total_steps: int, start: int, device: str) 
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_for(train, step, total_steps)
+            group["lr"] = lr_for(train, step, total_steps) * group["lr_scale"]
         for micro in range(train.grad_accum_steps):
             i = (step * train.grad_accum_steps + micro) * mb  # the rows raylm reads, in its order
             batch = torch.from_numpy(rows[i : i + mb].astype(np.int64)).to(device)

@@ -63,8 +63,19 @@ class ModelConfig:
     # The token that ends a document, read with document_masking. None: `raylm train` sets the data's
     # end-of-text token (the tokenizer's)
     eos_id: Optional[int] = field(default=None, metadata={"min": 0})
+    # "mup": the maximal update parametrization (``model.mup``): hidden matrices' init and AdamW LR scale
+    # with mup_base_width / n_embd, logits with the same ratio, attention by 1/head_dim; an LR tuned at
+    # mup_base_width then holds at any width. "sp": the standard one (every LR and init as given).
+    parametrization: Literal["sp", "mup"] = "sp"
+    mup_base_width: Optional[int] = field(default=None, metadata={"min": 1})  # the width LRs were tuned at
 
     def __post_init__(self) -> None:
+        if self.parametrization == "mup" and (self.arch != "gpt" or self.mup_base_width is None):
+            raise ValueError(
+                "parametrization=mup scales a transformer's layers against the width its hyperparameters were "
+                "tuned at: "
+                + (f"arch {self.arch!r} is not one" if self.arch != "gpt" else "set model.mup_base_width (e.g. 64)")
+            )
         if self.document_masking and self.arch != "gpt":
             raise ValueError(
                 f"document_masking confines a transformer's attention to each document; arch {self.arch!r} has "
@@ -107,6 +118,11 @@ class ModelConfig:
         if self.arch in RECURRENT_ARCHS:
             return self.vocab_size
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    @property
+    def width_mult(self) -> float:
+        """n_embd / mup_base_width under μP (how much wider than where the LR was tuned), else 1."""
+        return self.n_embd / self.mup_base_width if self.parametrization == "mup" else 1.0
 
     @property
     def head_dim(self) -> int:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from model import mup
 from model.config import ModelConfig, checkpointed_blocks
 from model.documents import document_mask, document_starts
 from model.layers import Block, LayerNorm, RMSNorm, make_norm, rope_tables, sinusoidal_table
@@ -56,7 +57,9 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "rope":
             self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
-        self.lm_head = LMHead(cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size)
+        self.lm_head = LMHead(
+            cfg.n_embd, cfg.padded_vocab_size, vocab_size=cfg.vocab_size, output_mult=mup.output_mult(cfg)
+        )
         # Per-sample gradients (Opacus, orchestration.train.dp) need every lookup to carry the batch
         # dimension: learned positions are then looked up as (B, T), not once as (T,) and broadcast.
         self.batched_positions = False
@@ -68,7 +71,8 @@ class GPT(nn.Module):
         The constructor calls it with the global RNG; ``model.build.materialize`` calls it with a
         seeded generator after moving a meta-device model to real memory (where parameters and
         buffers hold garbage and tied weights are untied). Linear and embedding weights
-        ~ N(0, init_std), biases 0, norms 1. Each parameter is set through ``write(param, init)``
+        ~ N(0, init_std), biases 0, norms 1; under μP hidden matrices' std is divided by sqrt(width_mult)
+        (``model.mup``). Each parameter is set through ``write(param, init)``
         in a fixed order: ZeRO-3 gathers one partitioned parameter at a time there.
         """
         cfg = self.cfg
@@ -92,8 +96,10 @@ class GPT(nn.Module):
         # Each block adds two residual branches; scaling their output projections by
         # 1/sqrt(2 * n_layer) keeps the residual stream's variance flat with depth (GPT-2).
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                write(p, normal(cfg.init_std / math.sqrt(2 * cfg.n_layer)))
+            depth = math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 1.0
+            scale = mup.init_scale(cfg, name) / depth
+            if scale != 1.0:
+                write(p, normal(cfg.init_std * scale))
         with torch.no_grad():
             for name, table in self.fixed_tables().items():
                 getattr(self, name).copy_(table)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.mup import attention_scale
 
 
 class LayerNorm(nn.Module):
@@ -89,6 +90,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.scale = attention_scale(cfg)  # on q·k: None is 1/sqrt(head_dim); μP's 1/head_dim
         # ``GPT.set_explicit_attention``: softmax(q k^T / sqrt(d)) @ v written out, its weights kept in
         # ``attention`` (B, heads, T, T) for inspection (``raylm interpret``); forwards without a KV cache only
         self.explicit = False
@@ -123,7 +125,7 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.explicit and kv_cache is None:
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            scores = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(self.head_dim))
             if attn_mask is None:
                 attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             self.attention = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
@@ -136,6 +138,7 @@ class CausalSelfAttention(nn.Module):
                 attn_mask=attn_mask,
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=attn_mask is None and T == k.size(2),  # T == 1 on a cache: sees all of it
+                scale=self.scale,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, q_dim)
         return self.resid_dropout(self.c_proj(y))

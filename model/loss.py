@@ -29,13 +29,19 @@ class LMHead(nn.Linear):
     embedding). ``head(x)`` gives logits; ``head(x, targets)`` gives the mean cross-entropy against
     ``targets`` (-1: ignored) without the logits. Both run through the module call, so DeepSpeed
     ZeRO-3's hooks gather the weight for either. Rows past ``vocab_size`` (padding: the matmul runs
-    over them) are never a token: logits leave them out and the loss gives them no probability."""
+    over them) are never a token: logits leave them out and the loss gives them no probability.
+    ``output_mult`` multiplies the input first (μP's 1/width_mult on logits; 1 under sp)."""
 
-    def __init__(self, in_features: int, out_features: int, *, vocab_size: int | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, vocab_size: int | None = None, output_mult: float = 1.0
+    ) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.vocab_size = vocab_size or out_features
+        self.output_mult = output_mult
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if self.output_mult != 1.0:
+            x = x * self.output_mult
         if targets is None:
             logits = F.linear(x, self.weight)
             return logits[..., : self.vocab_size] if self.vocab_size < self.out_features else logits

@@ -226,14 +226,14 @@ class QuantizedLMHead(QuantizedLinear):
     loss runs ``LMHead``'s own chunked cross-entropy over the dequantized weight (``weight``), so eval
     losses are computed exactly as for the fp32 model."""
 
-    def __init__(self, *args, vocab_size: int, **kwargs) -> None:
+    def __init__(self, *args, vocab_size: int, output_mult: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.output_mult = vocab_size, output_mult
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is not None:
-            return LMHead.forward(self, x, targets)  # reads self.weight, .vocab_size, .out_features
-        logits = super().forward(x)
+            return LMHead.forward(self, x, targets)  # reads .weight, .vocab_size, .out_features, .output_mult
+        logits = super().forward(x * self.output_mult if self.output_mult != 1.0 else x)
         return logits[..., : self.vocab_size] if self.vocab_size < self.out_features else logits
 
 
@@ -326,7 +326,7 @@ def apply_quantized_weights(
         else:
             args = (*stored, old.in_features, tensors.get(f"{name}.bias"), group_size)
             if kind == "head":
-                new = QuantizedLMHead(*args, vocab_size=old.vocab_size, **tie)
+                new = QuantizedLMHead(*args, vocab_size=old.vocab_size, output_mult=old.output_mult, **tie)
             else:
                 new = QuantizedLinear(*args, **tie)
         parent, _, child = name.rpartition(".")

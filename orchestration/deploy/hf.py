@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from model import mup
 from model.config import ModelConfig
 
 
@@ -223,6 +224,22 @@ def _split_qkv(cfg: ModelConfig, rows: torch.Tensor) -> tuple[torch.Tensor, torc
 _NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
 
 
+def mup_folded(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` with μP's forward multipliers folded into standard weights (``model.mup``), for
+    architectures that have neither: the logits' 1/width_mult into the final norm's gain and bias, and
+    attention's 1/head_dim (where HF divides by sqrt(head_dim)) into the query rows of each c_attn weight,
+    bias and LoRA B. Under sp, ``params`` as they are."""
+    if cfg.parametrization != "mup":
+        return params
+    out, q_dim = dict(params), cfg.n_head * cfg.head_dim
+    for name, tensor in params.items():
+        if name.startswith("transformer.ln_f."):
+            out[name] = tensor * mup.output_mult(cfg)
+        elif re.fullmatch(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|lora_B)", name):
+            out[name] = torch.cat([tensor[:q_dim] * mup.query_fold(cfg), tensor[q_dim:]])
+    return out
+
+
 def hf_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
     """raylm GPT weights under the family's HF names, fp32, every tensor the HF class holds.
 
@@ -231,7 +248,7 @@ def hf_state(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
     padding rows (``pad_vocab_to``) are dropped: the export holds ``vocab_size`` rows, as its config says.
     """
     cfg: ModelConfig = model.cfg
-    params = {n: p.detach().float().cpu() for n, p in model.named_parameters()}  # tied: wte only
+    params = mup_folded(cfg, {n: p.detach().float().cpu() for n, p in model.named_parameters()})  # tied: wte only
     d = cfg.n_embd
     ln_bias = family in ("gpt2", "starcoder2", "stablelm")
     linear_bias = family == "gpt2" or (cfg.bias and not FAMILIES[family].needs_no_bias)
@@ -273,11 +290,13 @@ def peft_adapter(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """raylm adapters -> (tensors, adapter_config.json) in PEFT's LoRA format for the family's model.
 
-    A fused layer's adapter becomes one adapter per HF layer: the same A, the rows of B that layer
+    Under μP the query rows of B carry the attention scale (``mup_folded``). A fused layer's adapter becomes
+    one adapter per HF layer: the same A, the rows of B that layer
     owns (``linear_rows``), so B @ A per piece is exactly the fused delta's rows. PEFT keeps lora_A
     (r, in) / lora_B (out, r) even on GPT-2's Conv1D (fan_in_fan_out transposes only the base weight).
     """
     tensors, targets = {}, set()
+    adapters = mup_folded(cfg, adapters)
     modules = sorted({name.rsplit(".", 1)[0] for name in adapters})
     for module in modules:
         a, b = adapters[f"{module}.lora_A"], adapters[f"{module}.lora_B"]

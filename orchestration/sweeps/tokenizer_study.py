@@ -161,7 +161,7 @@ def train_model(model, train_ids: np.ndarray, steps: int, study: TokenizerStudyC
         batch = torch.from_numpy(train_ids[starts[:, None] + offsets].astype(np.int64))
         lr = lr_at(step, lr=study.lr, min_lr=study.min_lr, warmup_steps=study.warmup_steps, total_steps=steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         _, loss = model(batch[:, :-1], batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

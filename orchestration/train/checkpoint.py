@@ -213,7 +213,7 @@ def restore_checkpoint(
         )
     # Our AdamW groups' hyperparameters come from the config, not the checkpoint: DeepSpeed's ZeRO-3
     # universal load copies group 0's (weight decay 0.1) onto every group, the no-decay one included.
-    hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in engine.optimizer.param_groups]
+    hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps", "lr_scale")} for g in engine.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(
         universal_dir or local_dir,
         tag=DS_TAG,

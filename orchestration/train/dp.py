@@ -84,7 +84,8 @@ def register_head_sampler() -> None:
         return
 
     def head_grad_sample(layer: LMHead, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-        grad = torch.einsum("n...i,n...j->nij", backprops, activations[0].to(backprops.dtype))
+        inputs = activations[0].to(backprops.dtype) * layer.output_mult  # the head multiplies its input (μP)
+        grad = torch.einsum("n...i,n...j->nij", backprops, inputs)
         missing = layer.weight.size(0) - grad.size(1)
         return {layer.weight: F.pad(grad, (0, 0, 0, missing)) if missing else grad}
 
@@ -265,7 +266,7 @@ def dp_optimizer_step(
 
     lr = lr_for(train, step, total_steps)
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     end = phases.end if phases is not None else lambda phase: None
     t0 = time.perf_counter()
     rows = next(batches)["tokens"]

@@ -139,18 +139,27 @@ def _merged(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (embeddings, linear weights; dim >= 2), none on biases/norms.
+    """AdamW groups: decay on matrices (embeddings, linear weights; dim >= 2), none on biases/norms; under
+    μP the hidden matrices apart, with ``lr_scale`` 1/width_mult (``model.mup``). Every group carries its
+    ``lr_scale``: the step's LR is the schedule's times it (``loop.optimizer_step``).
 
     Tied weights appear once (``named_parameters`` de-duplicates shared tensors).
     """
+    from model.gpt import GPT
+    from model.mup import lr_scale
+
+    cfg = next((m.cfg for m in model.modules() if isinstance(m, GPT)), None)
     # a parameter partitioned at birth (ZeRO-3's zero.Init) is an empty 1-D tensor; ds_shape is its own
-    dims = {p: len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
-    decay = [p for _, p in model.named_parameters() if p.requires_grad and dims[p] >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and dims[p] < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decay = len(getattr(p, "ds_shape", p.shape)) >= 2
+            groups.setdefault((decay, lr_scale(cfg, name) if cfg else 1.0), []).append(p)
+    groups.setdefault((True, 1.0), [])  # group 0: decay at the schedule's LR, even when empty (LoRA's biases)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1] != 1.0))
+    ]
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:

@@ -275,7 +275,7 @@ def optimizer_step(
 
     lr = lr_for(train, step, total_steps)
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     end = phases.end if phases is not None else lambda phase: None
     for micro in range(train.grad_accum_steps):
         t0 = time.perf_counter()

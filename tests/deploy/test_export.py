@@ -109,6 +109,9 @@ SHAPES = {
         dict(pos_encoding="rope", mlp="swiglu", bias=False, n_head=4, n_kv_head=2),
         "StableLmForCausalLM",
     ),
+    # μP (4x the base width): logits' 1/4 folded into the final norm, attention's 1/head_dim into q
+    "gpt2-mup": (dict(parametrization="mup", mup_base_width=8), "GPT2LMHeadModel"),
+    "ladder-mup": (dict(_preset_shape("ladder-23m"), parametrization="mup", mup_base_width=8), "LlamaForCausalLM"),
 }
 
 
@@ -241,7 +244,9 @@ def _write_lora_finetune(base_ckpt: str, root: Path, targets: list[str]) -> tupl
     return str(ckpt), tuned
 
 
-@pytest.mark.parametrize("shape", ["gpt2-untied-sinusoidal-gqa-nobias", "shakespeare", "llama-gqa-bias-untied"])
+@pytest.mark.parametrize(
+    "shape", ["gpt2-untied-sinusoidal-gqa-nobias", "shakespeare", "llama-gqa-bias-untied", "ladder-mup"]
+)
 def test_lora_adapters_export_to_peft_for_every_family(tmp_path, shape):
     """Fused qkv and SwiGLU adapters split into one PEFT adapter per HF layer (same A, B's rows);
     base + adapter in PEFT gives the merged fine-tune's logits."""

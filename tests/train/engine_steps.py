@@ -13,7 +13,7 @@ def train_losses(engine, corpus, *, steps: int, accum: int, micro_batch: int, lr
     losses = []
     for _ in range(steps):
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total = 0.0
         for _ in range(accum):
             batch = corpus[torch.randint(0, len(corpus), (micro_batch,), generator=order)]
