@@ -1,5 +1,6 @@
-"""Figures for `raylm report`: a run's loss, throughput and privacy (DP-SGD) curves, a tune sweep's trial curves, the
-baseline comparison's bars, the tokenizer study's bars and curves.
+"""Figures for `raylm report`: a run's loss, throughput and privacy (DP-SGD) curves, a tune sweep's trial curves and
+its val loss against learning rate per width, the baseline comparison's bars, the tokenizer study's bars and curves,
+the μP coordinate check's scale-vs-width lines.
 
 Built on ``matplotlib.figure.Figure`` without pyplot (no global figure state, no display backend),
 like ``scaling_plots``; the report renders each figure once to PNG.
@@ -183,4 +184,65 @@ def plot_tokenizers(rows: Sequence[dict]) -> Figure:
     curve_ax.set_ylabel("bits per byte: line train, dot val")
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize=8)
+    return fig
+
+
+def plot_coord_check(widths: Sequence[int], checks: dict[str, dict], steps_shown: Sequence[int]) -> Figure:
+    """The μP coordinate check: for each parametrization (a row) and each shown step (a column), every
+    layer's activation scale (mean |x|) against width on log-log axes, one line per layer."""
+    fig = Figure(figsize=(5 * len(steps_shown), 4 * len(checks)), layout="constrained")
+    axes = fig.subplots(len(checks), len(steps_shown), squeeze=False)
+    for row, (parametrization, check) in zip(axes, checks.items()):
+        for ax, step in zip(row, steps_shown):
+            for i, (layer, scales) in enumerate(check["scales"].items()):
+                ax.plot(
+                    widths,
+                    scales[step - 1],
+                    color=f"C{i}",
+                    marker="o",
+                    ms=3,
+                    label=f"{layer} ({check['slopes'][layer][step - 1]:+.2f})",
+                )
+            ax.set_xscale("log")
+            ax.set_xticks(widths, [str(w) for w in widths], minor=False)
+            ax.minorticks_off()
+            ax.set_yscale("log")
+            ax.set_title(f"{parametrization}, step {step}")
+            ax.set_xlabel("width (n_embd)")
+            ax.set_ylabel("mean |x|")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6, title="layer (slope)", title_fontsize=6)
+    return fig
+
+
+def plot_lr_transfer(points: Sequence[dict]) -> Figure:
+    """A search over learning rate and width (tune_results.json's ``lr_transfer.points``): val loss
+    against the learning rate (log x), one line per width, one panel per parametrization; a star at
+    each width's best learning rate."""
+    names = sorted({p["parametrization"] for p in points})
+    fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    widths = sorted({p["width"] for p in points})
+    colors = dict(zip(widths, colormaps["viridis"](np.linspace(0.0, 0.9, len(widths)))))
+    for ax, name in zip(axes, names):
+        for width in widths:
+            line = sorted(
+                (p["lr"], p["val_loss"]) for p in points if (p["parametrization"], p["width"]) == (name, width)
+            )
+            if not line:
+                continue
+            lrs, losses = zip(*line)
+            ax.plot(lrs, losses, color=colors[width], marker="o", label=f"width {width}")
+            best = int(np.argmin(losses))
+            ax.plot([lrs[best]], [losses[best]], color=colors[width], marker="*", markersize=14)
+        ax.set_xscale("log")
+        grid = sorted({p["lr"] for p in points if p["parametrization"] == name})
+        if len(grid) <= 10:  # a grid search's values as the ticks; sampled lrs keep the log axis's own
+            ax.set_xticks(grid, labels=[f"{lr:.3g}" for lr in grid], rotation=45, fontsize=8)
+            ax.minorticks_off()
+        ax.set_xlabel("learning rate")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("final val loss (nats/token)")
     return fig

@@ -1,6 +1,7 @@
-"""The report of a scaling sweep: its runs, the fits it wrote to ``scaling_fit.json`` (IsoFLOP profiles,
-the parametric law, both parameter counts, bootstrap intervals), the holdout check and the
-compute-optimal predictions. Nothing is refitted here: every number is the sweep's."""
+"""The report of a scaling sweep: its runs, how many ran at once, the compute its WSD branches saved,
+the fits it wrote to ``scaling_fit.json`` (IsoFLOP profiles, the parametric law, both parameter counts,
+bootstrap intervals), the holdout check and the compute-optimal predictions. Nothing is refitted here:
+every number is the sweep's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import yaml
 
 from orchestration.artifacts import SCALING_FIT_FILE, SCALING_POINTS_FILE, RunDir
 from orchestration.report.render import Block, ReportError, Section, fmt, with_ci
+from orchestration.report.tune import concurrency_blocks
 from orchestration.sweeps.fit import CHINCHILLA_ISOFLOP_EXPONENTS
 from orchestration.sweeps.plots import plot_frontier, plot_isoflops, plot_law_fit
 from orchestration.sweeps.sweep_fit import PUBLISHED_LAWS, TARGET_FACTOR, loaded_fits, scaling_points
@@ -74,6 +76,31 @@ def _holdout_blocks(check: dict) -> list[Block]:
     ]
 
 
+def _wsd_blocks(saved: dict) -> list[Block]:
+    """scaling_fit.json's ``wsd_compute``: stable runs + decay branches against one run per branch point."""
+    row = (
+        fmt(saved["n_stable_runs"]),
+        fmt(saved["n_branches"]),
+        f"{saved['wsd_flops']:.3g}",
+        f"{saved['independent_flops']:.3g}",
+        f"{saved['saved_fraction']:.1%}",
+        f"{saved['max_saved_fraction']:.1%}" if "max_saved_fraction" in saved else "-",  # older sweeps lack it
+    )
+    return [
+        (
+            "text",
+            "Each WSD family trains one stable run and branches a short decay off it at every length, where "
+            "independent runs would train every length from scratch. The most a family can save is what its "
+            "shorter lengths cost (decays free): lengths far apart (5, 10, 20, 40 x N) cap it below 50%.",
+        ),
+        (
+            "table",
+            ("stable runs", "decay branches", "WSD FLOPs", "independent FLOPs", "saved", "most it could save"),
+            [row],
+        ),
+    ]
+
+
 def sweep_report(sweep: RunDir) -> tuple[str, list[Section], dict]:
     """(title, sections, results) of a sweep directory (scaling_points.json + scaling_fit.json)."""
     if not sweep.has(SCALING_FIT_FILE):
@@ -86,7 +113,12 @@ def sweep_report(sweep: RunDir) -> tuple[str, list[Section], dict]:
     if skipped:
         note = f"{len(skipped)} of {len(swept['points'])} runs are left out of every fit (status other than 'ok')."
         blocks.insert(0, ("text", note))
-    sections: list[Section] = [("Runs", blocks)]
+    sections: list[Section] = [
+        ("Runs", blocks),
+        ("Trials at once", concurrency_blocks(swept.get("concurrency"), SCALING_POINTS_FILE)),
+    ]
+    if fit_json.get("wsd_compute"):
+        sections.append(("WSD compute saved", _wsd_blocks(fit_json["wsd_compute"])))
 
     rows, reasons = _exponent_rows(fit_json)
     fit_blocks: list[Block] = [("text", r) for r in reasons]
@@ -157,5 +189,7 @@ def sweep_report(sweep: RunDir) -> tuple[str, list[Section], dict]:
         "fits": fit_json["fits"],
         "target_compute": target,
         "predictions": fit_json["predictions"],
+        "concurrency": swept.get("concurrency"),
+        "wsd_compute": fit_json.get("wsd_compute"),
     }
     return f"Scaling sweep {sweep.name}", sections, results

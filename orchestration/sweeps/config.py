@@ -78,13 +78,15 @@ class TuneConfig:
     # | {choice: [values]} | {grid: [values]} (grid: every value, times num_samples)
     search_space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = field(default=4, metadata={"min": 1})
-    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})  # None: CPUs / trial CPUs
+    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})  # None: as many as fit
     search_alg: Literal["random", "optuna", "hyperopt"] = "random"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = field(default=10, metadata={"min": 1})  # ASHA: optimizer steps before a first cut
     reduction_factor: float = field(default=2.0, metadata={"min": 1.01})
     max_t: Optional[int] = field(default=None, metadata={"min": 1})  # ASHA horizon in steps; None: run length
-    gpu_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})  # 1-worker GPU trials
+    # null: each worker takes a whole GPU with train.use_gpu; 0: CPU-only trials; a share in (0, 1]:
+    # single-worker trials each holding that share of one GPU (0.25: four trials on a GPU)
+    gpus_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})
     max_failures: int = field(default=0, metadata={"min": -1})  # trial retries (Tune FailureConfig)
     seed: Optional[int] = None  # search algorithm seed
 
@@ -127,8 +129,8 @@ class SweepConfig:
     min_tokens_per_param: Optional[float] = field(default=None, metadata={"min": 0.0})
     max_tokens_per_param: Optional[float] = field(default=None, metadata={"min": 0.0})
     max_failures: int = field(default=1, metadata={"min": -1})  # retries per point (Tune FailureConfig)
-    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})
-    gpu_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    max_concurrent_trials: Optional[int] = field(default=None, metadata={"min": 1})  # None: as many as fit
+    gpus_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})  # as tune.gpus_per_trial
     param_kind: Literal["all", "non_embedding"] = "all"
     holdout: int = field(default=0, metadata={"min": 0})  # largest-compute points held out of the law fit
     n_boot: int = field(default=100, metadata={"min": 0})

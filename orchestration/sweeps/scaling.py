@@ -254,7 +254,10 @@ def _wsd_points(
 
 
 def wsd_savings(points: list[dict]) -> Optional[dict]:
-    """FLOPs of the stable runs + decay branches vs one independent run per branch point."""
+    """FLOPs of the stable runs + decay branches vs one independent run per branch point.
+
+    ``max_saved_fraction`` is the saving if every decay were free, each family costing only its longest
+    run: a family of lengths 5, 10, 20, 40 x N can save at most 1 - 40/75 = 47%, whatever the decay."""
     trunks = {p["key"]: p for p in points if p["kind"] == "trunk"}
     branches = [p for p in points if p["kind"] == "wsd"]
     if not branches:
@@ -262,24 +265,37 @@ def wsd_savings(points: list[dict]) -> Optional[dict]:
     independent = sum(p["flops"] for p in branches)
     decay = sum(p["flops"] * (p["steps"] - p["branch"]["step"]) / p["steps"] for p in branches)
     used = sum(t["flops"] for t in trunks.values()) + decay
+    longest = sum(max(b["flops"] for b in branches if b["branch"]["trunk"] == key) for key in trunks)
     return {
         "independent_flops": independent,
         "wsd_flops": used,
         "saved_flops": independent - used,
         "saved_fraction": 1 - used / independent,
+        "max_saved_fraction": 1 - longest / independent,
         "n_stable_runs": len(trunks),
         "n_branches": len(branches),
     }
+
+
+def wsd_line(saved: dict) -> str:
+    """One console line from ``wsd_savings``."""
+    return (
+        f"WSD: {saved['n_branches']} decay branches off {saved['n_stable_runs']} stable run(s) cost "
+        f"{saved['wsd_flops']:.3g} FLOPs against {saved['independent_flops']:.3g} for independent runs: "
+        f"{saved['saved_fraction']:.1%} saved (at most {saved['max_saved_fraction']:.1%} for these lengths)"
+    )
 
 
 # ---- running the sweep ---------------------------------------------------------------------------
 
 
 def _point_trial(params: dict, *, specs: dict, sweep: RunDir, gpus_per_worker: Optional[float]) -> None:
-    """One Tune trial: train the point's run (resuming its run dir), then record its result."""
+    """One Tune trial: train the point's run (resuming its run dir), then record its result and when
+    it ran (``started_s``, ``ended_s``: unix seconds, for how many trials ran at once)."""
     from orchestration.sweeps.trials import val_loss_callback
     from orchestration.train.driver import run_training
 
+    started = time.time()
     spec = specs[params["key"]]
     cfg = build_dataclass(PretrainConfig, spec["config"], source=f"scaling point {spec['key']}")
     branch_from = spec["branch"]["from"] if "branch" in spec else None
@@ -296,17 +312,20 @@ def _point_trial(params: dict, *, specs: dict, sweep: RunDir, gpus_per_worker: O
         final_step=summary["final_step"],
         wall_s=summary["wall_s"],
         checkpoint=summary["checkpoint"],
+        started_s=started,
+        ended_s=time.time(),
     )
     write_point(sweep, spec["key"], record)
 
 
 def _run_trials(
-    cfg: ScalingRunConfig, specs: list[dict], sweep: RunDir, phase: str, gpus_per_worker: Optional[float]
+    cfg: ScalingRunConfig, specs: list[dict], sweep: RunDir, phase: str, gpus_per_worker: Optional[float], at_once: int
 ) -> int:
-    """Train ``specs`` as one Tune experiment (FIFO, retried by FailureConfig); returns trials run."""
+    """Train ``specs`` as one Tune experiment (FIFO, ``at_once`` at a time, retried by FailureConfig);
+    returns trials run."""
     from ray import tune
 
-    from orchestration.sweeps.trials import default_concurrency, function_trainable, tune_storage
+    from orchestration.sweeps.trials import function_trainable, tune_storage
 
     if not specs:
         return 0
@@ -320,7 +339,7 @@ def _run_trials(
         trainable,
         param_space={"key": tune.grid_search([s["key"] for s in specs])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=default_concurrency(cfg.train, gpus_per_worker, sc.max_concurrent_trials),
+            max_concurrent_trials=at_once,
             trial_dirname_creator=lambda trial: f"{trial.config['key']}-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
@@ -342,11 +361,22 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     """Plan the sweep, train the points that have no result yet, write points and fits.
 
     With ``resume`` (default) finished points are reused and unfinished runs continue from their
-    checkpoints; ``resume=False`` makes an existing sweep directory an error. Returns {sweep_dir,
-    points (list), trials_run, reused, failed, fit (scaling_fit.json content), wall_s}.
+    checkpoints; ``resume=False`` makes an existing sweep directory an error. ``scaling.gpus_per_trial``
+    packs points onto GPUs or runs them on CPUs (``trials.trial_resources``: a point's key includes its
+    train section, so CPU and GPU points are different points). scaling_points.json gets
+    ``concurrency`` (planned trials at once, null when every point was reused, and the measured peak
+    over every point that recorded when it ran); scaling_fit.json gets ``wsd_compute``. Returns
+    {sweep_dir, points (list), trials_run, reused, failed, fit (scaling_fit.json content), concurrency,
+    wall_s}.
     """
     from orchestration.runtime import init_ray
-    from orchestration.sweeps.trials import check_has_val, trial_resources
+    from orchestration.sweeps.trials import (
+        check_has_val,
+        concurrency_line,
+        concurrency_summary,
+        default_concurrency,
+        trial_resources,
+    )
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)  # trials run in their own working directories
@@ -354,9 +384,10 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     sweep = RunDir.at(f"{sc.storage_path.rstrip('/')}/{sc.name}", cfg.train.endpoint_url)
     if sweep.exists() and not resume:
         raise ConfigError(f"sweep directory {sweep.uri} already exists; pick another scaling.name or resume it")
-    facts = check_has_val(cfg)
-    planned = plan_points(cfg, facts.seq_len, facts.vocab_size, sweep.uri, facts.tokenizer_hash)
-    gpus_per_worker = trial_resources(cfg.train, sc.gpu_per_trial)
+    resources = trial_resources(cfg.train, sc.gpus_per_trial, "scaling.gpus_per_trial")
+    trial_cfg = dataclasses.replace(cfg, train=resources.train)  # what every point starts from
+    facts = check_has_val(trial_cfg)
+    planned = plan_points(trial_cfg, facts.seq_len, facts.vocab_size, sweep.uri, facts.tokenizer_hash)
     done = {p["key"]: r for p in planned if (r := read_point(sweep, p["key"])) is not None}
     reused = len(done)
     pending = [p for p in planned if p["key"] not in done]
@@ -365,15 +396,16 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
         f"{len(pending)} to train",
         flush=True,
     )
-    trials_run = 0
+    trials_run, at_once = 0, None
     if pending:
         init_ray()
+        at_once = default_concurrency(resources, sc.max_concurrent_trials)
         # Phase 1: independent points and WSD stable runs; phase 2: decay branches off finished stable runs.
         independent = [p for p in pending if p["kind"] != "wsd"]
-        trials_run += _run_trials(cfg, independent, sweep, "points", gpus_per_worker)
+        trials_run += _run_trials(cfg, independent, sweep, "points", resources.gpus_per_worker, at_once)
         ready = {p["key"] for p in planned if p["kind"] == "trunk" and read_point(sweep, p["key"]) is not None}
         branches = [p for p in pending if p["kind"] == "wsd" and p["branch"]["trunk"] in ready]
-        trials_run += _run_trials(cfg, branches, sweep, "wsd-branches", gpus_per_worker)
+        trials_run += _run_trials(cfg, branches, sweep, "wsd-branches", resources.gpus_per_worker, at_once)
     records = []
     for p in planned:
         record = read_point(sweep, p["key"])
@@ -383,6 +415,8 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     points = [r for r in records if r["kind"] != "trunk"]
     trunks = [r for r in records if r["kind"] == "trunk"]
     failed = [r["key"] for r in records if r["status"] != "ok"]
+    spans = [(r["started_s"], r["ended_s"]) for r in records if r.get("started_s") is not None]
+    concurrency = concurrency_summary(resources, sc.gpus_per_trial, at_once, spans)
     grid = {
         "n_layers": cfg.scaling.n_layers,
         "shapes": sorted({(r["n_layer"], r["n_embd"]) for r in records}),
@@ -398,6 +432,7 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
             "points": points,
             "stable_runs": trunks,
             "grid": grid,
+            "concurrency": concurrency,
             "config": dataclasses.asdict(sc),
             "run_config": config_to_dict(cfg),
         },
@@ -406,7 +441,10 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
     fit["wsd_compute"] = wsd_savings(planned)
     sweep.write_json(SCALING_FIT_FILE, fit)
     print(points_table(points))
-    for line in fit["messages"]:
+    lines = [*fit["messages"], concurrency_line(concurrency)]
+    if fit["wsd_compute"]:
+        lines.append(wsd_line(fit["wsd_compute"]))
+    for line in lines:
         print(f"[raylm] {line}", flush=True)
     wall_s = time.time() - t0
     where = f"points {sweep.uri_of(SCALING_POINTS_FILE)}, fits {sweep.uri_of(SCALING_FIT_FILE)}"
@@ -419,6 +457,7 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
         "reused": reused,
         "failed": failed,
         "fit": fit,
+        "concurrency": concurrency,
         "wall_s": wall_s,
     }
 

@@ -7,7 +7,7 @@ TorchTrainer's workers ask for theirs, so trials queue on worker resources. Repo
 through Ray Train's ``TuneReportCallback``, filtered to records carrying ``val_loss``, with the
 optimizer step as ASHA's clock. Outputs in ``<tune.storage_path>/<tune.name>/``: Tune's experiment
 state (restored when the command is re-run), ``runs/<trial_id>/`` (each trial's run directory),
-``tune_results.json`` and ``best_config.yaml``.
+``tune_results.json`` (trials, how many ran at once, the lr-across-widths view) and ``best_config.yaml``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from orchestration.artifacts import BEST_CONFIG_FILE, TUNE_RESULTS_FILE, RunDir,
 from orchestration.config import ConfigError, PretrainConfig, TuneRunConfig, config_to_dict, with_absolute_paths
 from orchestration.sweeps.trials import (
     check_has_val,
+    concurrency_line,
+    concurrency_summary,
     default_concurrency,
     function_trainable,
     resolve_trial_config,
@@ -125,8 +127,11 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
 
     Re-running with the same tune.storage_path/name restores the experiment (finished trials stay,
     unfinished ones resume from their run checkpoints); ``resume=False`` makes an existing experiment
-    an error. Returns {tune_dir, trials (list of dicts as in tune_results.json), best (one of them),
-    best_config (path), wall_s}.
+    an error. ``tune.gpus_per_trial`` packs trials onto GPUs (or runs them on CPUs: ``trial_resources``);
+    a restored experiment keeps the concurrency it was started with. tune_results.json holds the
+    trials, ``concurrency`` (planned and measured trials at once) and ``lr_transfer`` (the best lr per
+    width, when the search varies both). Returns {tune_dir, trials (list of dicts as in
+    tune_results.json), best (one of them), best_config (path), concurrency, wall_s}.
     """
     import time
 
@@ -140,10 +145,12 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
     tc = cfg.tune
     if not tc.search_space:
         raise ConfigError("tune.search_space is empty; declare e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
-    check_search_space(cfg)
-    facts = check_has_val(cfg)
+    resources = trial_resources(cfg.train, tc.gpus_per_trial, "tune.gpus_per_trial")
+    trial_cfg = dataclasses.replace(cfg, train=resources.train)  # what every trial starts from
+    check_search_space(trial_cfg)
+    facts = check_has_val(trial_cfg)
     out = RunDir.at(f"{tc.storage_path.rstrip('/')}/{tc.name}", cfg.train.endpoint_url)
-    base = config_to_dict(cfg)
+    base = config_to_dict(trial_cfg)
     total_steps = facts.total_steps
     if cfg.train.eval_interval == 0 or cfg.train.eval_interval >= total_steps:
         print(
@@ -153,9 +160,10 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
         )
 
     init_ray()
-    gpus_per_worker = trial_resources(cfg.train, tc.gpu_per_trial)
-    concurrency = default_concurrency(cfg.train, gpus_per_worker, tc.max_concurrent_trials)
-    trainable = function_trainable(_tune_trial, base=base, runs_dir=out.uri_of("runs"), gpus_per_worker=gpus_per_worker)
+    concurrency = default_concurrency(resources, tc.max_concurrent_trials)
+    trainable = function_trainable(
+        _tune_trial, base=base, runs_dir=out.uri_of("runs"), gpus_per_worker=resources.gpus_per_worker
+    )
     storage = tune_storage(out)
     restore_path = out.uri if "://" not in out.uri else out.path
     if tune.Tuner.can_restore(restore_path, storage_filesystem=storage.get("storage_filesystem")):
@@ -198,21 +206,39 @@ def run_tune(cfg: TuneRunConfig, *, resume: bool = True) -> dict:
     trials.sort(key=lambda t: (t["final_val_loss"] is None, t["final_val_loss"] or 0.0))
     best = _pick_best(trials)
     best_path = None
-    if best is not None:
+    if best is not None:  # the user's train section (a CPU-only search of a GPU config gives a GPU config)
         best_cfg = resolve_trial_config(
-            base, best["overrides"], run_name=f"{tc.name}-best", storage_path=cfg.train.storage_path
+            config_to_dict(cfg), best["overrides"], run_name=f"{tc.name}-best", storage_path=cfg.train.storage_path
         )
         best_path = write_config(out, config_to_dict(best_cfg), BEST_CONFIG_FILE)
-    results = {"metric": "val_loss", "mode": "min", "best_trial": best and best["trial_id"], "trials": trials}
+    spans = [(t["started_s"], t["ended_s"]) for t in trials if t["started_s"] is not None]
+    results = {
+        "metric": "val_loss",
+        "mode": "min",
+        "best_trial": best and best["trial_id"],
+        "concurrency": concurrency_summary(resources, tc.gpus_per_trial, concurrency, spans),
+        "lr_transfer": lr_transfer(trials, base["model"]["parametrization"]),
+        "trials": trials,
+    }
     results_uri = out.write_json(TUNE_RESULTS_FILE, results)
     print(results_table(trials, best))
+    print(f"[raylm] {concurrency_line(results['concurrency'])}", flush=True)
+    for line in lr_transfer_lines(results["lr_transfer"]):
+        print(f"[raylm] {line}", flush=True)
     wall_s = time.time() - t0
     print(
         f"[raylm] tune done in {wall_s:.0f} s: {len(trials)} trials; results {results_uri}; "
         f"best config {best_path or '(none: no trial reported a val_loss)'}",
         flush=True,
     )
-    return {"tune_dir": out.uri, "trials": trials, "best": best, "best_config": best_path, "wall_s": wall_s}
+    return {
+        "tune_dir": out.uri,
+        "trials": trials,
+        "best": best,
+        "best_config": best_path,
+        "concurrency": results["concurrency"],
+        "wall_s": wall_s,
+    }
 
 
 def _trial_summary(result, base: dict, out: RunDir, seq_len: int) -> dict:
@@ -224,6 +250,7 @@ def _trial_summary(result, base: dict, out: RunDir, seq_len: int) -> dict:
     step = int(metrics["step"]) if "step" in metrics else 0
     total = resolve_trial_config(base, overrides).train.total_steps(seq_len)
     status = "error" if result.error else ("completed" if step >= total else "stopped")
+    started, ended = trial_span(frame)
     return {
         "trial_id": trial_id,
         "overrides": _plain(overrides),
@@ -234,7 +261,18 @@ def _trial_summary(result, base: dict, out: RunDir, seq_len: int) -> dict:
         "status": status,
         "error": str(result.error).splitlines()[0] if result.error else None,
         "run_dir": out.uri_of(f"runs/{trial_id}"),
+        "started_s": started,
+        "ended_s": ended,
     }
+
+
+def trial_span(frame) -> tuple[Optional[float], Optional[float]]:
+    """(start, end) unix seconds of a trial from Tune's auto-filled result fields: each result's
+    ``timestamp`` (whole seconds) less its ``time_total_s`` is when the trial's function began (the
+    earliest over retries); its last result, when it ended. (None, None) when it reported nothing."""
+    if frame is None or len(frame) == 0 or not {"timestamp", "time_total_s"} <= set(frame.columns):
+        return None, None
+    return float((frame["timestamp"] - frame["time_total_s"]).min()), float(frame["timestamp"].max())
 
 
 def _plain(values: dict) -> dict:
@@ -246,6 +284,69 @@ def _pick_best(trials: list[dict]) -> Optional[dict]:
     done = [t for t in trials if t["status"] == "completed" and t["final_val_loss"] is not None]
     pool = done or [t for t in trials if t["final_val_loss"] is not None]
     return min(pool, key=lambda t: t["final_val_loss"]) if pool else None
+
+
+# ---- the learning rate across widths -------------------------------------------------------------
+
+LR_TRANSFER_KEYS = ("train.lr", "model.n_embd")  # a search over both (and maybe model.parametrization)
+
+
+def lr_transfer(trials: list[dict], base_parametrization: str) -> Optional[dict]:
+    """Whether the best learning rate moves with width, when the search varies train.lr and model.n_embd.
+
+    Over the trials that ran to the end (a stopped trial's loss is from fewer steps): the mean final
+    val loss at each (parametrization, width, lr), the best lr per width, and ``optimum_shift_steps``:
+    how many steps of the parametrization's lr grid (its distinct lrs, sorted) separate the smallest
+    and the largest best lr over the widths (0: the optimum transfers). Keys are strings (JSON's).
+    None when the search does not vary both.
+    """
+    if not trials or not all(set(LR_TRANSFER_KEYS) <= set(t["overrides"]) for t in trials):
+        return None
+    losses: dict[tuple, list[float]] = {}
+    for t in trials:
+        if t["status"] == "completed" and t["final_val_loss"] is not None:
+            o = t["overrides"]
+            key = (o.get("model.parametrization", base_parametrization), int(o["model.n_embd"]), float(o["train.lr"]))
+            losses.setdefault(key, []).append(t["final_val_loss"])
+    points = [
+        {"parametrization": p, "width": w, "lr": lr, "val_loss": sum(v) / len(v), "trials": len(v)}
+        for (p, w, lr), v in sorted(losses.items())
+    ]
+    best_lr: dict[str, dict[str, float]] = {}
+    best_loss: dict[str, dict[str, float]] = {}
+    for point in points:
+        p, w = point["parametrization"], str(point["width"])
+        if w not in best_loss.get(p, {}) or point["val_loss"] < best_loss[p][w]:
+            best_lr.setdefault(p, {})[w] = point["lr"]
+            best_loss.setdefault(p, {})[w] = point["val_loss"]
+    grid = {p: sorted({q["lr"] for q in points if q["parametrization"] == p}) for p in best_lr}
+    shift = {
+        p: max(map(grid[p].index, lrs.values())) - min(map(grid[p].index, lrs.values())) for p, lrs in best_lr.items()
+    }
+    return {
+        "points": points,
+        "best_lr": best_lr,
+        "best_val_loss": best_loss,
+        "lr_grid": grid,
+        "optimum_shift_steps": shift,
+        "trials_left_out": len(trials) - sum(q["trials"] for q in points),
+    }
+
+
+def lr_transfer_lines(transfer: Optional[dict]) -> list[str]:
+    """One line per parametrization: how far the best lr moves across widths, and where it sits."""
+    if transfer is None:
+        return []
+    lines = []
+    for p, lrs in transfer["best_lr"].items():
+        widths = sorted(lrs, key=int)
+        steps = transfer["optimum_shift_steps"][p]
+        where = ", ".join(f"{w}: {lrs[w]:.3g}" for w in widths)
+        lines.append(
+            f"{p}: the best lr moves {steps} step(s) of a {len(transfer['lr_grid'][p])}-value lr grid across "
+            f"widths {widths[0]}-{widths[-1]} (best lr per width {where})"
+        )
+    return lines
 
 
 def results_table(trials: list[dict], best: Optional[dict]) -> str:

@@ -194,6 +194,38 @@ def test_sweep_report_recovers_the_law_it_was_drawn_from_and_shows_the_sweeps_ow
     assert f"{alpha:.3f}" in page
 
 
+def test_sweep_report_shows_the_wsd_compute_saved_and_trials_at_once(tmp_path):
+    fit = write_sweep(tmp_path, sweep_points(), n_boot=0)
+    saved = {
+        "independent_flops": 7.5e15,
+        "wsd_flops": 4.7e15,
+        "saved_flops": 2.8e15,
+        "saved_fraction": 2.8 / 7.5,
+        "max_saved_fraction": 1 - 4 / 7.5,
+        "n_stable_runs": 1,
+        "n_branches": 4,
+    }
+    (tmp_path / "scaling_fit.json").write_text(json.dumps({**fit, "wsd_compute": saved}))
+    concurrency = {
+        "gpus_per_trial": 0,
+        "use_gpu": False,
+        "workers_per_trial": 1,
+        "resources_per_worker": {"CPU": 0.25},
+        "max_concurrent_trials": None,  # every point reused on the last run
+        "peak_concurrent_trials": 2,
+        "trials_timed": 21,
+    }
+    swept = json.loads((tmp_path / "scaling_points.json").read_text())
+    (tmp_path / "scaling_points.json").write_text(json.dumps({**swept, "concurrency": concurrency}))
+    md = Path(write_report(str(tmp_path))["report.md"]).read_text()
+    wsd = md.split("## WSD compute saved", 1)[1].split("\n## ", 1)[0]
+    assert "| 1 | 4 | 4.7e+15 | 7.5e+15 | 37.3% | 46.7% |" in wsd
+    at_once = md.split("## Trials at once", 1)[1].split("\n## ", 1)[0]
+    assert "| 0 | 1 x 0.25 CPU | - (no trial ran) | 2 | 21 |" in at_once
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["wsd_compute"] == saved and results["concurrency"] == concurrency
+
+
 def test_sweep_report_shows_the_holdout_check_the_sweep_wrote(tmp_path):
     from orchestration.sweeps.fit import ScalingPoint, holdout_check
 
@@ -265,6 +297,59 @@ def test_tune_report_sorts_trials_by_validation_loss(tmp_path):
     assert page.index("<td>t-good</td>") < page.index("<td>t-bad</td>") < page.index("<td>t-crashed</td>")
     assert "model.n_layer" in page and "trials.png" in written
     assert "No metrics.jsonl at the run_dir of 1 trial(s): t-crashed." in page
+
+
+def test_tune_report_shows_trials_at_once_and_the_best_lr_per_width(tmp_path):
+    """A grid over lr x width x parametrization, its tune_results.json written the way `raylm tune` writes it
+    (``lr_transfer`` from the writer's function): the report plots loss against lr per width, tabulates
+    the best lr per width and says how far it moves; it shows planned and measured trials at once."""
+    import math
+
+    from orchestration.sweeps.tune import lr_transfer
+
+    trials = []
+    for p in ("sp", "mup"):
+        for w in (64, 128, 256):
+            for lr in (1e-3, 2e-3, 4e-3, 8e-3):
+                best = 8e-3 * 64 / w if p == "sp" else 4e-3
+                trials.append(
+                    {
+                        "trial_id": f"{p}-{w}-{lr:g}",
+                        "overrides": {"train.lr": lr, "model.n_embd": w, "model.parametrization": p},
+                        "final_val_loss": 3.0 + 0.1 * math.log2(lr / best) ** 2,
+                        "best_val_loss": None,
+                        "steps": 150,
+                        "status": "completed",
+                        "run_dir": None,
+                    }
+                )
+    concurrency = {
+        "gpus_per_trial": 0.25,
+        "use_gpu": True,
+        "workers_per_trial": 1,
+        "resources_per_worker": {"CPU": 2.0, "GPU": 0.25},
+        "max_concurrent_trials": 8,
+        "peak_concurrent_trials": 7,
+        "trials_timed": 24,
+    }
+    results = {"metric": "val_loss", "mode": "min", "best_trial": "sp-64-0.008", "concurrency": concurrency}
+    results["lr_transfer"] = lr_transfer(trials, "sp")
+    results["trials"] = trials
+    sweep = tmp_path / "tune"
+    sweep.mkdir()
+    (sweep / "tune_results.json").write_text(json.dumps(results))
+    written = write_report(str(sweep))
+    assert "lr_transfer.png" in written
+    md = Path(written["report.md"]).read_text()
+    section = md.split("## Learning rate across widths", 1)[1].split("\n## ", 1)[0]
+    assert "| sp | 64 | 0.008 | 3 | 4 of 4 |" in section and "| sp | 256 | 0.002 | 3 | 2 of 4 |" in section
+    assert "| mup | 256 | 0.004 | 3 | 3 of 4 |" in section
+    assert "sp: the best lr moves 2 step(s) of a 4-value lr grid across widths 64-256" in section
+    assert "mup: the best lr moves 0 step(s)" in section
+    at_once = md.split("## Trials at once", 1)[1].split("\n## ", 1)[0]
+    assert "| 0.25 | 1 x 2 CPU, 0.25 GPU | 8 | 7 | 24 |" in at_once
+    out = json.loads((sweep / "results.json").read_text())
+    assert out["lr_transfer"]["optimum_shift_steps"] == {"mup": 0, "sp": 2} and out["concurrency"] == concurrency
 
 
 def test_a_directory_that_is_none_of_these_is_named_with_what_was_expected(tmp_path):

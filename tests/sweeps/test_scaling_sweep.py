@@ -162,6 +162,62 @@ def test_wsd_branches_resume_the_stable_run_and_save_compute():
     )
 
 
+@pytest.mark.parametrize(
+    "tokens_per_param, decay, saved",
+    [
+        # doubling lengths: the stable run is 0.8 x 40 of the 75 independent units, the decays 0.2 x 75
+        ([5, 10, 20, 40], 0.2, 1 - (0.8 * 40 + 0.2 * 75) / 75),  # 37%
+        ([5, 10, 20, 40], 0.1, 1 - (0.9 * 40 + 0.1 * 75) / 75),  # 42%
+        # lengths closer together leave less to the longest run: issue 27's >= 50% for four lengths
+        ([10, 20, 30, 40], 0.1, 1 - (0.9 * 40 + 0.1 * 100) / 100),  # 54%
+    ],
+    ids=["doubling-decay0.2", "doubling-decay0.1", "even-decay0.1"],
+)
+def test_a_four_length_wsd_family_saves_what_its_lengths_allow(tokens_per_param, decay, saved):
+    """One stable run and 4 decay branches against 4 independent runs of the same lengths: a family
+    can save at most what its shorter lengths cost, 1 - 40/75 = 47% for 5, 10, 20, 40 x N at any decay."""
+    from orchestration.sweeps.scaling import plan_points, wsd_savings
+
+    cfg = sweep(f"scaling.wsd_tokens_per_param={tokens_per_param}", f"scaling.wsd_decay_fraction={decay}")
+    out = wsd_savings(plan_points(cfg, SEQ_LEN, VOCAB, "/s"))
+    assert out["n_stable_runs"] == 2 and out["n_branches"] == 8  # two sizes, four lengths each
+    assert out["saved_fraction"] == pytest.approx(saved, abs=0.005)
+    assert out["max_saved_fraction"] == pytest.approx(1 - max(tokens_per_param) / sum(tokens_per_param), abs=0.005)
+    assert (out["saved_fraction"] >= 0.5) == (tokens_per_param == [10, 20, 30, 40])
+
+
+def test_cpu_only_points_of_a_gpu_sweep_are_cpu_runs_of_their_own():
+    import dataclasses
+
+    from orchestration.sweeps.scaling import plan_points
+    from orchestration.sweeps.trials import trial_resources
+
+    cfg = load_config(CONFIGS / "scaling_ladder_gpu.yaml")
+    cpu_train = trial_resources(cfg.train, 0, "scaling.gpus_per_trial").train
+    cpu = plan_points(dataclasses.replace(cfg, train=cpu_train), 1024, 32768, "/s")
+    gpu = plan_points(cfg, 1024, 32768, "/s")
+    for p in cpu:
+        train = p["config"]["train"]
+        assert not train["use_gpu"] and train["precision"] == "fp32" and not train["compile"]
+    assert len(cpu) == len(gpu) and {p["key"] for p in cpu}.isdisjoint(p["key"] for p in gpu)
+
+
+def test_a_gpu_share_that_cannot_run_fails_before_any_trial(tmp_path):
+    from orchestration.sweeps.scaling import run_scaling
+
+    cfg = sweep(
+        "scaling.budgets=[2e9]",
+        "scaling.gpus_per_trial=0.5",
+        "train.use_gpu=true",
+        "train.num_workers=2",
+        "train.micro_batch_size=2",
+        f"scaling.storage_path={tmp_path}",
+    )
+    with pytest.raises(ConfigError, match=r"scaling.gpus_per_trial=0.5 is the GPU share of a single-worker trial"):
+        run_scaling(cfg)
+    assert not (tmp_path / "scaling").exists()
+
+
 def _record(params, tokens, loss, budget=None):
     return {
         "params": params,
@@ -254,6 +310,10 @@ def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(tiny_corpus, tmp_
     data = json.loads((out / "scaling_points.json").read_text())
     points = data["points"]
     assert len(points) == 2 and data["grid"]["budgets"] == [2e9]
+    at_once = data["concurrency"]
+    assert at_once["max_concurrent_trials"] == 2 and at_once["trials_timed"] == 2
+    assert at_once["resources_per_worker"] == {"CPU": 0.25} and 1 <= at_once["peak_concurrent_trials"] <= 2
+    assert all(p["started_s"] < p["ended_s"] for p in points)
     for p in points:
         assert p["status"] == "ok" and math.isfinite(p["loss"]) and p["loss"] < math.log(VOCAB)
         assert p["params"] > p["non_embedding_params"] > 0 and p["n_layer"] in (1, 2)
@@ -266,5 +326,7 @@ def test_tiny_isoflop_sweep_runs_writes_points_and_reuses_them(tiny_corpus, tmp_
 
     again = run_scaling(cfg)  # nothing new to train: every point is reused, no Tuner starts
     assert again["trials_run"] == 0 and again["reused"] == 2
+    assert again["concurrency"]["max_concurrent_trials"] is None  # planned nothing: no trial ran
+    assert again["concurrency"]["peak_concurrent_trials"] == at_once["peak_concurrent_trials"]  # the points' times
     assert [p["loss"] for p in again["points"]] == [p["loss"] for p in points]
     assert again["wall_s"] < 10
