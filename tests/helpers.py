@@ -127,7 +127,8 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
     """A 2-worker run of a tiny GPT (vocab from the manifest) that takes a few seconds: 20 steps of a
     global batch of 24 sequences (2 workers x 2 x 6 accumulation steps; 24 also splits over 1, 3 and
     4 workers of 2-sequence micro-batches, so a run can branch onto them), checkpoints and evaluations
-    at steps 10 and 20."""
+    at steps 10 and 20. μP at twice its base width: every run here (the reference runs at each ZeRO stage,
+    their branches and resumes) trains with the hidden matrices in an AdamW group of their own at half the LR."""
     from orchestration.config import load_config
 
     base = [
@@ -152,6 +153,8 @@ def tiny_config(manifest: str, storage: Path, run_name: str, *, zero_stage: int 
         "model.n_layer=2",
         "model.n_head=2",
         "model.n_embd=32",
+        "model.parametrization=mup",
+        "model.mup_base_width=16",
     ]
     return load_config(None, base + list(overrides))
 

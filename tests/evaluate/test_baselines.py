@@ -281,6 +281,7 @@ def test_lstm_trains_through_ray_train_and_deepspeed(manifest, ray_session, tmp_
         zero_stage=1,
         overrides=[
             "model.arch=lstm",
+            "model.parametrization=sp",  # tiny_config's μP scales a transformer's layers
             "model.n_layer=1",
             "model.n_embd=48",
             "model.init_std=0.1",

@@ -59,8 +59,10 @@ def test_every_zero_stage_trains_and_checkpoints(reference_runs):
         assert summary["checkpoint"].endswith("checkpoint_00000020")
         ckpt, meta = latest_complete_checkpoint(RunDir.at(summary["run_dir"]))
         assert ckpt.uri == summary["checkpoint"] and meta["step"] == STEPS and meta["zero_stage"] == stage
+        assert meta["config"]["model"]["parametrization"] == "mup"  # tiny_config: μP's groups and multipliers
     # Same data, seed and init: DDP (stage 0, with selective activation checkpointing and per-block
-    # compile: the same math recomputed) and ZeRO 1-3 differ only in reduction order and float noise.
+    # compile: the same math recomputed) and ZeRO 1-3 differ only in reduction order and float noise. Under
+    # μP: DeepSpeed steps our AdamW groups with their lr_scale as DDP's torch AdamW does.
     ddp = _losses(reference_runs[0][1])
     for stage in (1, 2, 3):
         gap = max(abs(a - b) for a, b in zip(_losses(reference_runs[stage][1]), ddp))
