@@ -56,10 +56,12 @@ def _exponent_rows(fit_json: dict) -> tuple[list, list[str]]:
 
 
 def _holdout_blocks(check: dict) -> list[Block]:
-    """The holdout check (scaling.holdout): the law fitted without the largest-compute runs, predicting them."""
+    """The holdout check (scaling.holdout, or the scaling.predict runs): the law fitted without the
+    largest-compute runs, predicting them."""
     if "skipped" in check:
         return [("text", f"Holdout check skipped: {check['skipped']}")]
     law = check["fit"]["law"]
+    factor = f", at >= {check['compute_factor']:.1f}x the largest fitted compute" if "compute_factor" in check else ""
     rows = [
         (fmt(h["params"]), fmt(h["tokens"]), fmt(h["compute"]), fmt(h["loss"]), fmt(h["predicted_loss"]),
          f"{h['rel_error']:.2%}")
@@ -69,8 +71,9 @@ def _holdout_blocks(check: dict) -> list[Block]:
         (
             "text",
             f"The law fitted on the other {check['fit']['n_points']} runs (E {law['E']:.3f}, alpha "
-            f"{law['alpha']:.3f}, beta {law['beta']:.3f}) predicts the {len(rows)} largest-compute run(s): "
-            f"max relative error {check['max_rel_error']:.2%} ({check['max_abs_error']:.3f} nats).",
+            f"{law['alpha']:.3f}, beta {law['beta']:.3f}) predicts the {len(rows)} largest-compute run(s)"
+            + factor
+            + f": max relative error {check['max_rel_error']:.2%} ({check['max_abs_error']:.3f} nats).",
         ),
         ("table", ("params", "tokens", "FLOPs", "observed loss", "predicted loss", "relative error"), rows),
     ]

@@ -97,6 +97,14 @@ class TuneConfig:
 
 
 @dataclass
+class PredictRun:
+    """One run beyond a sweep's grid (``scaling.predict``): a ladder size at a token count."""
+
+    n_layer: int = field(default=1, metadata={"min": 1})
+    tokens: float = field(default=1e6, metadata={"min": 1.0})
+
+
+@dataclass
 class SweepConfig:
     """A scaling-law sweep: a width/depth ladder of model sizes trained at several token counts.
 
@@ -107,7 +115,9 @@ class SweepConfig:
     to a multiple of micro_batch_size x num_workers.
     Points: ``tokens`` (every size x every token count), ``budgets`` (IsoFLOP: every size at
     D = C / flops_per_token(N)), ``wsd_tokens_per_param`` (one stable run per size, decay branches at
-    D = m * N for each m). Point results live in <storage_path>/<name>/points/<key>.json and are reused.
+    D = m * N for each m). ``predict``: runs beyond the grid, each at more compute than every grid run,
+    held out of the fits and predicted by the law fitted on the rest (the holdout check: how far the law
+    extrapolates). Point results live in <storage_path>/<name>/points/<key>.json and are reused.
     """
 
     name: str = "scaling"
@@ -133,6 +143,7 @@ class SweepConfig:
     gpus_per_trial: Optional[float] = field(default=None, metadata={"min": 0.0, "max": 1.0})  # as tune.gpus_per_trial
     param_kind: Literal["all", "non_embedding"] = "all"
     holdout: int = field(default=0, metadata={"min": 0})  # largest-compute points held out of the law fit
+    predict: list[PredictRun] = field(default_factory=list)  # runs beyond the grid, held out and predicted
     n_boot: int = field(default=100, metadata={"min": 0})
 
     def __post_init__(self) -> None:
@@ -140,6 +151,11 @@ class SweepConfig:
             bad = [v for v in getattr(self, name) if not (math.isfinite(v) and v > 0)]
             if bad:
                 raise ValueError(f"{name} must hold positive numbers, got {bad}")
+        if self.predict and self.holdout:
+            raise ValueError(
+                f"holdout={self.holdout} holds out the grid's largest runs, and predict runs are held out "
+                "themselves: set holdout: 0 (the predict runs are the holdout check) or remove predict"
+            )
         if any(n < 1 for n in self.n_layers) or len(set(self.n_layers)) != len(self.n_layers):
             raise ValueError(f"n_layers must be distinct positive integers, got {self.n_layers}")
 

@@ -136,6 +136,12 @@ def plan_points(
         )
     if not sc.n_layers:
         raise ConfigError("scaling.n_layers is empty: the ladder needs at least one size")
+    if cfg.model.parametrization == "mup" and sc.lr_width_power != 0:
+        raise ConfigError(
+            f"scaling.lr_width_power={sc.lr_width_power:g} shrinks the lr with width, which model.parametrization=mup "
+            "already does layer by layer (an lr tuned at model.mup_base_width holds at every width): set "
+            "scaling.lr_width_power: 0"
+        )
     min_steps = max(sc.min_steps, cfg.train.warmup_steps + 1)
     runs_dir = f"{sweep_dir}/runs"
     base = dataclasses.replace(cfg.model, vocab_size=vocab_size, block_size=max(cfg.model.block_size, seq_len))
@@ -201,6 +207,37 @@ def plan_points(
         points.extend(feasible)
     for model in models if sc.wsd_tokens_per_param else ():
         points.extend(_wsd_points(cfg, model, seq_len, min_steps, runs_dir, tokenizer_hash))
+    return points + _predict_points(cfg, base, points, seq_len, min_steps, runs_dir, tokenizer_hash)
+
+
+def _predict_points(
+    cfg: ScalingRunConfig,
+    base: ModelConfig,
+    grid: list[dict],
+    seq_len: int,
+    min_steps: int,
+    runs_dir: str,
+    tokenizer_hash: str,
+) -> list[dict]:
+    """The ``scaling.predict`` runs (kind 'predict'), each checked to need more compute than every run
+    the law is fitted on: a prediction is an extrapolation, or it checks nothing."""
+    sc = cfg.scaling
+    fitted = max((p["flops"] for p in grid if p["kind"] != "trunk"), default=0.0)
+    points = []
+    for run in sc.predict:
+        model = ladder_shape(run.n_layer, sc.aspect, sc.head_dim, base)
+        tokens_per_step = size_rule(cfg, model)["global_batch_size"] * seq_len
+        steps = round(run.tokens / tokens_per_step)
+        point = _point(
+            cfg, model, seq_len, steps, "predict", runs_dir, target_tokens=run.tokens, tokenizer_hash=tokenizer_hash
+        )
+        if steps < min_steps or point["flops"] <= fitted:
+            raise ConfigError(
+                f"scaling.predict n_layer={run.n_layer} tokens={run.tokens:.3g} is {steps} steps and "
+                f"{point['flops']:.3g} FLOPs; a predicted run needs >= {min_steps} steps and more compute than "
+                f"every fitted run (the largest: {fitted:.3g} FLOPs): raise its n_layer or tokens"
+            )
+        points.append(point)
     return points
 
 
@@ -401,7 +438,8 @@ def run_scaling(cfg: ScalingRunConfig, *, resume: bool = True) -> dict:
         init_ray()
         at_once = default_concurrency(resources, sc.max_concurrent_trials)
         # Phase 1: independent points and WSD stable runs; phase 2: decay branches off finished stable runs.
-        independent = [p for p in pending if p["kind"] != "wsd"]
+        # Largest compute first: the longest run does not start last, beside nothing (LPT scheduling).
+        independent = sorted((p for p in pending if p["kind"] != "wsd"), key=lambda p: -p["flops"])
         trials_run += _run_trials(cfg, independent, sweep, "points", resources.gpus_per_worker, at_once)
         ready = {p["key"] for p in planned if p["kind"] == "trunk" and read_point(sweep, p["key"]) is not None}
         branches = [p for p in pending if p["kind"] == "wsd" and p["branch"]["trunk"] in ready]

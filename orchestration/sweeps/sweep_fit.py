@@ -102,10 +102,19 @@ def _predictions(fits: dict[str, dict], target: float) -> list[dict]:
     return out
 
 
+def _with_ci(law: dict, name: str) -> str:
+    """A law parameter as '0.312 [0.281, 0.350]' (its bootstrap interval, when there is one)."""
+    value = law["law"].get(name, law.get(name))
+    interval = (law.get("ci") or {}).get(name)
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
 def fit_sweep(records: list[dict], sc) -> dict:
     """Every fit of a sweep's finished points (``sc``: the ``scaling`` section) as JSON-ready data;
-    ``messages`` says what was fitted and what was not, and why."""
-    points = scaling_points(records)
+    ``messages`` says what was fitted and what was not, and why. Points of kind 'predict' stay out of
+    the fits: the holdout check predicts them from the rest."""
+    points = scaling_points([r for r in records if r.get("kind") != "predict"])
+    predicted = scaling_points([r for r in records if r.get("kind") == "predict"])
     kinds = ["all"] + (["non_embedding"] if points and all(p.non_embedding_params for p in points) else [])
     fits = {
         kind: {"isoflop": _isoflop(points, kind, sc.n_boot), "law": _law(points, kind, sc.n_boot)} for kind in kinds
@@ -141,16 +150,21 @@ def fit_sweep(records: list[dict], sc) -> dict:
             + (
                 law["skipped"]
                 if "skipped" in law
-                else f"parametric law over {law['n_points']} points: alpha {law['law']['alpha']:.3f}, beta "
-                f"{law['law']['beta']:.3f}, E {law['law']['E']:.3f}; N_opt ~ C^{law['params_exponent']:.3f}"
+                else f"parametric law over {law['n_points']} points: alpha {_with_ci(law, 'alpha')}, beta "
+                f"{_with_ci(law, 'beta')}, E {_with_ci(law, 'E')}; N_opt ~ C^{_with_ci(law, 'params_exponent')}"
             )
         )
-    if sc.holdout:
+    n_holdout = len(predicted) or sc.holdout
+    if n_holdout:
         try:
-            check = holdout_check(points, n_holdout=sc.holdout, param_kind=sc.param_kind)
+            check = holdout_check(points + predicted, n_holdout=n_holdout, param_kind=sc.param_kind)
             out["holdout"] = dataclasses.asdict(check)
+            fitted = max(p.compute for p in points)
+            out["holdout"]["compute_factor"] = min(h.compute for h in check.held_out) / fitted
+            which = "predict run(s)" if predicted else "largest-compute point(s)"
             out["messages"].append(
-                f"holdout of the {sc.holdout} largest-compute point(s): max relative error {check.max_rel_error:.2%}"
+                f"holdout of the {n_holdout} {which} at >= {out['holdout']['compute_factor']:.1f}x the largest fitted "
+                f"compute: max relative error {check.max_rel_error:.2%}"
             )
         except ValueError as err:
             out["holdout"] = {"skipped": str(err)}

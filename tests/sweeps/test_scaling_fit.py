@@ -94,7 +94,7 @@ def test_holdout_exposes_a_law_that_does_not_extrapolate():
     assert check.max_rel_error > 0.05
 
 
-# A real CPU sweep (configs/scaling_cpu.yaml's ladder at 1e12 / 1.8e12 / 3.2e12 FLOPs) the law fits badly:
+# A real CPU sweep (configs/scaling_cpu_isoflop.yaml's ladder at 1e12 / 1.8e12 / 3.2e12 FLOPs) the law fits badly:
 # (params, tokens, val loss). Unbounded, bootstrap fits drove alpha below 0 and log A past exp's range.
 CPU_SWEEP = [
     (68672, 2168832, 5.5036),

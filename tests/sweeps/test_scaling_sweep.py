@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -252,14 +253,54 @@ def test_fits_explain_too_few_points_and_fit_when_enough():
     assert fits["law"]["law"]["alpha"] == pytest.approx(0.34, abs=0.05)
 
 
+def test_predict_runs_are_planned_beyond_the_grid_and_checked():
+    from orchestration.sweeps.scaling import plan_points
+
+    cfg = sweep("scaling.tokens=[4e4, 8e4]", "scaling.predict=[{n_layer: 3, tokens: 2.4e5}]")
+    points = plan_points(cfg, SEQ_LEN, VOCAB, "/s")
+    grid, (predicted,) = [p for p in points if p["kind"] == "grid"], [p for p in points if p["kind"] == "predict"]
+    assert len(grid) == 4 and predicted["n_layer"] == 3 and predicted["flops"] > 4 * max(p["flops"] for p in grid)
+    with pytest.raises(ConfigError, match=r"more compute than every fitted run \(the largest: "):
+        plan_points(
+            sweep("scaling.tokens=[4e4, 8e4]", "scaling.predict=[{n_layer: 1, tokens: 8e4}]"), SEQ_LEN, VOCAB, "/s"
+        )
+    with pytest.raises(ConfigError, match="set holdout: 0"):
+        sweep("scaling.tokens=[4e4]", "scaling.holdout=1", "scaling.predict=[{n_layer: 3, tokens: 2.4e5}]")
+    mup = ["model.parametrization=mup", "model.mup_base_width=16", "scaling.tokens=[4e4]"]
+    with pytest.raises(ConfigError, match="set scaling.lr_width_power: 0"):
+        plan_points(sweep(*mup), SEQ_LEN, VOCAB, "/s")
+    assert {p["lr"] for p in plan_points(sweep(*mup, "scaling.lr_width_power=0"), SEQ_LEN, VOCAB, "/s")} == {3e-3}
+
+
+def test_predict_runs_stay_out_of_the_fits_and_are_predicted_by_them():
+    from orchestration.sweeps.sweep_fit import fit_sweep
+
+    sc = load_config(None, ["scaling.n_boot=20"]).scaling
+    law = lambda n, d: 1.8 + 400 / n**0.34 + 410 / d**0.28  # noqa: E731  Chinchilla-like
+    grid = [dict(_record(n, d, law(n, d)), kind="grid") for n in (1e6, 2e6, 4e6) for d in (2e7, 4e7, 8e7)]
+    far = dict(_record(8e6, 1.6e8, law(8e6, 1.6e8)), kind="predict")  # 4x the grid's largest compute
+    out = fit_sweep([*grid, far], sc)
+    assert out["n_points"] == 9 and out["fits"]["all"]["law"]["n_points"] == 9
+    check = out["holdout"]
+    assert check["compute_factor"] == pytest.approx(4.0) and [h["params"] for h in check["held_out"]] == [8e6]
+    assert check["max_rel_error"] < 0.01  # noise-free points of the law's own form
+    assert any("holdout of the 1 predict run(s) at >= 4.0x" in m for m in out["messages"])
+    assert any(re.search(r"alpha 0\.3\d\d \[0\.\d+, 0\.\d+\]", m) for m in out["messages"])  # bootstrap CI
+
+
 def test_shipped_scaling_configs_plan():
     from orchestration.sweeps.scaling import plan_points
 
     tiny = plan_points(load_config(CONFIGS / "scaling_tiny.yaml"), 256, 4097, "/s")
     assert len(tiny) == 6 and {p["budget"] for p in tiny} == {1.5e11, 3e11}
-    cpu = plan_points(load_config(CONFIGS / "scaling_cpu.yaml"), 256, 4097, "/s")
+    cpu = plan_points(load_config(CONFIGS / "scaling_cpu_isoflop.yaml"), 256, 4097, "/s")
     sizes = {b: sorted(p["n_layer"] for p in cpu if p["budget"] == b) for b in (1.8e12, 2.4e12, 3.2e12)}
     assert len(cpu) == 13 and sizes == {1.8e12: [1, 2, 3, 4], 2.4e12: [1, 2, 3, 4], 3.2e12: [1, 2, 3, 4, 5]}
+    law = plan_points(load_config(CONFIGS / "scaling_cpu.yaml"), 256, 4097, "/s")
+    fitted = [p["flops"] for p in law if p["kind"] == "grid"]
+    (predicted,) = [p["flops"] for p in law if p["kind"] == "predict"]
+    assert len(fitted) == 12 and predicted >= 4 * max(fitted)  # the issue's >= 4x extrapolation
+    assert {p["config"]["model"]["parametrization"] for p in law} == {"mup"} and {p["lr"] for p in law} == {1e-2}
     gpu = plan_points(load_config(CONFIGS / "scaling_ladder_gpu.yaml"), 1024, 32768, "/s")
     params = [p["params"] for p in gpu]
     assert 1e7 < min(params) and max(params) < 3.6e8 and len({p["budget"] for p in gpu}) == 5
