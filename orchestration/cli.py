@@ -219,6 +219,33 @@ def cmd_tokenizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mup_check(args: argparse.Namespace) -> int:
+    from orchestration.report.write import write_report
+    from orchestration.sweeps.mup_check import MupCheckConfig, MupCheckError, run_mup_check
+
+    # only the options the user set: MupCheckConfig holds the defaults
+    options = {
+        "widths": args.widths and tuple(args.widths),
+        "base_width": args.base_width,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seeds": args.seeds,
+        "device": args.device,
+    }
+    try:
+        cfg = MupCheckConfig(**{k: v for k, v in options.items() if v is not None})
+    except MupCheckError as err:  # widths that give no slope or do not fit the heads
+        print(f"raylm: mup-check: {err}", file=sys.stderr)
+        return 2
+    result = run_mup_check(cfg, args.out)
+    print(
+        f"[raylm] max |slope| of log activation scale vs log width at step {result['steps']}: "
+        f"sp {result['sp_max_abs_slope']:.3f}, mup {result['mup_max_abs_slope']:.3f} ({result['wall_s']:.0f} s)"
+    )
+    print(f"[raylm] mup check: {args.out}; report: {write_report(args.out)['report.html']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestration.report.write import write_report
 
@@ -701,6 +728,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=output_dir, default="runs/tokenizer-study", help="output directory (default runs/tokenizer-study)"
     )
     tokenizers.set_defaults(func=cmd_tokenizers)
+
+    mup = sub.add_parser(
+        "mup-check",
+        help="μP coordinate check: activation scale vs width under sp and μP after a few AdamW steps",
+        description="Train a 2-layer GPT at each of --widths under sp and μP (mup_base_width = --base-width) for "
+        "--steps AdamW steps at one --lr on byte-level Shakespeare, record every layer's mean |activation| at "
+        "every step (averaged over --seeds) and fit the slope of log scale vs log width per layer, as the mup "
+        "package's coordinate check does. μP's lines should be flat, sp's grow with width. In this process "
+        "(no Ray). Writes mup_check.json and a report to --out.",
+    )
+    mup.add_argument(
+        "--out", type=output_dir, default="runs/mup-check", help="output directory (default runs/mup-check)"
+    )
+    mup.add_argument(
+        "--widths",
+        type=positive_int,
+        nargs="+",
+        help="model widths (n_embd), at least two (default 64 128 256 512 1024)",
+    )
+    mup.add_argument(
+        "--base-width", type=positive_int, default=None, help="μP's mup_base_width (default: the smallest width)"
+    )
+    mup.add_argument("--steps", type=positive_int, help="AdamW steps per model (default 5)")
+    mup.add_argument("--lr", type=non_negative_float, help="AdamW LR at every width, before μP's scale (default 0.01)")
+    mup.add_argument("--seeds", type=positive_int, help="seeds averaged per width (default 3)")
+    mup.add_argument("--device", type=torch_device, help="torch device, e.g. cpu, cuda (default cpu)")
+    mup.set_defaults(func=cmd_mup_check)
 
     report = sub.add_parser(
         "report",

@@ -204,6 +204,7 @@ def bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "scaling": (["scaling", f"train.data={missing}/manifest.json"], f"{missing}/manifest.json"),
         "report": (["report", str(empty)], "not a run, sweep, tune or baselines directory"),
         "tokenizers": (["tokenizers", "study.tokenizers=[byte, 'bpe:100']"], "'bpe:100'"),
+        "mup-check": (["mup-check", "--out", str(a_file)], f"{a_file} is a file"),
         "export": (["export", "--checkpoint", str(missing), "--out", str(a_file)], f"{a_file} is a file"),
         "quantize": (
             ["quantize", "--checkpoint", str(missing), "--scheme", "int8", "--out", str(root / "q")],
