@@ -300,7 +300,7 @@ def test_shipped_scaling_configs_plan():
     fitted = [p["flops"] for p in law if p["kind"] == "grid"]
     (predicted,) = [p["flops"] for p in law if p["kind"] == "predict"]
     assert len(fitted) == 12 and predicted >= 4 * max(fitted)  # the issue's >= 4x extrapolation
-    assert {p["config"]["model"]["parametrization"] for p in law} == {"mup"} and {p["lr"] for p in law} == {1e-2}
+    assert {p["config"]["model"]["parametrization"] for p in law} == {"mup"} and {p["lr"] for p in law} == {5e-3}
     gpu = plan_points(load_config(CONFIGS / "scaling_ladder_gpu.yaml"), 1024, 32768, "/s")
     params = [p["params"] for p in gpu]
     assert 1e7 < min(params) and max(params) < 3.6e8 and len({p["budget"] for p in gpu}) == 5
