@@ -1,7 +1,9 @@
 """gs:// and az:// for real: a GCS emulator and Azurite on 127.0.0.1 (tests/cloud_servers.py), reached
 through the environment variables Google's and Azure's SDKs read, never through settings in a config.
-On each store, raw text uploaded there is prepared into shards there, a tiny run checkpoints there and
-is resumed from there to more steps, and eval reads the checkpoint and the data from there."""
+One flow crosses both stores, so that each is read and written by Ray Data tasks, Ray Train workers and
+the driver in one pair of trainer launches: raw text uploaded to gs:// is prepared into shards on az://,
+a tiny run reads them and checkpoints on gs://, is resumed from there to more steps, and eval reads the
+checkpoint from gs:// and the data from az://."""
 
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ from orchestration.checkpoint_format import CHECKPOINT_META_FILE, MODEL_FILE
 
 CONTAINER = "raylm"
 ROOTS = {"gs": f"gs://{GCS_BUCKET}", "az": f"az://{CONTAINER}"}
+# Where the flow puts each thing: the raw text and the run on GCS, the shards on Azure
+RAW, DATA, RUNS = "gs", "az", "gs"
 SERVERS = {"gs": "gcs_server", "az": "azure_server"}  # the fixtures of cloud_servers.py
 PLAYS = 4
 PREPARE = [  # a few kB per play: clean, train a 400-token BPE, pack 33-token rows, a quarter of the plays for val
@@ -69,26 +73,25 @@ TRAIN = [
 
 def upload_plays(cloud: str) -> None:
     """A 12 kB excerpt of each of ``PLAYS`` plays as <root>/raw/<play>.txt, written by pyarrow configured
-    directly (the Azure container is created first, as `az storage container create` would)."""
+    directly."""
     fs = client_filesystem(cloud)
     base = ROOTS[cloud].split("://")[1]
-    if cloud == "az":
-        fs.create_dir(CONTAINER)
     for play in sorted(embedded_corpus_dir().glob("*_gut.txt"))[:PLAYS]:
         text = play.read_text(encoding="utf-8", errors="replace")
         with fs.open_output_stream(f"{base}/raw/{play.name}") as f:
             f.write(text[len(text) // 3 : len(text) // 3 + 12_000].encode())
 
 
-def run_flow(cloud: str, eval_out) -> dict:
-    """On one store: `raylm prepare` of uploaded raw text, a 2-step run, the same run resumed to step 4,
-    `raylm eval` of the run. Returns what each step left and its console output (printed: shown on failure)."""
+def run_flow(eval_out) -> dict:
+    """`raylm prepare` of raw text uploaded to ``RAW`` into shards on ``DATA``, a 2-step run on ``RUNS``, the
+    same run resumed to step 4, `raylm eval` of the run. Returns what each step left and its console output
+    (printed: shown on failure)."""
     from orchestration.cli import main
     from orchestration.train.driver import run_training
 
-    root = ROOTS[cloud]
-    manifest = f"{root}/data/manifest.json"
-    flow, seconds, out = {"cloud": cloud, "root": root, "manifest": manifest}, {}, io.StringIO()
+    manifest = f"{ROOTS[DATA]}/data/manifest.json"
+    run_uri = f"{ROOTS[RUNS]}/runs/run"
+    flow, seconds, out = {"manifest": manifest, "run": run_uri}, {}, io.StringIO()
 
     @contextlib.contextmanager
     def phase(name: str):
@@ -99,48 +102,53 @@ def run_flow(cloud: str, eval_out) -> dict:
     def train(max_steps: int, resume: bool) -> dict:
         overrides = [*TRAIN, f"train.max_steps={max_steps}"]
         return run_training(
-            tiny_config(manifest, f"{root}/runs", "run", zero_stage=1, overrides=overrides), resume=resume
+            tiny_config(manifest, f"{ROOTS[RUNS]}/runs", "run", zero_stage=1, overrides=overrides), resume=resume
         )
 
     try:
         with contextlib.redirect_stdout(out):
             with phase("prepare"):
-                upload_plays(cloud)
+                upload_plays(RAW)
+                client_filesystem("az").create_dir(CONTAINER)  # as `az storage container create` would
                 flow["prepare_rc"] = main(
-                    ["prepare", *PREPARE, f"data.sources.uris=[{root}/raw/]", f"data.output.uri={root}/data"]
+                    [
+                        "prepare",
+                        *PREPARE,
+                        f"data.sources.uris=[{ROOTS[RAW]}/raw/]",
+                        f"data.output.uri={ROOTS[DATA]}/data",
+                    ]
                 )
             with phase("train"):
                 flow["first"] = train(2, resume=False)
-            flow["after_first"] = _listing(cloud, "runs/run")
+            flow["after_first"] = _listing(RUNS, "runs/run")
             with phase("resume"):
                 flow["resumed"] = train(4, resume=True)
             with phase("eval"):
                 flow["eval_rc"] = main(
-                    ["eval", "--checkpoint", f"{root}/runs/run", "--data", manifest, "--max-sequences", "4"]
+                    ["eval", "--checkpoint", run_uri, "--data", manifest, "--max-sequences", "4"]
                     + ["--out", str(eval_out)]
                 )
     finally:
         print(out.getvalue())
-        print(f"[{cloud}] seconds per phase: {seconds}")
+        print(f"seconds per phase: {seconds}")
     flow["eval"] = json.loads(eval_out.read_text()) if flow["eval_rc"] == 0 else None
     return {**flow, "output": out.getvalue()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cloud", ["gs", "az"])
-def test_prepare_train_resume_and_eval_on_the_store(cloud, request, ray_session, sort_based_shuffle, tmp_path):
-    """The whole flow on one store. One test per store, so that no spreading of tests over pytest-xdist
-    workers runs a flow twice; the emulator's log is printed with a failure."""
-    server = request.getfixturevalue(SERVERS[cloud])
+def test_prepare_train_resume_and_eval_across_gcs_and_azure(request, ray_session, sort_based_shuffle, tmp_path):
+    """The whole flow, each store in the roles ``RAW``, ``DATA`` and ``RUNS`` give it (two trainer launches in
+    all, where a flow per store took four); the emulators' logs are printed with a failure."""
+    servers = [request.getfixturevalue(name) for name in SERVERS.values()]
     try:
-        flow = run_flow(cloud, tmp_path / "eval.json")
+        flow = run_flow(tmp_path / "eval.json")
         check_prepare(flow)
         check_training_and_resume(flow)
         check_eval(flow)
-        if cloud == "az":
-            check_the_key_is_never_pickled_nor_stored(flow)
+        check_the_key_is_never_pickled_nor_stored(flow)
     except BaseException:
-        print(server.log_tail())
+        for server in servers:
+            print(server.log_tail())
         raise
 
 
@@ -158,23 +166,21 @@ def _read(cloud: str, under: str) -> bytes:
 
 
 def check_prepare(flow: dict) -> None:
-    """`raylm prepare` read the raw text on the store and wrote every shard there."""
+    """`raylm prepare` read the raw text on ``RAW`` and wrote every shard on ``DATA``."""
     assert flow["prepare_rc"] == 0
-    cloud = flow["cloud"]
-    manifest = json.loads(_read(cloud, "data/manifest.json"))
-    assert manifest["sources"][0]["uri"] == f"{flow['root']}/raw/" and manifest["sources"][0]["files"] == PLAYS
+    manifest = json.loads(_read(DATA, "data/manifest.json"))
+    assert manifest["sources"][0]["uri"] == f"{ROOTS[RAW]}/raw/" and manifest["sources"][0]["files"] == PLAYS
     assert manifest["cleaning"]["documents_in"] == PLAYS
     for split in ("train", "val"):
         shards = manifest["splits"][split]["shards"]
         assert shards, split
         for shard in shards:  # every shard the manifest lists is on the store, at its recorded size
-            assert len(_read(cloud, f"data/{shard['file']}")) == shard["bytes"], shard
+            assert len(_read(DATA, f"data/{shard['file']}")) == shard["bytes"], shard
 
 
 def check_training_and_resume(flow: dict) -> None:
-    """The run checkpointed on the store; the second run found that checkpoint there and went on from it."""
-    root, cloud = flow["root"], flow["cloud"]
-    run_uri = f"{root}/runs/run"
+    """The run checkpointed on ``RUNS``; the second run found that checkpoint there and went on from it."""
+    run_uri = flow["run"]
     assert flow["first"]["checkpoint"] == f"{run_uri}/checkpoint_00000002"
     assert "checkpoint_00000002" in flow["after_first"] and "checkpoint_manager_snapshot.json" in flow["after_first"]
     assert f"resuming {run_uri} from step 2 ({run_uri}/checkpoint_00000002)" in flow["output"]
@@ -184,38 +190,41 @@ def check_training_and_resume(flow: dict) -> None:
     assert [(r["step"], r["start_step"]) for r in records] == [(2, 0), (4, 2)]
     # what is on the store, listed by a client configured directly: the new checkpoint, complete, and
     # the older one deleted (train.num_to_keep=1)
-    checkpoints = sorted(name for name in _listing(cloud, "runs/run") if name.startswith("checkpoint_0"))
+    checkpoints = sorted(name for name in _listing(RUNS, "runs/run") if name.startswith("checkpoint_0"))
     assert checkpoints == ["checkpoint_00000004"]
-    meta = json.loads(_read(cloud, f"runs/run/checkpoint_00000004/{CHECKPOINT_META_FILE}"))
+    meta = json.loads(_read(RUNS, f"runs/run/checkpoint_00000004/{CHECKPOINT_META_FILE}"))
     assert meta["step"] == 4 and meta["files"][MODEL_FILE] == len(
-        _read(cloud, f"runs/run/checkpoint_00000004/{MODEL_FILE}")
+        _read(RUNS, f"runs/run/checkpoint_00000004/{MODEL_FILE}")
     )
 
 
 def check_eval(flow: dict) -> None:
-    """`raylm eval` of the run directory read its newest checkpoint and the val shards from the store."""
+    """`raylm eval` of the run directory read its newest checkpoint from ``RUNS`` and the val shards from
+    ``DATA``."""
     assert flow["eval_rc"] == 0
     result = flow["eval"]
-    assert result["checkpoint"] == f"{flow['root']}/runs/run/checkpoint_00000004" and result["step"] == 4
+    assert result["checkpoint"] == f"{flow['run']}/checkpoint_00000004" and result["step"] == 4
     assert result["data"]["uri"] == flow["manifest"] and result["data"]["split"] == "val"
     # the run's own val loss at step 4 was on the same first 4 val sequences, with the same weights
-    val_loss = read_metrics(RunDir.at(f"{flow['root']}/runs/run"))[-1]["val_loss"]
+    val_loss = read_metrics(RunDir.at(flow["run"]))[-1]["val_loss"]
     assert result["suites"]["lm"]["loss"] == pytest.approx(val_loss, abs=1e-4)
 
 
 def check_the_key_is_never_pickled_nor_stored(flow: dict) -> None:
-    """Azure (the GCS emulator is anonymous: no key there). Ray tasks get the filesystem pickled: it
-    carries the account and endpoints, and each process reads the key from its own environment. No object
-    the flow wrote holds the key."""
-    run = RunDir.at(f"{flow['root']}/runs/run")
-    assert AZURE_KEY.encode() not in pickle.dumps(run)
-    assert pickle.loads(pickle.dumps(run)).names() == run.names()  # the unpickled copy reads the store
-    objects = client_filesystem("az").get_file_info(pafs.FileSelector(CONTAINER, recursive=True))
-    files = [i for i in objects if i.type == pafs.FileType.File]
-    assert len(files) > 10
-    for info in files:
-        with client_filesystem("az").open_input_stream(info.path) as f:
-            assert AZURE_KEY.encode() not in f.read(), info.path
+    """Azure's key (the GCS emulator is anonymous: no key there). Ray tasks and Ray Train workers get the
+    filesystem pickled: it carries the account and endpoints, and each process reads the key from its own
+    environment. No object the flow wrote, on either store (the run on GCS records the Azure data's URI in
+    its config), holds the key."""
+    shards = RunDir.at(f"{ROOTS[DATA]}/data")  # a directory on Azure, as a run directory there is
+    assert AZURE_KEY.encode() not in pickle.dumps(shards)
+    assert pickle.loads(pickle.dumps(shards)).names() == shards.names()  # the unpickled copy reads the store
+    for cloud, base, at_least in (("az", CONTAINER, 5), ("gs", GCS_BUCKET, 10)):
+        infos = client_filesystem(cloud).get_file_info(pafs.FileSelector(base, recursive=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File]
+        assert len(files) > at_least, (cloud, files)
+        for path in files:
+            with client_filesystem(cloud).open_input_stream(path) as f:
+                assert AZURE_KEY.encode() not in f.read(), path
 
 
 @pytest.mark.usefixtures("azure_server")
