@@ -11,6 +11,7 @@ locally. The report renders what these writers stored and never recomputes it.
     sweep dir    scaling_points.json, scaling_fit.json, points/<key>.json, runs/<key>/ (run dirs)
     baselines    baselines.json, baselines.md
     tokenizers   config.yaml, tokenizer_study.json, tokenizer_study.md (``raylm tokenizers``)
+    mup check    mup_check.json (``raylm mup-check``)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TUNE_RESULTS_FILE, BEST_CONFIG_FILE = "tune_results.json", "best_config.yaml"
 SCALING_POINTS_FILE, SCALING_FIT_FILE, POINTS_DIR = "scaling_points.json", "scaling_fit.json", "points"
 BASELINES_FILE, BASELINES_MARKDOWN_FILE = "baselines.json", "baselines.md"
 TOKENIZER_STUDY_FILE, TOKENIZER_STUDY_MARKDOWN_FILE = "tokenizer_study.json", "tokenizer_study.md"
+MUP_CHECK_FILE = "mup_check.json"
 
 
 def absolute_uri(uri: str) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from orchestration.artifacts import RunDir
+from orchestration.artifacts import MUP_CHECK_FILE, RunDir
 from orchestration.report.plots import plot_coord_check
 from orchestration.report.render import Section
-from orchestration.sweeps.mup_check import MUP_CHECK_FILE
 
 
 def mup_check_report(where: RunDir) -> tuple[str, list[Section], dict]:

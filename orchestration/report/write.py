@@ -14,6 +14,7 @@ from typing import Optional
 from orchestration.artifacts import (
     BASELINES_FILE,
     METRICS_FILE,
+    MUP_CHECK_FILE,
     RUN_FILE,
     SCALING_POINTS_FILE,
     TOKENIZER_STUDY_FILE,
@@ -35,7 +36,6 @@ def write_report(path: str, *, out: Optional[str] = None, endpoint_url: Optional
     from orchestration.report.sweep import sweep_report
     from orchestration.report.tokenizers import tokenizers_report
     from orchestration.report.tune import tune_report
-    from orchestration.sweeps.mup_check import MUP_CHECK_FILE
 
     where = RunDir.at(path, endpoint_url)
     if not where.exists():

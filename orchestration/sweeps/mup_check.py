@@ -25,7 +25,6 @@ from typing import Optional
 
 import numpy as np
 
-MUP_CHECK_FILE = "mup_check.json"
 PARAMETRIZATIONS = ("sp", "mup")
 
 
@@ -176,7 +175,7 @@ def corpus_bytes(cfg: MupCheckConfig) -> np.ndarray:
 
 def run_mup_check(cfg: MupCheckConfig, out: str) -> dict:
     """Run the coordinate check of ``cfg`` and write ``out``/mup_check.json; returns what it holds."""
-    from orchestration.artifacts import RunDir
+    from orchestration.artifacts import MUP_CHECK_FILE, RunDir
 
     started = time.perf_counter()
     data = corpus_bytes(cfg)

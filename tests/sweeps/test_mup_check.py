@@ -8,8 +8,9 @@ import json
 import numpy as np
 import torch
 
+from orchestration.artifacts import MUP_CHECK_FILE
 from orchestration.cli import main
-from orchestration.sweeps.mup_check import MUP_CHECK_FILE, width_slopes
+from orchestration.sweeps.mup_check import width_slopes
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a loaded machine
 
