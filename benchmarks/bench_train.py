@@ -38,7 +38,7 @@ def bare_loop(cfg, rows: np.ndarray, total_steps: int, start: int, device: str) 
     groups) with no Ray and no DeepSpeed: nanoGPT's loop (whole-model compile, autocast, grad
     accumulation, clipping, fused AdamW on CUDA), with raylm's activation checkpointing."""
     from model.gpt import GPT
-    from orchestration.train.engine import build_optimizer
+    from orchestration.train.engine import build_optimizer, set_lr
     from orchestration.train.schedule import lr_for
 
     train = cfg.train
@@ -59,8 +59,7 @@ def bare_loop(cfg, rows: np.ndarray, total_steps: int, start: int, device: str) 
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_for(train, step, total_steps) * group["lr_scale"]
+        set_lr(optimizer, lr_for(train, step, total_steps))
         for micro in range(train.grad_accum_steps):
             i = (step * train.grad_accum_steps + micro) * mb  # the rows raylm reads, in its order
             batch = torch.from_numpy(rows[i : i + mb].astype(np.int64)).to(device)

@@ -95,7 +95,7 @@ def train_and_record(cfg: MupCheckConfig, parametrization: str, width: int, seed
 
     from model.config import ModelConfig
     from model.gpt import GPT
-    from orchestration.train.engine import param_groups
+    from orchestration.train.engine import param_groups, set_lr
 
     model_cfg = ModelConfig(
         vocab_size=256,
@@ -110,8 +110,7 @@ def train_and_record(cfg: MupCheckConfig, parametrization: str, width: int, seed
     model = GPT(model_cfg).to(cfg.device)
     # no weight decay: the check measures the parametrization's updates alone
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * group["lr_scale"]
+    set_lr(optimizer, cfg.lr)
     scales: dict[str, list[float]] = {name: [] for name in layer_names(cfg.n_layer)}
     handles = record_scales(model, scales)
     rng = np.random.default_rng(seed)

@@ -145,7 +145,7 @@ def train_model(model, train_ids: np.ndarray, steps: int, study: TokenizerStudyC
     """Train ``model`` in place for ``steps`` on random windows of block_size + 1 tokens of
     ``train_ids`` (window starts drawn from ``study.seed``); returns the mean training loss of every
     ``study.log_interval`` steps as [{"step", "loss"}]."""
-    from orchestration.train.engine import param_groups
+    from orchestration.train.engine import param_groups, set_lr
     from orchestration.train.schedule import lr_at
 
     seq_len = model.cfg.block_size
@@ -160,8 +160,7 @@ def train_model(model, train_ids: np.ndarray, steps: int, study: TokenizerStudyC
         starts = rng.integers(0, len(train_ids) - seq_len - 1, study.batch_size)
         batch = torch.from_numpy(train_ids[starts[:, None] + offsets].astype(np.int64))
         lr = lr_at(step, lr=study.lr, min_lr=study.min_lr, warmup_steps=study.warmup_steps, total_steps=steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_lr(optimizer, lr)
         _, loss = model(batch[:, :-1], batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

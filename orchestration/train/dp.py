@@ -262,11 +262,11 @@ def dp_optimizer_step(
     possibly empty) in micro-batches of at most micro_batch_size, each clipped per sample into the step's
     sum, then one noised step. ``window.loss_sum`` gets the rows' summed loss, ``window.rows_sampled`` their
     count (``DPEngine.privacy_record`` makes the record's loss of them)."""
+    from orchestration.train.engine import set_lr
     from orchestration.train.schedule import lr_for
 
     lr = lr_for(train, step, total_steps)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    set_lr(engine.optimizer, lr)
     end = phases.end if phases is not None else lambda phase: None
     t0 = time.perf_counter()
     rows = next(batches)["tokens"]

@@ -162,6 +162,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def set_lr(optimizer, lr: float) -> None:
+    """Every group of a ``param_groups`` optimizer (or an engine's) at ``lr`` times its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """torch AdamW over ``param_groups``; fused on CUDA (one kernel for the whole update)."""
     fused = train.use_gpu and torch.cuda.is_available() and not train.offload_optimizer

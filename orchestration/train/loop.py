@@ -271,11 +271,11 @@ def optimizer_step(
     (the engine steps the optimizer on the last one). Losses add up on the device (no host sync); time
     spent waiting for batches goes to ``window.data_wait_s``. With ``phases`` (a MemoryPhases: the
     first step), the peaks of its forwards, backwards and optimizer step are measured. Returns the lr."""
+    from orchestration.train.engine import set_lr
     from orchestration.train.schedule import lr_for
 
     lr = lr_for(train, step, total_steps)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    set_lr(engine.optimizer, lr)
     end = phases.end if phases is not None else lambda phase: None
     for micro in range(train.grad_accum_steps):
         t0 = time.perf_counter()

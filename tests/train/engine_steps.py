@@ -10,10 +10,11 @@ def train_losses(engine, corpus, *, steps: int, accum: int, micro_batch: int, lr
     tokens) with the generator ``order``."""
     import torch
 
+    from orchestration.train.engine import set_lr
+
     losses = []
     for _ in range(steps):
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_lr(engine.optimizer, lr)
         total = 0.0
         for _ in range(accum):
             batch = corpus[torch.randint(0, len(corpus), (micro_batch,), generator=order)]
